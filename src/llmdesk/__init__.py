@@ -1,0 +1,20 @@
+"""llmdesk: run, measure, tune and evaluate large language models on your own machine.
+
+    >>> import llmdesk
+    >>> model = llmdesk.load("path/to/model.gguf")
+    >>> model.generate("The capital of France is", max_tokens=8, temperature=0)
+"""
+
+from .errors import LlmdeskError
+
+__version__ = "0.1.0"
+__all__ = ["load", "Model", "LlmdeskError", "__version__"]
+
+
+def __getattr__(name: str):
+    # llama.cpp is loaded only when a model is: `import llmdesk` stays cheap
+    if name in ("load", "Model"):
+        from .runtime import model
+
+        return getattr(model, name)
+    raise AttributeError(name)

@@ -1,0 +1,43 @@
+"""`llmdesk` entry point: one line per user error, a traceback only for bugs."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from ..errors import LlmdeskError
+from .app import app, err
+
+# each module registers its commands on `app` when imported
+from . import models, run, logs  # noqa: E402,F401
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        app(args=argv, prog_name="llmdesk", standalone_mode=False)
+    except LlmdeskError as e:
+        err.print(f"error: {e}", markup=False)
+        return e.exit_code
+    except click.UsageError as e:
+        # one line instead of click's usage block
+        cmd = e.ctx.command_path if e.ctx else "llmdesk"
+        err.print(f"error: {e.format_message()} (see '{cmd} --help')", markup=False)
+        return 2
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.Abort:
+        err.print("aborted", markup=False)
+        return 130
+    except KeyboardInterrupt:
+        err.print("interrupted", markup=False)
+        return 130
+    except BrokenPipeError:
+        # output piped into `head` and friends
+        sys.stderr.close()
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
