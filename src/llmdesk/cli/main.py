@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import sys
 
-import click
+try:  # typer >= 0.29 carries its own copy of click; its exceptions are the ones raised
+    from typer._click import exceptions as click_exc
+except ImportError:  # pragma: no cover
+    from click import exceptions as click_exc
 
 from ..errors import LlmdeskError
 from .app import app, err
@@ -19,14 +22,14 @@ def main(argv: list[str] | None = None) -> int:
     except LlmdeskError as e:
         err.print(f"error: {e}", markup=False)
         return e.exit_code
-    except click.UsageError as e:
+    except click_exc.UsageError as e:
         # one line instead of click's usage block
         cmd = e.ctx.command_path if e.ctx else "llmdesk"
         err.print(f"error: {e.format_message()} (see '{cmd} --help')", markup=False)
         return 2
-    except click.exceptions.Exit as e:
+    except click_exc.Exit as e:
         return e.exit_code
-    except click.Abort:
+    except click_exc.Abort:
         err.print("aborted", markup=False)
         return 130
     except KeyboardInterrupt:

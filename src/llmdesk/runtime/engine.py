@@ -196,6 +196,7 @@ class Stream:
         self.cancelled = threading.Event()
         self.done = threading.Event()
         self.t_submit = time.perf_counter()
+        self._drained = False  # the end marker was read: iterating again yields nothing
 
     def cancel(self) -> None:
         if not self.done.is_set():
@@ -204,9 +205,10 @@ class Stream:
 
     def __iter__(self):
         try:
-            while True:
+            while not self._drained:
                 ev = self.events.get()
                 if ev is _DONE:
+                    self._drained = True
                     return
                 yield ev
         finally:

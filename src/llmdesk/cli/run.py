@@ -1,0 +1,303 @@
+"""`llmdesk run` (one prompt, streamed) and `llmdesk chat` (a conversation in the terminal)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..errors import LlmdeskError
+from .app import app, err, out
+
+# -- options shared by run and chat -----------------------------------------------------------
+ModelOpt = Annotated[Optional[str], typer.Option("-m", "--model", help="A .gguf path, NAME[:TAG] from 'llmdesk list', or hf:OWNER/REPO/FILE.gguf. Default: $LLMDESK_MODEL.")]
+SystemOpt = Annotated[Optional[str], typer.Option("--system", help="System prompt.")]
+MaxTokensOpt = Annotated[int, typer.Option("-n", "--max-tokens", help="Most tokens to generate (-1: until the context is full).")]
+TempOpt = Annotated[float, typer.Option("-t", "--temperature", help="0 is greedy (always the most likely token).")]
+TopKOpt = Annotated[int, typer.Option("--top-k", help="Keep the K most likely tokens (0: off).")]
+TopPOpt = Annotated[float, typer.Option("--top-p", help="Keep the smallest set of tokens whose probability adds up to P.")]
+MinPOpt = Annotated[float, typer.Option("--min-p", help="Drop tokens less likely than P times the most likely one.")]
+RepeatOpt = Annotated[float, typer.Option("--repeat-penalty", help="Penalise tokens seen in the last 64 (1.0: off).")]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed: the same seed gives the same output.")]
+StopOpt = Annotated[Optional[list[str]], typer.Option("--stop", help="Stop when this text is generated (repeatable).")]
+CtxOpt = Annotated[Optional[int], typer.Option("--ctx", help="Context length in tokens (default: the model's, at most 4096).")]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="CPU threads (default: all cores).")]
+TemplateOpt = Annotated[Optional[str], typer.Option("--template", help="Chat template: a built-in name (chatml, llama-3, ...) or a .jinja file.")]
+NoLogOpt = Annotated[bool, typer.Option("--no-log", help="Do not record this conversation in 'llmdesk logs'.")]
+
+
+def default_model_ref(model: str | None) -> str:
+    ref = model or os.environ.get("LLMDESK_MODEL")
+    if not ref:
+        raise LlmdeskError(
+            "no model named: pass -m PATH.gguf (or a name from 'llmdesk list'), or set LLMDESK_MODEL"
+        )
+    return ref
+
+
+def _load(model: str | None, ctx: int | None, threads: int | None, template: str | None):
+    from ..runtime.model import load
+
+    if threads is not None and threads < 1:
+        raise LlmdeskError(f"--threads must be at least 1, got {threads}")
+    ref = default_model_ref(model)
+    with err.status(f"loading {ref} ...", spinner="dots"):
+        return load(ref, ctx=ctx, threads=threads, template=template)
+
+
+def _log(no_log: bool, **kw) -> None:
+    if no_log:
+        return
+    from ..store.logs import log_turn
+
+    log_turn(**kw)
+
+
+def _stats(c) -> str:
+    cached = f", {c.cached_tokens} cached" if c.cached_tokens else ""
+    return (f"{c.completion_tokens} tokens, {c.tokens_per_second:.1f} tokens/s · "
+            f"prompt {c.prompt_tokens} tokens{cached}, first token after {c.ttft_s:.2f} s")
+
+
+def _piped_input(wait: bool) -> str:
+    """What is piped on stdin. With a prompt argument, only what is there already: an idle
+    pipe that nobody writes to must not hang the command."""
+    if sys.stdin is None or sys.stdin.isatty():
+        return ""
+    if not wait:
+        import select
+
+        try:
+            ready, _, _ = select.select([sys.stdin], [], [], 0.05)
+        except (OSError, ValueError):
+            return ""
+        if not ready:
+            return ""
+    return sys.stdin.read()
+
+
+@app.command()
+def run(
+    prompt: Annotated[Optional[list[str]], typer.Argument(help="The prompt (read from stdin when piped).")] = None,
+    model: ModelOpt = None,
+    system: SystemOpt = None,
+    max_tokens: MaxTokensOpt = 256,
+    temperature: TempOpt = 0.8,
+    top_k: TopKOpt = 40,
+    top_p: TopPOpt = 0.95,
+    min_p: MinPOpt = 0.05,
+    repeat_penalty: RepeatOpt = 1.0,
+    seed: SeedOpt = None,
+    stop: StopOpt = None,
+    ctx: CtxOpt = None,
+    threads: ThreadsOpt = None,
+    template: TemplateOpt = None,
+    raw: Annotated[bool, typer.Option("--raw", help="Send the prompt as it is, without the chat template.")] = False,
+    json_: Annotated[bool, typer.Option("--json", help="Print one JSON object: text, token counts, speed.")] = False,
+    no_log: NoLogOpt = False,
+) -> None:
+    """Answer one prompt, streaming the answer to stdout."""
+    text = " ".join(prompt or [])
+    piped = _piped_input(wait=not text)
+    text = f"{text}\n\n{piped}" if text and piped.strip() else (text or piped)
+    if not text.strip():
+        raise LlmdeskError("no prompt: give it as an argument or pipe it on stdin")
+    if raw and system:
+        raise LlmdeskError("--system needs the chat template; it cannot be used with --raw")
+    m = _load(model, ctx, threads, template)
+    kw = dict(max_tokens=None if max_tokens < 0 else max_tokens, temperature=temperature, top_k=top_k,
+              top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed, stop=stop)
+    try:
+        if raw:
+            stream = m.start(text, **kw)
+        else:
+            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+            stream = m.chat_start(messages, **kw)
+        if json_:
+            c = m.finish(stream)
+        else:
+            for ev in stream:
+                if ev.text:
+                    sys.stdout.write(ev.text)
+                    sys.stdout.flush()
+            c = m.finish(stream)
+            sys.stdout.write("\n")
+        _log(no_log, model=m.name, prompt=text, response=c.text, system=system,
+             options={k: v for k, v in kw.items() if v is not None}, tokens_in=c.prompt_tokens,
+             tokens_out=c.completion_tokens, duration_s=c.total_s)
+        if json_:
+            out.print_json(json.dumps({"model": m.name, **c.to_dict()}))
+    finally:
+        m.close()
+
+
+CHAT_HELP = """commands:
+  /system TEXT        set the system prompt (and start over)
+  /set NAME VALUE     temperature, top_k, top_p, min_p, repeat_penalty, seed, max_tokens
+  /show               the settings and the chat template in use
+  /clear              forget the conversation (keeps the system prompt)
+  /save FILE          write the conversation to FILE as JSON
+  /bye                leave (Ctrl-D too)
+  \"\"\"                 start and end a multi-line message"""
+
+_SETTABLE = {"temperature": float, "top_k": int, "top_p": float, "min_p": float,
+             "repeat_penalty": float, "seed": int, "max_tokens": int}
+
+
+def _read_message(prompt: str) -> str | None:
+    """One user message: a line, or several between triple quotes. None at end of input."""
+    try:
+        line = input(prompt)
+    except EOFError:
+        return None
+    if not line.lstrip().startswith('"""'):
+        return line
+    lines = [line.lstrip()[3:]]
+    if lines[0].rstrip().endswith('"""') and len(lines[0].rstrip()) >= 3:
+        return lines[0].rstrip()[:-3]
+    while True:
+        try:
+            nxt = input("... ")
+        except EOFError:
+            break
+        if nxt.rstrip().endswith('"""'):
+            lines.append(nxt.rstrip()[:-3])
+            break
+        lines.append(nxt)
+    return "\n".join(lines).strip("\n")
+
+
+def _save(path: str, data: dict) -> Path:
+    p = Path(path).expanduser()
+    tmp = p.with_name(p.name + ".part")
+    try:
+        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+        os.replace(tmp, p)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise LlmdeskError(f"cannot write {p}: {e.strerror}") from None
+    return p
+
+
+@app.command()
+def chat(
+    model: ModelOpt = None,
+    system: SystemOpt = None,
+    max_tokens: MaxTokensOpt = 512,
+    temperature: TempOpt = 0.8,
+    top_k: TopKOpt = 40,
+    top_p: TopPOpt = 0.95,
+    min_p: MinPOpt = 0.05,
+    repeat_penalty: RepeatOpt = 1.0,
+    seed: SeedOpt = None,
+    stop: StopOpt = None,
+    ctx: CtxOpt = None,
+    threads: ThreadsOpt = None,
+    template: TemplateOpt = None,
+    no_log: NoLogOpt = False,
+) -> None:
+    """Chat with a model in the terminal. Type /? for commands."""
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:  # pragma: no cover
+        pass
+    m = _load(model, ctx, threads, template)
+    settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                    repeat_penalty=repeat_penalty, seed=seed, max_tokens=max_tokens)
+    messages: list[dict] = []
+    err.print(f"{m.name} · context {m.n_ctx} tokens · template: {m.template.origin}", style="dim")
+    err.print("type /? for commands, /bye to leave", style="dim")
+    try:
+        while True:
+            line = _read_message(">>> ")
+            if line is None:
+                break
+            stripped = line.strip()
+            if not stripped:
+                continue
+            if stripped.startswith("/") and not stripped.startswith("//"):
+                cmd, _, arg = stripped.partition(" ")
+                arg = arg.strip()
+                if cmd in ("/bye", "/exit", "/quit"):
+                    break
+                elif cmd in ("/?", "/help"):
+                    err.print(CHAT_HELP, markup=False)
+                elif cmd == "/system":
+                    system, messages = (arg or None), []
+                    err.print("system prompt set" if arg else "system prompt cleared", style="dim")
+                elif cmd == "/clear":
+                    messages = []
+                    err.print("conversation cleared", style="dim")
+                elif cmd == "/set":
+                    name, _, value = arg.partition(" ")
+                    if name not in _SETTABLE or not value.strip():
+                        err.print(f"usage: /set NAME VALUE, NAME one of {', '.join(_SETTABLE)}", markup=False)
+                        continue
+                    try:
+                        settings[name] = _SETTABLE[name](value.strip())
+                    except ValueError:
+                        err.print(f"/set {name}: '{value.strip()}' is not a valid {_SETTABLE[name].__name__}", markup=False)
+                        continue
+                    err.print(f"{name} = {settings[name]}", style="dim")
+                elif cmd == "/show":
+                    err.print(json.dumps({**settings, "system": system, "template": m.template.origin,
+                                          "context": m.n_ctx}, indent=2), markup=False)
+                elif cmd == "/save":
+                    if not arg:
+                        err.print("usage: /save FILE", markup=False)
+                        continue
+                    try:
+                        p = _save(arg, {"model": m.name, "settings": settings,
+                                        "messages": _with_system(system, messages)})
+                    except LlmdeskError as e:
+                        err.print(f"error: {e}", markup=False)
+                        continue
+                    err.print(f"saved to {p}", style="dim")
+                else:
+                    err.print(f"unknown command {cmd}; type /? for the list", markup=False)
+                continue
+            messages.append({"role": "user", "content": line})
+            reply = _answer(m, _with_system(system, messages), settings, stop)
+            if reply is None:  # interrupted, or the model could not answer
+                messages.pop()
+                continue
+            messages.append({"role": "assistant", "content": reply.text})
+            _log(no_log, model=m.name, prompt=line, response=reply.text, system=system,
+                 options={k: v for k, v in settings.items() if v is not None},
+                 tokens_in=reply.prompt_tokens, tokens_out=reply.completion_tokens, duration_s=reply.total_s)
+    finally:
+        m.close()
+
+
+def _with_system(system: str | None, messages: list[dict]) -> list[dict]:
+    return ([{"role": "system", "content": system}] if system else []) + messages
+
+
+def _answer(m, messages: list[dict], settings: dict, stop: list[str] | None):
+    kw = dict(settings)
+    kw["max_tokens"] = None if kw["max_tokens"] < 0 else kw["max_tokens"]
+    try:
+        stream = m.chat_start(messages, stop=stop, **kw)
+    except LlmdeskError as e:
+        err.print(f"error: {e}", markup=False)
+        return None
+    try:
+        for ev in stream:
+            if ev.text:
+                sys.stdout.write(ev.text)
+                sys.stdout.flush()
+    except KeyboardInterrupt:
+        stream.cancel()
+        sys.stdout.write("\n")
+        err.print("(stopped)", style="dim")
+        return None
+    c = m.finish(stream)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    err.print(_stats(c), style="dim")
+    return c

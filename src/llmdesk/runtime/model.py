@@ -1,0 +1,248 @@
+"""A loaded model: the Python API (`llmdesk.load`) over the Engine.
+
+`Model` validates the file, loads it into llama.cpp, picks its chat template, and offers
+generate / stream / chat / tokenize / logprobs / embed. The CLI and the server use the same calls.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import llama_cpp as C
+import numpy as np
+
+from ..errors import LlmdeskError
+from ..formats.gguf import GGUFInfo, read_gguf
+from .engine import Engine, Request, Result, SamplingParams, Stream
+from .llama import LlamaModel, new_context
+from .templates import ChatTemplate, resolve_template
+
+DEFAULT_CTX = 4096
+
+
+@dataclass
+class TokenLogprob:
+    token: int
+    text: str
+    logprob: float
+    top: list[tuple[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class Completion:
+    """A finished generation: the text, why it stopped, and what it cost."""
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    ttft_s: float
+    tokens_per_second: float
+    prefill_tokens_per_second: float
+    total_s: float
+    logprobs: list[TokenLogprob] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in self.__dict__.items() if k != "logprobs"}
+        if self.logprobs is not None:
+            d["logprobs"] = [
+                {"token": t.token, "text": t.text, "logprob": t.logprob,
+                 "top": [{"text": s, "logprob": p} for s, p in t.top]}
+                for t in self.logprobs
+            ]
+        return d
+
+
+def _sampling(temperature: float, top_k: int, top_p: float, min_p: float, repeat_penalty: float,
+              seed: int | None, grammar: str | None, frequency_penalty: float = 0.0,
+              presence_penalty: float = 0.0, repeat_last_n: int = 64) -> SamplingParams:
+    for name, v, lo, hi in (("temperature", temperature, 0, 100), ("top_p", top_p, 0, 1), ("min_p", min_p, 0, 1)):
+        if not lo <= v <= hi:
+            raise LlmdeskError(f"{name} must be between {lo} and {hi}, got {v}")
+    if top_k < 0:
+        raise LlmdeskError(f"top_k must be >= 0 (0 turns it off), got {top_k}")
+    if repeat_penalty <= 0:
+        raise LlmdeskError(f"repeat_penalty must be > 0 (1.0 turns it off), got {repeat_penalty}")
+    return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                          repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
+                          frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
+                          seed=seed, grammar=grammar)
+
+
+class Model:
+    """A GGUF model loaded into llama.cpp, with `slots` requests served at once."""
+
+    def __init__(self, path: str | Path, *, name: str | None = None, ctx: int | None = None,
+                 threads: int | None = None, slots: int = 1, batch: int = 512,
+                 template: str | None = None):
+        self.path = Path(path)
+        self.name = name or self.path.stem
+        # our own validation runs first: llama.cpp never sees a malformed file
+        self.info: GGUFInfo = read_gguf(self.path)
+        self.llama = LlamaModel(self.path)
+        n_ctx = ctx or min(self.llama.n_ctx_train or DEFAULT_CTX, DEFAULT_CTX)
+        self.threads = threads
+        self.engine = Engine(self.llama, n_ctx=n_ctx, n_slots=slots, n_batch=batch, n_threads=threads)
+        self.n_ctx = self.engine.n_ctx
+        specials = self.info.special_tokens or {}
+        self.template: ChatTemplate = resolve_template(
+            self.info.chat_template, template,
+            bos_token=specials.get("bos", ""), eos_token=specials.get("eos", ""), model_name=self.name)
+        self._embed_ctx = None
+        self._embed_lock = threading.Lock()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def close(self) -> None:
+        self.engine.close()
+        if self._embed_ctx:
+            C.llama_free(self._embed_ctx)
+            self._embed_ctx = None
+        self.llama.close()
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Model {self.name} ({self.info.architecture}, ctx {self.n_ctx})>"
+
+    # -- tokens -------------------------------------------------------------------------------
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        return self.llama.tokenize(text, add_special=add_special, parse_special=parse_special)
+
+    def detokenize(self, tokens: list[int], *, special: bool = False) -> str:
+        return self.llama.detokenize(tokens, special=special)
+
+    # -- generation ---------------------------------------------------------------------------
+    def render_chat(self, messages: list[dict], *, tools: list[dict] | None = None) -> str:
+        return self.template.render(messages, add_generation_prompt=True, tools=tools)
+
+    def chat_tokens(self, messages: list[dict], *, tools: list[dict] | None = None) -> list[int]:
+        text = self.render_chat(messages, tools=tools)
+        bos = self.template.bos_token
+        # templates usually write the BOS text themselves; add it only when they do not
+        add = self.llama.add_bos and not (bos and text.startswith(bos))
+        return self.llama.tokenize(text, add_special=add, parse_special=True)
+
+    def start(self, prompt: str | list[int], *, max_tokens: int | None = 256, temperature: float = 0.8,
+              top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
+              frequency_penalty: float = 0.0, presence_penalty: float = 0.0, seed: int | None = None,
+              stop: list[str] | None = None, logprobs: int | None = None, grammar: str | None = None,
+              ignore_eos: bool = False) -> Stream:
+        """Submit a prompt (text, or token ids) to the engine; returns the Stream in flight."""
+        tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        sampling = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, grammar,
+                             frequency_penalty, presence_penalty)
+        return self.engine.submit(Request(tokens, max_tokens=max_tokens, sampling=sampling,
+                                          stop=list(stop or []), logprobs=logprobs, ignore_eos=ignore_eos))
+
+    def complete(self, prompt: str | list[int], **kw) -> Completion:
+        return self.finish(self.start(prompt, **kw))
+
+    def finish(self, stream: Stream) -> Completion:
+        """Wait for a stream (or drain the rest of it) and describe the result."""
+        lps: list[TokenLogprob] | None = [] if stream.request.logprobs is not None else None
+        for ev in stream:
+            if lps is not None and ev.logprob is not None:
+                lps.append(TokenLogprob(ev.token, self._piece_text(ev.token), ev.logprob,
+                                        [(self._piece_text(t), p) for t, p in ev.top_logprobs or []]))
+        stream.done.wait()
+        return self._completion(stream.result, lps)
+
+    def _piece_text(self, token: int) -> str:
+        return self.llama.piece(token, special=True).decode("utf-8", "replace")
+
+    @staticmethod
+    def _completion(r: Result, lps=None) -> Completion:
+        if r.finish_reason == "error":
+            raise LlmdeskError(f"generation failed: {r.error}")
+        return Completion(text=r.text, finish_reason=r.finish_reason, prompt_tokens=r.n_prompt,
+                          completion_tokens=r.n_gen, cached_tokens=r.n_cached, ttft_s=r.ttft_s,
+                          tokens_per_second=r.tokens_per_second,
+                          prefill_tokens_per_second=r.prefill_tokens_per_second,
+                          total_s=r.ttft_s + r.decode_s, logprobs=lps)
+
+    def stream(self, prompt: str | list[int], **kw) -> Iterator[str]:
+        """Yield pieces of text as they are generated; joined they equal `generate`."""
+        s = self.start(prompt, **kw)
+        for ev in s:
+            if ev.text:
+                yield ev.text
+        if s.result.finish_reason == "error":
+            raise LlmdeskError(f"generation failed: {s.result.error}")
+
+    def generate(self, prompt: str | list[int], **kw) -> str:
+        return self.complete(prompt, **kw).text
+
+    def _chat_kw(self, kw: dict) -> dict:
+        kw = dict(kw)
+        kw["stop"] = list(kw.get("stop") or []) + [s for s in self.template.stop_strings if s not in (kw.get("stop") or [])]
+        return kw
+
+    def chat(self, messages: list[dict], **kw) -> str:
+        """Answer the conversation `messages` ([{"role": ..., "content": ...}, ...])."""
+        return self.complete(self.chat_tokens(messages), **self._chat_kw(kw)).text
+
+    def chat_start(self, messages: list[dict], **kw) -> Stream:
+        return self.start(self.chat_tokens(messages), **self._chat_kw(kw))
+
+    def chat_stream(self, messages: list[dict], **kw) -> Iterator[str]:
+        return self.stream(self.chat_tokens(messages), **self._chat_kw(kw))
+
+    # -- embeddings ---------------------------------------------------------------------------
+    def embed(self, texts: str | list[str], *, normalize: bool = True) -> list[list[float]]:
+        """Mean-pooled hidden states, one vector per text (L2-normalised unless asked not to)."""
+        if isinstance(texts, str):
+            texts = [texts]
+        out = []
+        with self._embed_lock:
+            if self._embed_ctx is None:
+                self._embed_ctx = new_context(self.llama, n_ctx=self.n_ctx, n_seq=1, n_batch=self.n_ctx,
+                                              n_threads=self.threads, embeddings=True)
+            ctx = self._embed_ctx
+            mem = C.llama_get_memory(ctx)
+            for text in texts:
+                toks = self.tokenize(text)
+                if not toks:
+                    raise LlmdeskError("cannot embed an empty text")
+                if len(toks) > self.n_ctx:
+                    raise LlmdeskError(f"a text of {len(toks)} tokens is longer than the context ({self.n_ctx})")
+                C.llama_memory_clear(mem, True)
+                batch = C.llama_batch_init(len(toks), 0, 1)
+                try:
+                    for i, t in enumerate(toks):
+                        batch.token[i] = t
+                        batch.pos[i] = i
+                        batch.n_seq_id[i] = 1
+                        batch.seq_id[i][0] = 0
+                        batch.logits[i] = True
+                    batch.n_tokens = len(toks)
+                    if C.llama_decode(ctx, batch) != 0:
+                        raise LlmdeskError("llama.cpp failed to compute the embedding")
+                    ptr = C.llama_get_embeddings_seq(ctx, 0)
+                    vec = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)),
+                                                shape=(self.llama.n_embd,)).astype(np.float64)
+                finally:
+                    C.llama_batch_free(batch)
+                if normalize:
+                    norm = np.linalg.norm(vec)
+                    vec = vec / norm if norm > 0 else vec
+                out.append(vec.tolist())
+        return out
+
+
+def load(ref: str | Path, *, ctx: int | None = None, threads: int | None = None, slots: int = 1,
+         template: str | None = None) -> Model:
+    """Load a model by reference: a .gguf path, NAME[:TAG] in the store, or hf:OWNER/REPO/FILE.gguf."""
+    from ..store.refs import resolve
+
+    found = resolve(str(ref))
+    return Model(found.path, name=found.name, ctx=ctx, threads=threads, slots=slots, template=template)

@@ -1,0 +1,131 @@
+"""Shared fixtures. Every test gets its own user directory; nothing touches the network."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from llmdesk.formats.synth import SynthConfig, write_llama_gguf
+
+
+@pytest.fixture(autouse=True)
+def user_dir(tmp_path, monkeypatch) -> Path:
+    """An isolated `LLMDESK_HOME` per test (like simonw/llm's `LLM_USER_PATH`)."""
+    home = tmp_path / "llmdesk-home"
+    monkeypatch.setenv("LLMDESK_HOME", str(home))
+    return home
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory) -> Path:
+    """A tiny random-weight Llama model (f32, ~0.5 MB), written once per session. Read only."""
+    return write_llama_gguf(tmp_path_factory.mktemp("models") / "tiny.gguf", SynthConfig())
+
+
+# ---------------------------------------------------------------------------------------------
+# A fake Hugging Face Hub on 127.0.0.1: the `/{repo}/resolve/{revision}/{file}` route that
+# hf_hub_download uses (HEAD for metadata, GET with Range), with the Hub's error headers.
+
+
+class FakeHub:
+    COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+    def __init__(self):
+        self.files: dict[tuple[str, str], bytes] = {}  # (repo_id, filename) -> content, on "main"
+        self.gated: set[str] = set()
+        self.requests: list[tuple[str, str]] = []  # (method, path)
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    def add(self, repo_id: str, filename: str, content: bytes) -> str:
+        """Serve `content` as `repo_id/filename`; returns its sha256 (the ETag, as for LFS files)."""
+        self.files[(repo_id, filename)] = content
+        return hashlib.sha256(content).hexdigest()
+
+    def _handler(self):
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # quiet
+                pass
+
+            def do_HEAD(self):
+                self._serve(body=False)
+
+            def do_GET(self):
+                self._serve(body=True)
+
+            def _fail(self, status: int, code: str, commit: bool = False):
+                self.send_response(status)
+                self.send_header("X-Error-Code", code)
+                if commit:
+                    self.send_header("X-Repo-Commit", hub.COMMIT)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def _serve(self, body: bool):
+                hub.requests.append((self.command, self.path))
+                parts = urllib.parse.urlsplit(self.path).path.split("/")
+                # /{owner}/{repo}/resolve/{revision}/{file...}
+                if len(parts) < 6 or parts[3] != "resolve":
+                    return self._fail(404, "RepoNotFound")
+                repo_id = f"{parts[1]}/{parts[2]}"
+                revision = urllib.parse.unquote(parts[4])
+                filename = urllib.parse.unquote("/".join(parts[5:]))
+                if repo_id in hub.gated:
+                    return self._fail(401, "GatedRepo")
+                if not any(r == repo_id for r, _ in hub.files):
+                    return self._fail(401, "RepoNotFound")  # the Hub says 401 for unknown repos
+                if revision not in ("main", hub.COMMIT):
+                    return self._fail(404, "RevisionNotFound")
+                content = hub.files.get((repo_id, filename))
+                if content is None:
+                    return self._fail(404, "EntryNotFound", commit=True)
+                start = 0
+                rng = self.headers.get("Range")
+                if rng and rng.startswith("bytes=") and body:
+                    start = int(rng[len("bytes="):].split("-")[0])
+                self.send_response(206 if start else 200)
+                self.send_header("X-Repo-Commit", hub.COMMIT)
+                self.send_header("ETag", f'"{hashlib.sha256(content).hexdigest()}"')
+                self.send_header("Content-Length", str(len(content) - start))
+                if start:
+                    self.send_header("Content-Range", f"bytes {start}-{len(content) - 1}/{len(content)}")
+                self.end_headers()
+                if body:
+                    self.wfile.write(content[start:])
+
+        return Handler
+
+
+def point_hf_at(monkeypatch, url: str, tmp_path: Path) -> None:
+    """Send every huggingface_hub request to `url`: HF_ENDPOINT for llmdesk and subprocesses,
+    and huggingface_hub's import-time constants for this process (its user-agent code fetches
+    `{ENDPOINT}/api/agent-harnesses` and caches it under HF_HOME)."""
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setenv("HF_ENDPOINT", url)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(hc, "ENDPOINT", url)
+    monkeypatch.setattr(hc, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(hc, "AGENT_HARNESSES_PATH", str(tmp_path / "hf-home" / "agent-harnesses.json"))
+
+
+@pytest.fixture
+def fake_hub(monkeypatch, tmp_path):
+    """A FakeHub, with huggingface_hub pointed at it."""
+    hub = FakeHub()
+    hub.thread.start()
+    point_hf_at(monkeypatch, hub.url, tmp_path)
+    yield hub
+    hub.server.shutdown()
+    hub.server.server_close()
