@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.llmdesk-installed
 # llama.cpp is built from source by pip (about 7 minutes on 2 cores; pip caches the wheel after)
 export CMAKE_ARGS ?= -DGGML_NATIVE=ON
 
-.PHONY: install run test test-fast clean
+.PHONY: install run test test-fast demo-model clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -14,19 +14,29 @@ $(BIN)/python:
 
 # re-run the install only when the project's requirements change
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -e '.[test]'
+	$(BIN)/python -m pip install -e '.[train,test]'
 	touch $@
+
+# the web UI's browser tests drive Debian's chromium (Playwright's own browser download is not used)
+CHROMIUM := /usr/bin/chromium
+$(CHROMIUM):
+	@command -v apt-get >/dev/null || { echo "install chromium, then run make again"; exit 1; }
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
 
 install: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/llmdesk chat $(if $(MODEL),-m $(MODEL))
 
-test: $(STAMP)
+test: $(STAMP) $(CHROMIUM)
 	$(BIN)/python -m pytest -q
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) $(CHROMIUM)
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# the small chat model bundled with llmdesk, trained here by llmdesk's own train/convert/quantize
+demo-model: $(STAMP)
+	$(BIN)/python -m llmdesk.demo.build
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

@@ -32,12 +32,20 @@ NoLogOpt = Annotated[bool, typer.Option("--no-log", help="Do not record this con
 
 
 def default_model_ref(model: str | None) -> str:
+    """The model named with -m, else $LLMDESK_MODEL, else the demo model bundled with llmdesk."""
     ref = model or os.environ.get("LLMDESK_MODEL")
-    if not ref:
+    if ref:
+        return ref
+    try:
+        from ..demo import default_model_path
+    except ImportError:
+        default_model_path = lambda: None  # noqa: E731
+    bundled = default_model_path()
+    if bundled is None:
         raise LlmdeskError(
             "no model named: pass -m PATH.gguf (or a name from 'llmdesk list'), or set LLMDESK_MODEL"
         )
-    return ref
+    return str(bundled)
 
 
 def _load(model: str | None, ctx: int | None, threads: int | None, template: str | None):

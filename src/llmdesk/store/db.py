@@ -200,3 +200,25 @@ def m003_logs_fts(db: sqlite3.Connection) -> None:
 @migration
 def m004_settings(db: sqlite3.Connection) -> None:
     db.execute("CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT)")
+
+
+@migration
+def m005_results(db: sqlite3.Connection) -> None:
+    # one table for every measurement (bench runs, perplexity, KL divergence, quantization
+    # sweeps, evaluations): what was measured is `kind`, the knobs are `settings`, the numbers
+    # are `metrics`; model and data are identified by content hash so renames don't matter
+    db.execute(
+        """
+        CREATE TABLE results (
+            id INTEGER PRIMARY KEY,
+            time TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            model TEXT NOT NULL,
+            model_sha256 TEXT,
+            data_sha256 TEXT,
+            settings TEXT NOT NULL DEFAULT '{}',
+            metrics TEXT NOT NULL DEFAULT '{}'
+        )
+        """
+    )
+    db.execute("CREATE INDEX results_kind_model ON results (kind, model_sha256, time)")

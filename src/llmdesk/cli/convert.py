@@ -1,0 +1,3 @@
+"""`llmdesk convert`: see its issue; registers its commands on `app`."""
+
+from .app import app  # noqa: F401
