@@ -109,3 +109,13 @@ def test_load_errors(tmp_path):
     bad.write_bytes(b"GGUF" + b"\x00" * 10)
     with pytest.raises(BadModelFile, match="bad.gguf"):
         llmdesk.load(bad)
+
+
+def test_repeat_penalty_discourages_repeats(model):
+    def tokens(**kw):
+        return model.start("Hello", max_tokens=60, temperature=0, ignore_eos=True, **kw).wait().tokens
+
+    plain, penalised = tokens(), tokens(repeat_penalty=1.8)
+    assert len(penalised) == 60
+    # a strong penalty over the last 64 tokens leaves fewer repeated tokens
+    assert len(set(penalised)) > len(set(plain))

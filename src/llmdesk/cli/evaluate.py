@@ -1,3 +1,204 @@
-"""`llmdesk evaluate`: see its issue; registers its commands on `app`."""
+"""`llmdesk eval ppl|kld` (perplexity, KL divergence from a base) and `llmdesk results`.
 
-from .app import app  # noqa: F401
+Thin wrappers over llmdesk.eval.ppl.perplexity and llmdesk.eval.kld.kl_divergence; every result
+is recorded in the results store, which `llmdesk results` lists.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Iterator, Optional
+
+import typer
+from rich.table import Table
+
+from ..errors import LlmdeskError
+from .app import app, err, out
+
+eval_app = typer.Typer(name="eval", help="Measure models: perplexity, KL divergence.", no_args_is_help=True,
+                       add_completion=False, rich_markup_mode=None)
+app.add_typer(eval_app, name="eval")
+
+ModelArg = Annotated[str, typer.Argument(help="A .gguf file, NAME[:TAG] from 'llmdesk list', hf:..., or an HF checkpoint folder.")]
+TextArg = Annotated[Path, typer.Argument(help="A UTF-8 text file.")]
+CtxOpt = Annotated[Optional[int], typer.Option("--ctx", help="Window length in tokens (default 512; at least the text's length scores it in one window).")]
+StrideOpt = Annotated[Optional[int], typer.Option("--stride", help="Tokens between window starts (default ctx/2).")]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="CPU threads (default: all cores).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+
+
+@contextmanager
+def window_progress(enabled: bool) -> Iterator:
+    if not (enabled and err.is_terminal):
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("windows"),
+                  TimeElapsedColumn(), console=err, transient=True) as bar:
+        tasks: dict[str, int] = {}
+
+        def update(label: str, done: int, total: int) -> None:
+            if label not in tasks:
+                tasks[label] = bar.add_task(label, total=total)
+            bar.update(tasks[label], completed=done, total=total)
+
+        yield update
+
+
+def _check(ctx: int | None, stride: int | None, threads: int | None) -> None:
+    for flag, v, low in (("--ctx", ctx, 2), ("--stride", stride, 1), ("--threads", threads, 1)):
+        if v is not None and v < low:
+            raise LlmdeskError(f"{flag} must be at least {low}, got {v}")
+
+
+def _say(m: str) -> None:
+    err.print(m, markup=False)
+
+
+@eval_app.command("ppl")
+def ppl_cmd(model: ModelArg, text: TextArg, ctx: CtxOpt = None, stride: StrideOpt = None,
+            threads: ThreadsOpt = None, as_json: JsonOpt = False) -> None:
+    """Perplexity of MODEL on TEXT (sliding window), with its standard error."""
+    from ..eval.common import record, resolve_model
+    from ..eval.ppl import perplexity, read_text
+
+    _check(ctx, stride, threads)
+    body = read_text(text)
+    m = resolve_model(model, say=_say)
+    with window_progress(not as_json) as update:
+        r = perplexity(m.path, body, ctx=ctx, stride=stride, threads=threads,
+                       progress=(lambda d, n: update("perplexity", d, n)) if update else None)
+    r.model = m.name
+    record("ppl", m, metrics={"ppl": r.ppl, "stderr": r.stderr, "nll": r.nll, "nll_stderr": r.nll_stderr,
+                              "tokens": r.tokens},
+           settings={"ctx": r.ctx, "stride": r.stride, "text": text.name, "text_tokens": r.text_tokens}, text=body)
+    if as_json:
+        out.print_json(data=r.to_dict())
+        return
+    out.print(f"{m.name}: perplexity {num(r.ppl)} ± {num(r.stderr)} over {r.tokens:,} tokens "
+              f"(ctx {r.ctx}, stride {r.stride}, {r.windows} windows)", markup=False)
+
+
+@eval_app.command("kld")
+def kld_cmd(
+    base: Annotated[str, typer.Argument(help="The reference model (e.g. the f16), or a base saved with --save-base (.npz).")],
+    model: ModelArg,
+    text: TextArg,
+    save_base: Annotated[Optional[Path], typer.Option("--save-base", help="Reuse the base's log-probabilities from FILE (.npz) if it exists, else save them there.")] = None,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Keep only the base's K most likely tokens per position (default: all, if they fit in 1 GiB).")] = None,
+    ctx: CtxOpt = None, stride: StrideOpt = None, threads: ThreadsOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """KL divergence of MODEL from BASE on TEXT, and how often they agree."""
+    from ..eval.common import record, resolve_model
+    from ..eval.kld import kl_divergence
+    from ..eval.ppl import read_text
+
+    _check(ctx, stride, threads)
+    if top_k is not None and top_k < 1:
+        raise LlmdeskError(f"--top-k must be at least 1, got {top_k}")
+    body = read_text(text)
+    saved = Path(base).suffix == ".npz"
+    b = None if saved else resolve_model(base, say=_say)
+    m = resolve_model(model, say=_say)
+    with window_progress(not as_json) as update:
+        r = kl_divergence(Path(base).expanduser() if saved else b.path, m.path, body, ctx=ctx, stride=stride,
+                          top_k=top_k, save_base=save_base, threads=threads, progress=update)
+    r.model = m.name
+    if b is not None:
+        r.base = b.name
+    metrics = r.to_dict()
+    for k in ("base", "model", "ctx", "stride", "top_k"):
+        metrics.pop(k)
+    record("kld", m, metrics=metrics,
+           settings={"base": r.base, "base_sha256": b.sha256 if b else None, "ctx": r.ctx, "stride": r.stride,
+                     "top_k": r.top_k, "text": text.name}, text=body)
+    if save_base is not None and not as_json:
+        _say(f"base log-probabilities: {save_base}")
+    if as_json:
+        out.print_json(data=r.to_dict())
+        return
+    rows = [
+        ("tokens", f"{r.tokens:,}"),
+        ("mean KLD", f"{r.mean_kld:.6f} ± {r.kld_stderr:.6f}"),
+        ("median KLD", f"{r.median_kld:.6f}"),
+        ("99th percentile KLD", f"{r.p99_kld:.6f}"),
+        ("max KLD", f"{r.max_kld:.6f}"),
+        ("same top token", f"{100 * r.same_top_token:.2f}%"),
+        ("mean Δp (correct token)", f"{100 * r.mean_delta_p:+.3f}%"),
+        ("RMS Δp", f"{100 * r.rms_delta_p:.3f}%"),
+        ("perplexity base / model", f"{num(r.ppl_base)} / {num(r.ppl_model)}"),
+        ("perplexity ratio", f"{r.ppl_ratio:.5f} ± {r.extra['ppl_ratio_stderr']:.5f}"),
+    ]
+    table = Table(box=None, pad_edge=False, show_header=False)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    for k, v in rows:
+        table.add_row(k, v)
+    out.print(f"{m.name} against {r.base} (ctx {r.ctx}, stride {r.stride}"
+              f"{'' if r.top_k is None else f', base top-{r.top_k}'})", markup=False)
+    out.print(table)
+
+
+@app.command()
+def results(
+    kind: Annotated[Optional[str], typer.Option("--kind", help="Only this kind: ppl, kld, quantize, sweep, bench, ...")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="Only this model (its name as listed).")] = None,
+    limit: Annotated[int, typer.Option("-n", "--limit", help="At most this many, newest first.")] = 50,
+    as_json: JsonOpt = False,
+) -> None:
+    """List stored results (perplexity, KL divergence, quantizations, sweeps, benchmarks)."""
+    from ..store.results import query
+
+    if limit < 1:
+        raise LlmdeskError(f"--limit must be at least 1, got {limit}")
+    rows = query(kind, model=model, limit=limit)
+    if as_json:
+        out.print_json(data=rows)
+        return
+    if not rows:
+        _say("no results yet; measure something with 'llmdesk eval ppl MODEL TEXT' or 'llmdesk quantize ... --sweep'")
+        return
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for col in ("ID", "TIME", "KIND", "MODEL", "RESULT", "DATA"):
+        table.add_column(col, no_wrap=col not in ("RESULT",))
+    for r in rows:
+        table.add_row(str(r["id"]), _local(r["time"]), r["kind"], r["model"], summarize(r["kind"], r["metrics"]),
+                      (r["data_sha256"] or "")[:8])
+    out.print(table)
+
+
+def num(x: float) -> str:
+    """A perplexity for people: 4 decimals, or scientific notation when it is huge (random models)."""
+    return f"{x:.4f}" if abs(x) < 1e6 else f"{x:.4e}"
+
+
+def summarize(kind: str, m: dict) -> str:
+    """The few numbers that matter for a result of this kind, on one line."""
+    def f(key: str, fmt: str = "{:.4g}") -> str | None:
+        v = m.get(key)
+        return fmt.format(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+    parts: list[str | None]
+    if kind == "ppl":
+        parts = [f"ppl {f('ppl')} ± {f('stderr', '{:.2g}')}", f"{m.get('tokens')} tokens"]
+    elif kind == "kld":
+        parts = [f"mean KLD {f('mean_kld', '{:.5f}')}", f"p99 {f('p99_kld', '{:.4f}')}",
+                 f"same top {f('same_top_token', '{:.1%}')}", f"ppl ratio {f('ppl_ratio', '{:.4f}')}"]
+    elif kind == "quantize":
+        parts = [f"{f('bits_per_weight', '{:.2f}')} bits/weight", f"{f('size', '{:,}')} bytes"]
+    elif kind == "sweep":
+        parts = [m.get("type"), f"{f('bits_per_weight', '{:.2f}')} bpw", f"ppl {f('ppl')}",
+                 f"KLD {f('mean_kld', '{:.5f}')}", f"{f('tokens_per_second', '{:.1f}')} tok/s"]
+    else:  # another team's kind: its first few numbers
+        parts = [f"{k} {f(k)}" for k in list(m)[:4] if f(k) is not None]
+    return ", ".join(p for p in parts if p and "None" not in p)
+
+
+def _local(ts: str) -> str:
+    try:
+        return datetime.fromisoformat(ts).astimezone().strftime("%Y-%m-%d %H:%M")
+    except (TypeError, ValueError):
+        return str(ts)

@@ -18,7 +18,12 @@ from . import bench, convert, evaluate, fit, logs, models, quantize, run, serve,
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        app(args=argv, prog_name="llmdesk", standalone_mode=False)
+        rc = app(args=argv, prog_name="llmdesk", standalone_mode=False)
+        if isinstance(rc, int) and rc:
+            # typer turns Ctrl-C into an exit code of 130 instead of raising it
+            if rc == 130:
+                err.print("interrupted", markup=False)
+            return rc
     except LlmdeskError as e:
         err.print(f"error: {e}", markup=False)
         return e.exit_code
