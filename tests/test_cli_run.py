@@ -37,6 +37,13 @@ def test_run_streams_and_is_deterministic(tiny_gguf, tmp_path):
     assert s1.stdout == s2.stdout
 
 
+def test_run_without_a_model_uses_the_bundled_demo(tmp_path):
+    p = cli("run", "-t", "0", "-n", "12", "--json", "What does llmdesk pull do?", home=tmp_path)
+    assert p.returncode == 0, p.stderr
+    d = json.loads(p.stdout)
+    assert d["model"] == "llmdesk-demo.gguf" and d["completion_tokens"] > 0
+
+
 def test_run_json_and_stdin(tiny_gguf, tmp_path):
     p = cli("run", "-m", tiny_gguf, "-t", "0", "-n", "9", "--json", "Hello there", home=tmp_path)
     assert p.returncode == 0, p.stderr
@@ -84,7 +91,6 @@ def test_chat_repl(tiny_gguf, tmp_path):
 @pytest.mark.parametrize("args, needle", [
     (["run", "--bogus", "x"], "--bogus"),
     (["run", "-m", "MISSING.gguf", "x"], "MISSING.gguf"),
-    (["run", "x"], "-m"),
     (["run", "-m", "nosuchmodel:tag", "x"], "nosuchmodel"),
     (["run", "-m", "{model}", "-t", "-1", "x"], "temperature"),
     (["run", "-m", "{model}", "--ctx", "8", "x"], "ctx"),

@@ -1,0 +1,660 @@
+"""Hugging Face checkpoint -> GGUF, for the Llama family, written with the `gguf` package.
+
+One story, top to bottom:
+  1. read the folder (formats/hf.py): config, weights, tokenizer files;
+  2. decide the GGUF architecture and its hyperparameter keys from config.json;
+  3. the vocabulary: byte-level BPE from tokenizer.json, its llama.cpp pre-tokenizer decided from
+     the tokenizer's own pre_tokenizer settings (the Split regex / ByteLevel flags), never from a
+     table of hashes; or SentencePiece from tokenizer.model;
+  4. the tensors, renamed with gguf's tensor-name maps, reshaped where llama.cpp's layout differs
+     (Llama's q/k rows are permuted for its RoPE; Gemma's norms store 1 + w), checked against the
+     shapes the config implies, stored as f32/f16/bf16/q8_0;
+  5. write to a temporary name and rename (no half file ever has the final name);
+  6. self-check: tokenize test strings with the original tokenizer and with llama.cpp reading the
+     new file; any difference is an error and the file is removed;
+  7. register it in the store (unless told not to).
+
+Reference for the per-architecture details: llama.cpp's convert_hf_to_gguf.py (LlamaModel,
+Qwen2Model, Phi3MiniModel, GemmaModel, Gemma2Model).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from llmdesk.formats.hf import Checkpoint, ConversionError, open_checkpoint
+
+OUT_TYPES = ("f32", "f16", "bf16", "q8_0")
+
+# HF `architectures[0]` -> GGUF architecture name (gguf.MODEL_ARCH member)
+ARCHITECTURES = {
+    "LlamaForCausalLM": "LLAMA",
+    "MistralForCausalLM": "LLAMA",  # llama.cpp runs Mistral 7B-style models as llama
+    "Qwen2ForCausalLM": "QWEN2",
+    "Phi3ForCausalLM": "PHI3",
+    "GemmaForCausalLM": "GEMMA",
+    "Gemma2ForCausalLM": "GEMMA2",
+}
+
+# Strings the self-check tokenizes both ways: multilingual text, code, whitespace, numbers.
+CHECK_STRINGS = [
+    "Hello, world! How are you today?",
+    "The quick brown fox jumps over the lazy dog. It's 12345 o'clock, isn't it? I'LL DO IT",
+    "Grüße aus München! Ça va très bien. ¿Dónde está la biblioteca? Привет, как дела?",
+    "日本語のテキストと中文文本，还有한국어 문장. 🙂🚀 emoji ✓",
+    "def main(argv):\n    for i in range(10):\n        print(f\"{i:03d}\")  # comment\n\treturn 0\n",
+    "   leading spaces, trailing spaces   \n\n\n  tabs\t\tand\r\nnewlines\n",
+    "numbers 3.14159 1,000,000 2024-05-01 0x1F +42 -7",
+    "  ",
+    "a",
+    "<html><body class=\"x\">&amp; {\"json\": [1, 2, 3]}</body></html>",
+]
+
+
+@dataclass
+class ConvertResult:
+    path: Path
+    architecture: str  # the GGUF architecture, e.g. "llama"
+    hf_architecture: str
+    out_type: str
+    n_params: int
+    n_tensors: int
+    vocab_size: int
+    tokenizer: str  # "gpt2 (pre: llama-bpe)" / "llama (sentencepiece)"
+    size_bytes: int
+    registered: str | None = None  # "name:tag" in the store
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["path"] = str(self.path)
+        return d
+
+
+# =============================================================================================
+# 2. hyperparameters
+
+
+@dataclass
+class Hparams:
+    arch: str  # gguf.MODEL_ARCH name
+    n_vocab: int
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_ff: int
+    n_ctx: int
+    rope_theta: float
+    rms_eps: float
+    rope: dict[str, Any]  # rope scaling parameters ({} when none)
+    tied: bool
+
+
+def _hparams(ck: Checkpoint, arch: str) -> Hparams:
+    def need(*names: str) -> Any:
+        v = ck.cfg(*names)
+        if v is None:
+            raise ConversionError(f"{ck.path / 'config.json'}: missing {names[0]}")
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
+            raise ConversionError(f"{ck.path / 'config.json'}: {names[0]} must be a positive number, got {v!r}")
+        return v
+
+    n_embd = int(need("hidden_size"))
+    n_head = int(need("num_attention_heads"))
+    n_head_kv = int(ck.cfg("num_key_value_heads", default=n_head))
+    head_dim = int(ck.cfg("head_dim", default=n_embd // n_head))
+    # transformers >= 5 keeps rope settings in rope_parameters (with rope_theta inside)
+    rope = dict(ck.cfg("rope_parameters", "rope_scaling", default={}) or {})
+    theta = float(rope.get("rope_theta") or ck.cfg("rope_theta", default=10000.0))
+    if rope.get("rope_type", rope.get("type", "default")) == "default":
+        rope = {}
+    tied_default = arch in ("GEMMA", "GEMMA2")
+    return Hparams(arch=arch, n_vocab=int(need("vocab_size")), n_embd=n_embd,
+                   n_layer=int(need("num_hidden_layers")), n_head=n_head, n_head_kv=n_head_kv,
+                   head_dim=head_dim, n_ff=int(need("intermediate_size")),
+                   n_ctx=int(ck.cfg("max_position_embeddings", default=2048)),
+                   rope_theta=theta, rms_eps=float(ck.cfg("rms_norm_eps", default=1e-5)), rope=rope,
+                   tied=bool(ck.cfg("tie_word_embeddings", default=tied_default)))
+
+
+def _write_hparams(w, hp: Hparams, ck: Checkpoint) -> list[tuple[str, np.ndarray]]:
+    """Architecture keys; returns extra tensors they imply (llama 3's rope_freqs)."""
+    import gguf
+
+    w.add_context_length(hp.n_ctx)
+    w.add_embedding_length(hp.n_embd)
+    w.add_block_count(hp.n_layer)
+    w.add_feed_forward_length(hp.n_ff)
+    w.add_head_count(hp.n_head)
+    w.add_head_count_kv(hp.n_head_kv)
+    w.add_layer_norm_rms_eps(hp.rms_eps)
+    w.add_rope_freq_base(hp.rope_theta)
+    w.add_vocab_size(hp.n_vocab)
+    if hp.head_dim != hp.n_embd // hp.n_head:
+        w.add_key_length(hp.head_dim)
+        w.add_value_length(hp.head_dim)
+    rot = int(hp.head_dim * float(ck.cfg("partial_rotary_factor", default=1.0)))
+    w.add_rope_dimension_count(rot)
+
+    extra: list[tuple[str, np.ndarray]] = []
+    kind = hp.rope.get("rope_type", hp.rope.get("type"))
+    if kind == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(hp.rope["factor"]))
+    elif kind == "llama3" and hp.arch == "LLAMA":
+        # llama.cpp multiplies each rotary frequency by a stored factor (convert_hf_to_gguf.py,
+        # LlamaModel.generate_extra_tensors; the same math as transformers' _compute_llama3_parameters)
+        factor = float(hp.rope.get("factor", 8.0))
+        low, high = float(hp.rope.get("low_freq_factor", 1.0)), float(hp.rope.get("high_freq_factor", 4.0))
+        old_ctx = float(hp.rope.get("original_max_position_embeddings", 8192))
+        low_wl, high_wl = old_ctx / low, old_ctx / high
+        freqs = 1.0 / (hp.rope_theta ** (np.arange(0, rot, 2, dtype=np.float64) / rot))
+        factors = []
+        for f in freqs:
+            wl = 2 * math.pi / f
+            if wl < high_wl:
+                factors.append(1.0)
+            elif wl > low_wl:
+                factors.append(factor)
+            else:
+                smooth = (old_ctx / wl - low) / (high - low)
+                factors.append(1.0 / ((1 - smooth) / factor + smooth))
+        extra.append(("rope_freqs.weight", np.array(factors, dtype=np.float32)))
+    elif kind:
+        raise ConversionError(f"{ck.path / 'config.json'}: rope scaling {kind!r} is not supported yet "
+                              f"for {ck.architecture} (supported: linear, llama3)")
+
+    if hp.arch == "PHI3":
+        w.add_rope_scaling_orig_ctx_len(int(ck.cfg("original_max_position_embeddings", default=hp.n_ctx)))
+        w.add_sliding_window(int(ck.cfg("sliding_window", default=0) or 0))
+    if hp.arch == "GEMMA2":
+        w.add_attn_logit_softcapping(float(ck.cfg("attn_logit_softcapping", default=50.0) or 0.0))
+        w.add_final_logit_softcapping(float(ck.cfg("final_logit_softcapping", default=30.0) or 0.0))
+        w.add_sliding_window(int(ck.cfg("sliding_window", default=4096)))
+        qpas = ck.cfg("query_pre_attn_scalar", default=hp.head_dim)
+        if int(qpas) != hp.head_dim:
+            raise ConversionError(f"{ck.path / 'config.json'}: query_pre_attn_scalar {qpas} differs from "
+                                  f"head_dim {hp.head_dim}; llama.cpp's gemma2 does not support that")
+    if hp.arch in ("GEMMA", "GEMMA2"):
+        act = ck.cfg("hidden_activation", "hidden_act", default="gelu_pytorch_tanh")
+        if act not in ("gelu_pytorch_tanh", "gelu"):
+            raise ConversionError(f"{ck.path / 'config.json'}: activation {act!r} is not supported for gemma")
+    elif ck.cfg("hidden_act", default="silu") != "silu":
+        raise ConversionError(f"{ck.path / 'config.json'}: hidden_act {ck.cfg('hidden_act')!r} is not "
+                              f"supported for {ck.architecture} (llama.cpp uses silu)")
+    return extra
+
+
+# =============================================================================================
+# 3. the vocabulary
+
+
+# Byte-level BPE pre-tokenizers llama.cpp knows, by what they do (its llama-vocab.cpp regexes).
+# A tokenizer.json pre_tokenizer is reduced to a signature (its steps, in order) and looked up here.
+_CONTRACTIONS_I = "(?i:'s|'t|'re|'ve|'m|'ll|'d)"
+_CONTRACTIONS_X = "(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
+LLAMA3_REGEX = (_CONTRACTIONS_I + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_REGEX = (_CONTRACTIONS_I + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_TOKENIZERS: dict[tuple[str, ...], str] = {
+    ("bytelevel-regex",): "gpt-2",  # GPT-2's own regex inside ByteLevel(use_regex=True)
+    ("digits-individual", "bytelevel-regex"): "smollm",  # digits one by one, then GPT-2's regex
+    ("split:" + LLAMA3_REGEX, "bytelevel"): "llama-bpe",  # Llama 3
+    ("split:" + QWEN2_REGEX, "bytelevel"): "qwen2",  # Qwen 2 (digits one by one)
+}
+
+
+def pre_tokenizer_name(pre: dict | None, where: str = "tokenizer.json") -> str:
+    """The llama.cpp pre-tokenizer whose splitting matches a tokenizer.json `pre_tokenizer`."""
+    steps: list[str] = []
+
+    def walk(p: dict) -> None:
+        kind = p.get("type")
+        if kind == "Sequence":
+            for q in p.get("pretokenizers", []):
+                walk(q)
+        elif kind == "ByteLevel":
+            if p.get("add_prefix_space"):
+                raise ConversionError(f"{where}: ByteLevel pre-tokenizer with add_prefix_space is not supported by llama.cpp")
+            steps.append("bytelevel-regex" if p.get("use_regex", True) else "bytelevel")
+        elif kind == "Split":
+            pat = p.get("pattern", {})
+            regex = pat.get("Regex") if isinstance(pat, dict) else None
+            if regex is None or p.get("behavior") != "Isolated" or p.get("invert"):
+                raise ConversionError(f"{where}: unsupported Split pre-tokenizer {_short(p)}")
+            steps.append("split:" + regex.replace(_CONTRACTIONS_X, _CONTRACTIONS_I))
+        elif kind == "Digits":
+            steps.append("digits-individual" if p.get("individual_digits") else "digits")
+        else:
+            raise ConversionError(f"{where}: unsupported pre-tokenizer step {kind!r}")
+
+    if not pre:
+        raise ConversionError(f"{where}: byte-level BPE without a pre_tokenizer is not supported by llama.cpp")
+    walk(pre)
+    name = PRE_TOKENIZERS.get(tuple(steps))
+    if name is None:
+        shown = " + ".join(_short(s) for s in steps)
+        raise ConversionError(f"{where}: no llama.cpp pre-tokenizer matches this one ({shown}); supported: "
+                              "ByteLevel (gpt-2), Digits + ByteLevel (smollm), Split with the Llama 3 "
+                              "regex (llama-bpe) or the Qwen 2 regex (qwen2)")
+    return name
+
+
+def _short(x: Any, n: int = 90) -> str:
+    s = str(x)
+    return s if len(s) <= n else s[: n - 3] + "..."
+
+
+@dataclass
+class Vocab:
+    model: str  # tokenizer.ggml.model: "gpt2" or "llama"
+    pre: str | None
+    tokens: list[str]
+    types: list[int]
+    scores: list[float] | None = None
+    merges: list[str] = field(default_factory=list)
+    special: dict[str, int] = field(default_factory=dict)  # bos/eos/unk/pad/eot -> id
+    add_bos: bool = False
+    add_eos: bool = False
+    add_space_prefix: bool | None = None
+
+
+def _token_text(v: Any) -> str | None:
+    if isinstance(v, str):
+        return v
+    if isinstance(v, dict) and isinstance(v.get("content"), str):
+        return v["content"]
+    return None
+
+
+def _build_vocab(ck: Checkpoint, n_vocab: int) -> Vocab:
+    import gguf
+
+    tj = ck.tokenizer_json
+    model = (tj or {}).get("model") or {}
+    use_spm = ck.sp_model is not None and (tj is None or model.get("type") != "BPE" or model.get("byte_fallback"))
+    if use_spm:
+        v = _spm_vocab(ck)
+    elif tj is not None and model.get("type") == "BPE":
+        v = _bpe_vocab(ck, tj)
+    else:
+        raise ConversionError(f"{ck.path / 'tokenizer.json'}: tokenizer model {model.get('type')!r} is not "
+                              "supported (byte-level BPE in tokenizer.json, or SentencePiece in tokenizer.model)")
+    if len(v.tokens) > n_vocab:
+        raise ConversionError(f"{ck.path}: the tokenizer has {len(v.tokens)} tokens but config.json says "
+                              f"vocab_size {n_vocab}")
+    # the embedding may have more rows than the tokenizer has tokens: pad (as llama.cpp's converter)
+    for i in range(len(v.tokens), n_vocab):
+        v.tokens.append(f"[PAD{i}]")
+        v.types.append(gguf.TokenType.UNUSED)
+        if v.scores is not None:
+            v.scores.append(-1000.0)
+
+    # special tokens: tokenizer_config.json, then special_tokens_map.json, then generation_config.json
+    index = {t: i for i, t in enumerate(v.tokens)}
+    tc, sm = ck.tokenizer_config, ck.special_tokens_map
+    for role in ("bos", "eos", "unk", "pad"):
+        text = _token_text(tc.get(f"{role}_token")) or _token_text(sm.get(f"{role}_token"))
+        if text is not None and text in index and role not in v.special:
+            v.special[role] = index[text]
+    gen_eos = ck.generation_config.get("eos_token_id", ck.config.get("eos_token_id"))
+    gen_eos = [gen_eos] if isinstance(gen_eos, int) else [i for i in (gen_eos or []) if isinstance(i, int)]
+    if "eos" not in v.special and gen_eos:
+        v.special["eos"] = gen_eos[0]
+    others = [i for i in gen_eos if i != v.special.get("eos") and 0 <= i < n_vocab]
+    if others:  # e.g. <|im_end|> or <|eot_id|> beside the tokenizer's own eos
+        v.special["eot"] = others[0]
+    bos = ck.generation_config.get("bos_token_id", ck.config.get("bos_token_id"))
+    if "bos" not in v.special and isinstance(bos, int) and 0 <= bos < n_vocab:
+        v.special["bos"] = bos
+    if isinstance(tc.get("add_bos_token"), bool):
+        v.add_bos = tc["add_bos_token"]
+    if isinstance(tc.get("add_eos_token"), bool):
+        v.add_eos = tc["add_eos_token"]
+    return v
+
+
+def _bpe_vocab(ck: Checkpoint, tj: dict) -> Vocab:
+    import gguf
+
+    where = str(ck.path / "tokenizer.json")
+    model = tj["model"]
+    vocab = model.get("vocab")
+    if not isinstance(vocab, dict) or not vocab:
+        raise ConversionError(f"{where}: the BPE model has no vocab")
+    pre = pre_tokenizer_name(tj.get("pre_tokenizer"), where)
+    norm = tj.get("normalizer")
+    if norm and norm.get("type") not in ("NFC",):  # Qwen 2 ships NFC; llama.cpp does not normalize
+        raise ConversionError(f"{where}: normalizer {norm.get('type')!r} is not supported for byte-level BPE")
+    by_id: dict[int, tuple[str, int]] = {int(i): (t, gguf.TokenType.NORMAL) for t, i in vocab.items()}
+    for a in tj.get("added_tokens") or []:
+        by_id[int(a["id"])] = (a["content"], gguf.TokenType.CONTROL if a.get("special") else gguf.TokenType.USER_DEFINED)
+    n = max(by_id) + 1
+    tokens, types = [], []
+    for i in range(n):
+        t, ty = by_id.get(i, (f"[PAD{i}]", gguf.TokenType.UNUSED))
+        tokens.append(t)
+        types.append(ty)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    v = Vocab("gpt2", pre, tokens, types, merges=merges)
+    # a TemplateProcessing post-processor that starts with a special token adds BOS
+    pp = tj.get("post_processor") or {}
+    if pp.get("type") == "Sequence":
+        pp = next((p for p in pp.get("processors", []) if p.get("type") == "TemplateProcessing"), {})
+    if pp.get("type") == "TemplateProcessing":
+        single = pp.get("single") or []
+        v.add_bos = bool(single) and "SpecialToken" in single[0]
+        v.add_eos = len(single) > 1 and "SpecialToken" in single[-1]
+        if v.add_bos:
+            v.special["bos"] = tokens.index(single[0]["SpecialToken"]["id"])
+    return v
+
+
+def _spm_vocab(ck: Checkpoint) -> Vocab:
+    import gguf
+
+    from llmdesk.formats.hf import require_train_extra
+
+    require_train_extra("sentencepiece")
+    import sentencepiece as spm
+
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(ck.sp_model))
+    except Exception as e:
+        raise ConversionError(f"{ck.sp_model}: cannot read the SentencePiece model ({e})") from None
+    tokens, types, scores = [], [], []
+    for i in range(sp.vocab_size()):
+        tokens.append(sp.id_to_piece(i))
+        scores.append(sp.get_score(i))
+        if sp.is_unknown(i):
+            types.append(gguf.TokenType.UNKNOWN)
+        elif sp.is_control(i):
+            types.append(gguf.TokenType.CONTROL)
+        elif sp.is_unused(i):
+            types.append(gguf.TokenType.UNUSED)
+        elif sp.is_byte(i):
+            types.append(gguf.TokenType.BYTE)
+        else:
+            types.append(gguf.TokenType.NORMAL)
+    # tokens added on top (tokenizer.json's added_tokens past the SentencePiece vocabulary)
+    for a in sorted((ck.tokenizer_json or {}).get("added_tokens") or [], key=lambda a: a["id"]):
+        if a["id"] >= len(tokens):
+            while len(tokens) < a["id"]:
+                tokens.append(f"[PAD{len(tokens)}]")
+                types.append(gguf.TokenType.UNUSED)
+                scores.append(-1000.0)
+            tokens.append(a["content"])
+            types.append(gguf.TokenType.CONTROL if a.get("special") else gguf.TokenType.USER_DEFINED)
+            scores.append(-1000.0)
+    v = Vocab("llama", None, tokens, types, scores=scores)
+    # the dummy prefix (a space before the text) shows in how a single letter is encoded
+    v.add_space_prefix = sp.encode_as_pieces("a")[:1] == ["\u2581a"]
+    v.add_bos = True  # SentencePiece Llama-style default; tokenizer_config.json may override
+    if sp.bos_id() >= 0:
+        v.special["bos"] = sp.bos_id()
+    if sp.eos_id() >= 0:
+        v.special["eos"] = sp.eos_id()
+    if sp.unk_id() >= 0:
+        v.special["unk"] = sp.unk_id()
+    return v
+
+
+def _write_vocab(w, v: Vocab) -> None:
+    w.add_tokenizer_model(v.model)
+    if v.pre:
+        w.add_tokenizer_pre(v.pre)
+    w.add_token_list(v.tokens)
+    w.add_token_types(v.types)
+    if v.scores is not None:
+        w.add_token_scores(v.scores)
+    if v.merges:
+        w.add_token_merges(v.merges)
+    adders = {"bos": w.add_bos_token_id, "eos": w.add_eos_token_id, "unk": w.add_unk_token_id,
+              "pad": w.add_pad_token_id, "eot": w.add_eot_token_id}
+    for role, tid in v.special.items():
+        adders[role](tid)
+    w.add_add_bos_token(v.add_bos)
+    w.add_add_eos_token(v.add_eos)
+    if v.add_space_prefix is not None:
+        w.add_add_space_prefix(v.add_space_prefix)
+
+
+def _chat_template(ck: Checkpoint) -> str | None:
+    t = ck.tokenizer_config.get("chat_template")
+    if isinstance(t, list):  # [{"name": "default", "template": ...}, ...]
+        named = {x.get("name"): x.get("template") for x in t if isinstance(x, dict)}
+        t = named.get("default") or next(iter(named.values()), None)
+    if t is None and (ck.path / "chat_template.jinja").is_file():
+        t = (ck.path / "chat_template.jinja").read_text(encoding="utf-8")
+    return t if isinstance(t, str) and t.strip() else None
+
+
+# =============================================================================================
+# 4. tensors
+
+
+def _permute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
+    """HF Llama's q/k rows (rotate-half RoPE) -> llama.cpp's (interleaved pairs).
+    convert_hf_to_gguf.py LlamaModel.permute; (n_head * head_dim, n_embd) or (n_head * head_dim,)."""
+    shape = w.shape
+    return (w.reshape(n_head, 2, shape[0] // n_head // 2, *shape[1:]).swapaxes(1, 2).reshape(shape))
+
+
+def _expected_shape(base: str, hp: Hparams, arch: str) -> tuple[int, ...] | None:
+    """numpy (out, in) shape implied by config.json for a GGUF tensor name without its blk prefix."""
+    E, F, H, KV, D, V = hp.n_embd, hp.n_ff, hp.n_head, hp.n_head_kv, hp.head_dim, hp.n_vocab
+    shapes = {
+        "token_embd.weight": (V, E), "output.weight": (V, E), "output_norm.weight": (E,),
+        "attn_norm.weight": (E,), "ffn_norm.weight": (E,), "post_attention_norm.weight": (E,),
+        "post_ffw_norm.weight": (E,),
+        "attn_q.weight": (H * D, E), "attn_k.weight": (KV * D, E), "attn_v.weight": (KV * D, E),
+        "attn_q.bias": (H * D,), "attn_k.bias": (KV * D,), "attn_v.bias": (KV * D,),
+        "attn_output.weight": (E, H * D), "attn_qkv.weight": ((H + 2 * KV) * D, E),
+        "ffn_gate.weight": (F, E), "ffn_up.weight": (2 * F if arch == "PHI3" else F, E),
+        "ffn_down.weight": (E, F),
+    }
+    return shapes.get(base)
+
+
+def _tensors(ck: Checkpoint, hp: Hparams, extra: list[tuple[str, np.ndarray]]) -> list[tuple[str, np.ndarray]]:
+    import gguf
+
+    arch = getattr(gguf.MODEL_ARCH, hp.arch)
+    names = gguf.get_tensor_name_map(arch, hp.n_layer)
+    out: dict[str, np.ndarray] = {}
+    src = ck.path / ck.weight_files[0].name if len(ck.weight_files) == 1 else ck.path
+    for hf_name, data in ck.tensors():
+        if hf_name.endswith((".rotary_emb.inv_freq", "attn.masked_bias", "attn.bias")):
+            continue  # buffers, recomputed by llama.cpp
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise ConversionError(f"{src}: unexpected tensor {hf_name!r} for {ck.architecture} "
+                                  "(is config.json's architecture right?)")
+        m = re.match(r"blk\.(\d+)\.(.*)", name)
+        if m and int(m[1]) >= hp.n_layer:
+            raise ConversionError(f"{src}: tensor {hf_name!r} is in layer {m[1]}, but config.json says "
+                                  f"num_hidden_layers {hp.n_layer}")
+        base = m[2] if m else name
+        want = _expected_shape(base, hp, hp.arch)
+        if want is not None and tuple(data.shape) != want:
+            raise ConversionError(f"{src}: tensor {hf_name!r} has shape {tuple(data.shape)} but config.json "
+                                  f"implies {want} (the config and the weights disagree)")
+        if hp.arch == "LLAMA" and base in ("attn_q.weight", "attn_q.bias"):
+            data = _permute_rope(data, hp.n_head)
+        elif hp.arch == "LLAMA" and base in ("attn_k.weight", "attn_k.bias"):
+            data = _permute_rope(data, hp.n_head_kv)
+        if hp.arch in ("GEMMA", "GEMMA2") and name.endswith("norm.weight"):
+            data = data + 1.0  # Gemma's RMSNorm scales by (1 + w); llama.cpp stores the sum
+        out[name] = np.ascontiguousarray(data, dtype=np.float32)
+    for name, data in extra:
+        out[name] = data
+    if "output.weight" in out and hp.tied and np.array_equal(out["output.weight"], out.get("token_embd.weight")):
+        del out["output.weight"]  # tied: llama.cpp reuses token_embd
+    # every layer needs its tensors: a config that promises more layers than the weights hold fails here
+    required = ["token_embd.weight", "output_norm.weight"] + [f"blk.{i}.attn_norm.weight" for i in range(hp.n_layer)]
+    missing = [r for r in required if r not in out]
+    if missing:
+        raise ConversionError(f"{src}: missing tensor {missing[0]} (config.json says {hp.n_layer} layers; "
+                              "the weights and the config disagree)")
+    return list(out.items())
+
+
+def _store(w, name: str, data: np.ndarray, out_type: str) -> None:
+    """Add one tensor in the requested type; 1-d tensors (norms, biases, factors) stay f32."""
+    import gguf
+
+    T = gguf.GGMLQuantizationType
+    if data.ndim < 2 or out_type == "f32":
+        w.add_tensor(name, data)
+    elif out_type == "f16":
+        w.add_tensor(name, data.astype(np.float16))
+    elif out_type == "bf16":
+        w.add_tensor(name, gguf.quants.quantize(data, T.BF16), raw_dtype=T.BF16)
+    elif out_type == "q8_0":
+        if data.shape[-1] % 32:
+            w.add_tensor(name, data.astype(np.float16))
+        else:
+            w.add_tensor(name, gguf.quants.quantize(data, T.Q8_0), raw_dtype=T.Q8_0)
+
+
+# =============================================================================================
+# 1-7: convert
+
+
+def convert(hf_dir: str | os.PathLike, out: str | os.PathLike, *, out_type: str = "f16",
+            name: str | None = None, register: bool = True, check: bool = True,
+            progress: Callable[[str], None] | None = None) -> ConvertResult:
+    """Convert the Hugging Face checkpoint folder `hf_dir` to the GGUF file `out`."""
+    if out_type not in OUT_TYPES:
+        raise ConversionError(f"unknown --type {out_type!r} (choose from {', '.join(OUT_TYPES)})")
+    say = progress or (lambda _msg: None)
+    out = Path(out).expanduser()
+    if out.is_dir():
+        raise ConversionError(f"{out}: is a folder; give the output file name (e.g. {out / 'model.gguf'})")
+    if name is not None:  # a bad name fails before any work
+        from llmdesk.store.catalog import parse_name
+
+        parse_name(name)
+    ck = open_checkpoint(hf_dir)
+    arch_name = ARCHITECTURES.get(ck.architecture)
+    if arch_name is None:
+        raise ConversionError(f"{ck.path}: architecture {ck.architecture!r} is not supported "
+                              f"(supported: {', '.join(ARCHITECTURES)})")
+    from llmdesk.formats.hf import require_train_extra
+
+    require_train_extra("torch")
+    import gguf
+
+    hp = _hparams(ck, arch_name)
+    say("reading the tokenizer")
+    vocab = _build_vocab(ck, hp.n_vocab)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.part")
+    try:
+        gguf_arch = gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, arch_name)]
+        w = gguf.GGUFWriter(str(tmp), gguf_arch)
+        try:
+            w.add_name(name.partition(":")[0] if name else ck.path.resolve().name)
+            extra = _write_hparams(w, hp, ck)
+            ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                     "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[out_type]
+            w.add_file_type(ftype)
+            _write_vocab(w, vocab)
+            template = _chat_template(ck)
+            if template:
+                w.add_chat_template(template)
+            say("reading the weights")
+            tensors = _tensors(ck, hp, extra)
+            n_params = 0
+            for tname, data in tensors:
+                _store(w, tname, data, out_type)
+                n_params += data.size
+            say(f"writing {out.name}")
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_tensors_to_file()
+        finally:
+            w.close()
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+    try:
+        if check:
+            say("checking the tokenizer against the original")
+            check_tokenizer(ck, out)
+        result = ConvertResult(path=out, architecture=gguf_arch, hf_architecture=ck.architecture,
+                               out_type=out_type, n_params=n_params, n_tensors=len(tensors),
+                               vocab_size=len(vocab.tokens),
+                               tokenizer=f"{vocab.model} (pre: {vocab.pre})" if vocab.pre else f"{vocab.model} (sentencepiece)",
+                               size_bytes=out.stat().st_size)
+        if register:
+            from llmdesk.store import catalog
+
+            n, t = catalog.parse_name(name) if name else catalog.names_from_filename(out.name)
+            catalog.add_file(out, n, t, source=f"convert:{ck.path.resolve()}", progress=False)
+            result.registered = f"{n}:{t}"
+    except BaseException:
+        out.unlink(missing_ok=True)
+        raise
+    return result
+
+
+# =============================================================================================
+# 6. the self-check
+
+
+def reference_tokenize(ck: Checkpoint) -> Callable[[str], list[int]]:
+    """The original tokenizer, as a function text -> ids (no special tokens added)."""
+    tj = ck.tokenizer_json
+    model = (tj or {}).get("model") or {}
+    if ck.sp_model is not None and (tj is None or model.get("type") != "BPE" or model.get("byte_fallback")):
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor(model_file=str(ck.sp_model))
+        return lambda s: list(sp.encode(s))
+    from llmdesk.formats.hf import require_train_extra
+
+    require_train_extra("tokenizers")
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(ck.path / "tokenizer.json"))
+    return lambda s: tok.encode(s, add_special_tokens=False).ids
+
+
+def tokenizer_differences(ck: Checkpoint, gguf_path: Path, strings: list[str] = CHECK_STRINGS) -> list[str]:
+    from llmdesk.runtime.llama import LlamaModel
+
+    ref = reference_tokenize(ck)
+    m = LlamaModel(gguf_path)
+    try:
+        diffs = []
+        for s in strings:
+            a, b = ref(s), m.tokenize(s, add_special=False, parse_special=False)
+            if a != b:
+                i = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                diffs.append(f"{s[:30]!r}: original {a[i:i + 4]} vs gguf {b[i:i + 4]} at token {i}")
+        return diffs
+    finally:
+        m.close()
+
+
+def check_tokenizer(ck: Checkpoint, gguf_path: Path) -> None:
+    diffs = tokenizer_differences(ck, gguf_path)
+    if diffs:
+        raise ConversionError(f"{gguf_path.name}: the converted tokenizer differs from the original on "
+                              f"{len(diffs)} of {len(CHECK_STRINGS)} test strings, e.g. {diffs[0]}; "
+                              "the file was not kept")

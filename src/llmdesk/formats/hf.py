@@ -1,0 +1,151 @@
+"""Reading a Hugging Face checkpoint folder: its config, its tensors and its tokenizer files.
+
+A checkpoint folder holds `config.json`; weights as `model.safetensors`, sharded safetensors with
+`model.safetensors.index.json`, or `pytorch_model.bin` (also sharded); a tokenizer as
+`tokenizer.json` (the `tokenizers` library's format) and/or `tokenizer.model` (SentencePiece);
+`tokenizer_config.json` (special tokens, `chat_template`) and `generation_config.json` (eos ids).
+
+This module is cheap to import: torch and safetensors are imported only when tensors are read.
+Every problem a user can cause is a one-line `ConversionError`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llmdesk.errors import LlmdeskError
+
+TRAIN_EXTRA_HINT = "pip install 'llmdesk[train]'"
+
+
+class ConversionError(LlmdeskError):
+    """A checkpoint that cannot be converted (not a checkpoint, unsupported, inconsistent)."""
+
+
+def require_train_extra(*modules: str) -> None:
+    """Fail in one line, naming the extra to install, when torch & co. are missing."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise LlmdeskError(f"this needs {', '.join(missing)}, which is not installed: {TRAIN_EXTRA_HINT}")
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConversionError(f"{path}: cannot read {what} ({e.strerror or e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConversionError(f"{path}: {what} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConversionError(f"{path}: {what} is not a JSON object")
+    return data
+
+
+@dataclass
+class Checkpoint:
+    """A Hugging Face checkpoint folder, read lazily."""
+
+    path: Path
+    config: dict[str, Any]
+    weight_files: list[Path]
+    tokenizer_json: dict[str, Any] | None = field(default=None, repr=False)
+    sp_model: Path | None = None
+    tokenizer_config: dict[str, Any] = field(default_factory=dict, repr=False)
+    generation_config: dict[str, Any] = field(default_factory=dict, repr=False)
+    special_tokens_map: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def architecture(self) -> str:
+        archs = self.config.get("architectures") or []
+        if archs and isinstance(archs[0], str):
+            return archs[0]
+        return str(self.config.get("model_type") or "unknown")
+
+    def cfg(self, *names: str, default: Any = None) -> Any:
+        """The first of `names` present in config.json (text_config too, for multimodal wrappers)."""
+        for n in names:
+            if self.config.get(n) is not None:
+                return self.config[n]
+        return default
+
+    def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
+        """(HF name, float32 array) for every tensor in the weight files, in file order."""
+        require_train_extra("torch")
+        import torch
+
+        for f in self.weight_files:
+            try:
+                if f.suffix == ".safetensors":
+                    require_train_extra("safetensors")
+                    from safetensors import safe_open
+
+                    with safe_open(str(f), framework="pt") as st:
+                        for name in st.keys():
+                            yield name, st.get_tensor(name).to(torch.float32).numpy()
+                else:
+                    state = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
+                    for name, t in state.items():
+                        if isinstance(t, torch.Tensor):
+                            yield name, t.to(torch.float32).numpy()
+            except ConversionError:
+                raise
+            except Exception as e:  # safetensors/torch raise many types for a damaged file
+                raise ConversionError(f"{f}: cannot read the weights ({type(e).__name__}: {e})") from None
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Find and read the metadata of a checkpoint folder; one-line errors for what is missing."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ConversionError(f"{path}: no such folder (give a Hugging Face checkpoint folder)")
+    if not path.is_dir():
+        raise ConversionError(f"{path}: is a file, not a checkpoint folder (give the folder with config.json)")
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise ConversionError(f"{path}: not a Hugging Face checkpoint (no config.json in the folder)")
+    config = _read_json(cfg_path, "config.json")
+    weights = _weight_files(path)
+
+    ckpt = Checkpoint(path, config, weights)
+    tj = path / "tokenizer.json"
+    if tj.exists():
+        ckpt.tokenizer_json = _read_json(tj, "tokenizer.json")
+    sp = path / "tokenizer.model"
+    if sp.exists():
+        ckpt.sp_model = sp
+    if ckpt.tokenizer_json is None and ckpt.sp_model is None:
+        raise ConversionError(f"{path}: no tokenizer (need tokenizer.json or tokenizer.model beside config.json)")
+    for attr, name in (("tokenizer_config", "tokenizer_config.json"), ("generation_config", "generation_config.json"),
+                       ("special_tokens_map", "special_tokens_map.json")):
+        p = path / name
+        if p.exists():
+            setattr(ckpt, attr, _read_json(p, name))
+    return ckpt
+
+
+def _weight_files(path: Path) -> list[Path]:
+    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
+                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        index = path / index_name
+        if index.exists():
+            data = _read_json(index, index_name)
+            wm = data.get("weight_map")
+            if not isinstance(wm, dict) or not wm:
+                raise ConversionError(f"{index}: has no weight_map")
+            files = sorted({path / str(v) for v in wm.values()})
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise ConversionError(f"{index}: names shards that are missing: {', '.join(missing[:3])}")
+            return files
+        if (path / single).is_file():
+            return [path / single]
+    raise ConversionError(
+        f"{path}: no weights (need model.safetensors, sharded safetensors with an index, or pytorch_model.bin)")
