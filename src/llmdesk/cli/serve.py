@@ -1,3 +1,108 @@
-"""`llmdesk serve`: see its issue; registers its commands on `app`."""
+"""`llmdesk serve`: the OpenAI- and Ollama-compatible server, with a web chat at its root."""
 
-from .app import app  # noqa: F401
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from ..errors import LlmdeskError
+from .app import app, err
+
+
+@app.command()
+def serve(
+    model: Annotated[Optional[list[str]], typer.Option("-m", "--model", help="A model to serve (repeatable; the first is the default): a .gguf path, NAME[:TAG] from 'llmdesk list', or hf:OWNER/REPO/FILE.gguf. Default: $LLMDESK_MODEL or the bundled demo model. Models in the store are served too, loaded on first use.")] = None,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on. Anything but 127.0.0.1/localhost needs --api-key (or --insecure).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8080,
+    parallel: Annotated[int, typer.Option("--parallel", help="Requests per model decoded together (slots); each gets its own --ctx tokens.")] = 4,
+    ctx: Annotated[Optional[int], typer.Option("--ctx", help="Context length per slot, in tokens (default: the model's, at most 4096).")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads (default: all cores).")] = None,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="LLMDESK_API_KEY", help="Require 'Authorization: Bearer KEY' on every route but /health (also $LLMDESK_API_KEY).")] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", help="Allow another address than 127.0.0.1 without an API key.")] = False,
+    keep_alive: Annotated[str, typer.Option("--keep-alive", help="How long a model stays loaded after its last request: 5m, 1h, 30s, 0 (unload at once), -1 (forever).")] = "5m",
+    cors_origin: Annotated[Optional[list[str]], typer.Option("--cors-origin", help="Let web pages from ORIGIN call the API (repeatable; '*' for any). Off by default.")] = None,
+    max_queue: Annotated[int, typer.Option("--max-queue", help="Requests per model that may wait for a slot; more get 429 with Retry-After.")] = 64,
+    max_body: Annotated[str, typer.Option("--max-body", help="Largest request body accepted.")] = "8MiB",
+    max_memory: Annotated[Optional[str], typer.Option("--max-memory", help="Memory all loaded models may use together, e.g. 12GB (default: what is free when a model loads).")] = None,
+    template: Annotated[Optional[str], typer.Option("--template", help="Chat template for every model: a built-in name (chatml, llama-3, ...) or a .jinja file.")] = None,
+    log_prompts: Annotated[bool, typer.Option("--log-prompts", help="Record every prompt and answer in 'llmdesk logs' (off by default for a server).")] = False,
+) -> None:
+    """Serve models over the OpenAI and Ollama APIs, with a web chat at http://HOST:PORT/."""
+    from ..serve.config import ServeConfig, parse_duration, parse_size
+    from .run import default_model_ref
+
+    refs = list(model or [])
+    if not refs:
+        try:
+            refs = [default_model_ref(None)]
+        except LlmdeskError:
+            from ..store.catalog import list_models
+
+            if not list_models():
+                raise
+            refs = []  # no default model, but the store has some: requests name one
+    cfg = ServeConfig(models=refs, host=host, port=port, parallel=parallel, ctx=ctx, threads=threads,
+                      api_key=api_key, insecure=insecure, keep_alive=parse_duration(keep_alive, "--keep-alive"),
+                      cors_origins=list(cors_origin or []), max_queue=max_queue,
+                      max_body_bytes=parse_size(max_body, "--max-body"),
+                      max_memory=parse_size(max_memory, "--max-memory") if max_memory else None,
+                      template=template, log_prompts=log_prompts)
+    cfg.check()
+    _configure_logging()
+    if not cfg.is_local and not cfg.api_key:
+        err.print(f"warning: serving on {host} without an API key (--insecure): anyone who can reach this "
+                  "machine can use it", style="bold yellow", markup=False)
+    import uvicorn
+
+    from ..serve.app import create_app
+    from ..serve.errors import APIError
+
+    try:
+        with err.status(f"loading {refs[0]} ...", spinner="dots") if refs else _nothing():
+            application = create_app(cfg)
+    except APIError as e:
+        raise LlmdeskError(e.message) from None
+    state = application.state.llmdesk
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    url = f"http://[{shown}]:{port}" if ":" in shown else f"http://{shown}:{port}"
+    default = state.models.default.name if state.models.default else "none (requests name a model)"
+    err.print(f"llmdesk {_version()} serving {default} · {parallel} slots per model", markup=False)
+    err.print(f"  web chat:    {url}/", markup=False)
+    err.print(f"  OpenAI API:  {url}/v1   (base_url for the openai client)", markup=False)
+    err.print(f"  Ollama API:  {url}   (OLLAMA_HOST={url})", markup=False)
+    if cfg.api_key:
+        err.print("  API key required: Authorization: Bearer <key>", markup=False)
+    err.print("Ctrl-C to stop", style="dim", markup=False)
+    sys.stderr.flush()
+    uvicorn.run(application, host=host, port=port, log_level="warning", access_log=False, ws="none",
+                timeout_graceful_shutdown=5)
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+def _configure_logging() -> None:
+    """llmdesk's own lines (the access log, loads and unloads) on stderr; LLMDESK_LOG=debug for more."""
+    level = os.environ.get("LLMDESK_LOG", "info").upper()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    for name in ("llmdesk.access", "llmdesk.serve"):
+        logger = logging.getLogger(name)
+        logger.setLevel(getattr(logging, level, logging.INFO))
+        logger.addHandler(handler)
+        logger.propagate = False

@@ -36,7 +36,12 @@ you today? I am fine, thank you. def main(): return 0  # code and numbers 12345 
 
 @dataclass
 class SynthConfig:
-    """Shapes of a Llama-architecture model. The defaults are a tiny test model."""
+    """Shapes of a Llama-family model. The defaults are a tiny test model (f32, ~0.5 MB).
+
+    Real shapes (see `llmdesk.fit.presets`) set `n_vocab` (the vocabulary is padded to it with
+    unreachable filler tokens), `head_dim` where it is not n_embd / n_head, `arch="qwen2"` for
+    Qwen 2 (biases on q/k/v) and `dtype` for the stored type of the 2-D weights.
+    """
 
     n_layer: int = 2
     n_embd: int = 64
@@ -53,6 +58,14 @@ class SynthConfig:
     chat_template: str | None = CHATML_TEMPLATE
     name: str = "tiny-llama"
     extra_tokens: list[str] = field(default_factory=list)
+    arch: str = "llama"  # "llama" (Llama, Mistral, TinyLlama, SmolLM) or "qwen2" (q/k/v biases)
+    n_vocab: int | None = None  # None: just the BPE tokens and the special tokens
+    head_dim: int | None = None  # None: n_embd // n_head
+    dtype: str = "f32"  # 2-D weights: "f32", "f16", "bf16" or "q8_0"; norms and biases stay f32
+
+
+# the types synth writes itself; anything else is written as f16 and quantized by llama.cpp
+DIRECT_TYPES = ("f32", "f16", "bf16", "q8_0")
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -103,69 +116,146 @@ def train_bpe(text: str, n_merges: int) -> tuple[list[str], list[str]]:
     return tokens, merges
 
 
+def _tensor_plan(cfg: SynthConfig, n_vocab: int) -> list[tuple[str, tuple[int, ...], float | None]]:
+    """(name, numpy shape (out, in), std) of every tensor in file order; std None means ones
+    (norm weights), 0.0 means zeros (biases)."""
+    hd = cfg.head_dim or cfg.n_embd // cfg.n_head
+    q, kv = cfg.n_head * hd, cfg.n_head_kv * hd
+    plan: list[tuple[str, tuple[int, ...], float | None]] = [("token_embd.weight", (n_vocab, cfg.n_embd), 1.0)]
+    for i in range(cfg.n_layer):
+        p = f"blk.{i}."
+        plan.append((p + "attn_norm.weight", (cfg.n_embd,), None))
+        plan.append((p + "attn_q.weight", (q, cfg.n_embd), cfg.weight_std))
+        plan.append((p + "attn_k.weight", (kv, cfg.n_embd), cfg.weight_std))
+        plan.append((p + "attn_v.weight", (kv, cfg.n_embd), cfg.weight_std))
+        if cfg.arch == "qwen2":
+            plan += [(p + "attn_q.bias", (q,), 0.0), (p + "attn_k.bias", (kv,), 0.0), (p + "attn_v.bias", (kv,), 0.0)]
+        plan.append((p + "attn_output.weight", (cfg.n_embd, q), cfg.weight_std))
+        plan.append((p + "ffn_norm.weight", (cfg.n_embd,), None))
+        plan.append((p + "ffn_gate.weight", (cfg.n_ff, cfg.n_embd), cfg.weight_std))
+        plan.append((p + "ffn_up.weight", (cfg.n_ff, cfg.n_embd), cfg.weight_std))
+        plan.append((p + "ffn_down.weight", (cfg.n_embd, cfg.n_ff), cfg.weight_std))
+    plan.append(("output_norm.weight", (cfg.n_embd,), None))
+    if not cfg.tied_embeddings:
+        plan.append(("output.weight", (n_vocab, cfg.n_embd), 2.0))
+    return plan
+
+
 def write_llama_gguf(path: str | os.PathLike, cfg: SynthConfig | None = None) -> Path:
-    """Write a random-weight Llama model with a byte-level BPE tokenizer to `path` (f32)."""
+    """Write a random-weight Llama-family model with a byte-level BPE tokenizer to `path`.
+
+    Tensors are generated and written one at a time, so a model of a few GB needs little memory.
+    The write is atomic (a `.part` file renamed at the end).
+    """
     import gguf
 
     cfg = cfg or SynthConfig()
+    if cfg.dtype not in DIRECT_TYPES:
+        raise ValueError(f"synth writes {', '.join(DIRECT_TYPES)}; quantize the result for {cfg.dtype}")
+    if cfg.arch not in ("llama", "qwen2"):
+        raise ValueError(f"synth writes the llama and qwen2 architectures, not {cfg.arch}")
     path = Path(path)
     rng = np.random.default_rng(cfg.seed)
     tokens, merges = train_bpe(_BPE_TEXT, cfg.n_merges)
     specials = SPECIAL_TOKENS + cfg.extra_tokens
     token_types = [gguf.TokenType.NORMAL] * len(tokens) + [gguf.TokenType.CONTROL] * len(specials)
     tokens = tokens + specials
+    if cfg.n_vocab is not None and cfg.n_vocab > len(tokens):
+        # filler tokens no merge produces: the vocabulary (and so the embedding and output
+        # matrices, the logits) has the real model's size
+        n_fill = cfg.n_vocab - len(tokens)
+        tokens += [f"<|filler_{i}|>" for i in range(n_fill)]
+        token_types += [gguf.TokenType.UNUSED] * n_fill
     n_vocab = len(tokens)
-    head_dim = cfg.n_embd // cfg.n_head
+    head_dim = cfg.head_dim or cfg.n_embd // cfg.n_head
+    qtype = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
+             "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}[cfg.dtype]
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                 "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[cfg.dtype]
 
     tmp = path.with_name(path.name + ".part")
-    w = gguf.GGUFWriter(str(tmp), "llama")
-    w.add_name(cfg.name)
-    w.add_context_length(cfg.n_ctx_train)
-    w.add_embedding_length(cfg.n_embd)
-    w.add_block_count(cfg.n_layer)
-    w.add_feed_forward_length(cfg.n_ff)
-    w.add_head_count(cfg.n_head)
-    w.add_head_count_kv(cfg.n_head_kv)
-    w.add_rope_dimension_count(head_dim)
-    w.add_rope_freq_base(cfg.rope_freq_base)
-    w.add_layer_norm_rms_eps(cfg.rms_eps)
-    w.add_vocab_size(n_vocab)
-    w.add_file_type(gguf.LlamaFileType.ALL_F32)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_types(token_types)
-    w.add_token_merges(merges)
-    w.add_bos_token_id(tokens.index("<s>"))
-    w.add_eos_token_id(tokens.index("<|im_end|>") if cfg.chat_template else tokens.index("</s>"))
-    w.add_add_bos_token(False)
-    if cfg.chat_template:
-        w.add_chat_template(cfg.chat_template)
+    w = gguf.GGUFWriter(str(tmp), cfg.arch)
+    try:
+        w.add_name(cfg.name)
+        w.add_context_length(cfg.n_ctx_train)
+        w.add_embedding_length(cfg.n_embd)
+        w.add_block_count(cfg.n_layer)
+        w.add_feed_forward_length(cfg.n_ff)
+        w.add_head_count(cfg.n_head)
+        w.add_head_count_kv(cfg.n_head_kv)
+        if cfg.head_dim is not None:
+            w.add_key_length(head_dim)
+            w.add_value_length(head_dim)
+        w.add_rope_dimension_count(head_dim)
+        w.add_rope_freq_base(cfg.rope_freq_base)
+        w.add_layer_norm_rms_eps(cfg.rms_eps)
+        w.add_vocab_size(n_vocab)
+        w.add_file_type(file_type)
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(tokens)
+        w.add_token_types(token_types)
+        w.add_token_merges(merges)
+        w.add_bos_token_id(tokens.index("<s>"))
+        w.add_eos_token_id(tokens.index("<|im_end|>") if cfg.chat_template else tokens.index("</s>"))
+        w.add_add_bos_token(False)
+        if cfg.chat_template:
+            w.add_chat_template(cfg.chat_template)
 
-    def rand(*shape: int, std: float | None = None) -> np.ndarray:
-        scale = (std if std is not None else cfg.weight_std) / np.sqrt(shape[-1] / 64)
-        return (rng.standard_normal(shape) * scale).astype(np.float32)
+        def stored(name: str, shape: tuple[int, ...]):
+            """(numpy dtype of the written array, its shape, raw ggml type or None)."""
+            if len(shape) == 1 or qtype == gguf.GGMLQuantizationType.F32:
+                return np.dtype(np.float32), shape, None
+            if qtype == gguf.GGMLQuantizationType.F16:
+                return np.dtype(np.float16), shape, None
+            byte_shape = gguf.quant_shape_to_byte_shape(shape, qtype)
+            return np.dtype(np.uint8), byte_shape, qtype
 
-    # numpy shapes are (out, in); the writer stores them as ggml's (in, out)
-    w.add_tensor("token_embd.weight", rand(n_vocab, cfg.n_embd, std=1.0))
-    for i in range(cfg.n_layer):
-        p = f"blk.{i}."
-        w.add_tensor(p + "attn_norm.weight", np.ones(cfg.n_embd, dtype=np.float32))
-        w.add_tensor(p + "attn_q.weight", rand(cfg.n_embd, cfg.n_embd))
-        w.add_tensor(p + "attn_k.weight", rand(cfg.n_head_kv * head_dim, cfg.n_embd))
-        w.add_tensor(p + "attn_v.weight", rand(cfg.n_head_kv * head_dim, cfg.n_embd))
-        w.add_tensor(p + "attn_output.weight", rand(cfg.n_embd, cfg.n_embd))
-        w.add_tensor(p + "ffn_norm.weight", np.ones(cfg.n_embd, dtype=np.float32))
-        w.add_tensor(p + "ffn_gate.weight", rand(cfg.n_ff, cfg.n_embd))
-        w.add_tensor(p + "ffn_up.weight", rand(cfg.n_ff, cfg.n_embd))
-        w.add_tensor(p + "ffn_down.weight", rand(cfg.n_embd, cfg.n_ff))
-    w.add_tensor("output_norm.weight", np.ones(cfg.n_embd, dtype=np.float32))
-    if not cfg.tied_embeddings:
-        w.add_tensor("output.weight", rand(n_vocab, cfg.n_embd, std=2.0))
-
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+        plan = _tensor_plan(cfg, n_vocab)
+        for name, shape, _std in plan:
+            dt, shp, raw = stored(name, shape)
+            nbytes = int(np.prod(shp)) * dt.itemsize
+            # numpy shapes are (out, in); the writer stores them as ggml's (in, out)
+            w.add_tensor_info(name, shp, dt, nbytes, raw_dtype=raw)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for name, shape, std in plan:
+            if std is None:
+                data = np.ones(shape, dtype=np.float32)
+            elif std == 0.0:
+                data = np.zeros(shape, dtype=np.float32)
+            else:
+                scale = std / np.sqrt(shape[-1] / 64)
+                data = _random(rng, shape, scale)
+            dt, _shp, raw = stored(name, shape)
+            if raw is not None:
+                data = gguf.quants.quantize(data, raw)
+            elif dt != data.dtype:
+                data = data.astype(dt)
+            w.write_tensor_data(data)
+        w.close()
+    except BaseException:
+        w.close()
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
     return path
+
+
+def _random(rng: np.random.Generator, shape: tuple[int, ...], scale: float) -> np.ndarray:
+    """Random float32 values of standard deviation `scale`. Small tensors draw normal float64 (so
+    the default test model keeps its exact bytes); large ones draw uniform float32 of the same
+    deviation, in slices, which is several times faster for the GBs of a real-shape model."""
+    n = int(np.prod(shape))
+    if n <= 1 << 22:
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+    out = np.empty(shape, dtype=np.float32)
+    flat = out.reshape(-1)
+    step = 1 << 24
+    for i in range(0, n, step):
+        chunk = rng.random(min(step, n - i), dtype=np.float32)
+        chunk -= np.float32(0.5)
+        chunk *= np.float32(scale * np.sqrt(12.0))  # U(-a, a) has deviation a / sqrt(3)
+        flat[i:i + step] = chunk
+    return out

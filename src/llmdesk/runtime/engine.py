@@ -68,8 +68,9 @@ class SamplingParams:
                 raise LlmdeskError("the grammar could not be parsed (GBNF with a 'root' rule expected)")
             add(g)
         if self.has_penalties:
+            # llama-cpp-python 0.3.36's llama.h: (n_vocab, penalty_last_n, repeat, freq, present)
             add(C.llama_sampler_init_penalties(
-                self.repeat_last_n, self.repeat_penalty, self.frequency_penalty, self.presence_penalty))
+                model.n_vocab, self.repeat_last_n, self.repeat_penalty, self.frequency_penalty, self.presence_penalty))
         if self.temperature <= 0:
             add(C.llama_sampler_init_greedy())
             return chain

@@ -1,0 +1,199 @@
+"""The FastAPI application behind `llmdesk serve`.
+
+    app = create_app(ServeConfig(models=["tiny.gguf"], parallel=4))
+    uvicorn.run(app, host="127.0.0.1", port=8080)
+
+    with BackgroundServer(app) as server:      # a real server on a free port, in a thread
+        print(server.url)                       # for tests, notebooks and benchmarks
+
+Routes: the OpenAI API (openai.py), the Ollama API (ollama.py), and here the operations ones:
+`/health` (no key needed), `/metrics` (Prometheus), `/slots` (what each model's slots hold),
+and the web chat's static files at `/`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, PlainTextResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.middleware.cors import CORSMiddleware
+
+from .. import __version__
+from ..errors import LlmdeskError
+from ..formats.gguf import GGUFInfo, read_gguf
+from . import errors
+from .config import ServeConfig
+from .metrics import CONTENT_TYPE, server_metrics
+from .middleware import AccessLogMiddleware, AuthMiddleware, BodyLimitMiddleware, LocalHostHeaderMiddleware
+from .models import ModelManager, ModelSource
+
+log = logging.getLogger("llmdesk.serve")
+WEB = Path(__file__).parent / "web"
+
+# the web chat runs only its own files: no inline script, no other origin
+CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; connect-src 'self'; "
+       "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+class ServerState:
+    """What the routes share: `request.app.state.llmdesk`."""
+
+    def __init__(self, config: ServeConfig, models: ModelManager, metrics):
+        self.config = config
+        self.models = models
+        self.metrics = metrics
+        self.started = time.time()
+        self._infos: dict[tuple[str, float], GGUFInfo] = {}
+
+    def gguf_info(self, src: ModelSource) -> GGUFInfo | None:
+        lm = self.models.loaded.get(src.name)
+        if lm is not None:
+            return lm.info
+        try:
+            key = (str(src.path), src.path.stat().st_mtime)
+            if key not in self._infos:
+                self._infos[key] = read_gguf(src.path)
+            return self._infos[key]
+        except (OSError, LlmdeskError):
+            return None
+
+
+def create_app(config: ServeConfig) -> FastAPI:
+    """The app for `config`. Resolves the -m models now and, with `config.preload`, loads the
+    default one (so a model that cannot load stops the server before it listens)."""
+    config.check()
+    metrics = server_metrics()
+    manager = ModelManager(config, metrics)
+    if config.models:
+        for ref in config.models:
+            manager.add_startup_model(ref)
+    if config.preload and manager.default is not None:
+        manager.preload(manager.default)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        manager.start()
+        try:
+            yield
+        finally:
+            await manager.close()
+
+    app = FastAPI(title="llmdesk", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.state.llmdesk = ServerState(config, manager, metrics)
+    errors.install(app)
+
+    from . import ollama, openai
+
+    app.include_router(openai.router)
+    app.include_router(ollama.router)
+    # same routes without the /v1 prefix, as llama.cpp's server and vLLM also answer them
+    for path, endpoint in (("/chat/completions", openai.chat_completions), ("/completions", openai.completions),
+                           ("/embeddings", openai.embeddings)):
+        app.add_api_route(path, endpoint, methods=["POST"], include_in_schema=False)
+    app.add_api_route("/models", openai.list_models, methods=["GET"], include_in_schema=False)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus(request: Request):
+        gauges = [("llmdesk_models_loaded", "Models loaded now.", {}, len(manager.loaded)),
+                  ("llmdesk_uptime_seconds", "Seconds since the server started.", {}, time.time() - app.state.llmdesk.started)]
+        for lm in list(manager.loaded.values()):
+            eng = lm.model.engine
+            labels = {"model": lm.name}
+            gauges += [("llmdesk_slots_total", "Slots (requests decoded together) per loaded model.", labels, eng.n_slots),
+                       ("llmdesk_slots_busy", "Slots holding a request now.", labels, eng.busy_slots),
+                       ("llmdesk_queue_depth", "Requests waiting for a slot.", labels, len(eng.waiting)),
+                       ("llmdesk_model_memory_bytes", "Estimated memory of a loaded model.", labels, lm.estimate.total)]
+        return PlainTextResponse(metrics.render(gauges), media_type=CONTENT_TYPE)
+
+    @app.get("/slots")
+    async def slots(request: Request):
+        out = []
+        for lm in list(manager.loaded.values()):
+            eng = lm.model.engine
+            states = []
+            for s in eng.slots:
+                stream = s.stream
+                state = "idle" if stream is None else ("prompt" if s.todo or not stream.result.n_gen else "generating")
+                states.append({"id": s.seq, "state": state, "cached_tokens": len(s.cache),
+                               "generated_tokens": stream.result.n_gen if stream is not None else 0})
+            exp = lm.expires_wall()
+            out.append({"model": lm.name, "n_ctx": lm.n_ctx, "n_slots": eng.n_slots, "busy": eng.busy_slots,
+                        "waiting": len(eng.waiting), "active_requests": lm.active, "in_flight": lm.gate.inflight,
+                        "expires_at": exp, "slots": states})
+        return {"models": out, "default": manager.default.name if manager.default else None}
+
+    @app.get("/", include_in_schema=False)
+    @app.get("/index.html", include_in_schema=False)
+    async def index():
+        return FileResponse(WEB / "index.html", headers={"Content-Security-Policy": CSP, "Cache-Control": "no-cache",
+                                                         "X-Content-Type-Options": "nosniff"})
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    @app.get("/favicon.svg", include_in_schema=False)
+    async def favicon():
+        return FileResponse(WEB / "favicon.svg", media_type="image/svg+xml")
+
+    app.mount("/static", StaticFiles(directory=WEB), name="static")
+
+    # outermost last: AccessLog(LocalHost(CORS(Auth(BodyLimit(app)))))
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
+    if config.api_key:
+        app.add_middleware(AuthMiddleware, api_key=config.api_key)
+    if config.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["GET", "POST", "DELETE"],
+                           allow_headers=["authorization", "content-type"], max_age=600)
+    if config.is_local:
+        app.add_middleware(LocalHostHeaderMiddleware)
+    app.add_middleware(AccessLogMiddleware, metrics=metrics)
+    return app
+
+
+class BackgroundServer:
+    """uvicorn serving `app` on 127.0.0.1 (a free port unless given) in a daemon thread."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, *, log_level: str = "warning"):
+        import uvicorn
+
+        self.config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
+                                     lifespan="on", ws="none", timeout_graceful_shutdown=2)
+        self.server = uvicorn.Server(self.config)
+        self.thread = threading.Thread(target=self.server.run, name="llmdesk-uvicorn", daemon=True)
+        self.host = host
+        self.port = port
+
+    def start(self, timeout: float = 30.0) -> "BackgroundServer":
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise RuntimeError("the server stopped while starting; see the log above")
+            if time.monotonic() > deadline:
+                raise TimeoutError("the server did not start in time")
+            time.sleep(0.01)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+
+    def __enter__(self) -> "BackgroundServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,333 @@
+"""The models a server holds: found by name, loaded on first use, unloaded after `keep_alive`.
+
+    manager = ModelManager(config, metrics)
+    lease = await manager.acquire("tiny.gguf", keep_alive=300)   # loads it if needed
+    ... lease.model.model (a runtime Model), lease.loaded.gate ...
+    lease.release()                                              # starts its keep-alive clock
+
+A request names a model the server was started with (`-m`, by its name, file name or stem) or a
+model in the store (`NAME[:TAG]`); never a path or a URL, so a client cannot make the server
+open arbitrary files. Before a load, the memory it needs is compared with the memory left
+(`memory.estimate_load_bytes`); idle models are unloaded (least recently used first) to make
+room, and a load that still would not fit is refused with a clear error.
+
+Every method runs on the event loop; loads and unloads happen in a worker thread under one lock,
+so two loads never race for the same memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import LlmdeskError
+from ..formats.gguf import GGUFInfo, read_gguf
+from ..store import catalog
+from ..store.refs import _looks_like_path, resolve
+from .config import ServeConfig
+from .errors import APIError
+from .memory import LoadEstimate, available_memory_bytes, estimate_load_bytes
+from .metrics import Metrics
+
+log = logging.getLogger("llmdesk.serve")
+
+DEFAULT_CTX = 4096
+
+
+@dataclass
+class ModelSource:
+    """A model the server can load."""
+
+    name: str  # what clients call it: "name:tag" for the store, the file name for a -m file
+    path: Path
+    entry: catalog.ModelEntry | None = None
+
+
+class Gate:
+    """The bounded queue in front of an Engine: at most `n_slots + max_queue` generations in
+    flight (running or waiting). Entered on the event loop, left from engine pump threads."""
+
+    def __init__(self, n_slots: int, max_queue: int):
+        self.n_slots = n_slots
+        self.capacity = n_slots + max_queue
+        self.inflight = 0
+        self._lock = threading.Lock()
+        self.avg_seconds = 2.0  # moving average of a generation's duration, for Retry-After
+
+    def try_enter(self, n: int) -> bool:
+        with self._lock:
+            if self.inflight + n > self.capacity:
+                return False
+            self.inflight += n
+            return True
+
+    def leave(self, seconds: float | None = None) -> None:
+        with self._lock:
+            self.inflight -= 1
+            if seconds is not None and seconds > 0:
+                self.avg_seconds = 0.8 * self.avg_seconds + 0.2 * seconds
+
+    def retry_after(self) -> int:
+        """Seconds until a slot is likely free: the queue ahead, served n_slots at a time."""
+        waves = max(1.0, (self.inflight - self.n_slots + 1) / self.n_slots)
+        return int(min(60, max(1, math.ceil(self.avg_seconds * waves))))
+
+
+@dataclass
+class LoadedModel:
+    source: ModelSource
+    model: object  # runtime.model.Model
+    estimate: LoadEstimate
+    info: GGUFInfo
+    gate: Gate
+    keep_alive: float  # seconds after the last request; < 0: forever
+    loaded_at: float = field(default_factory=time.time)
+    active: int = 0  # leases held: requests using the model right now
+    last_used: float = field(default_factory=time.monotonic)
+    expires_at: float | None = None  # time.monotonic(); None: never
+
+    @property
+    def name(self) -> str:
+        return self.source.name
+
+    @property
+    def n_ctx(self) -> int:
+        return self.model.n_ctx
+
+    def expires_wall(self) -> float | None:
+        if self.expires_at is None:
+            return None
+        return time.time() + (self.expires_at - time.monotonic())
+
+    def touch(self) -> None:
+        self.last_used = time.monotonic()
+        self.expires_at = None if self.keep_alive < 0 else self.last_used + self.keep_alive
+
+
+class Lease:
+    """A request's hold on a loaded model: the model is not unloaded while any lease is held."""
+
+    def __init__(self, manager: "ModelManager", loaded: LoadedModel):
+        self.manager = manager
+        self.loaded = loaded
+        self.released = False
+
+    @property
+    def model(self):
+        return self.loaded.model
+
+    def release(self) -> None:
+        if self.released:
+            return
+        self.released = True
+        self.loaded.active -= 1
+        self.loaded.touch()
+        self.manager.wake()
+
+
+class ModelManager:
+    def __init__(self, config: ServeConfig, metrics: Metrics):
+        self.config = config
+        self.metrics = metrics
+        self.sources: dict[str, ModelSource] = {}  # alias -> source, for the -m models
+        self.started: list[ModelSource] = []  # the -m models, in order
+        self.default: ModelSource | None = None
+        self.loaded: dict[str, LoadedModel] = {}
+        self._load_lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._reaper: asyncio.Task | None = None
+
+    # -- names ---------------------------------------------------------------------------------
+    def add_startup_model(self, ref: str) -> ModelSource:
+        """Register a model given with -m (or the default model): any reference `resolve` takes."""
+        found = resolve(ref)
+        src = ModelSource(found.name, found.path.resolve(), found.entry)
+        self.started.append(src)
+        for alias in {ref, found.name, found.path.name, found.path.stem}:
+            self.sources.setdefault(alias, src)
+        if found.entry is not None and found.entry.tag == catalog.DEFAULT_TAG:
+            self.sources.setdefault(found.entry.name, src)
+        if self.default is None:
+            self.default = src
+        return src
+
+    def find(self, name: str | None) -> ModelSource:
+        """The model a request names. Raises APIError 404 (400 when none is named and there is no default)."""
+        if not name:
+            if self.default is None:
+                raise APIError(400, "no model named, and this server has no default model: set 'model' "
+                                    "(GET /v1/models lists them)", param="model", code="model_not_found")
+            return self.default
+        if not isinstance(name, str) or len(name) > 512:
+            raise APIError(400, "'model' must be a model name", param="model")
+        for key in (name, name.removesuffix(":" + catalog.DEFAULT_TAG)):
+            if key in self.sources:
+                return self.sources[key]
+        if not name.startswith("hf:") and not _looks_like_path(name):
+            try:
+                n, tag = catalog.parse_name(name)
+            except LlmdeskError:
+                n, tag = None, None
+            entry = catalog.get(n, tag) if n else None
+            if entry is not None and entry.path.is_file():
+                return ModelSource(entry.ref, entry.path, entry)
+        raise APIError(404, f"model '{name}' not found: GET /v1/models (or /api/tags) lists the models "
+                            "this server has", param="model", code="model_not_found")
+
+    def available(self) -> list[ModelSource]:
+        """Every model a request may name: the -m models first (the default first of all), then the store."""
+        out = list(self.started)
+        names = {s.name for s in out}
+        for entry in catalog.list_models():
+            if entry.ref not in names and entry.path.is_file():
+                out.append(ModelSource(entry.ref, entry.path, entry))
+                names.add(entry.ref)
+        return out
+
+    # -- leases ----------------------------------------------------------------------------------
+    async def acquire(self, name: str | None, *, keep_alive: float | None = None, n_ctx: int | None = None) -> Lease:
+        """Hold the model `name` (loading it first if needed). `n_ctx`: the request needs at
+        least this many tokens per slot (Ollama's num_ctx): a model loaded with less is
+        reloaded when idle."""
+        src = self.find(name)
+        lm = self.loaded.get(src.name)
+        if lm is None or (n_ctx is not None and n_ctx > lm.n_ctx):
+            async with self._load_lock:
+                lm = self.loaded.get(src.name)
+                if lm is not None and n_ctx is not None and n_ctx > lm.n_ctx:
+                    if lm.active:
+                        raise APIError(503, f"model '{src.name}' is loaded with a context of {lm.n_ctx} tokens "
+                                            f"and busy; a context of {n_ctx} needs a reload when it is idle",
+                                       code="model_busy", headers={"Retry-After": str(lm.gate.retry_after())})
+                    await self._unload_locked(lm, "reload")
+                    lm = None
+                if lm is None:
+                    lm = await self._load_locked(src, n_ctx)
+        if keep_alive is not None:
+            lm.keep_alive = keep_alive
+        lm.active += 1
+        return Lease(self, lm)
+
+    def _prepare(self, src: ModelSource, n_ctx: int | None) -> tuple[GGUFInfo, int, LoadEstimate]:
+        info = read_gguf(src.path)
+        if n_ctx is None:
+            n_ctx = self.config.ctx or min(info.context_length or DEFAULT_CTX, DEFAULT_CTX)
+        return info, n_ctx, estimate_load_bytes(info, n_ctx=n_ctx, n_slots=self.config.parallel)
+
+    def _open(self, src: ModelSource, info: GGUFInfo, n_ctx: int, est: LoadEstimate) -> LoadedModel:
+        from ..runtime.model import Model
+
+        cfg = self.config
+        t0 = time.perf_counter()
+        try:
+            model = Model(src.path, name=src.name, ctx=n_ctx, threads=cfg.threads, slots=cfg.parallel,
+                          template=cfg.template)
+        except LlmdeskError as e:
+            raise APIError(500, f"cannot load model '{src.name}': {e}", code="model_load_failed") from None
+        lm = LoadedModel(src, model, est, info, Gate(cfg.parallel, cfg.max_queue), keep_alive=cfg.keep_alive)
+        lm.touch()
+        self.metrics.inc("llmdesk_model_loads_total", model=src.name)
+        log.info("loaded %s in %.1f s: %d slots of %d tokens, about %s", src.name, time.perf_counter() - t0,
+                 cfg.parallel, model.n_ctx, est.describe())
+        return lm
+
+    def preload(self, src: ModelSource) -> LoadedModel:
+        """Load a model before the server runs (no event loop needed): errors stop the start-up."""
+        info, n_ctx, est = self._prepare(src, None)
+        try:
+            self._check_fits(src, est, self.free_bytes())
+            lm = self._open(src, info, n_ctx, est)
+        except APIError as e:  # no HTTP yet: a plain one-line error
+            raise LlmdeskError(e.message) from None
+        self.loaded[src.name] = lm
+        return lm
+
+    async def _load_locked(self, src: ModelSource, n_ctx: int | None) -> LoadedModel:
+        info, n_ctx, est = await asyncio.to_thread(self._prepare, src, n_ctx)
+        # idle models make room, least recently used first
+        idle = sorted((lm for lm in self.loaded.values() if lm.active == 0), key=lambda lm: lm.last_used)
+        while est.total > self.free_bytes() and idle:
+            await self._unload_locked(idle.pop(0), "memory")
+        self._check_fits(src, est, self.free_bytes())
+        lm = await asyncio.to_thread(self._open, src, info, n_ctx, est)
+        self.loaded[src.name] = lm
+        return lm
+
+    def free_bytes(self) -> int:
+        """Memory a new model may take: under --max-memory, what the loaded models leave of it;
+        else MemAvailable less the weights of loaded models (mmapped, they count as page cache)."""
+        if self.config.max_memory is not None:
+            return self.config.max_memory - sum(lm.estimate.total for lm in self.loaded.values())
+        return available_memory_bytes() - sum(lm.estimate.weights for lm in self.loaded.values())
+
+    def _check_fits(self, src: ModelSource, est: LoadEstimate, free: int) -> None:
+        if est.total <= free:
+            return
+        from .config import format_bytes
+
+        where = (f"the {format_bytes(self.config.max_memory)} of --max-memory" if self.config.max_memory is not None
+                 else "free memory")
+        busy = [lm.name for lm in self.loaded.values()]
+        others = f" (in use by {', '.join(busy)})" if busy else ""
+        self.metrics.inc("llmdesk_rejected_total", model=src.name, reason="memory")
+        raise APIError(
+            503,
+            f"model '{src.name}' would not fit: it needs about {est.describe()}, but only "
+            f"{format_bytes(max(free, 0))} of {where} is left{others}; unload a model (keep_alive 0), "
+            "or serve with a smaller --ctx or --parallel, or use a smaller quantization",
+            code="insufficient_memory", type="server_error")
+
+    # -- unloading -------------------------------------------------------------------------------
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def unload(self, name: str, reason: str = "request") -> bool:
+        """Unload `name` now if it is loaded and idle; True when it was unloaded."""
+        async with self._load_lock:
+            lm = self.loaded.get(name)
+            if lm is None or lm.active:
+                return False
+            await self._unload_locked(lm, reason)
+            return True
+
+    async def _unload_locked(self, lm: LoadedModel, reason: str) -> None:
+        self.loaded.pop(lm.name, None)
+        await asyncio.to_thread(lm.model.close)
+        self.metrics.inc("llmdesk_model_unloads_total", model=lm.name, reason=reason)
+        log.info("unloaded %s (%s)", lm.name, reason)
+
+    async def _reap(self) -> None:
+        while True:
+            now = time.monotonic()
+            expired = [lm for lm in self.loaded.values()
+                       if lm.active == 0 and lm.expires_at is not None and lm.expires_at <= now]
+            for lm in expired:
+                async with self._load_lock:
+                    if self.loaded.get(lm.name) is lm and lm.active == 0:
+                        await self._unload_locked(lm, "keep_alive")
+            upcoming = [lm.expires_at for lm in self.loaded.values() if lm.expires_at is not None and lm.active == 0]
+            timeout = max(0.05, min(upcoming) - time.monotonic()) if upcoming else 3600.0
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=timeout)
+            except asyncio.TimeoutError:
+                pass
+
+    def start(self) -> None:
+        self._reaper = asyncio.get_running_loop().create_task(self._reap(), name="llmdesk-keep-alive")
+
+    async def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            try:
+                await self._reaper
+            except (asyncio.CancelledError, Exception):
+                pass
+        async with self._load_lock:
+            for lm in list(self.loaded.values()):
+                await self._unload_locked(lm, "shutdown")

@@ -1,0 +1,509 @@
+"""The OpenAI API: /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models.
+
+Shapes follow OpenAI's API reference (and its Python client's types): streamed answers are
+server-sent events of `chat.completion.chunk` / `text_completion` objects ending in
+`data: [DONE]`; with `stream_options.include_usage` a last chunk carries `usage` and no choices.
+Extensions, ignored by OpenAI's clients: request fields `top_k`, `min_p`, `repeat_penalty`,
+`ignore_eos`, `truncate`; response fields `timings` (llama.cpp server's) and
+`truncated_prompt_tokens`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import secrets
+import struct
+import time
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from . import tools as tools_mod
+from .chat import (cap_max_tokens, chat_prompt, normalize_messages, requests_for, stop_list, text_prompt, timings,
+                   with_template_stops)
+from .errors import APIError
+from .grammars import response_format_grammar
+from .scheduler import ClientGone, collect, start
+
+log = logging.getLogger("llmdesk.serve")
+router = APIRouter()
+FINGERPRINT = "llmdesk"
+# streamed answers: not cached, not buffered by a reverse proxy (nginx honours X-Accel-Buffering)
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+MAX_N = 16
+
+
+def state(request: Request):
+    return request.app.state.llmdesk
+
+
+def note(request: Request, **kv) -> None:
+    """Facts for this request's access-log line."""
+    request.scope.setdefault("llmdesk.log", {}).update(kv)
+
+
+def record(request: Request, model: str, prompt: str, system: str | None, results) -> None:
+    """With --log-prompts, the finished answers go to `llmdesk logs` like the CLI's."""
+    if not state(request).config.log_prompts:
+        return
+    from ..store.logs import log_turn
+
+    for r in results:
+        if r.finish_reason not in ("stop", "length"):
+            continue
+        try:
+            log_turn(model=model, prompt=prompt, response=r.text, system=system, tokens_in=r.n_prompt,
+                     tokens_out=r.n_gen, duration_s=r.ttft_s + r.decode_s, options={"api": request.url.path})
+        except Exception:  # a full disk must not fail the request
+            log.exception("could not record the answer in the log")
+
+
+def _last_user(messages: list[dict]) -> tuple[str, str | None]:
+    user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+    system = next((m["content"] for m in messages if m["role"] == "system"), None)
+    return user, system
+
+
+class _Body(BaseModel):
+    # strict: "5" is not a number and 1.5 is not an integer, as in OpenAI's API
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class _Sampling(_Body):
+    model: str | None = Field(None, max_length=512)
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repeat_penalty: float | None = Field(None, gt=0, le=10)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    logit_bias: dict[str, Any] | None = None
+    ignore_eos: bool = False
+    truncate: bool = False
+
+    def sampling(self) -> dict:
+        if self.logit_bias:
+            raise APIError(400, "'logit_bias' is not supported by this server", param="logit_bias")
+        return dict(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
+                    repeat_penalty=self.repeat_penalty, presence_penalty=self.presence_penalty,
+                    frequency_penalty=self.frequency_penalty, seed=self.seed, ignore_eos=self.ignore_eos)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[dict[str, Any]]
+    max_tokens: int | None = Field(None, ge=0)
+    max_completion_tokens: int | None = Field(None, ge=0)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=0)  # OpenAI's default for this legacy endpoint
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = Field(None, ge=1, le=MAX_N)
+    response_format: dict[str, Any] | None = None
+
+
+class EmbeddingRequest(_Body):
+    model: str | None = Field(None, max_length=512)
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+    truncate: bool = False
+
+
+def _id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(12)}"
+
+
+def _usage(results, prompt_tokens: int, cached: int) -> dict:
+    gen = sum(r.n_gen for r in results)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": gen, "total_tokens": prompt_tokens + gen,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _error_event(message: str) -> str:
+    return _sse({"error": {"message": message, "type": "server_error", "param": None, "code": "generation_failed"}})
+
+
+# ---------------------------------------------------------------------------------------------
+# logprobs
+
+
+def _token_entry(model, token: int, logprob: float) -> dict:
+    piece = model.llama.piece(token, special=True)
+    return {"token": piece.decode("utf-8", "replace"), "logprob": logprob, "bytes": list(piece)}
+
+
+def _chat_logprobs(model, events) -> list[dict]:
+    out = []
+    for ev in events:
+        if ev.logprob is None:
+            continue
+        entry = _token_entry(model, ev.token, ev.logprob)
+        entry["top_logprobs"] = [_token_entry(model, t, p) for t, p in ev.top_logprobs or []]
+        out.append(entry)
+    return out
+
+
+def _legacy_logprobs(model, events, offset: int = 0) -> dict:
+    tokens, lps, tops, offsets = [], [], [], []
+    pos = offset
+    for ev in events:
+        if ev.logprob is None:
+            continue
+        text = model.llama.piece(ev.token, special=True).decode("utf-8", "replace")
+        tokens.append(text)
+        lps.append(ev.logprob)
+        tops.append({model.llama.piece(t, special=True).decode("utf-8", "replace"): p for t, p in ev.top_logprobs or []})
+        offsets.append(pos)
+        pos += len(text)
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+# ---------------------------------------------------------------------------------------------
+# /v1/chat/completions
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    st = state(request)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+    messages = normalize_messages(body.messages)
+    sampling = body.sampling()
+    format_grammar = response_format_grammar(body.response_format)
+    stop = stop_list(body.stop)
+    lease = await st.models.acquire(body.model)
+    try:
+        lm = lease.loaded
+        model = lease.model
+        spec = tools_mod.tool_spec(body.tools, body.tool_choice, model.template)
+        grammar = tools_mod.grammar(spec) if spec else None
+        if grammar and format_grammar:
+            raise APIError(400, "'response_format' cannot be combined with a required tool call", param="response_format")
+        prompt = await chat_prompt(model, messages, spec=spec, limit=model.n_ctx, truncate=body.truncate)
+        requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        max_tokens = cap_max_tokens(requested, len(prompt.tokens), model.n_ctx)
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        reqs = requests_for(prompt.tokens, n=body.n, max_tokens=max_tokens, stop=with_template_stops(stop, model),
+                            logprobs=logprobs, grammar=grammar or format_grammar, **sampling)
+        gens = start(lease, reqs, st.metrics)
+    except BaseException:
+        lease.release()
+        raise
+    note(request, model=lm.name, prompt=len(prompt.tokens))
+    base = {"id": _id("chatcmpl"), "created": int(time.time()), "model": lm.name, "system_fingerprint": FINGERPRINT}
+    extra = {"truncated_prompt_tokens": prompt.truncated_tokens} if prompt.truncated_tokens else {}
+    if body.stream:
+        return StreamingResponse(_chat_stream(request, body, lease, gens, spec, base, extra, messages),
+                                 media_type="text/event-stream", headers={**prompt.headers(), **STREAM_HEADERS})
+    try:
+        events = await collect(request, gens)
+    except ClientGone:
+        return Response(status_code=499)
+    finally:
+        lease.release()
+    choices = []
+    for i, (r, evs) in enumerate(zip(gens.results, events)):
+        if r.finish_reason == "error":
+            raise APIError(500, f"generation failed: {r.error}", type="server_error")
+        content, calls = tools_mod.parse(r.text, spec.names) if spec else (r.text, [])
+        message: dict[str, Any] = {"role": "assistant", "content": content if (content or not calls) else None,
+                                   "refusal": None}
+        if calls:
+            message["tool_calls"] = [{"id": c.id, "type": "function",
+                                      "function": {"name": c.name, "arguments": c.arguments_json}} for c in calls]
+        choices.append({"index": i, "message": message,
+                        "logprobs": {"content": _chat_logprobs(model, evs), "refusal": None} if body.logprobs else None,
+                        "finish_reason": "tool_calls" if calls else r.finish_reason})
+    r0 = gens.results[0]
+    note(request, gen=sum(r.n_gen for r in gens.results), cached=r0.n_cached, ttft=round(r0.ttft_s, 3))
+    record(request, lm.name, *_last_user(messages), gens.results)
+    return JSONResponse({**base, "object": "chat.completion", "choices": choices,
+                         "usage": _usage(gens.results, r0.n_prompt, r0.n_cached), "timings": timings(r0), **extra},
+                        headers=prompt.headers())
+
+
+async def _chat_stream(request, body: ChatCompletionRequest, lease, gens, spec, base: dict, extra: dict, messages):
+    model = lease.model
+    n = len(gens.streams)
+    usage_field = {"usage": None} if body.include_usage else {}
+
+    def chunk(i: int, delta: dict, finish=None, logprobs=None, **more) -> str:
+        return _sse({**base, "object": "chat.completion.chunk",
+                     "choices": [{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
+                     **usage_field, **more})
+
+    filters = [tools_mod.StreamFilter(spec) if spec else None for _ in range(n)]
+    try:
+        for i in range(n):
+            yield chunk(i, {"role": "assistant", "content": ""})
+        async for i, ev in gens.events():
+            if ev is not None:
+                text = filters[i].feed(ev.text) if filters[i] else ev.text
+                lp = None
+                if body.logprobs and ev.logprob is not None:
+                    lp = {"content": _chat_logprobs(model, [ev]), "refusal": None}
+                if text or lp:
+                    yield chunk(i, {"content": text}, logprobs=lp)
+                continue
+            r = gens.streams[i].result
+            if r.finish_reason == "error":
+                yield _error_event(f"generation failed: {r.error}")
+                return
+            finish = r.finish_reason
+            if filters[i]:
+                tail, calls = filters[i].finish()
+                if tail:
+                    yield chunk(i, {"content": tail})
+                if calls:
+                    finish = "tool_calls"
+                    yield chunk(i, {"tool_calls": [
+                        {"index": j, "id": c.id, "type": "function",
+                         "function": {"name": c.name, "arguments": c.arguments_json}}
+                        for j, c in enumerate(calls)]})
+            yield chunk(i, {}, finish=finish, timings=timings(r), **extra)
+        results = gens.results
+        if body.include_usage:
+            yield _sse({**base, "object": "chat.completion.chunk", "choices": [],
+                        "usage": _usage(results, results[0].n_prompt, results[0].n_cached)})
+        yield "data: [DONE]\n\n"
+    finally:
+        gens.cancel()
+        lease.release()
+        r0 = gens.results[0]
+        note(request, gen=sum(r.n_gen for r in gens.results), cached=r0.n_cached, ttft=round(r0.ttft_s, 3),
+             finish=r0.finish_reason or "cancelled")
+        record(request, lease.loaded.name, *_last_user(messages), gens.results)
+
+
+# ---------------------------------------------------------------------------------------------
+# /v1/completions
+
+
+def _prompts(prompt) -> list:
+    if isinstance(prompt, str):
+        return [prompt]
+    if prompt and all(type(p) is int for p in prompt):
+        return [prompt]
+    if not prompt:
+        raise APIError(400, "'prompt' is empty", param="prompt")
+    if len(prompt) > 64:
+        raise APIError(400, "'prompt' takes at most 64 prompts at once", param="prompt")
+    return list(prompt)
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request):
+    st = state(request)
+    if body.suffix:
+        raise APIError(400, "'suffix' (fill in the middle) is not supported", param="suffix")
+    if body.best_of not in (None, body.n):
+        raise APIError(400, "'best_of' other than 'n' is not supported", param="best_of")
+    if body.echo and body.logprobs is not None:
+        raise APIError(400, "'echo' with 'logprobs' needs prompt logprobs, which are not supported", param="echo")
+    prompts = _prompts(body.prompt)
+    if len(prompts) * body.n > MAX_N:
+        raise APIError(400, f"prompts times 'n' must be at most {MAX_N}", param="n")
+    sampling = body.sampling()
+    grammar = response_format_grammar(body.response_format)
+    stop = stop_list(body.stop)
+    lease = await st.models.acquire(body.model)
+    try:
+        lm = lease.loaded
+        model = lease.model
+        built = [await asyncio.to_thread(text_prompt, model, p, limit=model.n_ctx, truncate=body.truncate,
+                                         reserve=body.max_tokens or 1) for p in prompts]
+        reqs = []
+        for p in built:
+            max_tokens = cap_max_tokens(body.max_tokens, len(p.tokens), model.n_ctx)
+            reqs += requests_for(p.tokens, n=body.n, max_tokens=max_tokens, stop=stop, logprobs=body.logprobs,
+                                 grammar=grammar, **sampling)
+        gens = start(lease, reqs, st.metrics)
+    except BaseException:
+        lease.release()
+        raise
+    echoes = [(p if isinstance(p, str) else model.detokenize(p)) if body.echo else "" for p in prompts]
+    echoes = [e for e in echoes for _ in range(body.n)]
+    n_prompt = sum(len(p.tokens) for p in built)
+    truncated = sum(p.truncated_tokens for p in built)
+    headers = {"X-Llmdesk-Truncated-Tokens": str(truncated)} if truncated else {}
+    extra = {"truncated_prompt_tokens": truncated} if truncated else {}
+    note(request, model=lm.name, prompt=n_prompt)
+    base = {"id": _id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": lm.name,
+            "system_fingerprint": FINGERPRINT}
+    if body.stream:
+        shown = prompts[0] if isinstance(prompts[0], str) else "(token ids)"
+        return StreamingResponse(_completion_stream(request, body, lease, gens, base, echoes, n_prompt, extra, shown),
+                                 media_type="text/event-stream", headers={**headers, **STREAM_HEADERS})
+    try:
+        events = await collect(request, gens)
+    except ClientGone:
+        return Response(status_code=499)
+    finally:
+        lease.release()
+    choices = []
+    for i, (r, evs) in enumerate(zip(gens.results, events)):
+        if r.finish_reason == "error":
+            raise APIError(500, f"generation failed: {r.error}", type="server_error")
+        choices.append({"index": i, "text": echoes[i] + r.text,
+                        "logprobs": _legacy_logprobs(model, evs, len(echoes[i])) if body.logprobs is not None else None,
+                        "finish_reason": r.finish_reason})
+    cached = sum(r.n_cached for r in gens.results[:: body.n])
+    note(request, gen=sum(r.n_gen for r in gens.results), cached=cached)
+    record(request, lm.name, prompts[0] if isinstance(prompts[0], str) else "(token ids)", None, gens.results)
+    return JSONResponse({**base, "choices": choices, "usage": _usage(gens.results, n_prompt, cached),
+                         "timings": timings(gens.results[0]), **extra}, headers=headers)
+
+
+async def _completion_stream(request, body: CompletionRequest, lease, gens, base, echoes, n_prompt, extra, shown):
+    model = lease.model
+    usage_field = {"usage": None} if body.include_usage else {}
+
+    def chunk(i: int, text: str, finish=None, logprobs=None, **more) -> str:
+        return _sse({**base, "choices": [{"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}],
+                     **usage_field, **more})
+
+    try:
+        for i, e in enumerate(echoes):
+            if e:
+                yield chunk(i, e)
+        async for i, ev in gens.events():
+            if ev is not None:
+                lp = _legacy_logprobs(model, [ev]) if body.logprobs is not None and ev.logprob is not None else None
+                if ev.text or lp:
+                    yield chunk(i, ev.text, logprobs=lp)
+                continue
+            r = gens.streams[i].result
+            if r.finish_reason == "error":
+                yield _error_event(f"generation failed: {r.error}")
+                return
+            yield chunk(i, "", finish=r.finish_reason, timings=timings(r), **extra)
+        if body.include_usage:
+            cached = sum(r.n_cached for r in gens.results[:: body.n])
+            yield _sse({**base, "choices": [], "usage": _usage(gens.results, n_prompt, cached)})
+        yield "data: [DONE]\n\n"
+    finally:
+        gens.cancel()
+        lease.release()
+        note(request, gen=sum(r.n_gen for r in gens.results))
+        record(request, lease.loaded.name, shown, None, gens.results)
+
+
+# ---------------------------------------------------------------------------------------------
+# /v1/embeddings and /v1/models
+
+
+async def embed_texts(lease, texts: list[str], *, truncate: bool, normalize: bool = True) -> tuple[list, int, int]:
+    """Embed `texts` with the lease's model: (vectors, prompt tokens, tokens dropped by truncation)."""
+    model = lease.model
+
+    def work():
+        n_tokens = truncated = 0
+        ready = []
+        for i, text in enumerate(texts):
+            toks = model.tokenize(text)
+            if not toks:
+                raise APIError(400, f"input[{i}] is empty", param="input")
+            if len(toks) > model.n_ctx:
+                if not truncate:
+                    raise APIError(400, f"input[{i}] has {len(toks)} tokens, more than the context ({model.n_ctx}); "
+                                        "shorten it or send \"truncate\": true", param="input", code="context_length_exceeded")
+                keep = toks[: model.n_ctx]
+                text = model.detokenize(keep)
+                while len(model.tokenize(text)) > model.n_ctx:  # re-tokenizing can differ at the cut
+                    keep = keep[:-8]
+                    text = model.detokenize(keep)
+                truncated += len(toks) - len(keep)
+                toks = keep
+            n_tokens += len(toks)
+            ready.append(text)
+        return model.embed(ready, normalize=normalize), n_tokens, truncated
+
+    return await asyncio.to_thread(work)
+
+
+@router.post("/v1/embeddings")
+async def embeddings(body: EmbeddingRequest, request: Request):
+    st = state(request)
+    lease = await st.models.acquire(body.model)
+    try:
+        model = lease.model
+        raw = body.input
+        if isinstance(raw, str):
+            items = [raw]
+        elif raw and all(type(t) is int for t in raw):
+            items = [raw]
+        else:
+            items = list(raw)
+        if not items or len(items) > 2048:
+            raise APIError(400, "'input' must hold 1 to 2048 texts", param="input")
+        texts = []
+        for it in items:
+            if isinstance(it, list):
+                if any(not 0 <= t < model.llama.n_vocab for t in it):
+                    raise APIError(400, "token ids in 'input' are out of the vocabulary", param="input")
+                texts.append(model.detokenize(it))
+            else:
+                texts.append(it)
+        if body.dimensions is not None and body.dimensions > model.llama.n_embd:
+            raise APIError(400, f"'dimensions' must be at most {model.llama.n_embd} for this model", param="dimensions")
+        vectors, n_tokens, truncated = await embed_texts(lease, texts, truncate=body.truncate)
+    finally:
+        lease.release()
+    data = []
+    for i, v in enumerate(vectors):
+        if body.dimensions is not None:
+            v = v[: body.dimensions]
+            norm = sum(x * x for x in v) ** 0.5
+            v = [x / norm for x in v] if norm > 0 else v
+        emb: Any = v if body.encoding_format == "float" else base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode()
+        data.append({"object": "embedding", "index": i, "embedding": emb})
+    note(request, model=lease.loaded.name, prompt=n_tokens)
+    extra = {"truncated_prompt_tokens": truncated} if truncated else {}
+    return {"object": "list", "data": data, "model": lease.loaded.name,
+            "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}, **extra}
+
+
+def _model_card(st, src) -> dict:
+    created = int(src.path.stat().st_mtime) if src.path.exists() else 0
+    return {"id": src.name, "object": "model", "created": created, "owned_by": "llmdesk",
+            "loaded": src.name in st.models.loaded}
+
+
+@router.get("/v1/models")
+async def list_models(request: Request):
+    st = state(request)
+    return {"object": "list", "data": [_model_card(st, s) for s in st.models.available()]}
+
+
+@router.get("/v1/models/{model:path}")
+async def get_model(model: str, request: Request):
+    st = state(request)
+    return _model_card(st, st.models.find(model))

@@ -1,0 +1,169 @@
+"""From HTTP requests to Engine streams, and back.
+
+The Engine does the batching: requests join and leave the running batch between steps, and a
+prompt reuses the longest prefix some slot still has in its KV cache. What the server adds:
+
+- admission: at most `--parallel + --max-queue` generations per model in flight; past that a
+  request is answered 429 with Retry-After instead of waiting without bound;
+- a bridge from the Engine's thread to the event loop (`Generations`): one small pump thread per
+  stream moves TokenEvents into an asyncio queue;
+- cancellation: a stream whose consumer goes away (client disconnect, error) is cancelled, and
+  the Engine frees its slot at the next step;
+- accounting: a finished generation is counted (tokens, time to first token, speed) from its
+  pump thread, whoever was or was not listening.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator
+
+from ..runtime.engine import Request, Result, Stream, TokenEvent
+from .errors import APIError
+from .metrics import Metrics
+from .models import Lease
+
+_END = object()
+
+
+class Generations:
+    """The Engine streams of one API request (its `n` choices), iterated together on the event
+    loop. A small pump thread per stream moves its TokenEvents into one asyncio queue."""
+
+    def __init__(self, streams: list[Stream], loop: asyncio.AbstractEventLoop, on_done):
+        self.streams = streams
+        self.loop = loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self._on_done = on_done
+        for i, s in enumerate(streams):
+            threading.Thread(target=self._pump, args=(i, s), name="llmdesk-stream", daemon=True).start()
+
+    @property
+    def results(self) -> list[Result]:
+        return [s.result for s in self.streams]
+
+    def cancel(self) -> None:
+        for s in self.streams:
+            s.cancel()
+
+    def _put(self, item) -> bool:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+            return True
+        except RuntimeError:  # the loop is gone (server shutting down): nobody listens any more
+            self.cancel()
+            return False
+
+    def _pump(self, i: int, stream: Stream) -> None:
+        try:
+            for ev in stream:
+                if not self._put((i, ev)):
+                    break
+            stream.done.wait()
+        finally:
+            try:
+                self._on_done(stream.result)
+            finally:
+                self._put((i, _END))
+
+    async def events(self) -> AsyncIterator[tuple[int, TokenEvent | None]]:
+        """(choice index, TokenEvent) as they come, and (index, None) when that choice has ended.
+        Leaving early cancels whatever is still generating."""
+        remaining = len(self.streams)
+        try:
+            while remaining:
+                # let the loop run between events, so a client that has gone is noticed before
+                # a burst of tokens is written to its closed connection
+                await asyncio.sleep(0)
+                i, ev = await self.queue.get()
+                if ev is _END:
+                    remaining -= 1
+                    yield i, None
+                else:
+                    yield i, ev
+        finally:
+            if remaining:
+                self.cancel()
+
+    async def wait(self) -> list[list[TokenEvent]]:
+        out: list[list[TokenEvent]] = [[] for _ in self.streams]
+        async for i, ev in self.events():
+            if ev is not None:
+                out[i].append(ev)
+        return out
+
+
+def start(lease: Lease, requests: list[Request], metrics: Metrics) -> Generations:
+    """Submit `requests` (the `n` choices of one API request) to the lease's Engine, or answer 429."""
+    lm = lease.loaded
+    gate = lm.gate
+    if len(requests) > gate.capacity:
+        raise APIError(400, f"this server runs at most {gate.capacity} generations per model at once; "
+                            f"asked for {len(requests)}", param="n")
+    if not gate.try_enter(len(requests)):
+        metrics.inc("llmdesk_rejected_total", model=lm.name, reason="queue_full")
+        wait = gate.retry_after()
+        raise APIError(429, f"model '{lm.name}' is busy: {gate.inflight} requests are running or queued "
+                            f"(--parallel {gate.n_slots}, --max-queue {gate.capacity - gate.n_slots}); "
+                            f"retry in {wait} s", code="queue_full", headers={"Retry-After": str(wait)})
+    t0 = time.perf_counter()
+
+    def on_done(result: Result) -> None:
+        gate.leave(time.perf_counter() - t0 if result.finish_reason in ("stop", "length") else None)
+        _account(metrics, lm.name, result)
+
+    streams: list[Stream] = []
+    try:
+        for req in requests:
+            streams.append(lm.model.engine.submit(req))
+    except BaseException:
+        for s in streams:
+            s.cancel()
+        for _ in requests:
+            gate.leave()
+        raise
+    return Generations(streams, asyncio.get_running_loop(), on_done)
+
+
+def _account(metrics: Metrics, model: str, r: Result) -> None:
+    metrics.inc("llmdesk_generations_total", model=model, finish_reason=r.finish_reason or "unknown")
+    metrics.inc("llmdesk_prompt_tokens_total", r.n_prompt, model=model)
+    metrics.inc("llmdesk_prompt_cached_tokens_total", r.n_cached, model=model)
+    metrics.inc("llmdesk_generated_tokens_total", r.n_gen, model=model)
+    if r.n_gen:
+        metrics.observe("llmdesk_time_to_first_token_seconds", r.ttft_s, model=model)
+    if r.n_gen > 1 and r.tokens_per_second > 0:
+        metrics.observe("llmdesk_tokens_per_second", r.tokens_per_second, model=model)
+
+
+async def wait_for_disconnect(receive) -> None:
+    """Returns when the client has gone (the request body must have been read already)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class ClientGone(Exception):
+    pass
+
+
+async def collect(request, gens: Generations) -> list[list[TokenEvent]]:
+    """Every choice's events, or ClientGone (with the generations cancelled) if the client leaves first."""
+    work = asyncio.ensure_future(gens.wait())
+    watch = asyncio.ensure_future(wait_for_disconnect(request.receive))
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        gens.cancel()
+        work.cancel()
+        raise
+    finally:
+        watch.cancel()
+    if not work.done():
+        gens.cancel()
+        work.cancel()
+        raise ClientGone()
+    return work.result()
