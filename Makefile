@@ -1,4 +1,4 @@
-# llmdesk: `make run` starts the main job, `make test` installs what the tests need and runs them.
+# llmdesk: `make run` starts the server and its web chat, `make test` installs what the tests need and runs them.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -25,8 +25,9 @@ $(CHROMIUM):
 
 install: $(STAMP)
 
+# the server with its web chat (it prints the URL); MODEL=path.gguf or a store name to serve another
 run: $(STAMP)
-	$(BIN)/llmdesk chat $(if $(MODEL),-m $(MODEL))
+	$(BIN)/llmdesk serve $(if $(MODEL),-m $(MODEL))
 
 test: $(STAMP) $(CHROMIUM)
 	$(BIN)/python -m pytest -q
