@@ -14,6 +14,11 @@ greedy sampling through a llama.cpp sampler chain (what llama.cpp's `simple` exa
 third column times bare `llama_decode` calls without sampling (what llama-bench's tg does).
 Prompt processing: n_prompt random tokens into an empty sequence, until the first token.
 
+By default the direct side drives the Engine's own llama.cpp context while the Engine is idle
+(`--own-context` gives it a context of its own): two contexts have their KV and compute buffers at
+different addresses, which alone can move decode speed by a few percent, and that is not what is
+being compared.
+
 Two clocks: wall time (what a user sees) and this process's CPU time (time.process_time) over
 the whole request. On a machine shared with other jobs the wall clock swings by tens of percent
 from second to second; with one thread, CPU time is what each side really costs and barely moves.
@@ -39,9 +44,11 @@ from llmdesk.runtime.llama import LlamaModel, new_context
 class Direct:
     """llama.cpp through llama-cpp-python's low-level API, nothing else in the loop."""
 
-    def __init__(self, llama: LlamaModel, *, n_ctx: int, threads: int, batch: int, seed: int = 1):
-        # the same parameters as the Engine's context (runtime/llama.py new_context)
-        self.ctx = new_context(llama, n_ctx=n_ctx, n_seq=1, n_batch=batch, n_threads=threads)
+    def __init__(self, llama: LlamaModel, *, n_ctx: int, threads: int, batch: int, seed: int = 1, ctx=None):
+        # the same parameters as the Engine's context (runtime/llama.py new_context), or the
+        # Engine's own context (`ctx`) while the Engine is idle
+        self.own = ctx is None
+        self.ctx = new_context(llama, n_ctx=n_ctx, n_seq=1, n_batch=batch, n_threads=threads) if ctx is None else ctx
         self.mem = C.llama_get_memory(self.ctx)
         self.batch = C.llama_batch_init(batch, 0, 1)
         self.n_batch = batch
@@ -91,7 +98,8 @@ class Direct:
     def close(self) -> None:
         C.llama_sampler_free(self.chain)
         C.llama_batch_free(self.batch)
-        C.llama_free(self.ctx)
+        if self.own:
+            C.llama_free(self.ctx)
 
 
 def main() -> int:
@@ -105,6 +113,7 @@ def main() -> int:
     ap.add_argument("-n", "--n-gen", type=int, default=128)
     ap.add_argument("-p", "--n-prompt", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--own-context", action="store_true", help="give the direct side a context of its own")
     a = ap.parse_args()
 
     path = a.model
@@ -119,7 +128,13 @@ def main() -> int:
     llama = LlamaModel(path)
     n_ctx = max(a.n_prompt, a.n_gen) + 256
     eng = EngineBench(llama, n_ctx=n_ctx, threads=a.threads, batch=a.batch)
-    direct = Direct(llama, n_ctx=n_ctx, threads=a.threads, batch=a.batch)
+    direct = Direct(llama, n_ctx=n_ctx, threads=a.threads, batch=a.batch,
+                    ctx=None if a.own_context else eng.engine.ctx)
+
+    def engine_forget() -> None:
+        # the direct side cleared the shared KV cache: the Engine's slot must not count on it
+        for slot in eng.engine.slots:
+            slot.cache = []
     res: dict[str, list[float]] = {k: [] for k in (
         "llmdesk tg", "direct tg", "direct tg (no sampling)", "llmdesk tg, CPU time", "direct tg, CPU time",
         "llmdesk pp", "direct pp")}
@@ -132,6 +147,7 @@ def main() -> int:
     try:
         # warm-up, untimed
         eng.pp(32), eng.tg(8), direct.pp(32), direct.tg(8)
+        engine_forget()
         for r in range(a.rounds):
             order = [("llmdesk", eng), ("direct", direct)]
             if r % 2:
@@ -142,19 +158,24 @@ def main() -> int:
                 res[f"{name} tg, CPU time"].append(cpu)
                 if name == "direct":
                     res["direct tg (no sampling)"].append(side.tg(a.n_gen, sample=False)[0])
+                    engine_forget()
             for name, side in order:
-                res[f"{name} pp"].append(side.pp(a.n_prompt) if name == "direct" else side.pp(a.n_prompt)[0])
-            print(f"round {r + 1}/{a.rounds}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in res.items()),
+                if a.n_prompt:
+                    res[f"{name} pp"].append(side.pp(a.n_prompt) if name == "direct" else side.pp(a.n_prompt)[0])
+                    engine_forget()
+            print(f"round {r + 1}/{a.rounds}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in res.items() if v),
                   file=sys.stderr, flush=True)
     finally:
         eng.close()
         direct.close()
         llama.close()
 
+    res = {k: v for k, v in res.items() if v}
     med = {k: statistics.median(v) for k, v in res.items()}
     sd = {k: statistics.stdev(v) if len(v) > 1 else 0.0 for k, v in res.items()}
     print(f"model: {path.name} ({path.stat().st_size / 2**30:.2f} GiB), threads {a.threads}, batch {a.batch}, "
-          f"tg{a.n_gen}, pp{a.n_prompt}, {a.rounds} alternating rounds")
+          f"tg{a.n_gen}, pp{a.n_prompt}, {a.rounds} alternating rounds, "
+          f"{'separate contexts' if a.own_context else 'one shared context'}")
     print("| measurement | median tokens/s | stddev |")
     print("| --- | ---: | ---: |")
     for k in res:
@@ -167,7 +188,8 @@ def main() -> int:
           f"vs bare llama_decode without sampling {med['llmdesk tg'] / med['direct tg (no sampling)']:.3f})")
     print(f"generation by CPU time: llmdesk / direct = "
           f"{med['llmdesk tg, CPU time'] / med['direct tg, CPU time']:.3f}")
-    print(f"prompt processing: llmdesk / direct = {med['llmdesk pp'] / med['direct pp']:.3f}")
+    if a.n_prompt:
+        print(f"prompt processing: llmdesk / direct = {med['llmdesk pp'] / med['direct pp']:.3f}")
     return 0
 
 

@@ -103,6 +103,42 @@ def llama_cpp_server(path: Path, args) -> Server | str:
     return Server("llama_cpp.server", argv, port, "/v1/models")
 
 
+def decode_bound(path: Path, args, reps: int = 8) -> dict:
+    """What batching can give on this machine at all: llama_decode of one token for each of
+    1 and `streams` sequences, straight on llama.cpp (best of `reps`). A server's aggregate
+    throughput with N streams cannot beat N x (time of a 1-token step) / (time of an N-token step)."""
+    import llama_cpp as C
+
+    from llmdesk.runtime.llama import LlamaModel, new_context
+
+    model = LlamaModel(path)
+    ctx = new_context(model, n_ctx=args.streams * 256, n_seq=args.streams, n_batch=512, n_threads=args.threads)
+    batch = C.llama_batch_init(512, 0, 1)
+    pos = [0] * args.streams
+    out = {}
+    try:
+        for n in (1, args.streams):
+            best = float("inf")
+            for _ in range(reps):
+                for i in range(n):
+                    batch.token[i], batch.pos[i], batch.n_seq_id[i] = 100 + i, pos[i], 1
+                    batch.seq_id[i][0], batch.logits[i] = i, True
+                    pos[i] += 1
+                batch.n_tokens = n
+                t = time.perf_counter()
+                assert C.llama_decode(ctx, batch) == 0
+                best = min(best, time.perf_counter() - t)
+            out[n] = best
+    finally:
+        C.llama_batch_free(batch)
+        C.llama_free(ctx)
+        model.close()
+    bound = args.streams * out[1] / out[args.streams]
+    print(f"  llama_decode: 1 token {out[1] * 1000:.0f} ms, {args.streams} tokens {out[args.streams] * 1000:.0f} ms "
+          f"-> batching can give at most {bound:.2f}x here", file=sys.stderr)
+    return {"step_1_s": out[1], f"step_{args.streams}_s": out[args.streams], "max_batching_gain": bound}
+
+
 def llama_cpp_serial(path: Path, args) -> dict:
     """Without llama_cpp.server's extra packages: the path its server takes, measured in-process.
     Its server runs one request at a time under a global lock through `Llama.create_completion`;
@@ -222,6 +258,8 @@ def main() -> int:
     results: dict = {"model": str(path), "threads": args.threads, "streams": args.streams, "requests": args.requests,
                      "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens, "throughput": []}
     if not args.skip_throughput:
+        print("decode batch scaling on this machine:", file=sys.stderr)
+        results["decode_bound"] = decode_bound(path, args)
         # the rounds interleave the servers, so a change in the machine's load hits them alike
         for rnd in range(args.rounds):
             print(f"throughput, round {rnd + 1} of {args.rounds}:", file=sys.stderr)
@@ -253,6 +291,9 @@ def main() -> int:
         results["ratio_parallel8_vs_parallel1"] = p8 / p1
         print(f"  --parallel 8 vs --parallel 1:      {p8 / p1:.2f}x aggregate tokens/s ({p8:.1f} vs {p1:.1f})",
               file=sys.stderr)
+    if "decode_bound" in results:
+        print(f"  (llama_decode allows at most {results['decode_bound']['max_batching_gain']:.2f}x from batching "
+              f"{args.streams} streams on this machine)", file=sys.stderr)
     if p8 and peer:
         results["ratio_parallel8_vs_llama_cpp"] = p8 / peer
         print(f"  --parallel 8 vs llama-cpp-python:  {p8 / peer:.2f}x ({p8:.1f} vs {peer:.1f})", file=sys.stderr)

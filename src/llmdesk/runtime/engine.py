@@ -189,11 +189,13 @@ _DONE = object()
 class Stream:
     """A request in flight. Iterate it for TokenEvents; `.result` is set when it ends."""
 
-    def __init__(self, engine: "Engine", request: Request):
+    def __init__(self, engine: "Engine", request: Request, events=None):
         self.engine = engine
         self.request = request
         self.result = Result(n_prompt=len(request.prompt))
-        self.events: queue.Queue = queue.Queue()
+        # where the engine thread puts TokenEvents and the end marker; a caller may pass its own
+        # object with put() (the server hands them straight to its event loop), then not iterate
+        self.events = events if events is not None else queue.Queue()
         self.cancelled = threading.Event()
         self.done = threading.Event()
         self.t_submit = time.perf_counter()
@@ -280,7 +282,7 @@ class Engine:
         self._thread.start()
 
     # -- public -------------------------------------------------------------------------------
-    def submit(self, request: Request) -> Stream:
+    def submit(self, request: Request, events=None) -> Stream:
         if self._closed:
             raise LlmdeskError("the model was unloaded")
         n = len(request.prompt)
@@ -293,7 +295,7 @@ class Engine:
             )
         if request.max_tokens is not None and request.max_tokens < 0:
             raise LlmdeskError(f"max_tokens must be >= 0, got {request.max_tokens}")
-        stream = Stream(self, request)
+        stream = Stream(self, request, events)
         if request.max_tokens == 0:
             stream.result.finish_reason = "length"
             self._finish_stream(stream)

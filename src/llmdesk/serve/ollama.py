@@ -287,34 +287,34 @@ async def _generate_common(request: Request, body: _GenBody, *, chat: bool):
     if body.stream:
         return StreamingResponse(_ndjson(request, body, lease, gens, spec, head, prompt, t_start, load_s, chat),
                                  media_type=NDJSON, headers={**headers, **STREAM_HEADERS})
-    try:
+    try:  # the lease is held until the answer is built
         events = (await collect(request, gens))[0]
+        r = gens.results[0]
+        if r.finish_reason == "error":
+            raise APIError(500, f"generation failed: {r.error}")
+        out: dict[str, Any] = {**head, "created_at": _now()}
+        if chat:
+            content, calls = tools_mod.parse(r.text, spec.names) if spec else (r.text, [])
+            message: dict[str, Any] = {"role": "assistant", "content": content}
+            if calls:
+                message["tool_calls"] = [{"function": {"name": c.name, "arguments": c.arguments}} for c in calls]
+            out["message"] = message
+        else:
+            out["response"] = r.text
+        out.update(_final(r, t_start, load_s))
+        if not chat:
+            out["context"] = prompt.tokens + r.tokens
+        if body.logprobs:
+            out["logprobs"] = _logprobs(model, events)
+        if prompt.truncated_tokens:
+            out["truncated_prompt_tokens"] = prompt.truncated_tokens
+        note(request, gen=r.n_gen, cached=r.n_cached, ttft=round(r.ttft_s, 3))
+        record(request, lm.name, *_shown(body, chat), gens.results)
+        return JSONResponse(out, headers=headers)
     except ClientGone:
         return Response(status_code=499)
     finally:
         lease.release()
-    r = gens.results[0]
-    if r.finish_reason == "error":
-        raise APIError(500, f"generation failed: {r.error}")
-    out: dict[str, Any] = {**head, "created_at": _now()}
-    if chat:
-        content, calls = tools_mod.parse(r.text, spec.names) if spec else (r.text, [])
-        message: dict[str, Any] = {"role": "assistant", "content": content}
-        if calls:
-            message["tool_calls"] = [{"function": {"name": c.name, "arguments": c.arguments}} for c in calls]
-        out["message"] = message
-    else:
-        out["response"] = r.text
-    out.update(_final(r, t_start, load_s))
-    if not chat:
-        out["context"] = prompt.tokens + r.tokens
-    if body.logprobs:
-        out["logprobs"] = _logprobs(model, events)
-    if prompt.truncated_tokens:
-        out["truncated_prompt_tokens"] = prompt.truncated_tokens
-    note(request, gen=r.n_gen, cached=r.n_cached, ttft=round(r.ttft_s, 3))
-    record(request, lm.name, *_shown(body, chat), gens.results)
-    return JSONResponse(out, headers=headers)
 
 
 def _shown(body, chat: bool) -> tuple[str, str | None]:

@@ -223,31 +223,31 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     if body.stream:
         return StreamingResponse(_chat_stream(request, body, lease, gens, spec, base, extra, messages),
                                  media_type="text/event-stream", headers={**prompt.headers(), **STREAM_HEADERS})
-    try:
+    try:  # the lease is held until the answer is built: the model may go as soon as it is released
         events = await collect(request, gens)
+        choices = []
+        for i, (r, evs) in enumerate(zip(gens.results, events)):
+            if r.finish_reason == "error":
+                raise APIError(500, f"generation failed: {r.error}", type="server_error")
+            content, calls = tools_mod.parse(r.text, spec.names) if spec else (r.text, [])
+            message: dict[str, Any] = {"role": "assistant", "content": content if (content or not calls) else None,
+                                       "refusal": None}
+            if calls:
+                message["tool_calls"] = [{"id": c.id, "type": "function",
+                                          "function": {"name": c.name, "arguments": c.arguments_json}} for c in calls]
+            choices.append({"index": i, "message": message,
+                            "logprobs": {"content": _chat_logprobs(model, evs), "refusal": None} if body.logprobs else None,
+                            "finish_reason": "tool_calls" if calls else r.finish_reason})
+        r0 = gens.results[0]
+        note(request, gen=sum(r.n_gen for r in gens.results), cached=r0.n_cached, ttft=round(r0.ttft_s, 3))
+        record(request, lm.name, *_last_user(messages), gens.results)
+        return JSONResponse({**base, "object": "chat.completion", "choices": choices,
+                             "usage": _usage(gens.results, r0.n_prompt, r0.n_cached), "timings": timings(r0), **extra},
+                            headers=prompt.headers())
     except ClientGone:
         return Response(status_code=499)
     finally:
         lease.release()
-    choices = []
-    for i, (r, evs) in enumerate(zip(gens.results, events)):
-        if r.finish_reason == "error":
-            raise APIError(500, f"generation failed: {r.error}", type="server_error")
-        content, calls = tools_mod.parse(r.text, spec.names) if spec else (r.text, [])
-        message: dict[str, Any] = {"role": "assistant", "content": content if (content or not calls) else None,
-                                   "refusal": None}
-        if calls:
-            message["tool_calls"] = [{"id": c.id, "type": "function",
-                                      "function": {"name": c.name, "arguments": c.arguments_json}} for c in calls]
-        choices.append({"index": i, "message": message,
-                        "logprobs": {"content": _chat_logprobs(model, evs), "refusal": None} if body.logprobs else None,
-                        "finish_reason": "tool_calls" if calls else r.finish_reason})
-    r0 = gens.results[0]
-    note(request, gen=sum(r.n_gen for r in gens.results), cached=r0.n_cached, ttft=round(r0.ttft_s, 3))
-    record(request, lm.name, *_last_user(messages), gens.results)
-    return JSONResponse({**base, "object": "chat.completion", "choices": choices,
-                         "usage": _usage(gens.results, r0.n_prompt, r0.n_cached), "timings": timings(r0), **extra},
-                        headers=prompt.headers())
 
 
 async def _chat_stream(request, body: ChatCompletionRequest, lease, gens, spec, base: dict, extra: dict, messages):
@@ -362,24 +362,24 @@ async def completions(body: CompletionRequest, request: Request):
         shown = prompts[0] if isinstance(prompts[0], str) else "(token ids)"
         return StreamingResponse(_completion_stream(request, body, lease, gens, base, echoes, n_prompt, extra, shown),
                                  media_type="text/event-stream", headers={**headers, **STREAM_HEADERS})
-    try:
+    try:  # the lease is held until the answer is built
         events = await collect(request, gens)
+        choices = []
+        for i, (r, evs) in enumerate(zip(gens.results, events)):
+            if r.finish_reason == "error":
+                raise APIError(500, f"generation failed: {r.error}", type="server_error")
+            choices.append({"index": i, "text": echoes[i] + r.text,
+                            "logprobs": _legacy_logprobs(model, evs, len(echoes[i])) if body.logprobs is not None else None,
+                            "finish_reason": r.finish_reason})
+        cached = sum(r.n_cached for r in gens.results[:: body.n])
+        note(request, gen=sum(r.n_gen for r in gens.results), cached=cached)
+        record(request, lm.name, prompts[0] if isinstance(prompts[0], str) else "(token ids)", None, gens.results)
+        return JSONResponse({**base, "choices": choices, "usage": _usage(gens.results, n_prompt, cached),
+                             "timings": timings(gens.results[0]), **extra}, headers=headers)
     except ClientGone:
         return Response(status_code=499)
     finally:
         lease.release()
-    choices = []
-    for i, (r, evs) in enumerate(zip(gens.results, events)):
-        if r.finish_reason == "error":
-            raise APIError(500, f"generation failed: {r.error}", type="server_error")
-        choices.append({"index": i, "text": echoes[i] + r.text,
-                        "logprobs": _legacy_logprobs(model, evs, len(echoes[i])) if body.logprobs is not None else None,
-                        "finish_reason": r.finish_reason})
-    cached = sum(r.n_cached for r in gens.results[:: body.n])
-    note(request, gen=sum(r.n_gen for r in gens.results), cached=cached)
-    record(request, lm.name, prompts[0] if isinstance(prompts[0], str) else "(token ids)", None, gens.results)
-    return JSONResponse({**base, "choices": choices, "usage": _usage(gens.results, n_prompt, cached),
-                         "timings": timings(gens.results[0]), **extra}, headers=headers)
 
 
 async def _completion_stream(request, body: CompletionRequest, lease, gens, base, echoes, n_prompt, extra, shown):

@@ -5,21 +5,21 @@ prompt reuses the longest prefix some slot still has in its KV cache. What the s
 
 - admission: at most `--parallel + --max-queue` generations per model in flight; past that a
   request is answered 429 with Retry-After instead of waiting without bound;
-- a bridge from the Engine's thread to the event loop (`Generations`): one small pump thread per
-  stream moves TokenEvents into an asyncio queue;
+- a bridge from the Engine's thread to the event loop (`Generations`): the Engine puts each
+  TokenEvent straight into an asyncio queue (Engine.submit's `events`), no thread per stream;
 - cancellation: a stream whose consumer goes away (client disconnect, error) is cancelled, and
   the Engine frees its slot at the next step;
-- accounting: a finished generation is counted (tokens, time to first token, speed) from its
-  pump thread, whoever was or was not listening.
+- accounting: a finished generation is counted (tokens, time to first token, speed) when the
+  Engine ends it, whoever was or was not listening.
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections.abc import AsyncIterator
 
+from ..runtime.engine import _DONE as _ENGINE_DONE
 from ..runtime.engine import Request, Result, Stream, TokenEvent
 from .errors import APIError
 from .metrics import Metrics
@@ -28,17 +28,46 @@ from .models import Lease
 _END = object()
 
 
+class _Sink:
+    """What the Engine thread puts one stream's events into: each goes straight to the event
+    loop (no thread per stream)."""
+
+    def __init__(self, gens: "Generations", index: int):
+        self.gens = gens
+        self.index = index
+
+    def put(self, item) -> None:
+        try:
+            self.gens.loop.call_soon_threadsafe(self.gens._deliver, self.index, item)
+        except RuntimeError:  # the loop is gone (server shutting down): nobody listens any more
+            if self.index < len(self.gens.streams):
+                self.gens.streams[self.index].cancel()
+
+
 class Generations:
     """The Engine streams of one API request (its `n` choices), iterated together on the event
-    loop. A small pump thread per stream moves its TokenEvents into one asyncio queue."""
+    loop through one asyncio queue."""
 
-    def __init__(self, streams: list[Stream], loop: asyncio.AbstractEventLoop, on_done):
-        self.streams = streams
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_done):
         self.loop = loop
         self.queue: asyncio.Queue = asyncio.Queue()
         self._on_done = on_done
-        for i, s in enumerate(streams):
-            threading.Thread(target=self._pump, args=(i, s), name="llmdesk-stream", daemon=True).start()
+        self.streams: list[Stream] = []
+
+    def submit(self, engine, request: Request) -> Stream:
+        stream = engine.submit(request, events=_Sink(self, len(self.streams)))
+        self.streams.append(stream)
+        return stream
+
+    def _deliver(self, index: int, item) -> None:
+        # on the loop, so after submit() has recorded the stream, even for one that ended at once
+        if item is _ENGINE_DONE:
+            try:
+                self._on_done(self.streams[index].result)  # counted whoever is listening
+            finally:
+                self.queue.put_nowait((index, _END))
+        else:
+            self.queue.put_nowait((index, item))
 
     @property
     def results(self) -> list[Result]:
@@ -47,26 +76,6 @@ class Generations:
     def cancel(self) -> None:
         for s in self.streams:
             s.cancel()
-
-    def _put(self, item) -> bool:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-            return True
-        except RuntimeError:  # the loop is gone (server shutting down): nobody listens any more
-            self.cancel()
-            return False
-
-    def _pump(self, i: int, stream: Stream) -> None:
-        try:
-            for ev in stream:
-                if not self._put((i, ev)):
-                    break
-            stream.done.wait()
-        finally:
-            try:
-                self._on_done(stream.result)
-            finally:
-                self._put((i, _END))
 
     async def events(self) -> AsyncIterator[tuple[int, TokenEvent | None]]:
         """(choice index, TokenEvent) as they come, and (index, None) when that choice has ended.
@@ -114,17 +123,17 @@ def start(lease: Lease, requests: list[Request], metrics: Metrics) -> Generation
         gate.leave(time.perf_counter() - t0 if result.finish_reason in ("stop", "length") else None)
         _account(metrics, lm.name, result)
 
-    streams: list[Stream] = []
+    gens = Generations(asyncio.get_running_loop(), on_done)
     try:
         for req in requests:
-            streams.append(lm.model.engine.submit(req))
+            gens.submit(lm.model.engine, req)
     except BaseException:
-        for s in streams:
-            s.cancel()
-        for _ in requests:
+        # the ones submitted end (cancelled) through on_done; the rest never started
+        gens.cancel()
+        for _ in range(len(requests) - len(gens.streams)):
             gate.leave()
         raise
-    return Generations(streams, asyncio.get_running_loop(), on_done)
+    return gens
 
 
 def _account(metrics: Metrics, model: str, r: Result) -> None:
