@@ -160,3 +160,27 @@ def test_the_page_asks_for_the_api_key(browser, tiny_gguf):
         expect(page.locator("#key-dialog")).to_be_hidden()
         expect(page.locator("#model")).to_have_value("tiny.gguf")
         page.close()
+
+
+def test_a_long_conversation_drops_its_oldest_turns_and_says_so(browser, tiny_gguf):
+    expect = sync_api.expect
+    with running(tiny_gguf, ctx=200) as s:
+        page = browser.new_page()
+
+        def short_answers(route):
+            body = json.loads(route.request.post_data)
+            body.update(ignore_eos=True, max_tokens=40)
+            route.continue_(post_data=json.dumps(body))
+
+        page.route("**/v1/chat/completions", short_answers)
+        page.goto(s.url + "/")
+        expect(page.locator("#model")).to_have_value("tiny.gguf")
+        for i in range(3):
+            page.fill("#input", f"Question {i}: the quick brown fox jumps over the lazy dog.")
+            page.press("#input", "Enter")
+            expect(page.locator(".msg.assistant .stats")).to_have_count(i + 1)
+            expect(page.locator(".msg.assistant .stats").nth(i)).to_contain_text("tokens", timeout=60_000)
+        stats = page.locator(".msg.assistant .stats").last.inner_text()
+        assert "earlier tokens left out" in stats
+        assert page.locator(".msg.error").count() == 0
+        page.close()

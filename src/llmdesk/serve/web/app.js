@@ -271,6 +271,9 @@
       messages: (system ? [{ role: "system", content: system }] : []).concat(history),
       stream: true,
       stream_options: { include_usage: true },
+      // a long conversation drops its oldest turns to fit the model's context: asked for
+      // explicitly, and shown under the answer
+      truncate: true,
     };
     const t = number(els.temperature, parseFloat); if (t !== undefined) body.temperature = t;
     const p = number(els.top_p, parseFloat); if (p !== undefined) body.top_p = p;
@@ -282,7 +285,7 @@
     busy(true);
     setStatus("");
     const t0 = performance.now();
-    let tFirst = null, pieces = 0, timings = null, usage = null, pending = false;
+    let tFirst = null, pieces = 0, timings = null, usage = null, pending = false, dropped = 0;
     const repaint = () => {
       pending = false;
       const stick = nearBottom();
@@ -305,6 +308,7 @@
         const choice = chunk.choices && chunk.choices[0];
         if (!choice) continue;
         if (chunk.timings) timings = chunk.timings;
+        if (chunk.truncated_prompt_tokens) dropped = chunk.truncated_prompt_tokens;
         const delta = choice.delta && choice.delta.content;
         if (delta) {
           if (tFirst === null) tFirst = performance.now();
@@ -316,7 +320,7 @@
       const n = usage ? usage.completion_tokens : timings ? timings.predicted_n : pieces;
       const tps = timings ? timings.predicted_per_second : 0;
       const ttft = timings ? timings.prompt_ms / 1000 : tFirst === null ? null : (tFirst - t0) / 1000;
-      answer.stats = describe(n, tps, ttft);
+      answer.stats = describe(n, tps, ttft) + (dropped ? ` · ${dropped} earlier tokens left out to fit the context` : "");
     } catch (e) {
       if (e.name === "AbortError") {
         const secs = tFirst === null ? 0 : (performance.now() - tFirst) / 1000;
