@@ -158,7 +158,7 @@ def test_metrics_and_access_log(tiny_gguf, caplog):
 
 
 def test_keep_alive_unloads_idle_models(tiny_gguf):
-    with running(tiny_gguf, keep_alive=0.5) as s:
+    with running(tiny_gguf, keep_alive=3) as s:
         assert [m["model"] for m in httpx.get(s.url + "/slots").json()["models"]] == ["tiny.gguf"]
         wait_until(lambda: httpx.get(s.url + "/api/ps").json()["models"] == [], timeout=20)
         # loaded again on the next request, and unloaded again after it

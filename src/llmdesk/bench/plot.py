@@ -13,6 +13,7 @@ def plot_run(run: BenchRun, path: str | Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401  (matplotlib.ticker.MaxNLocator below)
 
     path = Path(path)
     if path.suffix.lower() not in (".png", ".svg", ".pdf"):
@@ -43,6 +44,7 @@ def plot_run(run: BenchRun, path: str | Path) -> Path:
             else:
                 ax.bar([str(x) for x in xs], [r.tokens_per_second for r in rs], yerr=[r.stddev for r in rs], capsize=3, label=label)
         ax.set_xlabel({"n_prompt": "prompt tokens", "n_gen": "generated tokens"}.get(x_attr, x_attr))
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_ylabel("tokens/s")
         ax.set_title("prompt processing" if kind == "pp" else "generation")
         ax.grid(True, alpha=0.3)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import sys
+
+import typer
 
 try:  # typer >= 0.29 carries its own copy of click; its exceptions are the ones raised
     from typer._click import exceptions as click_exc
@@ -32,17 +35,19 @@ def main(argv: list[str] | None = None) -> int:
         cmd = e.ctx.command_path if e.ctx else "llmdesk"
         err.print(f"error: {e.format_message()} (see '{cmd} --help')", markup=False)
         return 2
-    except click_exc.Exit as e:
+    except typer.Exit as e:
         return e.exit_code
-    except click_exc.Abort:
+    except typer.Abort:
         err.print("aborted", markup=False)
         return 130
     except KeyboardInterrupt:
         err.print("interrupted", markup=False)
         return 130
     except BrokenPipeError:
-        # output piped into `head` and friends
-        sys.stderr.close()
+        # output piped into `head` and friends: stop quietly (and keep Python's
+        # own flush at exit from complaining about the closed pipe)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
         return 0
     return 0
 

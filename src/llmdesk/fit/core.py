@@ -25,10 +25,10 @@ from .training import TrainEstimate, estimate_training
 
 DEFAULT_CTX = 4096
 DEFAULT_QUANT = "Q4_K_M"
-# llama.cpp's decode reaches about this fraction of the numpy-copy bandwidth hardware.py measures
-# (`llmdesk bench`, TinyLlama 1.1B Q4_K_M, tg128, one thread: 0.89 of 15.2 GB/s on the 2-core EPYC
-# VM this was written on; see docs/fit.md)
-LOCAL_CPU_DECODE_EFFICIENCY = 0.85
+# llama.cpp's decode reaches about this fraction of the best numpy-copy bandwidth hardware.py
+# measures (`llmdesk bench`, TinyLlama 1.1B Q4_K_M, tg128: 0.41-0.47 of 36.9 GB/s on the 2-core
+# EPYC VM this was written on, where two slow cores are part compute-bound; see docs/fit.md)
+LOCAL_CPU_DECODE_EFFICIENCY = 0.5
 # llama.cpp's prompt processing against the CPU's peak FP32 FLOPS (hardware.cpu_peak_gflops): its
 # quantized matmuls use integer dot products (AVX-512 VNNI here), so it exceeds 1 (same bench,
 # pp512 on one thread: 1.37 x that thread's FP32 peak; 1.2 leaves room for two threads' sync)

@@ -129,11 +129,17 @@ def apple_chip(cpu: str) -> str | None:
 # measured once, cached
 
 
-def measure_bandwidth(threads: int | None = None, mib_per_thread: int = 256, repeats: int = 5) -> float:
-    """Memory bandwidth in GB/s (10^9 bytes/s): numpy copies, one array per thread, read + write counted."""
+def measure_bandwidth(threads: int | None = None, mib_per_thread: int = 256, repeats: int = 8) -> float:
+    """Memory bandwidth in GB/s (10^9 bytes/s): numpy copies, one array per thread, read + write
+    counted, best of `repeats`. Without `threads`: the best of one thread and all cores (one core
+    can often stream as much as all of them, and a busy machine disturbs the parallel run more)."""
+    if threads is None:
+        n_all = os.cpu_count() or 1
+        return max(measure_bandwidth(1, mib_per_thread, repeats),
+                   measure_bandwidth(n_all, mib_per_thread, repeats) if n_all > 1 else 0.0)
     import numpy as np
 
-    n = threads or os.cpu_count() or 1
+    n = threads
     size = mib_per_thread << 20
     srcs = [np.ones(size, dtype=np.uint8) for _ in range(n)]
     dsts = [np.zeros(size, dtype=np.uint8) for _ in range(n)]
