@@ -169,13 +169,13 @@ def test_a_long_conversation_drops_its_oldest_turns_and_says_so(browser, tiny_gg
 
         def short_answers(route):
             body = json.loads(route.request.post_data)
-            body.update(ignore_eos=True, max_tokens=40)
+            body.update(ignore_eos=True, max_tokens=40, temperature=0, seed=1)
             route.continue_(post_data=json.dumps(body))
 
         page.route("**/v1/chat/completions", short_answers)
         page.goto(s.url + "/")
         expect(page.locator("#model")).to_have_value("tiny.gguf")
-        for i in range(3):
+        for i in range(4):
             page.fill("#input", f"Question {i}: the quick brown fox jumps over the lazy dog.")
             page.press("#input", "Enter")
             expect(page.locator(".msg.assistant .stats")).to_have_count(i + 1)
