@@ -175,12 +175,13 @@ def test_a_long_conversation_drops_its_oldest_turns_and_says_so(browser, tiny_gg
         page.route("**/v1/chat/completions", short_answers)
         page.goto(s.url + "/")
         expect(page.locator("#model")).to_have_value("tiny.gguf")
-        for i in range(4):
+        for i in range(5):
             page.fill("#input", f"Question {i}: the quick brown fox jumps over the lazy dog.")
             page.press("#input", "Enter")
             expect(page.locator(".msg.assistant .stats")).to_have_count(i + 1)
             expect(page.locator(".msg.assistant .stats").nth(i)).to_contain_text("tokens", timeout=60_000)
-        stats = page.locator(".msg.assistant .stats").last.inner_text()
-        assert "earlier tokens left out" in stats
+        # once the conversation outgrows the context, the answer says what was left out
+        stats = page.locator(".msg.assistant .stats").all_inner_texts()
+        assert any("earlier tokens left out" in t for t in stats[2:]), stats
         assert page.locator(".msg.error").count() == 0
         page.close()
