@@ -178,7 +178,7 @@ def test_a_long_conversation_drops_its_oldest_turns_and_says_so(browser, tiny_gg
         for i in range(5):
             page.fill("#input", f"Question {i}: the quick brown fox jumps over the lazy dog.")
             page.press("#input", "Enter")
-            expect(page.locator(".msg.assistant .stats")).to_have_count(i + 1)
+            expect(page.locator(".msg.assistant .stats")).to_have_count(i + 1, timeout=60_000)
             expect(page.locator(".msg.assistant .stats").nth(i)).to_contain_text("tokens", timeout=60_000)
         # once the conversation outgrows the context, the answer says what was left out
         stats = page.locator(".msg.assistant .stats").all_inner_texts()
