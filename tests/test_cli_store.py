@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from llmdesk.formats.synth import CHATML_TEMPLATE
 from llmdesk.store import logs

@@ -20,7 +20,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from llmdesk.formats.convert import CHECK_STRINGS, convert, reference_tokenize  # noqa: E402
-from llmdesk.formats.hf import ConversionError, open_checkpoint  # noqa: E402
+from llmdesk.formats.hf import open_checkpoint  # noqa: E402
 from llmdesk.runtime.llama import LlamaModel  # noqa: E402
 from llmdesk.train.tokenizer import CHATML_TEMPLATE, save_hf_tokenizer, train_bpe  # noqa: E402
 

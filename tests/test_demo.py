@@ -8,7 +8,6 @@ import os
 import subprocess
 from pathlib import Path
 
-import pytest
 
 import llmdesk
 from llmdesk.demo import default_model_path

@@ -458,7 +458,6 @@ def test_pull_of_a_bad_file_leaves_nothing(fake_hub, tiny_gguf, user_dir):
 
 
 def test_pull_without_network_fails_fast(monkeypatch, tmp_path):
-    import time
 
     point_hf_at(monkeypatch, f"http://127.0.0.1:{closed_port()}", tmp_path)
     with pytest.raises(LlmdeskError) as e:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 from test_serve_util import busy_slots, metric, running, wait_until

@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
 import statistics
 import time
 import uuid
@@ -31,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from .. import atomic
 from ..errors import LlmdeskError
 
 
@@ -121,9 +121,7 @@ def file_sha256(path: Path) -> str:
     cache[key] = digest
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(dict(list(cache.items())[-200:])))
-        os.replace(tmp, cache_file)
+        atomic.write_text(cache_file, json.dumps(dict(list(cache.items())[-200:])))
     except OSError:
         pass
     return digest

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
+from .. import atomic
 from ..errors import LlmdeskError
 from .app import app, err, out
 
@@ -182,12 +182,9 @@ def _read_message(prompt: str) -> str | None:
 
 def _save(path: str, data: dict) -> Path:
     p = Path(path).expanduser()
-    tmp = p.with_name(p.name + ".part")
     try:
-        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-        os.replace(tmp, p)
+        atomic.write_text(p, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise LlmdeskError(f"cannot write {p}: {e.strerror}") from None
     return p
 

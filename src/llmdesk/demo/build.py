@@ -17,6 +17,7 @@ import shutil
 import time
 from pathlib import Path
 
+from llmdesk.atomic import atomic_path
 from llmdesk.demo import DEMO_FILE
 from llmdesk.demo.corpus import FACTS, SYSTEM, heldout, key_term_recall, write_corpus
 
@@ -85,9 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"held-out key-term recall: trained {score:.3f}, untrained {base_score:.3f}")
 
     dest = args.dest / DEMO_FILE
-    tmp = dest.with_name(f".{dest.name}.part")
-    shutil.copyfile(q, tmp)
-    os.replace(tmp, dest)
+    with atomic_path(dest) as tmp:
+        shutil.copyfile(q, tmp)
     write_card(args.dest / "MODEL_CARD.md", dest, res, cfg, wall, score, base_score, rows)
     print(f"wrote {dest} ({dest.stat().st_size / 1e6:.1f} MB)")
     return 0

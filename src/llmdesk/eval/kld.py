@@ -29,6 +29,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..atomic import atomic_path
 from ..errors import LlmdeskError
 from .ppl import log_softmax, resolve_ctx, tokenize_text, window_logits
 
@@ -64,7 +65,6 @@ class BaseLogits:
         path = Path(path).expanduser()
         if path.suffix != ".npz":  # numpy would add it; say so up front instead
             path = path.with_name(path.name + ".npz")
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
         arrays = dict(
             format=np.array(FORMAT), model=np.array(self.model), model_sha256=np.array(self.model_sha256 or ""),
             n_vocab=np.array(self.n_vocab), tokens=self.tokens.astype(np.int32), targets=self.targets.astype(np.int64),
@@ -75,15 +75,8 @@ class BaseLogits:
             arrays["logprobs"] = self.logprobs
         else:
             arrays["top_ids"], arrays["top_logprobs"] = self.top_ids, self.top_logprobs
-        try:
-            with open(tmp, "wb") as f:
-                np.savez_compressed(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)
         return path
 
     @classmethod

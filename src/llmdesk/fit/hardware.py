@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .. import atomic
 from .devices import DEVICES, LocalMachine
 
 CACHE_VERSION = 2
@@ -215,10 +216,8 @@ def machine(measure: bool = True, again: bool = False) -> LocalMachine:
         try:
             p = _cache_path()
             p.parent.mkdir(parents=True, exist_ok=True)
-            tmp = p.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"version": CACHE_VERSION, "key": key, "bandwidth_gbs": bw,
+            atomic.write_text(p, json.dumps({"version": CACHE_VERSION, "key": key, "bandwidth_gbs": bw,
                                        "fp32_gflops": gf, "measured": time.strftime("%Y-%m-%d %H:%M:%S")}))
-            os.replace(tmp, p)
         except OSError:
             pass
     return LocalMachine(cpu=cpu, cores=cores, ram_bytes=total, available_bytes=avail, bandwidth_gbs=bw,

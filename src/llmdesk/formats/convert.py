@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from llmdesk.atomic import atomic_path
 from llmdesk.formats.hf import Checkpoint, ConversionError, open_checkpoint
 
 OUT_TYPES = ("f32", "f16", "bf16", "q8_0")
@@ -559,8 +560,7 @@ def convert(hf_dir: str | os.PathLike, out: str | os.PathLike, *, out_type: str 
     say("reading the tokenizer")
     vocab = _build_vocab(ck, hp.n_vocab)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.part")
-    try:
+    with atomic_path(out) as tmp:
         gguf_arch = gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, arch_name)]
         w = gguf.GGUFWriter(str(tmp), gguf_arch)
         try:
@@ -585,12 +585,6 @@ def convert(hf_dir: str | os.PathLike, out: str | os.PathLike, *, out_type: str 
             w.write_tensors_to_file()
         finally:
             w.close()
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
     try:
         if check:

@@ -28,6 +28,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, NamedTuple
 
+from ..atomic import fsync_dir, part_path
 from ..errors import LlmdeskError
 
 
@@ -148,7 +149,7 @@ def quantize_file(
     dst.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_parts(dst.parent)
 
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.part")
+    tmp = part_path(dst)
     job = {
         "src": str(src), "tmp": str(tmp), "ftype": qt.ftype, "type": name,
         "imatrix": str(Path(imatrix).expanduser()) if imatrix is not None else None,
@@ -182,7 +183,7 @@ def quantize_file(
         if before_rename is not None:
             before_rename(tmp)
         os.replace(tmp, dst)
-        _fsync_dir(dst.parent)
+        fsync_dir(dst.parent)
     except BaseException:
         if proc is not None and proc.poll() is None:
             proc.kill()
@@ -249,15 +250,6 @@ def _pid_alive(pid: int) -> bool:
     except OSError:
         return False
     return True
-
-
-def _fsync_dir(path: Path) -> None:
-    if os.name == "posix":
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def default_output(src: Path, type_name: str) -> Path:

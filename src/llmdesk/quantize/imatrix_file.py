@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import atomic_path
 from ..errors import LlmdeskError
 
 
@@ -55,8 +56,7 @@ def save_imatrix(im: Imatrix, path: str | os.PathLike) -> Path:
     import gguf
 
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-    try:
+    with atomic_path(path) as tmp:
         if path.suffix.lower() == ".dat":
             _save_legacy(im, tmp)
         else:
@@ -73,12 +73,6 @@ def save_imatrix(im: Imatrix, path: str | os.PathLike) -> Path:
             w.write_kv_data_to_file()
             w.write_tensors_to_file()
             w.close()
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -22,6 +22,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..atomic import atomic_path
 from ..errors import LlmdeskError
 from ..eval.common import ModelRef, record, resolve_model
 from .core import quant_type
@@ -121,10 +122,9 @@ class SweepResult:
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=8)
         fig.tight_layout()
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.part{path.suffix}")
-        fig.savefig(tmp, dpi=120)
+        with atomic_path(path, suffix=path.suffix) as tmp:
+            fig.savefig(tmp, dpi=120)
         plt.close(fig)
-        os.replace(tmp, path)
         return path
 
 

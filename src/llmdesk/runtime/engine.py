@@ -13,7 +13,6 @@ One background thread owns the context: callers never touch llama.cpp directly.
 from __future__ import annotations
 
 import codecs
-import ctypes
 import logging
 import queue
 import threading

@@ -23,6 +23,7 @@ import sqlite3
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..atomic import fsync_dir
 from ..errors import LlmdeskError, ModelNotFound
 from . import db, paths
 
@@ -156,7 +157,7 @@ def add_file(
         with db.using(conn) as c, db.transaction(c):
             if not (blob.exists() and blob.stat().st_size == size):
                 os.replace(staged, blob)
-                _fsync_dir(blobs)
+                fsync_dir(blobs)
             old = c.execute("SELECT sha256 FROM models WHERE name = ? AND tag = ?", (name, tag)).fetchone()
             c.execute(
                 """
@@ -258,15 +259,6 @@ def sha256_file(path: str | os.PathLike, progress: bool = True) -> str:
             h.update(view[:n])
             bar.advance(n)
     return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    if os.name == "posix":
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 class _Progress:

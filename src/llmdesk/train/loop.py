@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from llmdesk.atomic import atomic_path
 from llmdesk.errors import LlmdeskError
 from llmdesk.formats.hf import require_train_extra
 from llmdesk.train.config import TrainConfig
@@ -165,15 +166,8 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     import torch
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def train(corpus: list[str | os.PathLike], out_dir: str | os.PathLike, cfg: TrainConfig, *,
