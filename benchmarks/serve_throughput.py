@@ -99,7 +99,9 @@ def llama_cpp_server(path: Path, args) -> Server | str:
     port = free_port()
     argv = [sys.executable, "-m", "llama_cpp.server", "--model", str(path), "--port", str(port), "--host", "127.0.0.1",
             "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads), "--n_ctx", str(args.ctx),
-            "--model_alias", path.name]
+            "--model_alias", path.name,
+            # by default a new request interrupts the stream in progress; queue them instead
+            "--interrupt_requests", "False"]
     return Server("llama_cpp.server", argv, port, "/v1/models")
 
 

@@ -39,6 +39,10 @@ def test_real_shape_f16(tmp_path):
     with Model(path, ctx=64) as m:
         assert m.llama.n_vocab == 49152
         assert m.complete("hello", max_tokens=3, temperature=0, ignore_eos=True).completion_tokens == 3
+        # the padded vocabulary is words: a random model streams visible text, like a real one
+        # (a server benchmark's time to first token is the time to the first visible text)
+        pieces = [ev.text for ev in m.start("hello", max_tokens=24, temperature=1.0, seed=3, ignore_eos=True)]
+        assert len(pieces) == 24 and sum(bool(p.strip()) for p in pieces) >= 20
 
 
 def test_q8_0_written_directly_matches_the_estimate(tmp_path):

@@ -45,3 +45,38 @@ def test_percentile():
     assert load.percentile([3, 1, 2], 50) == 2
     assert load.percentile([0, 10], 95) == pytest.approx(9.5)
     assert load.base_url("127.0.0.1:8080/v1/") == "http://127.0.0.1:8080"
+
+
+def test_a_stream_cut_short_is_an_error():
+    """A server that closes a stream before `data: [DONE]` (as llama_cpp.server does to a
+    request it interrupts) must not count as a successful request."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps({"data": [{"id": "m"}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            self.wfile.write(b'data: {"choices": [{"index": 0, "text": "hi"}]}\n\n')
+            self.close_connection = True
+
+        def log_message(self, *args):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        [r] = load.run(f"http://127.0.0.1:{srv.server_address[1]}", [2], requests=2, prompt_tokens=4, max_tokens=4)
+    finally:
+        srv.shutdown()
+    assert r.ok == 0 and r.errors == 2
+    assert "ended early" in r.error_samples[0]

@@ -94,6 +94,7 @@ async def _one(client, url: str, model: str, prompt: str, max_tokens: int) -> Re
     ttft = None
     pieces = 0
     usage = None
+    done = False
     try:
         async with client.stream("POST", url + "/v1/completions", json=body) as r:
             if r.status_code != 200:
@@ -109,6 +110,7 @@ async def _one(client, url: str, model: str, prompt: str, max_tokens: int) -> Re
                     continue
                 data = line[5:].strip()
                 if data == "[DONE]":
+                    done = True
                     break
                 chunk = json.loads(data)
                 if chunk.get("error"):
@@ -123,6 +125,8 @@ async def _one(client, url: str, model: str, prompt: str, max_tokens: int) -> Re
                         pieces += 1
     except Exception as e:  # noqa: BLE001 - any failure of one request is a counted error
         return RequestResult(False, time.perf_counter() - t0, error=f"{type(e).__name__}: {e}"[:200])
+    if not done:  # the server closed the stream before its end (interrupted, crashed)
+        return RequestResult(False, time.perf_counter() - t0, error=f"the stream ended early, after {pieces} pieces")
     tokens = usage.get("completion_tokens", pieces) if usage else pieces
     return RequestResult(True, time.perf_counter() - t0, ttft, tokens, usage.get("prompt_tokens") if usage else None)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import atomic_path
 # The ChatML template as Hugging Face tokenizers ship it (Qwen 2, SmolLM 2 and others).
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -39,7 +40,7 @@ class SynthConfig:
     """Shapes of a Llama-family model. The defaults are a tiny test model (f32, ~0.5 MB).
 
     Real shapes (see `llmdesk.fit.presets`) set `n_vocab` (the vocabulary is padded to it with
-    unreachable filler tokens), `head_dim` where it is not n_embd / n_head, `arch="qwen2"` for
+    filler words no merge produces), `head_dim` where it is not n_embd / n_head, `arch="qwen2"` for
     Qwen 2 (biases on q/k/v) and `dtype` for the stored type of the 2-D weights.
     """
 
@@ -116,6 +117,28 @@ def train_bpe(text: str, n_merges: int) -> tuple[list[str], list[str]]:
     return tokens, merges
 
 
+_SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
+
+
+def _filler_words(n: int, taken: set[str]) -> list[str]:
+    """`n` distinct pronounceable words, each with a leading space (`Ġ` in byte-level BPE)."""
+    out: list[str] = []
+    i = 0
+    k = len(_SYLLABLES)
+    while len(out) < n:
+        word, j = "", i
+        while True:
+            word += _SYLLABLES[j % k]
+            j //= k
+            if not j:
+                break
+        i += 1
+        word = "\u0120" + word
+        if word not in taken:
+            out.append(word)
+    return out
+
+
 def _tensor_plan(cfg: SynthConfig, n_vocab: int) -> list[tuple[str, tuple[int, ...], float | None]]:
     """(name, numpy shape (out, in), std) of every tensor in file order; std None means ones
     (norm weights), 0.0 means zeros (biases)."""
@@ -161,11 +184,12 @@ def write_llama_gguf(path: str | os.PathLike, cfg: SynthConfig | None = None) ->
     token_types = [gguf.TokenType.NORMAL] * len(tokens) + [gguf.TokenType.CONTROL] * len(specials)
     tokens = tokens + specials
     if cfg.n_vocab is not None and cfg.n_vocab > len(tokens):
-        # filler tokens no merge produces: the vocabulary (and so the embedding and output
-        # matrices, the logits) has the real model's size
+        # filler words no merge produces: the vocabulary (and so the embedding and output
+        # matrices, the logits) has the real model's size, and a random model writes visible
+        # text, as a real one does (a stream of empty pieces would hide its time to first token)
         n_fill = cfg.n_vocab - len(tokens)
-        tokens += [f"<|filler_{i}|>" for i in range(n_fill)]
-        token_types += [gguf.TokenType.UNUSED] * n_fill
+        tokens += _filler_words(n_fill, set(tokens))
+        token_types += [gguf.TokenType.NORMAL] * n_fill
     n_vocab = len(tokens)
     head_dim = cfg.head_dim or cfg.n_embd // cfg.n_head
     qtype = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
@@ -173,73 +197,69 @@ def write_llama_gguf(path: str | os.PathLike, cfg: SynthConfig | None = None) ->
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[cfg.dtype]
 
-    tmp = path.with_name(path.name + ".part")
-    w = gguf.GGUFWriter(str(tmp), cfg.arch)
-    try:
-        w.add_name(cfg.name)
-        w.add_context_length(cfg.n_ctx_train)
-        w.add_embedding_length(cfg.n_embd)
-        w.add_block_count(cfg.n_layer)
-        w.add_feed_forward_length(cfg.n_ff)
-        w.add_head_count(cfg.n_head)
-        w.add_head_count_kv(cfg.n_head_kv)
-        if cfg.head_dim is not None:
-            w.add_key_length(head_dim)
-            w.add_value_length(head_dim)
-        w.add_rope_dimension_count(head_dim)
-        w.add_rope_freq_base(cfg.rope_freq_base)
-        w.add_layer_norm_rms_eps(cfg.rms_eps)
-        w.add_vocab_size(n_vocab)
-        w.add_file_type(file_type)
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre("default")
-        w.add_token_list(tokens)
-        w.add_token_types(token_types)
-        w.add_token_merges(merges)
-        w.add_bos_token_id(tokens.index("<s>"))
-        w.add_eos_token_id(tokens.index("<|im_end|>") if cfg.chat_template else tokens.index("</s>"))
-        w.add_add_bos_token(False)
-        if cfg.chat_template:
-            w.add_chat_template(cfg.chat_template)
+    with atomic_path(path) as tmp:
+        w = gguf.GGUFWriter(str(tmp), cfg.arch)
+        try:
+            w.add_name(cfg.name)
+            w.add_context_length(cfg.n_ctx_train)
+            w.add_embedding_length(cfg.n_embd)
+            w.add_block_count(cfg.n_layer)
+            w.add_feed_forward_length(cfg.n_ff)
+            w.add_head_count(cfg.n_head)
+            w.add_head_count_kv(cfg.n_head_kv)
+            if cfg.head_dim is not None:
+                w.add_key_length(head_dim)
+                w.add_value_length(head_dim)
+            w.add_rope_dimension_count(head_dim)
+            w.add_rope_freq_base(cfg.rope_freq_base)
+            w.add_layer_norm_rms_eps(cfg.rms_eps)
+            w.add_vocab_size(n_vocab)
+            w.add_file_type(file_type)
+            w.add_tokenizer_model("gpt2")
+            w.add_tokenizer_pre("default")
+            w.add_token_list(tokens)
+            w.add_token_types(token_types)
+            w.add_token_merges(merges)
+            w.add_bos_token_id(tokens.index("<s>"))
+            w.add_eos_token_id(tokens.index("<|im_end|>") if cfg.chat_template else tokens.index("</s>"))
+            w.add_add_bos_token(False)
+            if cfg.chat_template:
+                w.add_chat_template(cfg.chat_template)
 
-        def stored(name: str, shape: tuple[int, ...]):
-            """(numpy dtype of the written array, its shape, raw ggml type or None)."""
-            if len(shape) == 1 or qtype == gguf.GGMLQuantizationType.F32:
-                return np.dtype(np.float32), shape, None
-            if qtype == gguf.GGMLQuantizationType.F16:
-                return np.dtype(np.float16), shape, None
-            byte_shape = gguf.quant_shape_to_byte_shape(shape, qtype)
-            return np.dtype(np.uint8), byte_shape, qtype
+            def stored(name: str, shape: tuple[int, ...]):
+                """(numpy dtype of the written array, its shape, raw ggml type or None)."""
+                if len(shape) == 1 or qtype == gguf.GGMLQuantizationType.F32:
+                    return np.dtype(np.float32), shape, None
+                if qtype == gguf.GGMLQuantizationType.F16:
+                    return np.dtype(np.float16), shape, None
+                byte_shape = gguf.quant_shape_to_byte_shape(shape, qtype)
+                return np.dtype(np.uint8), byte_shape, qtype
 
-        plan = _tensor_plan(cfg, n_vocab)
-        for name, shape, _std in plan:
-            dt, shp, raw = stored(name, shape)
-            nbytes = int(np.prod(shp)) * dt.itemsize
-            # numpy shapes are (out, in); the writer stores them as ggml's (in, out)
-            w.add_tensor_info(name, shp, dt, nbytes, raw_dtype=raw)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        for name, shape, std in plan:
-            if std is None:
-                data = np.ones(shape, dtype=np.float32)
-            elif std == 0.0:
-                data = np.zeros(shape, dtype=np.float32)
-            else:
-                scale = std / np.sqrt(shape[-1] / 64)
-                data = _random(rng, shape, scale)
-            dt, _shp, raw = stored(name, shape)
-            if raw is not None:
-                data = gguf.quants.quantize(data, raw)
-            elif dt != data.dtype:
-                data = data.astype(dt)
-            w.write_tensor_data(data)
-        w.close()
-    except BaseException:
-        w.close()
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
+            plan = _tensor_plan(cfg, n_vocab)
+            for name, shape, _std in plan:
+                dt, shp, raw = stored(name, shape)
+                nbytes = int(np.prod(shp)) * dt.itemsize
+                # numpy shapes are (out, in); the writer stores them as ggml's (in, out)
+                w.add_tensor_info(name, shp, dt, nbytes, raw_dtype=raw)
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+            for name, shape, std in plan:
+                if std is None:
+                    data = np.ones(shape, dtype=np.float32)
+                elif std == 0.0:
+                    data = np.zeros(shape, dtype=np.float32)
+                else:
+                    scale = std / np.sqrt(shape[-1] / 64)
+                    data = _random(rng, shape, scale)
+                dt, _shp, raw = stored(name, shape)
+                if raw is not None:
+                    data = gguf.quants.quantize(data, raw)
+                elif dt != data.dtype:
+                    data = data.astype(dt)
+                w.write_tensor_data(data)
+        finally:
+            w.close()
     return path
 
 
