@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from llmdesk.formats.gguf import read_gguf
@@ -131,14 +132,38 @@ def test_metrics_text():
     assert 't_seconds_sum{model="a"} 5.5' in text and "# TYPE g gauge" in text and 'g{model="a"} 2.5' in text
 
 
-def test_memory_estimate(tiny_gguf):
+def test_memory_estimate_is_fits(tiny_gguf):
+    """The server asks llmdesk fit (whose numbers docs/fit.md checks against measured memory),
+    less the process baseline it has already paid."""
+    from llmdesk.fit.memory import PROCESS_BASELINE_BYTES, estimate_memory
+    from llmdesk.fit.presets import from_gguf
+
     info = read_gguf(tiny_gguf)
-    one = estimate_load_bytes(info, n_ctx=1024, n_slots=1)
-    four = estimate_load_bytes(info, n_ctx=1024, n_slots=4)
+    one = estimate_load_bytes(info, tiny_gguf, n_ctx=1024, n_slots=1)
+    four = estimate_load_bytes(info, tiny_gguf, n_ctx=1024, n_slots=4)
     # n_layer * n_ctx * n_kv_heads * head_dim * (K + V) * 2 bytes
     assert one.kv_cache == 2 * 1024 * 2 * 16 * 2 * 2
-    assert four.kv_cache == 4 * one.kv_cache and four.weights == one.weights == info.file_size
-    assert "KV cache" in four.describe() and four.total > four.weights
+    assert four.kv_cache == 4 * one.kv_cache and four.weights == one.weights
+    shape, _ = from_gguf(tiny_gguf)
+    fit = estimate_memory(shape, quant=None, ctx=1024, parallel=4, gguf_info=info)
+    assert four.total == fit.required_bytes - PROCESS_BASELINE_BYTES
+    assert "KV cache" in four.describe() and "4096 tokens" in four.describe()
+
+
+def test_memory_estimate_of_a_file_fit_cannot_read(tmp_path):
+    """Not a decoder-only transformer (no block count): the file's size and a margin, no crash."""
+    import gguf
+
+    path = tmp_path / "odd.gguf"
+    w = gguf.GGUFWriter(str(path), "odd")
+    w.add_tensor("x", np.zeros((4, 64), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    info = read_gguf(path)
+    est = estimate_load_bytes(info, path, n_ctx=512, n_slots=2)
+    assert est.weights == info.file_size and est.total > info.file_size and est.n_ctx_total == 1024
 
 
 def test_builtin_templates_have_no_native_tools():

@@ -220,6 +220,11 @@ def from_gguf(path: str | Path) -> tuple[ModelShape, Any]:
     from ..formats.gguf import read_gguf
 
     info = read_gguf(path)
+    return shape_of_gguf(info, path), info
+
+
+def shape_of_gguf(info: Any, path: str | Path) -> ModelShape:
+    """The shape of an already read GGUF (`formats.gguf.read_gguf`)."""
     arch = info.architecture or "llama"
     md = info.metadata
 
@@ -235,7 +240,7 @@ def from_gguf(path: str | Path) -> tuple[ModelShape, Any]:
         raise LlmdeskError(f"{Path(path).name}: the GGUF has no {arch}.embedding_length/block_count; "
                            "fit knows decoder-only transformers")
     names = {t.name for t in info.tensors}
-    shape = ModelShape(
+    return ModelShape(
         name=info.name or Path(path).stem,
         arch=arch,
         n_layer=info.block_count,
@@ -254,7 +259,6 @@ def from_gguf(path: str | Path) -> tuple[ModelShape, Any]:
         source=str(path),
         tensor_types={t.name: t.type_name for t in info.tensors},
     )
-    return shape, info
 
 
 @dataclass

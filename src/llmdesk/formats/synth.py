@@ -40,7 +40,7 @@ class SynthConfig:
     """Shapes of a Llama-family model. The defaults are a tiny test model (f32, ~0.5 MB).
 
     Real shapes (see `llmdesk.fit.presets`) set `n_vocab` (the vocabulary is padded to it with
-    filler words no merge produces), `head_dim` where it is not n_embd / n_head, `arch="qwen2"` for
+    filler words), `head_dim` where it is not n_embd / n_head, `arch="qwen2"` for
     Qwen 2 (biases on q/k/v) and `dtype` for the stored type of the 2-D weights.
     """
 
@@ -117,26 +117,32 @@ def train_bpe(text: str, n_merges: int) -> tuple[list[str], list[str]]:
     return tokens, merges
 
 
-_SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
-
-
-def _filler_words(n: int, taken: set[str]) -> list[str]:
-    """`n` distinct pronounceable words, each with a leading space (`Ġ` in byte-level BPE)."""
-    out: list[str] = []
-    i = 0
-    k = len(_SYLLABLES)
-    while len(out) < n:
-        word, j = "", i
-        while True:
-            word += _SYLLABLES[j % k]
-            j //= k
-            if not j:
-                break
-        i += 1
-        word = "\u0120" + word
-        if word not in taken:
-            out.append(word)
-    return out
+def _filler_tokens(n: int, tokens: list[str]) -> tuple[list[str], list[str]]:
+    """`n` more words and a merge for each (ranked after the trained ones): a word followed by a
+    word ending ("Ġthe" + "ing"), then longer ones made the same way. A random model then writes
+    words, and its text tokenizes back to (mostly) the tokens it generated, as a real model's
+    does, so a follow-up turn's prompt reuses the cache as it would with a real model."""
+    heads = [t for t in tokens if t.startswith("\u0120") and t[1:].isalpha()]
+    tails = [t for t in tokens if t.isalpha() and t.isascii()]
+    have = set(tokens)
+    words: list[str] = []
+    merges: list[str] = []
+    while len(words) < n:
+        grown = []
+        for tail in tails:
+            for head in heads:
+                if head + tail in have:
+                    continue
+                have.add(head + tail)
+                grown.append(head + tail)
+                words.append(head + tail)
+                merges.append(f"{head} {tail}")
+                if len(words) == n:
+                    return words, merges
+        if not grown:
+            raise ValueError("the trained vocabulary has no words to build filler words from")
+        heads = grown
+    return words, merges
 
 
 def _tensor_plan(cfg: SynthConfig, n_vocab: int) -> list[tuple[str, tuple[int, ...], float | None]]:
@@ -184,11 +190,13 @@ def write_llama_gguf(path: str | os.PathLike, cfg: SynthConfig | None = None) ->
     token_types = [gguf.TokenType.NORMAL] * len(tokens) + [gguf.TokenType.CONTROL] * len(specials)
     tokens = tokens + specials
     if cfg.n_vocab is not None and cfg.n_vocab > len(tokens):
-        # filler words no merge produces: the vocabulary (and so the embedding and output
-        # matrices, the logits) has the real model's size, and a random model writes visible
-        # text, as a real one does (a stream of empty pieces would hide its time to first token)
+        # filler words: the vocabulary (and so the embedding and output matrices, the logits)
+        # has the real model's size, and a random model writes visible text, as a real one does
+        # (a stream of empty pieces would hide its time to first token)
         n_fill = cfg.n_vocab - len(tokens)
-        tokens += _filler_words(n_fill, set(tokens))
+        words, more = _filler_tokens(n_fill, tokens)
+        tokens += words
+        merges = merges + more
         token_types += [gguf.TokenType.NORMAL] * n_fill
     n_vocab = len(tokens)
     head_dim = cfg.head_dim or cfg.n_embd // cfg.n_head

@@ -1,60 +1,59 @@
 """Will a model fit in the memory that is left? Asked before a load, so that a model too big is a
 clear error instead of an out-of-memory kill.
 
-`estimate_load_bytes` is the server's own, deliberately simple estimate (weights + KV cache +
-a margin for llama.cpp's compute buffers). It is the one function to switch to `llmdesk.fit`'s
-estimate once that exists; nothing else here needs to change.
+The estimate is `llmdesk fit`'s (llmdesk.fit.memory, checked against measured peak memory in
+docs/fit.md) for the file's own tensors, `--parallel` sequences of `n_ctx` tokens, and this CPU's
+weight repacking; less the process baseline, which the running server has already paid.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
+from ..errors import LlmdeskError
+from ..fit.hardware import cpu_repacks
+from ..fit.memory import PROCESS_BASELINE_BYTES, estimate_memory
+from ..fit.presets import shape_of_gguf
 from ..formats.gguf import GGUFInfo
 from .config import format_bytes
 
-KV_BYTES_PER_VALUE = 2  # llama.cpp's default KV cache type is f16
-COMPUTE_MARGIN = 0.05  # compute buffers and scratch, as a share of the weights...
-COMPUTE_MIN_BYTES = 32 * 1024 * 1024  # ...but at least this much
 SAFETY_BYTES = 256 * 1024 * 1024  # left free for the rest of the system when checking MemAvailable
+# a file fit cannot read the shape of (not a decoder-only transformer): its size and this share
+UNKNOWN_SHAPE_MARGIN = 0.25
 
 
 @dataclass
 class LoadEstimate:
-    weights: int
+    weights: int  # resident file pages (mmapped weights): page cache, not counted by MemAvailable
+    other: int  # anonymous memory: repacked weights, KV cache, compute and output buffers, tables
     kv_cache: int
-    compute: int
     n_ctx_total: int
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv_cache + self.compute
+        return self.weights + self.other
 
     def describe(self) -> str:
         return (f"{format_bytes(self.total)} (weights {format_bytes(self.weights)} + KV cache "
-                f"{format_bytes(self.kv_cache)} for {self.n_ctx_total} tokens + {format_bytes(self.compute)} buffers)")
+                f"{format_bytes(self.kv_cache)} for {self.n_ctx_total} tokens + "
+                f"{format_bytes(self.other - self.kv_cache)} buffers)")
 
 
-def estimate_load_bytes(info: GGUFInfo, *, n_ctx: int, n_slots: int) -> LoadEstimate:
-    """Memory a model takes once loaded with `n_slots` sequences of `n_ctx` tokens each.
-
-    KV cache: n_layer * n_ctx_total * n_kv_heads * head_dim values for K and again for V, f16.
-    """
-    n_layer = info.block_count or 0
-    n_head = info.head_count or 1
-    n_kv = info.head_count_kv or n_head
-    arch = info.architecture or ""
-    key_len = info.get(f"{arch}.attention.key_length")
-    value_len = info.get(f"{arch}.attention.value_length")
-    head_dim = (info.embedding_length or 0) // max(n_head, 1)
-    k_dim = key_len if type(key_len) is int else head_dim
-    v_dim = value_len if type(value_len) is int else head_dim
-    n_ctx_total = n_ctx * n_slots
-    kv = n_layer * n_ctx_total * n_kv * (k_dim + v_dim) * KV_BYTES_PER_VALUE
-    weights = info.file_size
-    compute = max(COMPUTE_MIN_BYTES, int(weights * COMPUTE_MARGIN))
-    return LoadEstimate(weights=weights, kv_cache=kv, compute=compute, n_ctx_total=n_ctx_total)
+def estimate_load_bytes(info: GGUFInfo, path: str | os.PathLike, *, n_ctx: int, n_slots: int) -> LoadEstimate:
+    """Memory a model takes once loaded with `n_slots` sequences of `n_ctx` tokens each."""
+    try:
+        shape = shape_of_gguf(info, Path(path))
+    except LlmdeskError:
+        size = info.file_size
+        return LoadEstimate(weights=size, other=int(size * UNKNOWN_SHAPE_MARGIN), kv_cache=0,
+                            n_ctx_total=n_ctx * n_slots)
+    est = estimate_memory(shape, quant=None, ctx=n_ctx, parallel=n_slots, gguf_info=info, repack=cpu_repacks())
+    anonymous = (est.repack_bytes + est.kv_cache_bytes + est.compute_bytes + est.output_bytes
+                 + est.overhead_bytes - PROCESS_BASELINE_BYTES)
+    mapped = est.required_bytes - PROCESS_BASELINE_BYTES - anonymous
+    return LoadEstimate(weights=mapped, other=anonymous, kv_cache=est.kv_cache_bytes, n_ctx_total=n_ctx * n_slots)
 
 
 def available_memory_bytes() -> int:

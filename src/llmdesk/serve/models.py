@@ -217,7 +217,7 @@ class ModelManager:
         info = read_gguf(src.path)
         if n_ctx is None:
             n_ctx = self.config.ctx or min(info.context_length or DEFAULT_CTX, DEFAULT_CTX)
-        return info, n_ctx, estimate_load_bytes(info, n_ctx=n_ctx, n_slots=self.config.parallel)
+        return info, n_ctx, estimate_load_bytes(info, src.path, n_ctx=n_ctx, n_slots=self.config.parallel)
 
     def _open(self, src: ModelSource, info: GGUFInfo, n_ctx: int, est: LoadEstimate) -> LoadedModel:
         from ..runtime.model import Model
