@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -59,6 +60,22 @@ def test_hf_config_gives_the_preset_shape(tmp_path):
     for k in ("n_layer", "n_embd", "n_head", "n_head_kv", "n_ff", "n_vocab", "head_dim", "tied_embeddings"):
         assert getattr(shape, k) == getattr(p, k)
     assert from_hf_config(cfg).n_embd_kv == 1024
+    assert shape.n_merges == 0  # no tokenizer files beside it
+    # BPE merge rules are held in memory by llama.cpp: counted from the tokenizer beside the config
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "merges": ["a b", "ab c", "Ġ t"]}}))
+    assert resolve_shape(str(tmp_path / "config.json")).shape.n_merges == 3
+    (tmp_path / "tokenizer.json").unlink()
+    (tmp_path / "merges.txt").write_text("#version: 0.2\na b\nab c\n")
+    assert resolve_shape(str(tmp_path)).shape.n_merges == 2
+
+
+def test_merge_rules_cost_memory():
+    """Llama 3's 280,147 merges are tens of MB in llama.cpp's tables; SentencePiece models have none."""
+    from llmdesk.fit.memory import PER_MERGE_BYTES, overhead_bytes
+
+    llama3, llama2 = PRESETS["llama-3.1-8b"], PRESETS["llama-2-7b"]
+    assert llama3.n_merges == 280147 and llama2.n_merges == 0
+    assert overhead_bytes(llama3) - overhead_bytes(replace(llama3, n_merges=0)) == 280147 * PER_MERGE_BYTES
 
 
 # -- the per-tensor rules (llama-quant.cpp) ---------------------------------------------------
@@ -110,6 +127,7 @@ def test_a_gguf_file_is_counted_from_its_own_tensors(tiny_gguf):
     e = estimate_memory(src.shape, quant=None, ctx=512, gguf_info=src.gguf)
     assert e.weights_bytes == sum(t.nbytes for t in src.gguf.tensors)
     assert e.weights_by_type == {"F32": e.weights_bytes}
+    assert src.shape.n_merges == len(src.gguf.metadata["tokenizer.ggml.merges"]) > 0
 
 
 def test_max_ctx_is_the_largest_that_fits():

@@ -24,7 +24,8 @@
   T tokens: 4 x T x (n_vocab + 2 x n_embd).
 - output buffer: the logits llama.cpp keeps per sequence: 4 x n_vocab x parallel (+ embeddings).
 - overhead: the llmdesk process before the model (Python, numpy, llama.cpp's code) and the
-  tokenizer's tables in llama.cpp and in llmdesk's GGUF reader, which grow with the vocabulary.
+  tokenizer's tables in llama.cpp and in llmdesk's GGUF reader, which grow with the vocabulary
+  and, for BPE tokenizers, with the merge rules (Llama 3 has 280,147: about 56 MB).
 
 The constants marked "measured" come from this repository's accuracy grid (docs/fit.md), which
 loads random-weight models of real shapes and compares the process's peak RSS with this estimate.
@@ -48,6 +49,8 @@ PROCESS_BASELINE_BYTES = 48 * MiB
 # of vocabulary (llama.cpp's token tables and caches, llmdesk's GGUF metadata in Python)
 MODEL_FIXED_BYTES = 12 * MiB
 PER_VOCAB_TOKEN_BYTES = 326
+# measured: per BPE merge rule (llama.cpp's rank map of string pairs, llmdesk's GGUF metadata)
+PER_MERGE_BYTES = 200
 # a CUDA/ROCm/Metal context and its kernels, on the device (typical: 300-600 MB on CUDA)
 GPU_CONTEXT_BYTES = 512 * MiB
 
@@ -138,7 +141,8 @@ def output_bytes(shape: ModelShape, parallel: int) -> int:
 
 
 def overhead_bytes(shape: ModelShape) -> int:
-    return PROCESS_BASELINE_BYTES + MODEL_FIXED_BYTES + PER_VOCAB_TOKEN_BYTES * shape.n_vocab
+    return (PROCESS_BASELINE_BYTES + MODEL_FIXED_BYTES + PER_VOCAB_TOKEN_BYTES * shape.n_vocab
+            + PER_MERGE_BYTES * shape.n_merges)
 
 
 def _pad(n: int, to: int) -> int:

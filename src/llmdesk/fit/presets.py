@@ -42,6 +42,7 @@ class ModelShape:
     n_expert_used: int = 0
     n_swa: int = 0  # sliding-window attention: window size (0: none)
     swa_every: int = 0  # every swa_every-th layer is global, the others use the window (gemma 2: 2)
+    n_merges: int = 0  # BPE merge rules of the tokenizer (0 for SentencePiece): llama.cpp keeps them in memory
     source: str = ""  # where the numbers come from
     tensor_types: dict[str, str] = field(default_factory=dict, compare=False)  # from a GGUF: name -> type
 
@@ -72,6 +73,8 @@ def _p(name: str, **kw: Any) -> ModelShape:
     return ModelShape(name=name, **kw)
 
 
+# n_merges: the length of tokenizer.ggml.merges in llama.cpp's conversions of these models
+# (Llama 3: 280,147; Qwen 2.5: 151,387; SmolLM2: 48,900); the others use SentencePiece.
 # fmt: off
 PRESETS: dict[str, ModelShape] = {s.name: s for s in [
     # meta-llama/Llama-2-7b-hf config.json
@@ -88,16 +91,16 @@ PRESETS: dict[str, ModelShape] = {s.name: s for s in [
        n_vocab=32000, n_ctx_train=2048, source="huggyllama/llama-65b"),
     # meta-llama/Llama-3.1-8B config.json
     _p("llama-3.1-8b", arch="llama", n_layer=32, n_embd=4096, n_head=32, n_head_kv=8, n_ff=14336,
-       n_vocab=128256, n_ctx_train=131072, source="meta-llama/Llama-3.1-8B"),
+       n_vocab=128256, n_ctx_train=131072, n_merges=280147, source="meta-llama/Llama-3.1-8B"),
     # meta-llama/Llama-3.1-70B config.json
     _p("llama-3.1-70b", arch="llama", n_layer=80, n_embd=8192, n_head=64, n_head_kv=8, n_ff=28672,
-       n_vocab=128256, n_ctx_train=131072, source="meta-llama/Llama-3.1-70B"),
+       n_vocab=128256, n_ctx_train=131072, n_merges=280147, source="meta-llama/Llama-3.1-70B"),
     # meta-llama/Llama-3.2-1B config.json (tie_word_embeddings: true, head_dim 64)
     _p("llama-3.2-1b", arch="llama", n_layer=16, n_embd=2048, n_head=32, n_head_kv=8, n_ff=8192,
-       n_vocab=128256, n_ctx_train=131072, head_dim=64, tied_embeddings=True, source="meta-llama/Llama-3.2-1B"),
+       n_vocab=128256, n_ctx_train=131072, head_dim=64, tied_embeddings=True, n_merges=280147, source="meta-llama/Llama-3.2-1B"),
     # meta-llama/Llama-3.2-3B config.json (tie_word_embeddings: true, head_dim 128)
     _p("llama-3.2-3b", arch="llama", n_layer=28, n_embd=3072, n_head=24, n_head_kv=8, n_ff=8192,
-       n_vocab=128256, n_ctx_train=131072, head_dim=128, tied_embeddings=True, source="meta-llama/Llama-3.2-3B"),
+       n_vocab=128256, n_ctx_train=131072, head_dim=128, tied_embeddings=True, n_merges=280147, source="meta-llama/Llama-3.2-3B"),
     # mistralai/Mistral-7B-v0.3 config.json (no sliding window in v0.3)
     _p("mistral-7b", arch="llama", n_layer=32, n_embd=4096, n_head=32, n_head_kv=8, n_ff=14336,
        n_vocab=32768, n_ctx_train=32768, source="mistralai/Mistral-7B-v0.3"),
@@ -106,25 +109,25 @@ PRESETS: dict[str, ModelShape] = {s.name: s for s in [
        n_vocab=32000, n_ctx_train=32768, n_expert=8, n_expert_used=2, source="mistralai/Mixtral-8x7B-v0.1"),
     # Qwen/Qwen2.5-0.5B config.json
     _p("qwen2.5-0.5b", arch="qwen2", n_layer=24, n_embd=896, n_head=14, n_head_kv=2, n_ff=4864,
-       n_vocab=151936, n_ctx_train=32768, tied_embeddings=True, source="Qwen/Qwen2.5-0.5B"),
+       n_vocab=151936, n_ctx_train=32768, tied_embeddings=True, n_merges=151387, source="Qwen/Qwen2.5-0.5B"),
     # Qwen/Qwen2.5-1.5B config.json
     _p("qwen2.5-1.5b", arch="qwen2", n_layer=28, n_embd=1536, n_head=12, n_head_kv=2, n_ff=8960,
-       n_vocab=151936, n_ctx_train=32768, tied_embeddings=True, source="Qwen/Qwen2.5-1.5B"),
+       n_vocab=151936, n_ctx_train=32768, tied_embeddings=True, n_merges=151387, source="Qwen/Qwen2.5-1.5B"),
     # Qwen/Qwen2.5-3B config.json
     _p("qwen2.5-3b", arch="qwen2", n_layer=36, n_embd=2048, n_head=16, n_head_kv=2, n_ff=11008,
-       n_vocab=151936, n_ctx_train=32768, tied_embeddings=True, source="Qwen/Qwen2.5-3B"),
+       n_vocab=151936, n_ctx_train=32768, tied_embeddings=True, n_merges=151387, source="Qwen/Qwen2.5-3B"),
     # Qwen/Qwen2.5-7B config.json
     _p("qwen2.5-7b", arch="qwen2", n_layer=28, n_embd=3584, n_head=28, n_head_kv=4, n_ff=18944,
-       n_vocab=152064, n_ctx_train=131072, source="Qwen/Qwen2.5-7B"),
+       n_vocab=152064, n_ctx_train=131072, n_merges=151387, source="Qwen/Qwen2.5-7B"),
     # Qwen/Qwen2.5-14B config.json
     _p("qwen2.5-14b", arch="qwen2", n_layer=48, n_embd=5120, n_head=40, n_head_kv=8, n_ff=13824,
-       n_vocab=152064, n_ctx_train=131072, source="Qwen/Qwen2.5-14B"),
+       n_vocab=152064, n_ctx_train=131072, n_merges=151387, source="Qwen/Qwen2.5-14B"),
     # Qwen/Qwen2.5-32B config.json
     _p("qwen2.5-32b", arch="qwen2", n_layer=64, n_embd=5120, n_head=40, n_head_kv=8, n_ff=27648,
-       n_vocab=152064, n_ctx_train=131072, source="Qwen/Qwen2.5-32B"),
+       n_vocab=152064, n_ctx_train=131072, n_merges=151387, source="Qwen/Qwen2.5-32B"),
     # Qwen/Qwen2.5-72B config.json
     _p("qwen2.5-72b", arch="qwen2", n_layer=80, n_embd=8192, n_head=64, n_head_kv=8, n_ff=29568,
-       n_vocab=152064, n_ctx_train=131072, source="Qwen/Qwen2.5-72B"),
+       n_vocab=152064, n_ctx_train=131072, n_merges=151387, source="Qwen/Qwen2.5-72B"),
     # microsoft/Phi-3-mini-4k-instruct config.json (llama.cpp fuses q/k/v and gate/up)
     _p("phi-3-mini", arch="phi3", n_layer=32, n_embd=3072, n_head=32, n_head_kv=32, n_ff=8192,
        n_vocab=32064, n_ctx_train=4096, source="microsoft/Phi-3-mini-4k-instruct"),
@@ -145,13 +148,13 @@ PRESETS: dict[str, ModelShape] = {s.name: s for s in [
        n_vocab=32000, n_ctx_train=2048, source="TinyLlama/TinyLlama-1.1B-Chat-v1.0"),
     # HuggingFaceTB/SmolLM2-135M config.json
     _p("smollm2-135m", arch="llama", n_layer=30, n_embd=576, n_head=9, n_head_kv=3, n_ff=1536,
-       n_vocab=49152, n_ctx_train=8192, tied_embeddings=True, source="HuggingFaceTB/SmolLM2-135M"),
+       n_vocab=49152, n_ctx_train=8192, tied_embeddings=True, n_merges=48900, source="HuggingFaceTB/SmolLM2-135M"),
     # HuggingFaceTB/SmolLM2-360M config.json
     _p("smollm2-360m", arch="llama", n_layer=32, n_embd=960, n_head=15, n_head_kv=5, n_ff=2560,
-       n_vocab=49152, n_ctx_train=8192, tied_embeddings=True, source="HuggingFaceTB/SmolLM2-360M"),
+       n_vocab=49152, n_ctx_train=8192, tied_embeddings=True, n_merges=48900, source="HuggingFaceTB/SmolLM2-360M"),
     # HuggingFaceTB/SmolLM2-1.7B config.json
     _p("smollm2-1.7b", arch="llama", n_layer=24, n_embd=2048, n_head=32, n_head_kv=32, n_ff=8192,
-       n_vocab=49152, n_ctx_train=8192, tied_embeddings=True, source="HuggingFaceTB/SmolLM2-1.7B"),
+       n_vocab=49152, n_ctx_train=8192, tied_embeddings=True, n_merges=48900, source="HuggingFaceTB/SmolLM2-1.7B"),
 ]}
 # fmt: on
 
@@ -180,8 +183,9 @@ def get_preset(name: str) -> ModelShape:
 # shapes from an HF config.json
 
 
-def from_hf_config(cfg: dict[str, Any], name: str = "", where: str = "config.json") -> ModelShape:
-    """A shape from a transformers config.json (Llama, Mistral, Mixtral, Qwen 2, Gemma 2, Phi-3)."""
+def from_hf_config(cfg: dict[str, Any], name: str = "", where: str = "config.json", n_merges: int = 0) -> ModelShape:
+    """A shape from a transformers config.json (Llama, Mistral, Mixtral, Qwen 2, Gemma 2, Phi-3);
+    `n_merges` from the tokenizer beside it (`count_merges`)."""
     text = cfg.get("text_config") or {}  # multimodal wrappers keep the LM's config here
     c = {**text, **{k: v for k, v in cfg.items() if k != "text_config"}} if text else cfg
     mt = str(c.get("model_type", "llama"))
@@ -205,6 +209,7 @@ def from_hf_config(cfg: dict[str, Any], name: str = "", where: str = "config.jso
             n_expert_used=int(c.get("num_experts_per_tok") or 0),
             n_swa=int(c.get("sliding_window") or 0) if arch == "gemma2" else 0,
             swa_every=2 if arch == "gemma2" else 0,
+            n_merges=n_merges,
             source="config.json",
         )
     except KeyError as e:
@@ -256,6 +261,7 @@ def shape_of_gguf(info: Any, path: str | Path) -> ModelShape:
         n_expert_used=k("expert_used_count"),
         n_swa=k("attention.sliding_window"),
         swa_every=2 if arch == "gemma2" and k("attention.sliding_window") else 0,
+        n_merges=len(md.get("tokenizer.ggml.merges") or ()),
         source=str(path),
         tensor_types={t.name: t.type_name for t in info.tensors},
     )
@@ -282,12 +288,14 @@ def resolve_shape(ref: str) -> ModelSource:
         cfg = p / "config.json"
         if not cfg.is_file():
             raise LlmdeskError(f"{ref}: a folder without config.json; give a GGUF file, a config.json or a preset name")
-        return ModelSource(from_hf_config(_read_json(cfg), name=p.name, where=str(cfg)), "config", cfg)
+        return ModelSource(from_hf_config(_read_json(cfg), name=p.name, where=str(cfg), n_merges=count_merges(p)),
+                           "config", cfg)
     if p.is_file():
         with open(p, "rb") as f:
             head = f.read(1)
         if p.suffix == ".json" or head == b"{":
-            return ModelSource(from_hf_config(_read_json(p), name=p.parent.name or p.stem, where=str(p)), "config", p)
+            return ModelSource(from_hf_config(_read_json(p), name=p.parent.name or p.stem, where=str(p),
+                                              n_merges=count_merges(p.parent)), "config", p)
         shape, info = from_gguf(p)
         return ModelSource(shape, "gguf", p, info, info.file_type)
     key = ALIASES.get(ref.strip().lower(), ref.strip().lower())
@@ -307,6 +315,23 @@ def resolve_shape(ref: str) -> ModelSource:
             return ModelSource(replace(shape, name=found.name), "gguf", found.path, info, info.file_type)
         get_preset(ref)  # raises UnknownModel with close matches
     raise LlmdeskError(f"no such file: {ref}")
+
+
+def count_merges(folder: Path) -> int:
+    """BPE merge rules in the tokenizer of a checkpoint folder (tokenizer.json, else merges.txt);
+    0 when there are none (SentencePiece) or no tokenizer files."""
+    tok = folder / "tokenizer.json"
+    try:
+        if tok.is_file():
+            merges = (json.loads(tok.read_text(encoding="utf-8")).get("model") or {}).get("merges") or []
+            return len(merges)
+        txt = folder / "merges.txt"
+        if txt.is_file():
+            lines = txt.read_text(encoding="utf-8").splitlines()
+            return sum(1 for line in lines if line.strip() and not line.startswith("#version"))
+    except (OSError, ValueError, AttributeError):
+        pass
+    return 0
 
 
 def _read_json(path: Path) -> dict[str, Any]:
