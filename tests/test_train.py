@@ -43,6 +43,7 @@ def test_train_cli_then_run(corpus, tmp_path, capsys):
     o, e = capsys.readouterr()
     assert code == 0, e
     assert "validation perplexity" in o and "llmdesk run -m" in o
+    assert "Writing model shards" not in o + e  # no third-party progress bars in llmdesk's output
     for name in ("model.gguf", "loss.png", "metrics.json", "hf/config.json", "hf/tokenizer.json",
                  "hf/model.safetensors", "checkpoint.pt"):
         assert (out / name).exists(), name

@@ -306,6 +306,9 @@ def train(corpus: list[str | os.PathLike], out_dir: str | os.PathLike, cfg: Trai
     emit("status", {"text": "export"})
     model.generation_config.eos_token_id = [eos] + ([im_end] if im_end is not None else [])
     model.generation_config.bos_token_id = eos
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # its "Writing model shards" bar would cut into llmdesk's output
     model.save_pretrained(hf_dir)
     png = plot_loss(history, out / "loss.png", title=f"llmdesk train ({cfg.preset}, {n_params / 1e6:.2f}M params)")
     gguf_path = None
