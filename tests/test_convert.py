@@ -49,6 +49,15 @@ ARCHS = {
         "original_max_position_embeddings": 32}, "rope_theta": 500000.0}, "gpt-2"),
     "mistral": ("MistralConfig", {"sliding_window": 4096}, "llama-bpe"),
     "qwen2": ("Qwen2Config", {"tie_word_embeddings": True}, "qwen2"),
+    # YaRN (Qwen2.5's long-context setting) with the correction range inside the rotary dims
+    "qwen2-yarn": ("Qwen2Config", {"tie_word_embeddings": True, "rope_scaling": {
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}}, "qwen2"),
+    # LongRoPE (Phi-3-128k, Phi-3.5): short factors apply within the pre-training context (llama.cpp
+    # pads the test context of 128 to 256 cells and picks the factors by that)
+    "phi3-longrope": ("Phi3Config", {"pad_token_id": 0, "original_max_position_embeddings": 256,
+                                     "max_position_embeddings": 1024, "rope_scaling": {
+        "type": "longrope", "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.1, 3.8],
+        "long_factor": [1.0, 1.5, 2.5, 4.0, 6.0, 9.0, 13.0, 18.0]}}, "smollm"),
     "phi3": ("Phi3Config", {"pad_token_id": 0}, "smollm"),
     "gemma": ("GemmaConfig", {"head_dim": 16, "hidden_activation": "gelu_pytorch_tanh"}, "llama-bpe"),
     "gemma2": ("Gemma2Config", {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 4096,
@@ -65,8 +74,9 @@ def make_checkpoint(path: Path, arch: str = "llama", *, vocab_size: int = 384, s
     cfg = getattr(transformers, cls_name)(
         vocab_size=n_vocab + 3 if arch == "llama" else n_vocab,  # llama: padded embedding rows
         hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
-        initializer_range=0.15 if not arch.startswith("gemma") else GEMMA_INIT, bos_token_id=eos, eos_token_id=eos, **extra)
+        num_key_value_heads=2, rms_norm_eps=1e-5,
+        initializer_range=0.15 if not arch.startswith("gemma") else GEMMA_INIT, bos_token_id=eos, eos_token_id=eos,
+        **{"max_position_embeddings": 256, **extra})
     torch.manual_seed(seed)
     model = getattr(transformers, cls_name.replace("Config", "ForCausalLM"))(cfg).eval()
     with torch.no_grad():
@@ -150,7 +160,8 @@ def test_parity_llama(tmp_path):
     check_parity(tmp_path, "llama")
 
 
-@pytest.mark.parametrize("arch", ["llama-tied-llama3rope", "mistral", "qwen2", "phi3", "gemma", "gemma2"])
+@pytest.mark.parametrize("arch", ["llama-tied-llama3rope", "mistral", "qwen2", "qwen2-yarn", "phi3",
+                                  "phi3-longrope", "gemma", "gemma2"])
 def test_parity_more_architectures(tmp_path, arch):
     check_parity(tmp_path, arch)
 

@@ -96,6 +96,24 @@ def test_unsupported_architecture_lists_supported(ckpt, tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("rope, needles", [
+    ({"rope_type": "dynamic", "factor": 2.0}, ["'dynamic'", "yarn"]),
+    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "mscale": 0.7,
+      "mscale_all_dim": 0.7}, ["YaRN with attention_factor/mscale"]),
+    ({"rope_type": "longrope", "short_factor": [1.0], "long_factor": [1.0]}, ["'longrope'", "Phi-3"]),
+])
+def test_rope_scaling_it_cannot_convert_is_one_line(ckpt, tmp_path, capsys, rope, needles):
+    d = _copy(ckpt, tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.pop("rope_parameters", None)
+    cfg["rope_scaling"] = rope
+    (d / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "x.gguf"
+    code, o, e = run(capsys, "convert", d, "-o", out)
+    one_error_line(code, e, *needles)
+    assert not out.exists()
+
+
 def test_missing_and_unreadable_tokenizer(ckpt, tmp_path, capsys):
     d = _copy(ckpt, tmp_path)
     (d / "tokenizer.json").unlink()

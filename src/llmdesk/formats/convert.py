@@ -170,9 +170,38 @@ def _write_hparams(w, hp: Hparams, ck: Checkpoint) -> list[tuple[str, np.ndarray
                 smooth = (old_ctx / wl - low) / (high - low)
                 factors.append(1.0 / ((1 - smooth) / factor + smooth))
         extra.append(("rope_freqs.weight", np.array(factors, dtype=np.float32)))
+    elif kind == "yarn":
+        # llama.cpp's YaRN takes the same inputs as transformers' _compute_yarn_parameters: the
+        # factor, the pre-training context (where the correction range is computed) and beta_fast/slow
+        orig = int(hp.rope.get("original_max_position_embeddings")
+                   or ck.cfg("original_max_position_embeddings", default=0) or hp.n_ctx)
+        factor = hp.rope.get("factor") or hp.n_ctx / orig
+        if hp.rope.get("attention_factor") is not None or hp.rope.get("mscale") or hp.rope.get("mscale_all_dim"):
+            raise ConversionError(f"{ck.path / 'config.json'}: YaRN with attention_factor/mscale is not supported yet")
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(float(factor))
+        w.add_rope_scaling_orig_ctx_len(orig)
+        w.add_rope_scaling_yarn_beta_fast(float(hp.rope.get("beta_fast") or 32.0))
+        w.add_rope_scaling_yarn_beta_slow(float(hp.rope.get("beta_slow") or 1.0))
+    elif kind in ("longrope", "su") and hp.arch == "PHI3":
+        # Phi-3's LongRoPE: per-frequency divisors, a short set within the pre-training context and
+        # a long one beyond it (llama.cpp picks by the context size), and a cos/sin scale
+        orig = int(hp.rope.get("original_max_position_embeddings")
+                   or ck.cfg("original_max_position_embeddings", default=0) or hp.n_ctx)
+        long_f, short_f = hp.rope.get("long_factor"), hp.rope.get("short_factor")
+        if not (isinstance(long_f, list) and isinstance(short_f, list) and len(long_f) == len(short_f) == rot // 2):
+            raise ConversionError(f"{ck.path / 'config.json'}: longrope needs long_factor and short_factor "
+                                  f"lists of {rot // 2} numbers each")
+        scale = hp.n_ctx / orig
+        attn = hp.rope.get("attention_factor")
+        if attn is None:
+            attn = 1.0 if scale <= 1.0 else math.sqrt(1 + math.log(scale) / math.log(orig))
+        w.add_rope_scaling_attn_factors(float(attn))
+        extra.append(("rope_factors_long.weight", np.array(long_f, dtype=np.float32)))
+        extra.append(("rope_factors_short.weight", np.array(short_f, dtype=np.float32)))
     elif kind:
         raise ConversionError(f"{ck.path / 'config.json'}: rope scaling {kind!r} is not supported yet "
-                              f"for {ck.architecture} (supported: linear, llama3)")
+                              f"for {ck.architecture} (supported: linear, llama3, yarn; longrope for Phi-3)")
 
     if hp.arch == "PHI3":
         w.add_rope_scaling_orig_ctx_len(int(ck.cfg("original_max_position_embeddings", default=hp.n_ctx)))
