@@ -114,6 +114,17 @@ def test_rope_scaling_it_cannot_convert_is_one_line(ckpt, tmp_path, capsys, rope
     assert not out.exists()
 
 
+def test_gemma2_query_scaling_llama_cpp_cannot_follow(tmp_path, capsys):
+    d = make_checkpoint(tmp_path / "g2", "gemma2")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["query_pre_attn_scalar"] = 24  # head_dim is 16 and the model has 2 layers, not 46
+    (d / "config.json").write_text(json.dumps(cfg))
+    capsys.readouterr()  # (transformers' own output while making the checkpoint)
+    code, o, e = run(capsys, "convert", d, "-o", tmp_path / "x.gguf")
+    one_error_line(code, e, "query_pre_attn_scalar 24", "(16)")
+    assert not (tmp_path / "x.gguf").exists()
+
+
 def test_missing_and_unreadable_tokenizer(ckpt, tmp_path, capsys):
     d = _copy(ckpt, tmp_path)
     (d / "tokenizer.json").unlink()

@@ -210,10 +210,13 @@ def _write_hparams(w, hp: Hparams, ck: Checkpoint) -> list[tuple[str, np.ndarray
         w.add_attn_logit_softcapping(float(ck.cfg("attn_logit_softcapping", default=50.0) or 0.0))
         w.add_final_logit_softcapping(float(ck.cfg("final_logit_softcapping", default=30.0) or 0.0))
         w.add_sliding_window(int(ck.cfg("sliding_window", default=4096)))
-        qpas = ck.cfg("query_pre_attn_scalar", default=hp.head_dim)
-        if int(qpas) != hp.head_dim:
-            raise ConversionError(f"{ck.path / 'config.json'}: query_pre_attn_scalar {qpas} differs from "
-                                  f"head_dim {hp.head_dim}; llama.cpp's gemma2 does not support that")
+        # llama.cpp scales queries by 1/sqrt(head_dim), except for a 46-layer model (Gemma 2 27B),
+        # which gets 1/sqrt(n_embd / n_head): those are the two query_pre_attn_scalar it can follow
+        qpas = int(ck.cfg("query_pre_attn_scalar", default=hp.head_dim))
+        llama_cpp_qpas = hp.n_embd // hp.n_head if hp.n_layer == 46 else hp.head_dim
+        if qpas != llama_cpp_qpas:
+            raise ConversionError(f"{ck.path / 'config.json'}: query_pre_attn_scalar {qpas} differs from what "
+                                  f"llama.cpp's gemma2 uses for {hp.n_layer} layers ({llama_cpp_qpas})")
     if hp.arch in ("GEMMA", "GEMMA2"):
         act = ck.cfg("hidden_activation", "hidden_act", default="gelu_pytorch_tanh")
         if act not in ("gelu_pytorch_tanh", "gelu"):
