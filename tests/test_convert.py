@@ -47,6 +47,8 @@ ARCHS = {
     "llama-tied-llama3rope": ("LlamaConfig", {"tie_word_embeddings": True, "rope_scaling": {
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 32}, "rope_theta": 500000.0}, "gpt-2"),
+    # many larger tensors: 8.4 M parameters, none over 0.27 M (the streaming test)
+    "llama-wide": ("LlamaConfig", {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 8}, "llama-bpe"),
     "mistral": ("MistralConfig", {"sliding_window": 4096}, "llama-bpe"),
     "qwen2": ("Qwen2Config", {"tie_word_embeddings": True}, "qwen2"),
     # YaRN (Qwen2.5's long-context setting) with the correction range inside the rotary dims
@@ -80,9 +82,8 @@ def make_checkpoint(path: Path, arch: str = "llama", *, vocab_size: int = 384, s
     eos = tok.token_to_id("<|endoftext|>")
     cfg = getattr(transformers, cls_name)(
         vocab_size=n_vocab + 3 if arch == "llama" else n_vocab,  # llama: padded embedding rows
-        hidden_size=64, intermediate_size=96, num_attention_heads=4,
-        num_key_value_heads=2, rms_norm_eps=1e-5, bos_token_id=eos, eos_token_id=eos,
-        **{"max_position_embeddings": 256, "num_hidden_layers": 2,
+        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, bos_token_id=eos, eos_token_id=eos,
+        **{"hidden_size": 64, "intermediate_size": 96, "max_position_embeddings": 256, "num_hidden_layers": 2,
            "initializer_range": 0.15 if not arch.startswith("gemma") else GEMMA_INIT, **extra})
     torch.manual_seed(seed)
     model = getattr(transformers, cls_name.replace("Config", "ForCausalLM"))(cfg).eval()

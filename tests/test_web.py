@@ -178,6 +178,9 @@ def test_a_long_conversation_drops_its_oldest_turns_and_says_so(browser, tiny_gg
             page.fill("#input", f"Question {i}: the quick brown fox jumps over the lazy dog.")
             page.press("#input", "Enter")
             expect(page.locator(".msg.assistant .stats")).to_have_count(i + 1, timeout=60_000)
+            # finished, not just started (the stats line fills in while it streams, and the chat
+            # takes no new message until the answer is done)
+            expect(page.locator("#stop")).to_be_hidden(timeout=60_000)
             expect(page.locator(".msg.assistant .stats").nth(i)).to_contain_text("tokens", timeout=60_000)
         # once the conversation outgrows the context, the answer says what was left out
         stats = page.locator(".msg.assistant .stats").all_inner_texts()

@@ -499,14 +499,38 @@ def _expected_shape(base: str, hp: Hparams, arch: str) -> tuple[int, ...] | None
     return shapes.get(base)
 
 
-def _tensors(ck: Checkpoint, hp: Hparams, extra: list[tuple[str, np.ndarray]]) -> list[tuple[str, np.ndarray]]:
+@dataclass
+class _Planned:
+    """One tensor of the output: its GGUF name and shape, and where its data comes from."""
+
+    name: str
+    shape: tuple[int, ...]
+    src: Any = None  # hf.LazyTensor, read when written
+    data: np.ndarray | None = None  # or the data itself (tensors implied by the config)
+    permute_heads: int = 0  # llama's q/k rows are reordered for llama.cpp's rope
+    add_one: bool = False  # Gemma's norms: llama.cpp stores 1 + w
+
+    def load(self) -> np.ndarray:
+        if self.data is not None:
+            return self.data
+        data = self.src.load()
+        if self.permute_heads:
+            data = _permute_rope(data, self.permute_heads)
+        if self.add_one:
+            data = data + 1.0
+        return np.ascontiguousarray(data, dtype=np.float32)
+
+
+def _plan(ck: Checkpoint, hp: Hparams, extra: list[tuple[str, np.ndarray]]) -> list[_Planned]:
+    """Every output tensor, checked against the config by name and shape before any data is read."""
     import gguf
 
     arch = getattr(gguf.MODEL_ARCH, hp.arch)
     names = gguf.get_tensor_name_map(arch, hp.n_layer)
-    out: dict[str, np.ndarray] = {}
+    out: dict[str, _Planned] = {}
     src = ck.path / ck.weight_files[0].name if len(ck.weight_files) == 1 else ck.path
-    for hf_name, data in ck.tensors():
+    for t in ck.tensors():
+        hf_name = t.name
         if hf_name.endswith((".rotary_emb.inv_freq", "attn.masked_bias", "attn.bias")):
             continue  # buffers, recomputed by llama.cpp
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
@@ -519,49 +543,52 @@ def _tensors(ck: Checkpoint, hp: Hparams, extra: list[tuple[str, np.ndarray]]) -
                                   f"num_hidden_layers {hp.n_layer}")
         base = m[2] if m else name
         want = _expected_shape(base, hp, hp.arch)
-        if want is not None and tuple(data.shape) != want:
-            raise ConversionError(f"{src}: tensor {hf_name!r} has shape {tuple(data.shape)} but config.json "
+        if want is not None and t.shape != want:
+            raise ConversionError(f"{src}: tensor {hf_name!r} has shape {t.shape} but config.json "
                                   f"implies {want} (the config and the weights disagree)")
+        heads = 0
         if hp.arch == "LLAMA" and base in ("attn_q.weight", "attn_q.bias"):
-            data = _permute_rope(data, hp.n_head)
+            heads = hp.n_head
         elif hp.arch == "LLAMA" and base in ("attn_k.weight", "attn_k.bias"):
-            data = _permute_rope(data, hp.n_head_kv)
-        if hp.arch in ("GEMMA", "GEMMA2") and name.endswith("norm.weight"):
-            data = data + 1.0  # Gemma's RMSNorm scales by (1 + w); llama.cpp stores the sum
-        out[name] = np.ascontiguousarray(data, dtype=np.float32)
+            heads = hp.n_head_kv
+        add_one = hp.arch in ("GEMMA", "GEMMA2") and name.endswith("norm.weight")
+        out[name] = _Planned(name, t.shape, src=t, permute_heads=heads, add_one=add_one)
     for name, data in extra:
-        out[name] = data
-    if "output.weight" in out and hp.tied and np.array_equal(out["output.weight"], out.get("token_embd.weight")):
-        del out["output.weight"]  # tied: llama.cpp reuses token_embd
+        out[name] = _Planned(name, tuple(data.shape), data=data)
+    if "output.weight" in out and "token_embd.weight" in out and hp.tied:
+        if np.array_equal(out["output.weight"].load(), out["token_embd.weight"].load()):
+            del out["output.weight"]  # tied: llama.cpp reuses token_embd
     # every layer needs its tensors: a config that promises more layers than the weights hold fails here
     required = ["token_embd.weight", "output_norm.weight"] + [f"blk.{i}.attn_norm.weight" for i in range(hp.n_layer)]
     missing = [r for r in required if r not in out]
     if missing:
         raise ConversionError(f"{src}: missing tensor {missing[0]} (config.json says {hp.n_layer} layers; "
                               "the weights and the config disagree)")
-    return list(out.items())
+    return list(out.values())
 
 
-def _store(w, name: str, data: np.ndarray, out_type: str) -> None:
-    """Add one tensor in the requested type; 1-d tensors (norms, biases, factors) stay f32."""
+def _layout(shape: tuple[int, ...], out_type: str) -> tuple[np.dtype, tuple[int, ...], Any]:
+    """(numpy dtype written, its shape, raw ggml type or None) of one tensor in `out_type`;
+    1-d tensors (norms, biases, factors) stay f32, and q8_0 falls back to f16 for rows that are
+    not a multiple of its 32-value blocks."""
     import gguf
 
     T = gguf.GGMLQuantizationType
-    if data.ndim < 2 or out_type == "f32":
-        w.add_tensor(name, data)
-    elif out_type == "f16":
-        w.add_tensor(name, data.astype(np.float16))
-    elif out_type == "bf16":
-        w.add_tensor(name, gguf.quants.quantize(data, T.BF16), raw_dtype=T.BF16)
-    elif out_type == "q8_0":
-        if data.shape[-1] % 32:
-            w.add_tensor(name, data.astype(np.float16))
-        else:
-            w.add_tensor(name, gguf.quants.quantize(data, T.Q8_0), raw_dtype=T.Q8_0)
+    if len(shape) < 2 or out_type == "f32":
+        return np.dtype(np.float32), shape, None
+    if out_type == "f16" or (out_type == "q8_0" and shape[-1] % 32):
+        return np.dtype(np.float16), shape, None
+    raw = T.BF16 if out_type == "bf16" else T.Q8_0
+    return np.dtype(np.uint8), tuple(gguf.quant_shape_to_byte_shape(shape, raw)), raw
 
 
-# =============================================================================================
-# 1-7: convert
+def _encode(data: np.ndarray, out_type: str) -> np.ndarray:
+    import gguf
+
+    dt, _shape, raw = _layout(tuple(data.shape), out_type)
+    if raw is not None:
+        return gguf.quants.quantize(data, raw)
+    return data.astype(dt, copy=False)
 
 
 def convert(hf_dir: str | os.PathLike, out: str | os.PathLike, *, out_type: str = "f16",
@@ -606,15 +633,18 @@ def convert(hf_dir: str | os.PathLike, out: str | os.PathLike, *, out_type: str 
             if template:
                 w.add_chat_template(template)
             say("reading the weights")
-            tensors = _tensors(ck, hp, extra)
+            tensors = _plan(ck, hp, extra)
             n_params = 0
-            for tname, data in tensors:
-                _store(w, tname, data, out_type)
-                n_params += data.size
+            for t in tensors:
+                dt, shape, raw = _layout(t.shape, out_type)
+                w.add_tensor_info(t.name, shape, dt, int(np.prod(shape)) * dt.itemsize, raw_dtype=raw)
+                n_params += int(np.prod(t.shape))
             say(f"writing {out.name}")
             w.write_header_to_file()
             w.write_kv_data_to_file()
-            w.write_tensors_to_file()
+            w.write_ti_data_to_file()
+            for t in tensors:  # one tensor in memory at a time
+                w.write_tensor_data(_encode(t.load(), out_type))
         finally:
             w.close()
 

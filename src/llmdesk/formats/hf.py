@@ -76,11 +76,10 @@ class Checkpoint:
                 return self.config[n]
         return default
 
-    def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
-        """(HF name, float32 array) for every tensor in the weight files, in file order."""
+    def tensors(self) -> Iterator["LazyTensor"]:
+        """Every tensor of the weight files, in file order, as name and shape; its data is read
+        only when `LazyTensor.load()` is called, so a converter holds one tensor at a time."""
         require_train_extra("torch")
-        import torch
-
         for f in self.weight_files:
             try:
                 if f.suffix == ".safetensors":
@@ -88,17 +87,46 @@ class Checkpoint:
                     from safetensors import safe_open
 
                     with safe_open(str(f), framework="pt") as st:
-                        for name in st.keys():
-                            yield name, st.get_tensor(name).to(torch.float32).numpy()
+                        names = list(st.keys())
+                        shapes = [tuple(st.get_slice(n).get_shape()) for n in names]
+                    for name, shape in zip(names, shapes):
+                        yield LazyTensor(name, shape, f)
                 else:
+                    import torch
+
+                    # memory-mapped: a tensor's bytes are read when it is used
                     state = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
                     for name, t in state.items():
                         if isinstance(t, torch.Tensor):
-                            yield name, t.to(torch.float32).numpy()
+                            yield LazyTensor(name, tuple(t.shape), f, t)
             except ConversionError:
                 raise
             except Exception as e:  # safetensors/torch raise many types for a damaged file
                 raise ConversionError(f"{f}: cannot read the weights ({type(e).__name__}: {e})") from None
+
+
+@dataclass
+class LazyTensor:
+    name: str
+    shape: tuple[int, ...]
+    file: Path
+    mapped: Any = field(default=None, repr=False)  # a memory-mapped torch tensor (pytorch_model.bin)
+
+    def load(self) -> np.ndarray:
+        """The tensor as float32."""
+        import torch
+
+        try:
+            if self.file.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                with safe_open(str(self.file), framework="pt") as st:
+                    t = st.get_tensor(self.name)
+            else:
+                t = self.mapped
+            return t.to(torch.float32).numpy()
+        except Exception as e:  # a file damaged after its index was read
+            raise ConversionError(f"{self.file}: cannot read {self.name} ({type(e).__name__}: {e})") from None
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
