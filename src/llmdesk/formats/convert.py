@@ -30,9 +30,10 @@ from typing import Any, Callable
 import numpy as np
 
 from llmdesk.atomic import atomic_path
+from llmdesk.formats.gguf_write import FILE_TYPES, add_transformer_keys, file_type
 from llmdesk.formats.hf import Checkpoint, ConversionError, open_checkpoint
 
-OUT_TYPES = ("f32", "f16", "bf16", "q8_0")
+OUT_TYPES = FILE_TYPES
 
 # HF `architectures[0]` -> GGUF architecture name (gguf.MODEL_ARCH member)
 ARCHITECTURES = {
@@ -131,20 +132,10 @@ def _write_hparams(w, hp: Hparams, ck: Checkpoint) -> list[tuple[str, np.ndarray
     """Architecture keys; returns extra tensors they imply (llama 3's rope_freqs)."""
     import gguf
 
-    w.add_context_length(hp.n_ctx)
-    w.add_embedding_length(hp.n_embd)
-    w.add_block_count(hp.n_layer)
-    w.add_feed_forward_length(hp.n_ff)
-    w.add_head_count(hp.n_head)
-    w.add_head_count_kv(hp.n_head_kv)
-    w.add_layer_norm_rms_eps(hp.rms_eps)
-    w.add_rope_freq_base(hp.rope_theta)
-    w.add_vocab_size(hp.n_vocab)
-    if hp.head_dim != hp.n_embd // hp.n_head:
-        w.add_key_length(hp.head_dim)
-        w.add_value_length(hp.head_dim)
     rot = int(hp.head_dim * float(ck.cfg("partial_rotary_factor", default=1.0)))
-    w.add_rope_dimension_count(rot)
+    add_transformer_keys(w, n_ctx=hp.n_ctx, n_embd=hp.n_embd, n_layer=hp.n_layer, n_ff=hp.n_ff, n_head=hp.n_head,
+                         n_head_kv=hp.n_head_kv, head_dim=hp.head_dim, n_rot=rot, rms_eps=hp.rms_eps,
+                         rope_theta=hp.rope_theta, n_vocab=hp.n_vocab)
 
     extra: list[tuple[str, np.ndarray]] = []
     kind = hp.rope.get("rope_type", hp.rope.get("type"))
@@ -625,9 +616,7 @@ def convert(hf_dir: str | os.PathLike, out: str | os.PathLike, *, out_type: str 
         try:
             w.add_name(name.partition(":")[0] if name else ck.path.resolve().name)
             extra = _write_hparams(w, hp, ck)
-            ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                     "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[out_type]
-            w.add_file_type(ftype)
+            w.add_file_type(file_type(out_type))
             _write_vocab(w, vocab)
             template = _chat_template(ck)
             if template:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import atomic_path
+from .gguf_write import FILE_TYPES, add_transformer_keys, file_type
 # The ChatML template as Hugging Face tokenizers ship it (Qwen 2, SmolLM 2 and others).
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -66,7 +67,7 @@ class SynthConfig:
 
 
 # the types synth writes itself; anything else is written as f16 and quantized by llama.cpp
-DIRECT_TYPES = ("f32", "f16", "bf16", "q8_0")
+DIRECT_TYPES = FILE_TYPES
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -202,27 +203,15 @@ def write_llama_gguf(path: str | os.PathLike, cfg: SynthConfig | None = None) ->
     head_dim = cfg.head_dim or cfg.n_embd // cfg.n_head
     qtype = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
              "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}[cfg.dtype]
-    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                 "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[cfg.dtype]
 
     with atomic_path(path) as tmp:
         w = gguf.GGUFWriter(str(tmp), cfg.arch)
         try:
             w.add_name(cfg.name)
-            w.add_context_length(cfg.n_ctx_train)
-            w.add_embedding_length(cfg.n_embd)
-            w.add_block_count(cfg.n_layer)
-            w.add_feed_forward_length(cfg.n_ff)
-            w.add_head_count(cfg.n_head)
-            w.add_head_count_kv(cfg.n_head_kv)
-            if cfg.head_dim is not None:
-                w.add_key_length(head_dim)
-                w.add_value_length(head_dim)
-            w.add_rope_dimension_count(head_dim)
-            w.add_rope_freq_base(cfg.rope_freq_base)
-            w.add_layer_norm_rms_eps(cfg.rms_eps)
-            w.add_vocab_size(n_vocab)
-            w.add_file_type(file_type)
+            add_transformer_keys(w, n_ctx=cfg.n_ctx_train, n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_ff=cfg.n_ff,
+                                 n_head=cfg.n_head, n_head_kv=cfg.n_head_kv, head_dim=head_dim, n_rot=head_dim,
+                                 rms_eps=cfg.rms_eps, rope_theta=cfg.rope_freq_base, n_vocab=n_vocab)
+            w.add_file_type(file_type(cfg.dtype))
             w.add_tokenizer_model("gpt2")
             w.add_tokenizer_pre("default")
             w.add_token_list(tokens)
