@@ -38,7 +38,7 @@ class LoadEstimate:
     def describe(self) -> str:
         return (f"{format_bytes(self.total)} (weights {format_bytes(self.weights)} + KV cache "
                 f"{format_bytes(self.kv_cache)} for {self.n_ctx_total} tokens + "
-                f"{format_bytes(self.other - self.kv_cache)} buffers)")
+                f"{format_bytes(self.other - self.kv_cache)} buffers, tables and repacked weights)")
 
 
 def estimate_load_bytes(info: GGUFInfo, path: str | os.PathLike, *, n_ctx: int, n_slots: int) -> LoadEstimate:
