@@ -238,3 +238,23 @@ def test_conversion_holds_one_tensor_at_a_time(tmp_path):
     assert res.n_params > 8_000_000
     assert peak < model_f32 / 4, f"peak {peak / 1e6:.1f} MB for a {model_f32 / 1e6:.1f} MB model"
 
+
+
+def test_every_output_type_is_what_it_says_and_close_to_f32(ckpt, tmp_path):
+    """2-D weights in the asked type (1-D ones stay f32), and llama.cpp's logits from each file near
+    the f32 file's: a wrong byte layout would move them by the size of the logits themselves (~5)."""
+    from test_convert import PROMPT, llama_logits
+
+    from llmdesk.formats.convert import reference_tokenize
+    from llmdesk.formats.gguf import read_gguf
+    from llmdesk.formats.hf import open_checkpoint
+
+    ids = reference_tokenize(open_checkpoint(ckpt))(PROMPT)[:48]
+    ref = None
+    for out_type, type_name, bound in (("f32", "F32", 0.0), ("f16", "F16", 0.02), ("bf16", "BF16", 0.2),
+                                       ("q8_0", "Q8_0", 0.5)):
+        res = convert_mod.convert(ckpt, tmp_path / f"{out_type}.gguf", out_type=out_type, register=False, check=False)
+        assert {(len(t.shape) >= 2, t.type_name) for t in read_gguf(res.path).tensors} == {(True, type_name), (False, "F32")}
+        logits = llama_logits(res.path, ids)
+        ref = logits if ref is None else ref
+        assert float(abs(logits - ref).max()) <= bound, out_type
