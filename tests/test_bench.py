@@ -139,3 +139,15 @@ def test_bench_serve_dispatches_to_the_load_generator(monkeypatch, capsys):
 def test_store_run_one_row_per_test(tiny_gguf):
     run = run_bench(str(tiny_gguf), prompts=[8], gens=[4], threads=[1], reps=1)
     assert len(store_run(run)) == 2
+
+
+def test_gpu_layers_without_a_gpu_backend_is_a_cpu_run(tiny_gguf):
+    """-ngl reaches llama.cpp; on a build with no GPU backend (this one) every layer stays on the
+    CPU, so the run is a CPU run, with its roofline shares."""
+    from llmdesk.runtime.llama import gpu_offload
+
+    assert not gpu_offload()
+    run = run_bench(str(tiny_gguf), prompts=[8], gens=[4], threads=[1], reps=1, gpu_layers=999)
+    assert run.machine["gpu_layers"] == 0
+    assert all(r.tokens_per_second > 0 for r in run.rows)
+    assert [r.roofline_fraction is not None for r in run.rows if r.test.startswith("tg")] == [True]

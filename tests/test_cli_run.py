@@ -37,6 +37,20 @@ def test_run_streams_and_is_deterministic(tiny_gguf, tmp_path):
     assert s1.stdout == s2.stdout
 
 
+def test_gpu_layers_reach_llama_cpp(tiny_gguf, tmp_path):
+    """-ngl/--gpu-layers is passed to llama.cpp's model loader; a build without a GPU backend (this
+    one) keeps every layer on the CPU and gives the same answer."""
+    from llmdesk.runtime.llama import ALL_LAYERS, parse_gpu_layers
+    from llmdesk.runtime.model import Model
+
+    assert [parse_gpu_layers(v) for v in (None, "0", "12", "all", "-1")] == [0, 0, 12, ALL_LAYERS, ALL_LAYERS]
+    with Model(tiny_gguf, ctx=64, gpu_layers=ALL_LAYERS) as m:
+        assert m.llama.n_gpu_layers == ALL_LAYERS
+    cpu = cli("run", "-m", tiny_gguf, "-t", "0", "-n", "8", "--no-log", "Hello", home=tmp_path)
+    gpu = cli("run", "-m", tiny_gguf, "-t", "0", "-n", "8", "--no-log", "-ngl", "all", "Hello", home=tmp_path)
+    assert gpu.returncode == 0 and gpu.stdout == cpu.stdout
+
+
 def test_run_without_a_model_uses_the_bundled_demo(tmp_path):
     p = cli("run", "-t", "0", "-n", "12", "--json", "What does llmdesk pull do?", home=tmp_path)
     assert p.returncode == 0, p.stderr
@@ -97,6 +111,7 @@ def test_chat_repl(tiny_gguf, tmp_path):
     (["run", "-m", "{model}", "--threads", "0", "x"], "threads"),
     (["run", "-m", "{model}", "-t", "abc", "x"], "--temperature"),
     (["run", "-m", "{model}", "--template", "nosuch", "x"], "nosuch"),
+    (["run", "-m", "{model}", "-ngl", "lots", "x"], "--gpu-layers"),
     (["run", "-m", "{bad}", "x"], "bad.gguf"),
 ])
 def test_bad_input_is_one_line(tiny_gguf, tmp_path, args, needle):

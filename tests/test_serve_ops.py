@@ -338,3 +338,17 @@ def test_log_prompts_only_when_asked(tiny_gguf):
     rows = recent()
     assert [(r["prompt"], r["model"]) for r in rows] == [("Hello", "tiny.gguf")] * 2
     assert rows[1]["system"] == "Be brief." and rows[1]["tokens_out"] >= 1
+
+
+def test_gpu_layers_reach_the_loaded_model(tiny_gguf):
+    """--gpu-layers goes to llama.cpp's loader for every model the server loads (this build has no
+    GPU backend, so the layers stay on the CPU and the RAM check still applies)."""
+    import asyncio
+
+    app = create_app(ServeConfig(models=[str(tiny_gguf)], gpu_layers=999, threads=1, ctx=256))
+    manager = app.state.llmdesk.models
+    try:
+        [lm] = manager.loaded.values()
+        assert lm.model.llama.n_gpu_layers == 999
+    finally:
+        asyncio.run(manager.close())

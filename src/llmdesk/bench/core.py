@@ -180,14 +180,14 @@ class EngineBench:
 def run_bench(ref: str, *, prompts: list[int] | None = None, gens: list[int] | None = None,
               threads: list[int] | None = None, batches: list[int] | None = None, reps: int = 5,
               warmup: bool = True, progress: Progress | None = None, measure_machine: bool = True,
-              seed: int = 0) -> BenchRun:
+              seed: int = 0, gpu_layers: int = 0) -> BenchRun:
     """Benchmark the model `ref` (path, store name or hf: ref) through the Engine."""
     from ..fit.hardware import machine as detect
     from ..fit.memory import estimate_memory
     from ..fit.presets import from_gguf
     from ..fit.speed import bytes_per_token, flops_per_token
     from ..formats.gguf import read_gguf
-    from ..runtime.llama import LlamaModel, default_threads
+    from ..runtime.llama import LlamaModel, default_threads, gpu_offload
     from ..store.refs import resolve
 
     prompts = [512] if prompts is None else prompts
@@ -207,7 +207,9 @@ def run_bench(ref: str, *, prompts: list[int] | None = None, gens: list[int] | N
     n_ctx = (need_ctx + 255) // 256 * 256
     est = estimate_memory(shape, quant=None, ctx=n_ctx, gguf_info=info)
     m = detect(measure=measure_machine)
-    llama = LlamaModel(found.path)
+    llama = LlamaModel(found.path, n_gpu_layers=gpu_layers)
+    # with layers on a GPU, this CPU's bandwidth and compute are not the bound: no roofline shares
+    on_cpu = not (gpu_layers and gpu_offload())
     rows: list[BenchRow] = []
     combos = list(itertools.product(threads, batches))
     total = len(combos) * len(tests) * reps
@@ -240,12 +242,12 @@ def run_bench(ref: str, *, prompts: list[int] | None = None, gens: list[int] | N
                         # the KV cache read grows with the position: count it at the average depth
                         row.bytes_per_token = bytes_per_token(shape, est, depth=n // 2, gguf_info=info)
                         row.achieved_gbs = row.bytes_per_token * mean / 1e9
-                        if m.bandwidth_gbs:
+                        if m.bandwidth_gbs and on_cpu:
                             row.roofline_fraction = row.achieved_gbs / m.bandwidth_gbs
                     else:
                         fpt = flops_per_token(shape, n)
                         row.achieved_tflops = fpt * mean / 1e12
-                        if m.fp32_gflops:  # against the peak of the threads used
+                        if m.fp32_gflops and on_cpu:  # against the peak of the threads used
                             peak = m.fp32_gflops * min(t, m.cores) / m.cores
                             row.compute_fraction = row.achieved_tflops * 1000 / peak
                     rows.append(row)
@@ -256,7 +258,8 @@ def run_bench(ref: str, *, prompts: list[int] | None = None, gens: list[int] | N
     return BenchRun(model=found.name, path=str(found.path), sha256=sha, file_type=info.file_type,
                     model_bytes=sum(t.nbytes for t in info.tensors), n_params=info.parameter_count,
                     machine={"cpu": m.cpu, "cores": m.cores, "ram_bytes": m.ram_bytes,
-                             "bandwidth_gbs": m.bandwidth_gbs, "fp32_gflops": m.fp32_gflops},
+                             "bandwidth_gbs": m.bandwidth_gbs, "fp32_gflops": m.fp32_gflops,
+                             "gpu_layers": gpu_layers if not on_cpu else 0},
                     rows=rows, started=started)
 
 

@@ -33,6 +33,7 @@ def bench(
     threads: Annotated[Optional[list[str]], typer.Option("-t", "--threads", help="Thread counts, e.g. 1,2,4 or 1-4 (default: all cores).")] = None,
     batch: Annotated[Optional[list[str]], typer.Option("-b", "--batch", help="Batch sizes, e.g. 128,512 (default 512).")] = None,
     reps: Annotated[int, typer.Option("-r", "--reps", help="Timed repetitions per test (after one untimed warm-up).")] = 5,
+    gpu_layers: Annotated[Optional[str], typer.Option("-ngl", "--gpu-layers", help="Layers to offload to a GPU: a number or 'all' (needs a GPU build of llama.cpp; default 0, the CPU).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the rows as JSON.")] = False,
     as_csv: Annotated[bool, typer.Option("--csv", help="Print the rows as CSV.")] = False,
     as_md: Annotated[bool, typer.Option("--md", help="Print a Markdown table.")] = False,
@@ -54,6 +55,7 @@ def bench(
     if ctx.args:
         raise click_exc.UsageError(f"unexpected argument(s): {' '.join(ctx.args)}", ctx=ctx)
     from ..bench.core import earlier_runs, parse_list, run_bench, store_run
+    from ..runtime.llama import parse_gpu_layers
 
     if sum((as_json, as_csv, as_md)) > 1:
         raise LlmdeskError("choose one of --json, --csv and --md")
@@ -61,6 +63,7 @@ def bench(
     gens = parse_list(gen, "-n", [128])
     thread_list = parse_list(threads, "-t", [], minimum=1) or None
     batches = parse_list(batch, "-b", [512], minimum=1)
+    ngl = parse_gpu_layers(gpu_layers)
     if plot is not None and plot.suffix.lower() not in (".png", ".svg", ".pdf"):
         raise LlmdeskError(f"--plot writes .png, .svg or .pdf files, not '{plot.name}'")
     if reps < 1:
@@ -81,7 +84,7 @@ def bench(
             bar.update(task, description=label, completed=done, total=total)
 
         run = run_bench(model, prompts=prompts, gens=gens, threads=thread_list, batches=batches, reps=reps,
-                        progress=progress)
+                        progress=progress, gpu_layers=ngl)
     earlier = earlier_runs(run) if compare else []
     if not no_save:
         store_run(run)

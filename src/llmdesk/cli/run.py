@@ -27,6 +27,8 @@ SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed: the
 StopOpt = Annotated[Optional[list[str]], typer.Option("--stop", help="Stop when this text is generated (repeatable).")]
 CtxOpt = Annotated[Optional[int], typer.Option("--ctx", help="Context length in tokens (default: the model's, at most 4096).")]
 ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="CPU threads (default: all cores).")]
+GpuLayersOpt = Annotated[Optional[str], typer.Option(
+    "-ngl", "--gpu-layers", help="Layers to offload to a GPU: a number or 'all' (needs a GPU build of llama.cpp; default 0, the CPU).")]
 TemplateOpt = Annotated[Optional[str], typer.Option("--template", help="Chat template: a built-in name (chatml, llama-3, ...) or a .jinja file.")]
 NoLogOpt = Annotated[bool, typer.Option("--no-log", help="Do not record this conversation in 'llmdesk logs'.")]
 
@@ -48,14 +50,15 @@ def default_model_ref(model: str | None) -> str:
     return str(bundled)
 
 
-def _load(model: str | None, ctx: int | None, threads: int | None, template: str | None):
+def _load(model: str | None, ctx: int | None, threads: int | None, template: str | None, gpu_layers: str | None):
+    from ..runtime.llama import parse_gpu_layers
     from ..runtime.model import load
 
     if threads is not None and threads < 1:
         raise LlmdeskError(f"--threads must be at least 1, got {threads}")
     ref = default_model_ref(model)
     with err.status(f"loading {ref} ...", spinner="dots"):
-        return load(ref, ctx=ctx, threads=threads, template=template)
+        return load(ref, ctx=ctx, threads=threads, template=template, gpu_layers=parse_gpu_layers(gpu_layers))
 
 
 def _log(no_log: bool, **kw) -> None:
@@ -104,6 +107,7 @@ def run(
     stop: StopOpt = None,
     ctx: CtxOpt = None,
     threads: ThreadsOpt = None,
+    gpu_layers: GpuLayersOpt = None,
     template: TemplateOpt = None,
     raw: Annotated[bool, typer.Option("--raw", help="Send the prompt as it is, without the chat template.")] = False,
     json_: Annotated[bool, typer.Option("--json", help="Print one JSON object: text, token counts, speed.")] = False,
@@ -117,7 +121,7 @@ def run(
         raise LlmdeskError("no prompt: give it as an argument or pipe it on stdin")
     if raw and system:
         raise LlmdeskError("--system needs the chat template; it cannot be used with --raw")
-    m = _load(model, ctx, threads, template)
+    m = _load(model, ctx, threads, template, gpu_layers)
     kw = dict(max_tokens=None if max_tokens < 0 else max_tokens, temperature=temperature, top_k=top_k,
               top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed, stop=stop)
     try:
@@ -203,6 +207,7 @@ def chat(
     stop: StopOpt = None,
     ctx: CtxOpt = None,
     threads: ThreadsOpt = None,
+    gpu_layers: GpuLayersOpt = None,
     template: TemplateOpt = None,
     no_log: NoLogOpt = False,
 ) -> None:
@@ -211,7 +216,7 @@ def chat(
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:  # pragma: no cover
         pass
-    m = _load(model, ctx, threads, template)
+    m = _load(model, ctx, threads, template, gpu_layers)
     settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                     repeat_penalty=repeat_penalty, seed=seed, max_tokens=max_tokens)
     messages: list[dict] = []

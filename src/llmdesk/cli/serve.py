@@ -21,6 +21,7 @@ def serve(
     parallel: Annotated[int, typer.Option("--parallel", help="Requests per model decoded together (slots); each gets its own --ctx tokens.")] = 4,
     ctx: Annotated[Optional[int], typer.Option("--ctx", help="Context length per slot, in tokens (default: the model's, at most 4096).")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads (default: all cores).")] = None,
+    gpu_layers: Annotated[Optional[str], typer.Option("-ngl", "--gpu-layers", help="Layers to offload to a GPU: a number or 'all' (needs a GPU build of llama.cpp; default 0, the CPU).")] = None,
     api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="LLMDESK_API_KEY", help="Require 'Authorization: Bearer KEY' on every route but /health (also $LLMDESK_API_KEY).")] = None,
     insecure: Annotated[bool, typer.Option("--insecure", help="Allow another address than 127.0.0.1 without an API key.")] = False,
     keep_alive: Annotated[str, typer.Option("--keep-alive", help="How long a model stays loaded after its last request: 5m, 1h, 30s, 0 (unload at once), -1 (forever).")] = "5m",
@@ -32,6 +33,7 @@ def serve(
     log_prompts: Annotated[bool, typer.Option("--log-prompts", help="Record every prompt and answer in 'llmdesk logs' (off by default for a server).")] = False,
 ) -> None:
     """Serve models over the OpenAI and Ollama APIs, with a web chat at http://HOST:PORT/."""
+    from ..runtime.llama import parse_gpu_layers
     from ..serve.config import ServeConfig, parse_duration, parse_size
     from .run import default_model_ref
 
@@ -46,6 +48,7 @@ def serve(
                 raise
             refs = []  # no default model, but the store has some: requests name one
     cfg = ServeConfig(models=refs, host=host, port=port, parallel=parallel, ctx=ctx, threads=threads,
+                      gpu_layers=parse_gpu_layers(gpu_layers),
                       api_key=api_key, insecure=insecure, keep_alive=parse_duration(keep_alive, "--keep-alive"),
                       cors_origins=list(cors_origin or []), max_queue=max_queue,
                       max_body_bytes=parse_size(max_body, "--max-body"),

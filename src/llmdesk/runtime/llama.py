@@ -61,6 +61,27 @@ def last_error() -> str:
     return _recent_errors[-1] if _recent_errors else ""
 
 
+ALL_LAYERS = 999  # llama.cpp's "every layer" (more than any model has)
+
+
+def parse_gpu_layers(value: str | int | None) -> int:
+    """--gpu-layers: a number of layers to offload to a GPU, or "all"; 0 (the default) runs on the CPU."""
+    if value is None:
+        return 0
+    text = str(value).strip().lower()
+    if text in ("all", "max", "-1"):
+        return ALL_LAYERS
+    if not text.isdigit():
+        raise LlmdeskError(f"--gpu-layers takes a number of layers or 'all', not {value!r}")
+    return int(text)
+
+
+def gpu_offload() -> bool:
+    """Whether this llama.cpp build has a GPU backend (CUDA, ROCm, Metal, Vulkan) to offload to."""
+    init_backend()
+    return bool(C.llama_supports_gpu_offload())
+
+
 def default_threads() -> int:
     """Physical cores are what matters for llama.cpp; use all but leave one for the rest when many."""
     n = os.cpu_count() or 1
@@ -79,6 +100,7 @@ class LlamaModel:
         self.path = Path(path)
         params = C.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
+        self.n_gpu_layers = n_gpu_layers
         _recent_errors.clear()
         ptr = C.llama_model_load_from_file(str(self.path).encode(), params)
         if not ptr:

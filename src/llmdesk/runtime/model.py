@@ -80,12 +80,13 @@ class Model:
 
     def __init__(self, path: str | Path, *, name: str | None = None, ctx: int | None = None,
                  threads: int | None = None, slots: int = 1, batch: int = 512,
-                 template: str | None = None):
+                 template: str | None = None, gpu_layers: int = 0):
         self.path = Path(path)
         self.name = name or self.path.stem
         # our own validation runs first: llama.cpp never sees a malformed file
         self.info: GGUFInfo = read_gguf(self.path)
-        self.llama = LlamaModel(self.path)
+        # layers offloaded to a GPU (llama.cpp keeps them all on the CPU when it has no GPU backend)
+        self.llama = LlamaModel(self.path, n_gpu_layers=gpu_layers)
         n_ctx = ctx or min(self.llama.n_ctx_train or DEFAULT_CTX, DEFAULT_CTX)
         self.threads = threads
         self.engine = Engine(self.llama, n_ctx=n_ctx, n_slots=slots, n_batch=batch, n_threads=threads)
@@ -240,9 +241,10 @@ class Model:
 
 
 def load(ref: str | Path, *, ctx: int | None = None, threads: int | None = None, slots: int = 1,
-         template: str | None = None) -> Model:
+         template: str | None = None, gpu_layers: int = 0) -> Model:
     """Load a model by reference: a .gguf path, NAME[:TAG] in the store, or hf:OWNER/REPO/FILE.gguf."""
     from ..store.refs import resolve
 
     found = resolve(str(ref))
-    return Model(found.path, name=found.name, ctx=ctx, threads=threads, slots=slots, template=template)
+    return Model(found.path, name=found.name, ctx=ctx, threads=threads, slots=slots, template=template,
+                 gpu_layers=gpu_layers)

@@ -22,6 +22,7 @@ class ServeConfig:
     parallel: int = 4  # slots per model: requests decoded together in one batch
     ctx: int | None = None  # tokens per slot (default: the model's, at most 4096)
     threads: int | None = None
+    gpu_layers: int = 0  # layers offloaded to a GPU
     api_key: str | None = None
     insecure: bool = False  # another address than 127.0.0.1 without an API key
     keep_alive: float = 300.0  # seconds a model stays loaded after its last request; < 0: forever

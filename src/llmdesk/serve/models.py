@@ -226,7 +226,7 @@ class ModelManager:
         t0 = time.perf_counter()
         try:
             model = Model(src.path, name=src.name, ctx=n_ctx, threads=cfg.threads, slots=cfg.parallel,
-                          template=cfg.template)
+                          template=cfg.template, gpu_layers=cfg.gpu_layers)
         except LlmdeskError as e:
             raise APIError(500, f"cannot load model '{src.name}': {e}", code="model_load_failed") from None
         lm = LoadedModel(src, model, est, info, Gate(cfg.parallel, cfg.max_queue), keep_alive=cfg.keep_alive)
@@ -267,6 +267,13 @@ class ModelManager:
 
     def _check_fits(self, src: ModelSource, est: LoadEstimate, free: int) -> None:
         if est.total <= free:
+            return
+        from ..runtime.llama import gpu_offload
+
+        if self.config.gpu_layers and gpu_offload():
+            # the estimate is of CPU memory; offloaded layers live on the GPU, which is not checked
+            log.info("%s: about %s if it were all in RAM; loading it with %d layers on the GPU",
+                     src.name, est.describe(), self.config.gpu_layers)
             return
         from .config import format_bytes
 
