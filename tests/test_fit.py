@@ -150,6 +150,25 @@ def test_the_question_of_the_issue():
     assert 4.8e9 < r.memory.weights_bytes < 5.0e9  # Q4_K_M files of it are 4.92 GB
 
 
+def test_a_gpu_too_small_for_the_whole_model_gets_a_layer_count():
+    """Q8_0 at 8k does not fit an 8 GB card; llama.cpp can still put most layers there (-ngl N)."""
+    from llmdesk.fit.memory import layer_weight_bytes
+
+    whole = fit("llama-3.1-8b", quant="q4_k_m", ctx=8192, devices=["rtx-4060"], local=False).primary
+    assert whole.fits and whole.gpu_layers == 33  # every layer and the output layer: -ngl all
+    r = fit("llama-3.1-8b", quant="q8_0", ctx=8192, devices=["rtx-4060", "rtx-4090"], local=False)
+    small, big = r.targets
+    assert not small.fits and 20 <= small.gpu_layers < 32
+    assert big.fits and big.gpu_layers == 33
+    assert f"-ngl {small.gpu_layers}" in small.note
+    # the count is the largest whose layers, their KV cache and the fixed GPU buffers fit the card
+    m = r.memory
+    per_layer = (layer_weight_bytes(PRESETS["llama-3.1-8b"], "Q8_0") + m.kv_cache_bytes) / 32
+    fixed = m.compute_reserved_bytes + 512 * 2**20
+    assert fixed + small.gpu_layers * per_layer <= small.budget_bytes < fixed + (small.gpu_layers + 1) * per_layer
+    assert fit("llama-3.1-8b", quant="q8_0", devices=["raspberry-pi-5"], local=False).primary.gpu_layers is None  # a CPU
+
+
 def test_training_memory():
     full = estimate_training(PRESETS["llama-2-7b"], "full", seq_len=2048, batch=1)
     assert full.weights_bytes + full.gradients_bytes + full.optimizer_bytes == 16 * full.n_params

@@ -17,7 +17,7 @@ from typing import Any
 
 from ..errors import LlmdeskError
 from .devices import DEVICES, Device, LocalMachine, get_device
-from .memory import MemoryEstimate, estimate_memory, max_ctx
+from .memory import MemoryEstimate, estimate_memory, gpu_layers_that_fit, max_ctx
 from .presets import ModelSource, resolve_shape
 from .quants import normalize_kv, normalize_quant
 from .speed import estimate_speed
@@ -52,6 +52,7 @@ class Target:
     compute_tflops: float
     source: str = ""  # where the device's figures come from
     note: str = ""
+    gpu_layers: int | None = None  # GPUs: layers that fit there (llama.cpp's -ngl); n_layer + 1 is all
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -181,13 +182,19 @@ def fit(model: str, *, quant: str | None = None, ctx: int | None = None, paralle
             mx = max_ctx(shape, budget, **mc)
         sp = speed(e, dev.bandwidth_gbs, dev.fp16_tflops, dev.decode_efficiency, dev.prefill_efficiency)
         note = dev.name
+        ngl = None
+        if dev.kind == "gpu":
+            ngl = gpu_layers_that_fit(shape, e, budget, quant=qname, gguf_info=gguf_info)
+            if 0 < ngl <= shape.n_layer:
+                note += (f"; the whole model does not fit, but {ngl} of its {shape.n_layer} layers do "
+                         f"(-ngl {ngl}; the rest run on the CPU, slower than the speeds shown)")
         if dev.kind == "npu":
             note += ": llama.cpp runs on this machine's CPU/GPU, not its NPU"
         elif dev.kind == "apple":
             note += f": {budget / 2**30:.1f} GB of unified memory usable by the GPU (Metal's working-set limit)"
         return Target(label, dev.kind, budget, need, need <= budget, mx, sp.decode_tokens_per_second,
                       sp.decode_roofline_tokens_per_second, sp.prefill_tokens_per_second, dev.bandwidth_gbs,
-                      dev.fp16_tflops, dev.source, note)
+                      dev.fp16_tflops, dev.source, note, ngl)
 
     targets = [device_target(d, d.key + (f":{d.memory_gb:g}" if d.name.endswith(" GB)") else "")) for d in device_list]
     machine = None

@@ -211,6 +211,27 @@ def estimate_memory(shape: ModelShape, *, quant: str | None = "Q4_K_M", ctx: int
     return est
 
 
+def layer_weight_bytes(shape: ModelShape, quant: str | None, gguf_info: Any = None) -> int:
+    """Bytes of the repeating layers' weights (blk.*), all layers together."""
+    if quant is None and gguf_info is not None:
+        return sum(t.nbytes for t in gguf_info.tensors if t.name.startswith("blk."))
+    return sum(type_bytes(tensor_type(t, quant or "F16", shape), t.n_elements)
+               for t in model_tensors(shape) if t.name.startswith("blk."))
+
+
+def gpu_layers_that_fit(shape: ModelShape, est: MemoryEstimate, budget_bytes: int, *, quant: str | None,
+                        gguf_info: Any = None) -> int:
+    """How many of the repeating layers llama.cpp can put on a GPU with `budget_bytes` (its -ngl),
+    the rest staying on the CPU: each offloaded layer brings its weights and KV cache, and the GPU
+    holds the compute reservation and the driver's context whatever the count. The token embedding
+    and (below all layers plus one) the output layer stay on the CPU. n_layer + 1 when all fit."""
+    if est.gpu_bytes <= budget_bytes:
+        return shape.n_layer + 1
+    per_layer = (layer_weight_bytes(shape, quant, gguf_info) + est.kv_cache_bytes) / max(shape.n_layer, 1)
+    room = budget_bytes - est.compute_reserved_bytes - GPU_CONTEXT_BYTES
+    return max(0, min(shape.n_layer, int(room // per_layer))) if per_layer > 0 else 0
+
+
 def max_ctx(shape: ModelShape, budget_bytes: int, *, quant: str | None, parallel: int = 1, batch: int = 512,
             kv_type: str = "f16", gguf_info: Any = None, gpu: bool = False, repack: bool = True) -> int:
     """The largest context (tokens per sequence, a multiple of 256) whose total fits in `budget_bytes`;
