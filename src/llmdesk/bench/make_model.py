@@ -16,14 +16,13 @@ from typing import Callable
 from ..errors import LlmdeskError
 from ..fit.presets import ModelShape, get_preset
 from ..fit.quants import normalize_quant
-from ..formats.synth import DIRECT_TYPES, SynthConfig, write_llama_gguf
+from ..formats.synth import DIRECT_TYPES, SYNTH_ARCHS, SynthConfig, write_llama_gguf
 
 
 def check_supported(shape: ModelShape) -> None:
-    if shape.arch not in ("llama", "qwen2") or shape.n_expert:
-        raise LlmdeskError(
-            f"make-model writes llama-family and qwen2 shapes; {shape.name} is {shape.arch}"
-            f"{' with experts' if shape.n_expert else ''} (fit still estimates it)")
+    if shape.arch not in SYNTH_ARCHS:
+        raise LlmdeskError(f"make-model writes the {', '.join(SYNTH_ARCHS)} architectures; {shape.name} is "
+                           f"{shape.arch} (fit still estimates it)")
 
 
 def synth_config(shape: ModelShape, dtype: str = "f16", *, seed: int = 0) -> SynthConfig:
@@ -32,7 +31,10 @@ def synth_config(shape: ModelShape, dtype: str = "f16", *, seed: int = 0) -> Syn
         n_layer=shape.n_layer, n_embd=shape.n_embd, n_head=shape.n_head, n_head_kv=shape.n_head_kv,
         n_ff=shape.n_ff, n_ctx_train=shape.n_ctx_train, tied_embeddings=shape.tied_embeddings,
         n_vocab=shape.n_vocab, head_dim=shape.head_dim if shape.head_dim != shape.n_embd // shape.n_head else None,
-        arch=shape.arch, dtype=dtype, name=f"{shape.name} (random weights)", seed=seed,
+        arch=shape.arch, n_expert=shape.n_expert, n_expert_used=shape.n_expert_used, n_swa=shape.n_swa,
+        # llama.cpp looks these up by name in a model called Phi-3 (llama-vocab.cpp)
+        extra_tokens=["<unk>", "<|endoftext|>"] if shape.arch == "phi3" else [],
+        dtype=dtype, name=f"{shape.name} (random weights)", seed=seed,
         weight_std=0.02 * 8,  # small weights keep activations finite through many layers
     )
 

@@ -230,6 +230,8 @@ def make_model_cmd(
     shape = get_preset(preset)
     normalize_quant(type_name)
     check_supported(shape)
+    if layers is not None and layers < 1:  # before the progress bar: one clean line
+        raise LlmdeskError(f"--layers must be at least 1, got {layers}")
     if output.is_dir() or not output.parent.exists():
         raise LlmdeskError(f"{output}: is a directory" if output.is_dir() else f"{output.parent}: no such directory")
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

@@ -13,7 +13,8 @@ matter for the types listed in QUANT_TYPES, so the weights are counted tensor by
 - ffn_down: the same "more bits" layers -> Q6_K for Q4_K_M/Q5_K_M; Q3_K_M -> Q5_K on the first
   sixteenth, Q4_K after; Q3_K_L -> Q5_K; Q2_K -> Q3_K; Q4_K_S -> Q5_K on the first eighth;
 - attn_output: Q3_K_M -> Q4_K, Q3_K_L -> Q5_K, Q2_K -> Q3_K; 8-expert models -> Q5_K;
-- attn_qkv (fused, Phi-3): Q4_K_M -> Q5_K, Q5_K_M -> Q6_K, Q3_K_M/L -> Q4_K;
+- attn_qkv (fused, Phi-3): as attn_v (llama.cpp's tensor categories put it with attn_v, ahead of
+  its own, unreachable, qkv rule);
 - a row length that is not a multiple of 256 cannot hold a k-quant: Q4_K -> Q5_0, Q5_K -> Q5_1,
   Q6_K -> Q8_0, Q2_K/Q3_K -> Q4_0, IQ4_XS -> IQ4_NL (then F16 if even that does not divide);
 - 1-D tensors (norms, biases) and the MoE router stay F32.
@@ -159,7 +160,7 @@ def tensor_type(t: Tensor, ftype: str, shape) -> str:
         new = "Q8_0" if t.ne0 % GGML_BLOCK[base][0] != 0 or base == "Q8_0" else "Q6_K"
     elif name == "token_embd.weight":
         pass
-    elif "attn_v.weight" in name:
+    elif "attn_v.weight" in name or "attn_qkv.weight" in name:  # llama.cpp counts a fused qkv as a v
         if ftype == "Q2_K":
             new = "Q4_K" if shape.n_gqa >= 4 else "Q3_K"
         elif ftype == "IQ4_NL" or ftype == "IQ4_XS":
@@ -198,8 +199,6 @@ def tensor_type(t: Tensor, ftype: str, shape) -> str:
                 new = "Q5_K"
         else:
             new = {"Q2_K": "Q3_K", "Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K"}.get(ftype, new)
-    elif "attn_qkv.weight" in name:
-        new = {"Q3_K_M": "Q4_K", "Q3_K_L": "Q4_K", "Q4_K_M": "Q5_K", "Q5_K_M": "Q6_K"}.get(ftype, new)
     if t.ne0 % GGML_BLOCK[new][0] != 0:
         new = _FALLBACK.get(new, "F16")
         if t.ne0 % GGML_BLOCK[new][0] != 0:

@@ -41,8 +41,9 @@ class SynthConfig:
     """Shapes of a Llama-family model. The defaults are a tiny test model (f32, ~0.5 MB).
 
     Real shapes (see `llmdesk.fit.presets`) set `n_vocab` (the vocabulary is padded to it with
-    filler words), `head_dim` where it is not n_embd / n_head, `arch="qwen2"` for
-    Qwen 2 (biases on q/k/v) and `dtype` for the stored type of the 2-D weights.
+    filler words), `head_dim` where it is not n_embd / n_head, `arch` (qwen2: biases on q/k/v;
+    phi3: fused qkv and gate+up; gemma2: extra norms, soft-capping, a sliding window), experts,
+    and `dtype` for the stored type of the 2-D weights.
     """
 
     n_layer: int = 2
@@ -60,7 +61,10 @@ class SynthConfig:
     chat_template: str | None = CHATML_TEMPLATE
     name: str = "tiny-llama"
     extra_tokens: list[str] = field(default_factory=list)
-    arch: str = "llama"  # "llama" (Llama, Mistral, TinyLlama, SmolLM) or "qwen2" (q/k/v biases)
+    arch: str = "llama"  # llama (Llama, Mistral, TinyLlama, SmolLM), qwen2, phi3 or gemma2
+    n_expert: int = 0  # a mixture of experts (Mixtral): experts per layer, and used per token
+    n_expert_used: int = 0
+    n_swa: int = 0  # gemma2: the sliding window of every other layer
     n_vocab: int | None = None  # None: just the BPE tokens and the special tokens
     head_dim: int | None = None  # None: n_embd // n_head
     dtype: str = "f32"  # 2-D weights: "f32", "f16", "bf16" or "q8_0"; norms and biases stay f32
@@ -146,28 +150,34 @@ def _filler_tokens(n: int, tokens: list[str]) -> tuple[list[str], list[str]]:
     return words, merges
 
 
+SYNTH_ARCHS = ("llama", "qwen2", "phi3", "gemma2")
+
+
 def _tensor_plan(cfg: SynthConfig, n_vocab: int) -> list[tuple[str, tuple[int, ...], float | None]]:
-    """(name, numpy shape (out, in), std) of every tensor in file order; std None means ones
-    (norm weights), 0.0 means zeros (biases)."""
-    hd = cfg.head_dim or cfg.n_embd // cfg.n_head
-    q, kv = cfg.n_head * hd, cfg.n_head_kv * hd
-    plan: list[tuple[str, tuple[int, ...], float | None]] = [("token_embd.weight", (n_vocab, cfg.n_embd), 1.0)]
-    for i in range(cfg.n_layer):
-        p = f"blk.{i}."
-        plan.append((p + "attn_norm.weight", (cfg.n_embd,), None))
-        plan.append((p + "attn_q.weight", (q, cfg.n_embd), cfg.weight_std))
-        plan.append((p + "attn_k.weight", (kv, cfg.n_embd), cfg.weight_std))
-        plan.append((p + "attn_v.weight", (kv, cfg.n_embd), cfg.weight_std))
-        if cfg.arch == "qwen2":
-            plan += [(p + "attn_q.bias", (q,), 0.0), (p + "attn_k.bias", (kv,), 0.0), (p + "attn_v.bias", (kv,), 0.0)]
-        plan.append((p + "attn_output.weight", (cfg.n_embd, q), cfg.weight_std))
-        plan.append((p + "ffn_norm.weight", (cfg.n_embd,), None))
-        plan.append((p + "ffn_gate.weight", (cfg.n_ff, cfg.n_embd), cfg.weight_std))
-        plan.append((p + "ffn_up.weight", (cfg.n_ff, cfg.n_embd), cfg.weight_std))
-        plan.append((p + "ffn_down.weight", (cfg.n_embd, cfg.n_ff), cfg.weight_std))
-    plan.append(("output_norm.weight", (cfg.n_embd,), None))
-    if not cfg.tied_embeddings:
-        plan.append(("output.weight", (n_vocab, cfg.n_embd), 2.0))
+    """(name, numpy shape (out, in) or (experts, out, in), std) of every tensor in file order, the
+    tensors llama.cpp's converter writes for the architecture (`fit.quants.model_tensors`); std
+    None means ones (norm weights), 0.0 means zeros (biases)."""
+    from ..fit.presets import ModelShape
+    from ..fit.quants import model_tensors
+
+    shape = ModelShape(name=cfg.name, arch=cfg.arch, n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head,
+                       n_head_kv=cfg.n_head_kv, n_ff=cfg.n_ff, n_vocab=n_vocab, n_ctx_train=cfg.n_ctx_train,
+                       head_dim=cfg.head_dim or 0, tied_embeddings=cfg.tied_embeddings, n_expert=cfg.n_expert,
+                       n_expert_used=cfg.n_expert_used)
+    plan: list[tuple[str, tuple[int, ...], float | None]] = []
+    for t in model_tensors(shape):
+        dims = (t.ne2, t.ne1, t.ne0) if t.ne2 > 1 else (t.ne1, t.ne0) if t.ne1 > 1 else (t.ne0,)
+        if t.name == "token_embd.weight":
+            std = 1.0
+        elif t.name == "output.weight":
+            std = 2.0
+        elif t.name.endswith("norm.weight"):
+            std = None
+        elif t.name.endswith(".bias"):
+            std = 0.0
+        else:
+            std = cfg.weight_std
+        plan.append((t.name, dims, std))
     return plan
 
 
@@ -182,8 +192,8 @@ def write_llama_gguf(path: str | os.PathLike, cfg: SynthConfig | None = None) ->
     cfg = cfg or SynthConfig()
     if cfg.dtype not in DIRECT_TYPES:
         raise ValueError(f"synth writes {', '.join(DIRECT_TYPES)}; quantize the result for {cfg.dtype}")
-    if cfg.arch not in ("llama", "qwen2"):
-        raise ValueError(f"synth writes the llama and qwen2 architectures, not {cfg.arch}")
+    if cfg.arch not in SYNTH_ARCHS:
+        raise ValueError(f"synth writes the {', '.join(SYNTH_ARCHS)} architectures, not {cfg.arch}")
     path = Path(path)
     rng = np.random.default_rng(cfg.seed)
     tokens, merges = train_bpe(_BPE_TEXT, cfg.n_merges)
@@ -212,6 +222,13 @@ def write_llama_gguf(path: str | os.PathLike, cfg: SynthConfig | None = None) ->
                                  n_head=cfg.n_head, n_head_kv=cfg.n_head_kv, head_dim=head_dim, n_rot=head_dim,
                                  rms_eps=cfg.rms_eps, rope_theta=cfg.rope_freq_base, n_vocab=n_vocab)
             w.add_file_type(file_type(cfg.dtype))
+            if cfg.n_expert:
+                w.add_expert_count(cfg.n_expert)
+                w.add_expert_used_count(cfg.n_expert_used)
+            if cfg.arch == "gemma2":  # Gemma 2's published values
+                w.add_attn_logit_softcapping(50.0)
+                w.add_final_logit_softcapping(30.0)
+                w.add_sliding_window(cfg.n_swa or 4096)
             w.add_tokenizer_model("gpt2")
             w.add_tokenizer_pre("default")
             w.add_token_list(tokens)
@@ -225,7 +242,8 @@ def write_llama_gguf(path: str | os.PathLike, cfg: SynthConfig | None = None) ->
 
             def stored(name: str, shape: tuple[int, ...]):
                 """(numpy dtype of the written array, its shape, raw ggml type or None)."""
-                if len(shape) == 1 or qtype == gguf.GGMLQuantizationType.F32:
+                # the router of a mixture of experts stays f32, as llama.cpp's converter keeps it
+                if len(shape) == 1 or qtype == gguf.GGMLQuantizationType.F32 or "ffn_gate_inp" in name:
                     return np.dtype(np.float32), shape, None
                 if qtype == gguf.GGMLQuantizationType.F16:
                     return np.dtype(np.float16), shape, None
