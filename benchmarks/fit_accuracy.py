@@ -38,6 +38,10 @@ GRID = [
     GridPoint("tinyllama-1.1b", "q4_k_m", 1024, parallel=2),
     GridPoint("llama-3.2-1b", "q8_0", 1024),
     GridPoint("llama-3.2-1b", "q4_k_m", 4096),
+    # the other architectures, at reduced depth (their full models take long to make here)
+    GridPoint("gemma-2-2b", "q8_0", 8192, layers=4),  # sliding-window layers keep 4,096 + 512 cells
+    GridPoint("phi-3-mini", "q4_k_m", 2048, layers=4),  # fused qkv and gate+up
+    GridPoint("mixtral-8x7b", "q4_k_m", 1024, layers=1),  # 8 experts, repacked
 ]
 
 QUICK = [GridPoint("smollm2-135m", "q8_0", 1024), GridPoint("tinyllama-1.1b", "q4_k_m", 1024)]

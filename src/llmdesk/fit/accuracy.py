@@ -74,7 +74,7 @@ def markdown(rows: list[Comparison]) -> str:
            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         p = r.point
-        name = p.preset + (f" ({p.layers} layers)" if p.layers else "")
+        name = p.preset + (f" ({p.layers} layer{'s' if p.layers > 1 else ''})" if p.layers else "")
         out.append(f"| {name} | {p.type.lower()} | {p.ctx} | {p.parallel} | {p.batch} | "
                    f"{r.measured_bytes / MiB:,.0f} | {r.estimated_bytes / MiB:,.0f} | {100 * r.error:+.1f}% |")
     s = summary(rows)

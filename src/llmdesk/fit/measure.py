@@ -75,7 +75,10 @@ def _child(path: str, ctx: int, parallel: int, batch: int, threads: int | None, 
         for kind, rx in _BUFFER_RES.items():
             m = rx.search(line)
             if m:
-                buffers[kind][m.group(1)] = float(m.group(2)) * MiB
+                size = float(m.group(2)) * MiB
+                if kind == "kv":  # a sliding-window model has two caches, each logs its buffer
+                    size += buffers[kind].get(m.group(1), 0.0)
+                buffers[kind][m.group(1)] = size
     model.close()
     return {
         "model": str(path), "ctx": ctx, "parallel": parallel, "batch": batch,

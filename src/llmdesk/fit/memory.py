@@ -14,8 +14,8 @@
   the kernel drops them first under pressure: `required_bytes`, what must fit, counts them once.
 - KV cache: per layer, K and V for every cell: n_layer x cells x (KV heads x head_dim) x 2 x the
   KV type's bytes. KV heads, not attention heads (GQA). llama.cpp gives each of `parallel`
-  sequences its own `ctx` cells (the Engine's layout); sliding-window layers (Gemma 2) keep only
-  window + micro-batch cells.
+  sequences its own `ctx` cells (the Engine's layout); sliding-window layers (Gemma 2) too
+  (llama.cpp's default full-size window cache, which prefix reuse needs).
 - compute buffer: ggml's graph allocator reserves room for the worst micro-batch. The CPU working
   set (what becomes resident when the Engine prefills a full micro-batch of T = min(batch, 512)
   tokens, asking logits for one token per sequence) is the feed-forward block's live tensors,
@@ -109,14 +109,18 @@ def kv_cells(shape: ModelShape, ctx: int, parallel: int) -> int:
     return total // parallel
 
 
-def kv_cache_bytes(shape: ModelShape, ctx: int, parallel: int = 1, kv_type: str = "f16", ubatch: int = 512) -> int:
+def kv_cache_bytes(shape: ModelShape, ctx: int, parallel: int = 1, kv_type: str = "f16", ubatch: int = 512,
+                   swa_full: bool = True) -> int:
+    """K and V of every layer. Sliding-window layers (Gemma 2) get as many cells as the others:
+    llama.cpp's context default (`swa_full`, which llmdesk keeps, so that a conversation's cached
+    prefix can be reused); with swa_full off they keep only window + micro-batch cells, as
+    llama-server does by default."""
     per_elem = KV_TYPES[kv_type]
     cells = kv_cells(shape, ctx, parallel)
     total = 0.0
     for i in range(shape.n_layer):
         n = cells
-        if shape.n_swa and shape.swa_every and (i + 1) % shape.swa_every != 0:
-            # llama.cpp's iSWA cache: a window layer keeps n_swa + n_ubatch cells (padded)
+        if not swa_full and shape.n_swa and shape.swa_every and (i + 1) % shape.swa_every != 0:
             n = min(cells, _pad(shape.n_swa + ubatch, 256))
         total += n * parallel * shape.n_embd_kv * 2 * per_elem  # K and V
     return int(total)
