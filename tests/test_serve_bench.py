@@ -80,3 +80,17 @@ def test_a_stream_cut_short_is_an_error():
         srv.shutdown()
     assert r.ok == 0 and r.errors == 2
     assert "ended early" in r.error_samples[0]
+
+
+def test_settings_the_server_cannot_serve_are_warned_about(tiny_gguf):
+    with running(tiny_gguf, parallel=1, ctx=64) as s:
+        said = []
+        [r] = load.run(s.url, [1], requests=2, prompt_tokens=80, max_tokens=4, warn=said.append)
+        assert said and "64 tokens per request" in said[0] and "--prompt-tokens" in said[0]
+        assert r.errors == 2 and "HTTP 400" in r.error_samples[0]
+        said.clear()
+        [r] = load.run(s.url, [1], requests=2, prompt_tokens=16, max_tokens=100, warn=said.append)
+        assert said and "stop short of --max-tokens 100" in said[0] and r.ok == 2
+        said.clear()
+        load.run(s.url, [1], requests=1, prompt_tokens=16, max_tokens=8, warn=said.append)
+        assert said == []

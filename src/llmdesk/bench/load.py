@@ -196,15 +196,16 @@ def _calibrate(url: str, model: str, headers: dict, prompt_tokens: int) -> int:
     prompt (which also loads the model, untimed)."""
     import httpx
 
-    probe = 32
-    text = _prompt(random.Random(12345), probe)
-    try:
-        r = httpx.post(url + "/v1/completions", headers=headers, timeout=900,
-                       json={"model": model, "prompt": text, "max_tokens": 1})
-        counted = r.json()["usage"]["prompt_tokens"]
-    except (httpx.HTTPError, ValueError, KeyError, TypeError):
-        return prompt_tokens  # no count: about a token per word
-    return max(1, round(probe * prompt_tokens / max(counted, 1)))
+    for probe in (32, 4):  # a short one too, for a server with a small context
+        text = _prompt(random.Random(12345), probe)
+        try:
+            r = httpx.post(url + "/v1/completions", headers=headers, timeout=900,
+                           json={"model": model, "prompt": text, "max_tokens": 1})
+            counted = r.json()["usage"]["prompt_tokens"]
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            continue
+        return max(1, round(probe * prompt_tokens / max(counted, 1)))
+    return prompt_tokens  # no count: about a token per word
 
 
 def _calibrate_words_for(llm, prompt_tokens: int) -> int:
@@ -214,15 +215,39 @@ def _calibrate_words_for(llm, prompt_tokens: int) -> int:
     return max(1, round(32 * prompt_tokens / max(counted, 1)))
 
 
+def served_context(url: str, model: str, headers: dict) -> int | None:
+    """Tokens per request the server holds `model` with, from the Ollama API's /api/ps (llmdesk
+    serve and Ollama say it); None when the server does not."""
+    import httpx
+
+    try:
+        r = httpx.get(url + "/api/ps", headers=headers, timeout=30)
+        for m in r.json().get("models") or []:
+            if model in (m.get("name"), m.get("model")) and isinstance(m.get("context_length"), int):
+                return m["context_length"]
+    except (httpx.HTTPError, ValueError, AttributeError, TypeError):
+        pass
+    return None
+
+
 def run(url: str, concurrency: list[int], requests: int, prompt_tokens: int, max_tokens: int,
-        api_key: str | None = None, model: str | None = None, progress=None) -> list[LevelResult]:
-    """Load-test the server at `url`; one LevelResult per concurrency level."""
+        api_key: str | None = None, model: str | None = None, progress=None,
+        warn=None) -> list[LevelResult]:
+    """Load-test the server at `url`; one LevelResult per concurrency level. `warn(text)` hears
+    of settings the server cannot serve (a prompt and answer longer than its context)."""
     if requests < 1 or max_tokens < 1 or prompt_tokens < 1 or not concurrency or min(concurrency) < 1:
         raise LlmdeskError("requests, prompt tokens, max tokens and every concurrency must be at least 1")
     url = base_url(url)
     headers = _headers(api_key)
     model = model or _first_model(url, headers)
-    n_words = _calibrate(url, model, headers, prompt_tokens)
+    n_words = _calibrate(url, model, headers, prompt_tokens)  # (which also loads the model)
+    ctx = served_context(url, model, headers)
+    if warn and ctx is not None and prompt_tokens >= ctx:
+        warn(f"{model} is served with {ctx} tokens per request: prompts of ~{prompt_tokens} tokens will mostly "
+             f"be refused; lower --prompt-tokens")
+    elif warn and ctx is not None and prompt_tokens + max_tokens > ctx:
+        warn(f"{model} is served with {ctx} tokens per request: answers will stop short of --max-tokens "
+             f"{max_tokens} after a ~{prompt_tokens}-token prompt")
     out = []
     for i, c in enumerate(concurrency):
         report = (lambda done, total, c=c: progress(c, done, total)) if progress else None
@@ -250,7 +275,7 @@ def main(url: str, concurrency: list[int], requests: int, prompt_tokens: int, ma
             status.update(f"concurrency {c}: {done}/{total} requests")
 
         results = run(url, concurrency, requests, prompt_tokens, max_tokens, api_key=api_key, model=model,
-                      progress=progress)
+                      progress=progress, warn=lambda text: err.print(f"warning: {text}", markup=False))
     if json_out:
         out.print(json.dumps([r.to_dict() for r in results], indent=1), markup=False)
     else:
