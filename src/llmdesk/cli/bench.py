@@ -15,6 +15,7 @@ from rich.table import Table
 
 from ..errors import LlmdeskError
 from .app import app, err, out
+from .run import GpuLayersOpt
 
 try:  # typer >= 0.29 carries its own copy of click
     from typer._click import exceptions as click_exc
@@ -33,7 +34,7 @@ def bench(
     threads: Annotated[Optional[list[str]], typer.Option("-t", "--threads", help="Thread counts, e.g. 1,2,4 or 1-4 (default: all cores).")] = None,
     batch: Annotated[Optional[list[str]], typer.Option("-b", "--batch", help="Batch sizes, e.g. 128,512 (default 512).")] = None,
     reps: Annotated[int, typer.Option("-r", "--reps", help="Timed repetitions per test (after one untimed warm-up).")] = 5,
-    gpu_layers: Annotated[Optional[str], typer.Option("-ngl", "--gpu-layers", help="Layers to offload to a GPU: a number or 'all' (needs a GPU build of llama.cpp; default 0, the CPU).")] = None,
+    gpu_layers: GpuLayersOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the rows as JSON.")] = False,
     as_csv: Annotated[bool, typer.Option("--csv", help="Print the rows as CSV.")] = False,
     as_md: Annotated[bool, typer.Option("--md", help="Print a Markdown table.")] = False,

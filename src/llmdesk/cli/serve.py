@@ -11,6 +11,7 @@ import typer
 
 from ..errors import LlmdeskError
 from .app import app, err
+from .run import GpuLayersOpt
 
 
 @app.command()
@@ -21,7 +22,7 @@ def serve(
     parallel: Annotated[int, typer.Option("--parallel", help="Requests per model decoded together (slots); each gets its own --ctx tokens.")] = 4,
     ctx: Annotated[Optional[int], typer.Option("--ctx", help="Context length per slot, in tokens (default: the model's, at most 4096).")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads (default: all cores).")] = None,
-    gpu_layers: Annotated[Optional[str], typer.Option("-ngl", "--gpu-layers", help="Layers to offload to a GPU: a number or 'all' (needs a GPU build of llama.cpp; default 0, the CPU).")] = None,
+    gpu_layers: GpuLayersOpt = None,
     api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="LLMDESK_API_KEY", help="Require 'Authorization: Bearer KEY' on every route but /health (also $LLMDESK_API_KEY).")] = None,
     insecure: Annotated[bool, typer.Option("--insecure", help="Allow another address than 127.0.0.1 without an API key.")] = False,
     keep_alive: Annotated[str, typer.Option("--keep-alive", help="How long a model stays loaded after its last request: 5m, 1h, 30s, 0 (unload at once), -1 (forever).")] = "5m",

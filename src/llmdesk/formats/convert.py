@@ -30,7 +30,7 @@ from typing import Any, Callable
 import numpy as np
 
 from llmdesk.atomic import atomic_path
-from llmdesk.formats.gguf_write import FILE_TYPES, add_transformer_keys, file_type
+from llmdesk.formats.gguf_write import FILE_TYPES, add_tensor_info, add_transformer_keys, encode, file_type
 from llmdesk.formats.hf import Checkpoint, ConversionError, open_checkpoint
 
 OUT_TYPES = FILE_TYPES
@@ -558,30 +558,6 @@ def _plan(ck: Checkpoint, hp: Hparams, extra: list[tuple[str, np.ndarray]]) -> l
     return list(out.values())
 
 
-def _layout(shape: tuple[int, ...], out_type: str) -> tuple[np.dtype, tuple[int, ...], Any]:
-    """(numpy dtype written, its shape, raw ggml type or None) of one tensor in `out_type`;
-    1-d tensors (norms, biases, factors) stay f32, and q8_0 falls back to f16 for rows that are
-    not a multiple of its 32-value blocks."""
-    import gguf
-
-    T = gguf.GGMLQuantizationType
-    if len(shape) < 2 or out_type == "f32":
-        return np.dtype(np.float32), shape, None
-    if out_type == "f16" or (out_type == "q8_0" and shape[-1] % 32):
-        return np.dtype(np.float16), shape, None
-    raw = T.BF16 if out_type == "bf16" else T.Q8_0
-    return np.dtype(np.uint8), tuple(gguf.quant_shape_to_byte_shape(shape, raw)), raw
-
-
-def _encode(data: np.ndarray, out_type: str) -> np.ndarray:
-    import gguf
-
-    dt, _shape, raw = _layout(tuple(data.shape), out_type)
-    if raw is not None:
-        return gguf.quants.quantize(data, raw)
-    return data.astype(dt, copy=False)
-
-
 def convert(hf_dir: str | os.PathLike, out: str | os.PathLike, *, out_type: str = "f16",
             name: str | None = None, register: bool = True, check: bool = True,
             progress: Callable[[str], None] | None = None) -> ConvertResult:
@@ -625,15 +601,14 @@ def convert(hf_dir: str | os.PathLike, out: str | os.PathLike, *, out_type: str 
             tensors = _plan(ck, hp, extra)
             n_params = 0
             for t in tensors:
-                dt, shape, raw = _layout(t.shape, out_type)
-                w.add_tensor_info(t.name, shape, dt, int(np.prod(shape)) * dt.itemsize, raw_dtype=raw)
+                add_tensor_info(w, t.name, t.shape, out_type)
                 n_params += int(np.prod(t.shape))
             say(f"writing {out.name}")
             w.write_header_to_file()
             w.write_kv_data_to_file()
             w.write_ti_data_to_file()
             for t in tensors:  # one tensor in memory at a time
-                w.write_tensor_data(_encode(t.load(), out_type))
+                w.write_tensor_data(encode(t.name, t.load(), out_type))
         finally:
             w.close()
 

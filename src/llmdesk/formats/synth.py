@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import atomic_path
-from .gguf_write import FILE_TYPES, add_transformer_keys, file_type
+from .gguf_write import FILE_TYPES, add_tensor_info, add_transformer_keys, encode, file_type
 # The ChatML template as Hugging Face tokenizers ship it (Qwen 2, SmolLM 2 and others).
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -211,8 +211,6 @@ def write_llama_gguf(path: str | os.PathLike, cfg: SynthConfig | None = None) ->
         token_types += [gguf.TokenType.NORMAL] * n_fill
     n_vocab = len(tokens)
     head_dim = cfg.head_dim or cfg.n_embd // cfg.n_head
-    qtype = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
-             "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}[cfg.dtype]
 
     with atomic_path(path) as tmp:
         w = gguf.GGUFWriter(str(tmp), cfg.arch)
@@ -240,22 +238,9 @@ def write_llama_gguf(path: str | os.PathLike, cfg: SynthConfig | None = None) ->
             if cfg.chat_template:
                 w.add_chat_template(cfg.chat_template)
 
-            def stored(name: str, shape: tuple[int, ...]):
-                """(numpy dtype of the written array, its shape, raw ggml type or None)."""
-                # the router of a mixture of experts stays f32, as llama.cpp's converter keeps it
-                if len(shape) == 1 or qtype == gguf.GGMLQuantizationType.F32 or "ffn_gate_inp" in name:
-                    return np.dtype(np.float32), shape, None
-                if qtype == gguf.GGMLQuantizationType.F16:
-                    return np.dtype(np.float16), shape, None
-                byte_shape = gguf.quant_shape_to_byte_shape(shape, qtype)
-                return np.dtype(np.uint8), byte_shape, qtype
-
             plan = _tensor_plan(cfg, n_vocab)
             for name, shape, _std in plan:
-                dt, shp, raw = stored(name, shape)
-                nbytes = int(np.prod(shp)) * dt.itemsize
-                # numpy shapes are (out, in); the writer stores them as ggml's (in, out)
-                w.add_tensor_info(name, shp, dt, nbytes, raw_dtype=raw)
+                add_tensor_info(w, name, shape, cfg.dtype)
             w.write_header_to_file()
             w.write_kv_data_to_file()
             w.write_ti_data_to_file()
@@ -267,12 +252,7 @@ def write_llama_gguf(path: str | os.PathLike, cfg: SynthConfig | None = None) ->
                 else:
                     scale = std / np.sqrt(shape[-1] / 64)
                     data = _random(rng, shape, scale)
-                dt, _shp, raw = stored(name, shape)
-                if raw is not None:
-                    data = gguf.quants.quantize(data, raw)
-                elif dt != data.dtype:
-                    data = data.astype(dt)
-                w.write_tensor_data(data)
+                w.write_tensor_data(encode(name, data, cfg.dtype))
         finally:
             w.close()
     return path

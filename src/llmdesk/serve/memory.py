@@ -50,10 +50,11 @@ def estimate_load_bytes(info: GGUFInfo, path: str | os.PathLike, *, n_ctx: int, 
         return LoadEstimate(weights=size, other=int(size * UNKNOWN_SHAPE_MARGIN), kv_cache=0,
                             n_ctx_total=n_ctx * n_slots)
     est = estimate_memory(shape, quant=None, ctx=n_ctx, parallel=n_slots, gguf_info=info, repack=cpu_repacks())
-    anonymous = (est.repack_bytes + est.kv_cache_bytes + est.compute_bytes + est.output_bytes
-                 + est.overhead_bytes - PROCESS_BASELINE_BYTES)
-    mapped = est.required_bytes - PROCESS_BASELINE_BYTES - anonymous
-    return LoadEstimate(weights=mapped, other=anonymous, kv_cache=est.kv_cache_bytes, n_ctx_total=n_ctx * n_slots)
+    # fit's total: the mapped file pages that must stay, plus anonymous memory; the server has
+    # already paid the process baseline
+    anonymous = est.repack_bytes + est.kv_cache_bytes + est.compute_bytes + est.output_bytes + est.overhead_bytes
+    return LoadEstimate(weights=est.required_bytes - anonymous, other=anonymous - PROCESS_BASELINE_BYTES,
+                        kv_cache=est.kv_cache_bytes, n_ctx_total=n_ctx * n_slots)
 
 
 def available_memory_bytes() -> int:
