@@ -25,6 +25,17 @@ def check_supported(shape: ModelShape) -> None:
                            f"{shape.arch} (fit still estimates it)")
 
 
+def with_depth(shape: ModelShape, layers: int | None) -> ModelShape:
+    """`shape` with `layers` layers (same widths), for quicker models; None keeps its own."""
+    if layers is None:
+        return shape
+    if layers < 1:
+        raise LlmdeskError(f"--layers must be at least 1, got {layers}")
+    from dataclasses import replace
+
+    return replace(shape, n_layer=layers)
+
+
 def synth_config(shape: ModelShape, dtype: str = "f16", *, seed: int = 0) -> SynthConfig:
     check_supported(shape)
     return SynthConfig(
@@ -45,15 +56,9 @@ def make_model(preset: str | ModelShape, type_name: str, out: str | os.PathLike,
     """Write `out`: random weights with the shapes of `preset`, stored as `type_name` (q4_k_m, ...).
     `layers` overrides the layer count (a shorter model of the same width, for quick tests).
     `progress(done, total, tensor name)` is called per tensor while llama.cpp quantizes."""
-    shape = get_preset(preset) if isinstance(preset, str) else preset
+    shape = with_depth(get_preset(preset) if isinstance(preset, str) else preset, layers)
     ftype = normalize_quant(type_name)
     out = Path(out)
-    if layers is not None:
-        if layers < 1:
-            raise LlmdeskError(f"--layers must be at least 1, got {layers}")
-        from dataclasses import replace
-
-        shape = replace(shape, n_layer=layers)
     if out.is_dir():
         raise LlmdeskError(f"{out} is a directory; give a file name ending in .gguf")
     if not out.parent.exists():

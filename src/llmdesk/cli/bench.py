@@ -224,15 +224,14 @@ def make_model_cmd(
     """Write a GGUF with random weights and the exact shapes of a real model (a fit preset), for
     benchmarks and memory checks without downloads. It writes gibberish: only its size, memory and
     speed are real."""
-    from ..bench.make_model import check_supported, make_model
+    from ..bench.make_model import check_supported, make_model, with_depth
     from ..fit.presets import get_preset
     from ..fit.quants import normalize_quant
 
     shape = get_preset(preset)
     normalize_quant(type_name)
     check_supported(shape)
-    if layers is not None and layers < 1:  # before the progress bar: one clean line
-        raise LlmdeskError(f"--layers must be at least 1, got {layers}")
+    with_depth(shape, layers)  # bad values fail before the progress bar: one clean line
     if output.is_dir() or not output.parent.exists():
         raise LlmdeskError(f"{output}: is a directory" if output.is_dir() else f"{output.parent}: no such directory")
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
