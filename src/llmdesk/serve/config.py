@@ -6,6 +6,7 @@ Durations follow Ollama's `keep_alive`: a number of seconds, or Go-style text ("
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -33,6 +34,8 @@ class ServeConfig:
     template: str | None = None  # chat template override for every model
     preload: bool = True  # load the default model at start-up
     log_prompts: bool = False  # record prompts and answers in `llmdesk logs`
+    # seconds one request may take, queue and prefill included (llama.cpp's server: --timeout 600)
+    request_timeout: float = 600.0
 
     def check(self) -> None:
         """One-line errors for settings that cannot work (the CLI's flags map onto these)."""
@@ -46,6 +49,8 @@ class ServeConfig:
             raise LlmdeskError(f"--port must be between 0 and 65535, got {self.port}")
         if self.threads is not None and self.threads < 1:
             raise LlmdeskError(f"--threads must be at least 1, got {self.threads}")
+        if not (math.isfinite(self.request_timeout) and self.request_timeout > 0):
+            raise LlmdeskError(f"--request-timeout must be a positive number of seconds, got {self.request_timeout}")
         if self.api_key is not None and len(self.api_key) < 8:
             raise LlmdeskError("--api-key must be at least 8 characters long")
         if not self.is_local and not self.api_key and not self.insecure:
@@ -63,14 +68,26 @@ _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, 
 _PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 
 
+# the longest finite duration taken (Go's time.Duration, which Ollama parses, ends at ~292 years)
+MAX_DURATION_S = 100 * 365 * 24 * 3600.0
+
+
 def parse_duration(value: str | int | float | None, what: str = "keep_alive") -> float | None:
     """Seconds from `300`, `"300"`, `"5m"`, `"1h30m"`, `"-1"`; None stays None. Negative = forever."""
     if value is None:
         return None
+    seconds = _parse_duration(value, what)
+    if not math.isfinite(seconds) or seconds > MAX_DURATION_S:
+        raise LlmdeskError(f"{what} must be a finite duration of at most 100 years, or \"-1\" to keep the model "
+                           f"loaded forever; got {value!r}")
+    return -1.0 if seconds < 0 else seconds
+
+
+def _parse_duration(value: str | int | float, what: str) -> float:
     if isinstance(value, bool):
         raise LlmdeskError(f"{what} must be a duration like 300, \"5m\" or \"-1\", got {value!r}")
     if isinstance(value, (int, float)):
-        return float(value)
+        return float(value) if abs(value) < 1e300 else float("inf")  # huge ints would overflow float()
     if not isinstance(value, str):
         raise LlmdeskError(f"{what} must be a duration like 300, \"5m\" or \"-1\", got {type(value).__name__}")
     text = value.strip()
