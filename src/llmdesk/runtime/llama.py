@@ -185,6 +185,39 @@ class LlamaModel:
         return (C.llama_vocab_get_text(self.vocab, token) or b"").decode("utf-8", "replace")
 
 
+class AbortFlag:
+    """A flag llama.cpp's compute threads read between graph nodes: `set()` it and the
+    `llama_decode` in progress returns 2 (aborted) within one node, so a long prefill can be
+    cancelled mid-call.
+
+    The check runs on every node of every decode, so it must not enter Python (a ctypes callback
+    would take the GIL hundreds of times per token). The callback is libc's `strlen` over a
+    two-byte buffer: it reads "\\x01" as 1 (abort) and "" as 0 (go on); ggml takes the low byte
+    of the return register as its bool. Where libc cannot be found, a Python callback does the
+    same, more slowly."""
+
+    def __init__(self):
+        self.buf = ctypes.create_string_buffer(2)  # b"\0\0": not set
+        try:
+            libc = ctypes.CDLL(None)
+            self.callback = C.ggml_abort_callback(ctypes.cast(libc.strlen, ctypes.c_void_p).value)
+        except (OSError, AttributeError, TypeError):  # pragma: no cover - no dlopen(NULL) (Windows)
+            self.callback = C.ggml_abort_callback(lambda _data: self.buf.raw[0] != 0)
+        self.data = ctypes.cast(self.buf, ctypes.c_void_p)
+
+    def set(self) -> None:
+        self.buf[0] = 1
+
+    def clear(self) -> None:
+        self.buf[0] = 0
+
+    def is_set(self) -> bool:
+        return self.buf.raw[0] != 0
+
+    def attach(self, ctx) -> None:
+        C.llama_set_abort_callback(ctx, self.callback, self.data)
+
+
 def new_context(
     model: LlamaModel,
     *,

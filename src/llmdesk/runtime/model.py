@@ -6,20 +6,16 @@ generate / stream / chat / tokenize / logprobs / embed. The CLI and the server u
 
 from __future__ import annotations
 
-import ctypes
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import llama_cpp as C
-import numpy as np
-
 from ..errors import LlmdeskError
 from ..formats.gguf import GGUFInfo, read_gguf
+from . import limits
 from .engine import Engine, Request, Result, SamplingParams, Stream
-from .llama import LlamaModel, new_context
+from .llama import LlamaModel
 from .templates import ChatTemplate, resolve_template
 
 DEFAULT_CTX = 4096
@@ -62,17 +58,12 @@ class Completion:
 def _sampling(temperature: float, top_k: int, top_p: float, min_p: float, repeat_penalty: float,
               seed: int | None, grammar: str | None, frequency_penalty: float = 0.0,
               presence_penalty: float = 0.0, repeat_last_n: int = 64) -> SamplingParams:
-    for name, v, lo, hi in (("temperature", temperature, 0, 100), ("top_p", top_p, 0, 1), ("min_p", min_p, 0, 1)):
-        if not lo <= v <= hi:
-            raise LlmdeskError(f"{name} must be between {lo} and {hi}, got {v}")
-    if top_k < 0:
-        raise LlmdeskError(f"top_k must be >= 0 (0 turns it off), got {top_k}")
-    if repeat_penalty <= 0:
-        raise LlmdeskError(f"repeat_penalty must be > 0 (1.0 turns it off), got {repeat_penalty}")
-    return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                          repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
-                          frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
-                          seed=seed, grammar=grammar)
+    sp = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                        repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
+                        frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
+                        seed=seed, grammar=grammar)
+    limits.check_sampling(sp)
+    return sp
 
 
 class Model:
@@ -95,16 +86,12 @@ class Model:
         self.template: ChatTemplate = resolve_template(
             self.info.chat_template, template,
             bos_token=specials.get("bos", ""), eos_token=specials.get("eos", ""), model_name=self.name)
-        self._embed_ctx = None
-        self._embed_lock = threading.Lock()
 
     # -- lifecycle ----------------------------------------------------------------------------
     def close(self) -> None:
         self.engine.close()
-        if self._embed_ctx:
-            C.llama_free(self._embed_ctx)
-            self._embed_ctx = None
-        self.llama.close()
+        if self.engine.ctx is not None:  # the engine closed cleanly (no step left running)
+            self.llama.close()
 
     def __enter__(self) -> "Model":
         return self
@@ -137,13 +124,16 @@ class Model:
               top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
               frequency_penalty: float = 0.0, presence_penalty: float = 0.0, seed: int | None = None,
               stop: list[str] | None = None, logprobs: int | None = None, grammar: str | None = None,
-              ignore_eos: bool = False) -> Stream:
-        """Submit a prompt (text, or token ids) to the engine; returns the Stream in flight."""
+              ignore_eos: bool = False, repeat_last_n: int = 64, time_limit: float | None = None) -> Stream:
+        """Submit a prompt (text, or token ids) to the engine; returns the Stream in flight.
+        `time_limit`: seconds the whole request may take (then it ends with finish_reason
+        "time_limit", or an error if it had not started answering)."""
         tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         sampling = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, grammar,
-                             frequency_penalty, presence_penalty)
+                             frequency_penalty, presence_penalty, repeat_last_n)
         return self.engine.submit(Request(tokens, max_tokens=max_tokens, sampling=sampling,
-                                          stop=list(stop or []), logprobs=logprobs, ignore_eos=ignore_eos))
+                                          stop=limits.check_stop(stop), logprobs=logprobs, ignore_eos=ignore_eos,
+                                          time_limit=time_limit))
 
     def complete(self, prompt: str | list[int], **kw) -> Completion:
         return self.finish(self.start(prompt, **kw))
@@ -199,45 +189,14 @@ class Model:
         return self.stream(self.chat_tokens(messages), **self._chat_kw(kw))
 
     # -- embeddings ---------------------------------------------------------------------------
-    def embed(self, texts: str | list[str], *, normalize: bool = True) -> list[list[float]]:
-        """Mean-pooled hidden states, one vector per text (L2-normalised unless asked not to)."""
+    def embed(self, texts: str | list[str] | list[list[int]], *, normalize: bool = True,
+              time_limit: float | None = None) -> list[list[float]]:
+        """Mean-pooled hidden states, one vector per text (or per list of token ids), L2-normalised
+        unless asked not to. Computed by the Engine between generation steps."""
         if isinstance(texts, str):
             texts = [texts]
-        out = []
-        with self._embed_lock:
-            if self._embed_ctx is None:
-                self._embed_ctx = new_context(self.llama, n_ctx=self.n_ctx, n_seq=1, n_batch=self.n_ctx,
-                                              n_threads=self.threads, embeddings=True)
-            ctx = self._embed_ctx
-            mem = C.llama_get_memory(ctx)
-            for text in texts:
-                toks = self.tokenize(text)
-                if not toks:
-                    raise LlmdeskError("cannot embed an empty text")
-                if len(toks) > self.n_ctx:
-                    raise LlmdeskError(f"a text of {len(toks)} tokens is longer than the context ({self.n_ctx})")
-                C.llama_memory_clear(mem, True)
-                batch = C.llama_batch_init(len(toks), 0, 1)
-                try:
-                    for i, t in enumerate(toks):
-                        batch.token[i] = t
-                        batch.pos[i] = i
-                        batch.n_seq_id[i] = 1
-                        batch.seq_id[i][0] = 0
-                        batch.logits[i] = True
-                    batch.n_tokens = len(toks)
-                    if C.llama_decode(ctx, batch) != 0:
-                        raise LlmdeskError("llama.cpp failed to compute the embedding")
-                    ptr = C.llama_get_embeddings_seq(ctx, 0)
-                    vec = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)),
-                                                shape=(self.llama.n_embd,)).astype(np.float64)
-                finally:
-                    C.llama_batch_free(batch)
-                if normalize:
-                    norm = np.linalg.norm(vec)
-                    vec = vec / norm if norm > 0 else vec
-                out.append(vec.tolist())
-        return out
+        inputs = [list(t) if isinstance(t, list) else self.tokenize(t) for t in texts]
+        return self.engine.embed(inputs, normalize=normalize, time_limit=time_limit).wait()
 
 
 def load(ref: str | Path, *, ctx: int | None = None, threads: int | None = None, slots: int = 1,

@@ -10,12 +10,18 @@ and the `X-Llmdesk-Truncated-Tokens` header). Never silently.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..errors import LlmdeskError
+from ..runtime import limits
 from . import tools as tools_mod
 from .errors import APIError, from_library
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..runtime.engine import SamplingParams
 
 ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
 TRUNCATED_HEADER = "X-Llmdesk-Truncated-Tokens"
@@ -177,38 +183,47 @@ def cap_max_tokens(requested: int | None, n_prompt: int, limit: int) -> int:
     return room if requested is None else min(requested, room)
 
 
-# llama.cpp server's sampling defaults, used for whatever a request leaves out
-DEFAULTS = dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.0, repeat_last_n=64,
-                presence_penalty=0.0, frequency_penalty=0.0)
-MAX_STOPS = 16
-MAX_STOP_CHARS = 256
-
-
 def stop_list(stop, param: str = "stop") -> list[str]:
-    if stop is None:
-        return []
-    stops = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-        raise APIError(400, f"'{param}' must be a string or a list of strings", param=param)
-    if len(stops) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in stops):
-        raise APIError(400, f"'{param}' takes at most {MAX_STOPS} strings of at most {MAX_STOP_CHARS} characters",
-                       param=param)
-    return [s for s in stops if s]
+    try:
+        return limits.check_stop(stop, param)
+    except limits.InvalidRequest as e:
+        raise APIError(400, str(e), param=param) from None
 
 
-def requests_for(tokens: list[int], *, n: int = 1, max_tokens: int, stop: list[str], logprobs: int | None = None,
-                 ignore_eos: bool = False, seed: int | None = None, grammar: str | None = None,
-                 **sampling) -> list:
+def sampling_params(*, seed: int | None = None, grammar: str | None = None, params: dict[str, str] | None = None,
+                    **sampling) -> "SamplingParams":
+    """A request's sampling settings, llama.cpp server's defaults for what it leaves out, checked
+    against the library's bounds (APIError 400 naming the field, before any model is loaded).
+    `params`: the API's name for each setting, for the error (Ollama's "options.top_k")."""
+    from ..runtime.engine import SamplingParams
+
+    values = {k: (sampling[k] if sampling.get(k) is not None else v) for k, v in limits.DEFAULTS.items()}
+    sp = SamplingParams(**values, seed=seed, grammar=grammar)
+    try:
+        limits.check_sampling(sp)
+    except limits.InvalidRequest as e:
+        name = (params or {}).get(e.param, e.param)
+        raise APIError(400, str(e).replace(e.param, name, 1) if e.param else str(e), param=name) from None
+    return sp
+
+
+def requests_for(tokens: list[int], sampling: "SamplingParams", *, n: int = 1, max_tokens: int, stop: list[str],
+                 logprobs: int | None = None, ignore_eos: bool = False, time_limit: float | None = None) -> list:
     """The Engine requests for `n` choices of one prompt (seeds seed, seed+1, ... when seeded)."""
-    from ..runtime.engine import Request, SamplingParams
+    from ..runtime.engine import Request
 
-    params = {k: (sampling[k] if sampling.get(k) is not None else v) for k, v in DEFAULTS.items()}
     out = []
     for i in range(n):
-        sp = SamplingParams(**params, seed=None if seed is None else seed + i, grammar=grammar)
+        sp = dataclasses.replace(sampling, seed=None if sampling.seed is None else sampling.seed + i)
         out.append(Request(list(tokens), max_tokens=max_tokens, sampling=sp, stop=list(stop),
-                           logprobs=logprobs, ignore_eos=ignore_eos))
+                           logprobs=logprobs, ignore_eos=ignore_eos, time_limit=time_limit))
     return out
+
+
+def finish_reason(r) -> str:
+    """The APIs' finish reasons: a request stopped by its time limit reads as "length" (cut short
+    by a limit), the closest both APIs have."""
+    return "length" if r.finish_reason == "time_limit" else r.finish_reason
 
 
 def with_template_stops(stop: list[str], model) -> list[str]:

@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import BadModelFile, LlmdeskError, ModelNotFound, TemplateError
 from ..runtime.engine import ContextOverflow
+from ..runtime.limits import InvalidRequest
 
 log = logging.getLogger("llmdesk.serve")
 
@@ -48,6 +49,8 @@ def from_library(e: LlmdeskError) -> APIError:
         return APIError(500, str(e), code="bad_model_file")
     if isinstance(e, TemplateError):
         return APIError(400, str(e), code="chat_template_error")
+    if isinstance(e, InvalidRequest):
+        return APIError(400, str(e), param=e.param)
     return APIError(400, str(e))
 
 

@@ -196,6 +196,8 @@ class ModelManager:
         reloaded when idle."""
         src = self.find(name)
         lm = self.loaded.get(src.name)
+        if n_ctx is not None:
+            self._check_ctx(src, lm.info if lm is not None else await asyncio.to_thread(read_gguf, src.path), n_ctx)
         if lm is None or (n_ctx is not None and n_ctx > lm.n_ctx):
             async with self._load_lock:
                 lm = self.loaded.get(src.name)
@@ -236,6 +238,13 @@ class ModelManager:
                  cfg.parallel, model.n_ctx, est.describe())
         return lm
 
+    @staticmethod
+    def _check_ctx(src: ModelSource, info: GGUFInfo, n_ctx: int) -> None:
+        # a longer context than the model was trained on only costs memory and gives nonsense
+        if info.context_length and n_ctx > info.context_length:
+            raise APIError(400, f"num_ctx {n_ctx} is longer than the {info.context_length} tokens '{src.name}' was "
+                                "trained on", param="options.num_ctx")
+
     def preload(self, src: ModelSource) -> LoadedModel:
         """Load a model before the server runs (no event loop needed): errors stop the start-up."""
         info, n_ctx, est = self._prepare(src, None)
@@ -249,8 +258,12 @@ class ModelManager:
 
     async def _load_locked(self, src: ModelSource, n_ctx: int | None) -> LoadedModel:
         info, n_ctx, est = await asyncio.to_thread(self._prepare, src, n_ctx)
-        # idle models make room, least recently used first
+        # idle models make room, least recently used first; but only when unloading them all
+        # would make enough: a load that will be refused anyway unloads nothing
         idle = sorted((lm for lm in self.loaded.values() if lm.active == 0), key=lambda lm: lm.last_used)
+        free = self.free_bytes()
+        if est.total > free + sum(lm.estimate.total for lm in idle):
+            self._check_fits(src, est, free)
         while est.total > self.free_bytes() and idle:
             await self._unload_locked(idle.pop(0), "memory")
         self._check_fits(src, est, self.free_bytes())
@@ -324,6 +337,12 @@ class ModelManager:
                 await asyncio.wait_for(self._wake.wait(), timeout=timeout)
             except asyncio.TimeoutError:
                 pass
+
+    def begin_shutdown(self, why: str = "the server is shutting down") -> None:
+        """End every running and waiting request of every model as an error saying `why`, so
+        streamed answers finish at once and the server can stop within seconds."""
+        for lm in list(self.loaded.values()):
+            lm.model.engine.abort_all(why)
 
     def start(self) -> None:
         self._reaper = asyncio.get_running_loop().create_task(self._reap(), name="llmdesk-keep-alive")

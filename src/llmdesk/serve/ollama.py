@@ -11,6 +11,7 @@ error unless the request sends `"truncate": true` (Ollama cuts it silently), and
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from datetime import datetime, timezone
@@ -23,7 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from .. import __version__
 from ..errors import LlmdeskError
 from . import tools as tools_mod
-from .chat import cap_max_tokens, chat_prompt, normalize_messages, requests_for, text_prompt, with_template_stops
+from .chat import (cap_max_tokens, chat_prompt, finish_reason, normalize_messages, requests_for, sampling_params,
+                   stop_list, text_prompt, with_template_stops)
 from .config import parse_duration
 from .errors import APIError, from_library
 from .grammars import ollama_format_grammar
@@ -119,7 +121,8 @@ class NameBody(_Body):
 
 
 def parse_options(options: dict | None) -> tuple[dict, list[str]]:
-    """(the options llmdesk honours, checked; the names of the ones it ignores)."""
+    """(the options llmdesk honours, type-checked; the names of the ones it ignores). Ranges are
+    the library's, checked with the sampling settings (`sampling_params`)."""
     if not options:
         return {}, []
     out, ignored = {}, []
@@ -134,23 +137,23 @@ def parse_options(options: dict | None) -> tuple[dict, list[str]]:
             want = {int: "an integer", list: "a list of strings"}.get(kind, "a number")
             raise APIError(400, f"option \"{key}\" must be {want}, got {json.dumps(value)[:40]}", param=f"options.{key}")
         out[key] = value
-    if "stop" in out and not all(isinstance(s, str) for s in out["stop"]):
-        raise APIError(400, "option \"stop\" must be a list of strings", param="options.stop")
-    if out.get("num_ctx") is not None and not 16 <= out["num_ctx"] <= 1 << 20:
-        raise APIError(400, "option \"num_ctx\" must be between 16 and 1048576", param="options.num_ctx")
-    for key, lo, hi in (("temperature", 0, 100), ("top_p", 0, 1), ("min_p", 0, 1), ("presence_penalty", -2, 2),
-                        ("frequency_penalty", -2, 2)):
-        if key in out and not lo <= out[key] <= hi:
-            raise APIError(400, f"option \"{key}\" must be between {lo} and {hi}", param=f"options.{key}")
-    for key in ("top_k", "repeat_last_n"):
-        if key in out and out[key] < 0:
-            raise APIError(400, f"option \"{key}\" must be >= 0", param=f"options.{key}")
-    if "repeat_penalty" in out and out["repeat_penalty"] <= 0:
-        raise APIError(400, "option \"repeat_penalty\" must be > 0", param="options.repeat_penalty")
+    if "stop" in out:
+        out["stop"] = stop_list(out["stop"], "options.stop")
+    if out.get("num_ctx") is not None and out["num_ctx"] < 16:
+        raise APIError(400, "option \"num_ctx\" must be at least 16", param="options.num_ctx")
     if "num_predict" in out and out["num_predict"] < -2:
         raise APIError(400, "option \"num_predict\" must be >= 0, or -1 (no limit) or -2 (fill the context)",
                        param="options.num_predict")
     return out, ignored
+
+
+_SAMPLING_OPTIONS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n", "presence_penalty",
+                     "frequency_penalty")
+
+
+def _sampling(opts: dict):
+    return sampling_params(**{k: opts.get(k) for k in _SAMPLING_OPTIONS}, seed=opts.get("seed"),
+                           params={k: f"options.{k}" for k in (*_SAMPLING_OPTIONS, "seed")})
 
 
 def _keep_alive(value) -> float | None:
@@ -212,7 +215,7 @@ def _logprobs(model, events) -> list[dict]:
 
 def _final(r, t_start: float, load_s: float) -> dict:
     ns = lambda s: int(s * 1e9)  # noqa: E731
-    return {"done": True, "done_reason": r.finish_reason if r.finish_reason in ("stop", "length") else "stop",
+    return {"done": True, "done_reason": finish_reason(r) if r.finish_reason in ("stop", "length", "time_limit") else "stop",
             "total_duration": ns(time.perf_counter() - t_start), "load_duration": ns(load_s),
             "prompt_eval_count": r.n_prompt, "prompt_eval_duration": ns(r.prefill_s),
             "eval_count": r.n_gen, "eval_duration": ns(r.decode_s)}
@@ -227,6 +230,7 @@ async def _generate_common(request: Request, body: _GenBody, *, chat: bool):
         raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
     keep_alive = _keep_alive(body.keep_alive)
     opts, ignored = parse_options(body.options)
+    sampling = _sampling(opts)
     grammar = ollama_format_grammar(body.format)
     if chat:
         if not body.messages:
@@ -273,10 +277,9 @@ async def _generate_common(request: Request, body: _GenBody, *, chat: bool):
         stop = list(opts.get("stop") or [])
         if chat or not body.raw:
             stop = with_template_stops(stop, model)
-        sampling = {k: opts.get(k) for k in ("temperature", "top_k", "top_p", "min_p", "repeat_penalty",
-                                             "repeat_last_n", "presence_penalty", "frequency_penalty")}
-        reqs = requests_for(prompt.tokens, max_tokens=max_tokens, stop=stop, seed=opts.get("seed"),
-                            logprobs=(body.top_logprobs or 0) if body.logprobs else None, grammar=grammar, **sampling)
+        reqs = requests_for(prompt.tokens, dataclasses.replace(sampling, grammar=grammar), max_tokens=max_tokens,
+                            stop=stop, logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+                            time_limit=st.config.request_timeout)
         gens = start(lease, reqs, st.metrics)
     except BaseException:
         lease.release()
@@ -405,7 +408,8 @@ async def embed(body: EmbedBody, request: Request):
     try:
         if body.dimensions is not None and body.dimensions > lease.model.llama.n_embd:
             raise APIError(400, f"'dimensions' must be at most {lease.model.llama.n_embd}", param="dimensions")
-        vectors, n_tokens, truncated = await embed_texts(lease, texts, truncate=body.truncate)
+        vectors, n_tokens, truncated = await embed_texts(lease, texts, truncate=body.truncate, metrics=st.metrics,
+                                                         time_limit=st.config.request_timeout)
     finally:
         lease.release()
     if body.dimensions is not None:
@@ -430,7 +434,8 @@ async def embeddings_legacy(body: EmbeddingsBody, request: Request):
         raise APIError(400, "'prompt' is empty", param="prompt")
     lease = await st.models.acquire(body.model, keep_alive=_keep_alive(body.keep_alive))
     try:
-        vectors, n_tokens, _ = await embed_texts(lease, [body.prompt], truncate=False, normalize=False)
+        vectors, n_tokens, _ = await embed_texts(lease, [body.prompt], truncate=False, normalize=False,
+                                                 metrics=st.metrics, time_limit=st.config.request_timeout)
     finally:
         lease.release()
     note(request, model=lease.loaded.name, prompt=n_tokens)
@@ -470,7 +475,7 @@ async def show(body: NameBody, request: Request):
     lm = st.models.loaded.get(src.name)
     stops = lm.model.template.stop_strings if lm else []
     params = "".join(f"stop {json.dumps(s)}\n" for s in stops)
-    return {"license": "", "modelfile": f"# llmdesk: a GGUF file\nFROM {src.path}\n", "parameters": params,
+    return {"license": "", "modelfile": f"# llmdesk: a GGUF file\nFROM {src.name}\n", "parameters": params,
             "template": template, "details": _details(st, src), "model_info": model_info,
             "capabilities": ["completion", "tools"],
             "modified_at": src.entry.added if src.entry else _iso(src.path.stat().st_mtime)}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import logging
 import secrets
@@ -24,11 +25,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from . import tools as tools_mod
-from .chat import (cap_max_tokens, chat_prompt, normalize_messages, requests_for, stop_list, text_prompt, timings,
-                   with_template_stops)
+from .chat import (cap_max_tokens, chat_prompt, finish_reason, normalize_messages, requests_for, sampling_params,
+                   stop_list, text_prompt, timings, with_template_stops)
 from .errors import APIError
 from .grammars import response_format_grammar
-from .scheduler import ClientGone, collect, start
+from .scheduler import ClientGone, admit, collect, start
 
 log = logging.getLogger("llmdesk.serve")
 router = APIRouter()
@@ -79,25 +80,29 @@ class _Sampling(_Body):
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     n: int = Field(1, ge=1, le=MAX_N)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, ge=0, le=1)
-    top_k: int | None = Field(None, ge=0)
-    min_p: float | None = Field(None, ge=0, le=1)
-    repeat_penalty: float | None = Field(None, gt=0, le=10)
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    # ranges are the library's (runtime/limits.py), the same for every face
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repeat_penalty: float | None = None
+    repeat_last_n: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
     logit_bias: dict[str, Any] | None = None
     ignore_eos: bool = False
     truncate: bool = False
 
-    def sampling(self) -> dict:
+    def sampling(self):
+        """The checked SamplingParams (APIError 400 for a value out of bounds)."""
         if self.logit_bias:
             raise APIError(400, "'logit_bias' is not supported by this server", param="logit_bias")
-        return dict(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
-                    repeat_penalty=self.repeat_penalty, presence_penalty=self.presence_penalty,
-                    frequency_penalty=self.frequency_penalty, seed=self.seed, ignore_eos=self.ignore_eos)
+        return sampling_params(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
+                               repeat_penalty=self.repeat_penalty, repeat_last_n=self.repeat_last_n,
+                               presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                               seed=self.seed)
 
     @property
     def include_usage(self) -> bool:
@@ -211,8 +216,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         max_tokens = cap_max_tokens(requested, len(prompt.tokens), model.n_ctx)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        reqs = requests_for(prompt.tokens, n=body.n, max_tokens=max_tokens, stop=with_template_stops(stop, model),
-                            logprobs=logprobs, grammar=grammar or format_grammar, **sampling)
+        reqs = requests_for(prompt.tokens, dataclasses.replace(sampling, grammar=grammar or format_grammar), n=body.n,
+                            max_tokens=max_tokens, stop=with_template_stops(stop, model), logprobs=logprobs,
+                            ignore_eos=body.ignore_eos, time_limit=st.config.request_timeout)
         gens = start(lease, reqs, st.metrics)
     except BaseException:
         lease.release()
@@ -237,7 +243,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                                           "function": {"name": c.name, "arguments": c.arguments_json}} for c in calls]
             choices.append({"index": i, "message": message,
                             "logprobs": {"content": _chat_logprobs(model, evs), "refusal": None} if body.logprobs else None,
-                            "finish_reason": "tool_calls" if calls else r.finish_reason})
+                            "finish_reason": "tool_calls" if calls else finish_reason(r)})
         r0 = gens.results[0]
         note(request, gen=sum(r.n_gen for r in gens.results), cached=r0.n_cached, ttft=round(r0.ttft_s, 3))
         record(request, lm.name, *_last_user(messages), gens.results)
@@ -277,7 +283,7 @@ async def _chat_stream(request, body: ChatCompletionRequest, lease, gens, spec, 
             if r.finish_reason == "error":
                 yield _error_event(f"generation failed: {r.error}")
                 return
-            finish = r.finish_reason
+            finish = finish_reason(r)
             if filters[i]:
                 tail, calls = filters[i].finish()
                 if tail:
@@ -343,8 +349,9 @@ async def completions(body: CompletionRequest, request: Request):
         reqs = []
         for p in built:
             max_tokens = cap_max_tokens(body.max_tokens, len(p.tokens), model.n_ctx)
-            reqs += requests_for(p.tokens, n=body.n, max_tokens=max_tokens, stop=stop, logprobs=body.logprobs,
-                                 grammar=grammar, **sampling)
+            reqs += requests_for(p.tokens, dataclasses.replace(sampling, grammar=grammar), n=body.n,
+                                 max_tokens=max_tokens, stop=stop, logprobs=body.logprobs, ignore_eos=body.ignore_eos,
+                                 time_limit=st.config.request_timeout)
         gens = start(lease, reqs, st.metrics)
     except BaseException:
         lease.release()
@@ -370,7 +377,7 @@ async def completions(body: CompletionRequest, request: Request):
                 raise APIError(500, f"generation failed: {r.error}", type="server_error")
             choices.append({"index": i, "text": echoes[i] + r.text,
                             "logprobs": _legacy_logprobs(model, evs, len(echoes[i])) if body.logprobs is not None else None,
-                            "finish_reason": r.finish_reason})
+                            "finish_reason": finish_reason(r)})
         cached = sum(r.n_cached for r in gens.results[:: body.n])
         note(request, gen=sum(r.n_gen for r in gens.results), cached=cached)
         record(request, lm.name, prompts[0] if isinstance(prompts[0], str) else "(token ids)", None, gens.results)
@@ -404,7 +411,7 @@ async def _completion_stream(request, body: CompletionRequest, lease, gens, base
             if r.finish_reason == "error":
                 yield _error_event(f"generation failed: {r.error}")
                 return
-            yield chunk(i, "", finish=r.finish_reason, timings=timings(r), **extra)
+            yield chunk(i, "", finish=finish_reason(r), timings=timings(r), **extra)
         if body.include_usage:
             cached = sum(r.n_cached for r in gens.results[:: body.n])
             yield _sse({**base, "choices": [], "usage": _usage(gens.results, n_prompt, cached)})
@@ -420,61 +427,62 @@ async def _completion_stream(request, body: CompletionRequest, lease, gens, base
 # /v1/embeddings and /v1/models
 
 
-async def embed_texts(lease, texts: list[str], *, truncate: bool, normalize: bool = True) -> tuple[list, int, int]:
-    """Embed `texts` with the lease's model: (vectors, prompt tokens, tokens dropped by truncation)."""
+async def embed_texts(lease, items: list, *, truncate: bool, metrics, time_limit: float | None,
+                      normalize: bool = True) -> tuple[list, int, int]:
+    """Embed `items` (texts, or lists of token ids, used as they are) with the lease's model:
+    (vectors, prompt tokens, tokens dropped by truncation). Embeddings take a place in the
+    model's queue like a generation (429 when it is full) and are computed by its Engine between
+    generation steps."""
     model = lease.model
+    n_ctx = model.engine.n_ctx
 
-    def work():
-        n_tokens = truncated = 0
-        ready = []
-        for i, text in enumerate(texts):
-            toks = model.tokenize(text)
+    def tokens() -> tuple[list[list[int]], int]:
+        out, truncated = [], 0
+        for i, it in enumerate(items):
+            toks = list(it) if isinstance(it, list) else model.tokenize(it)
             if not toks:
                 raise APIError(400, f"input[{i}] is empty", param="input")
-            if len(toks) > model.n_ctx:
+            if len(toks) > n_ctx:
                 if not truncate:
-                    raise APIError(400, f"input[{i}] has {len(toks)} tokens, more than the context ({model.n_ctx}); "
-                                        "shorten it or send \"truncate\": true", param="input", code="context_length_exceeded")
-                keep = toks[: model.n_ctx]
-                text = model.detokenize(keep)
-                while len(model.tokenize(text)) > model.n_ctx:  # re-tokenizing can differ at the cut
-                    keep = keep[:-8]
-                    text = model.detokenize(keep)
-                truncated += len(toks) - len(keep)
-                toks = keep
-            n_tokens += len(toks)
-            ready.append(text)
-        return model.embed(ready, normalize=normalize), n_tokens, truncated
+                    raise APIError(400, f"input[{i}] has {len(toks)} tokens, more than the context ({n_ctx}); "
+                                        "shorten it or send \"truncate\": true", param="input",
+                                   code="context_length_exceeded")
+                truncated += len(toks) - n_ctx
+                toks = toks[:n_ctx]
+            out.append(toks)
+        return out, truncated
 
-    return await asyncio.to_thread(work)
+    inputs, truncated = await asyncio.to_thread(tokens)
+    gate = admit(lease, 1, metrics)
+    t0 = time.perf_counter()
+    try:
+        job = model.engine.embed(inputs, normalize=normalize, time_limit=time_limit)
+        vectors = await asyncio.to_thread(job.wait)
+    finally:
+        gate.leave(time.perf_counter() - t0)
+    return vectors, sum(len(t) for t in inputs), truncated
 
 
 @router.post("/v1/embeddings")
 async def embeddings(body: EmbeddingRequest, request: Request):
     st = state(request)
+    raw = body.input
+    if isinstance(raw, str) or (raw and all(type(t) is int for t in raw)):
+        items = [raw]
+    else:
+        items = list(raw)
+    if not items or len(items) > 2048:
+        raise APIError(400, "'input' must hold 1 to 2048 texts", param="input")
     lease = await st.models.acquire(body.model)
     try:
         model = lease.model
-        raw = body.input
-        if isinstance(raw, str):
-            items = [raw]
-        elif raw and all(type(t) is int for t in raw):
-            items = [raw]
-        else:
-            items = list(raw)
-        if not items or len(items) > 2048:
-            raise APIError(400, "'input' must hold 1 to 2048 texts", param="input")
-        texts = []
         for it in items:
-            if isinstance(it, list):
-                if any(not 0 <= t < model.llama.n_vocab for t in it):
-                    raise APIError(400, "token ids in 'input' are out of the vocabulary", param="input")
-                texts.append(model.detokenize(it))
-            else:
-                texts.append(it)
+            if isinstance(it, list) and any(not 0 <= t < model.llama.n_vocab for t in it):
+                raise APIError(400, "token ids in 'input' are out of the vocabulary", param="input")
         if body.dimensions is not None and body.dimensions > model.llama.n_embd:
             raise APIError(400, f"'dimensions' must be at most {model.llama.n_embd} for this model", param="dimensions")
-        vectors, n_tokens, truncated = await embed_texts(lease, texts, truncate=body.truncate)
+        vectors, n_tokens, truncated = await embed_texts(lease, items, truncate=body.truncate, metrics=st.metrics,
+                                                         time_limit=st.config.request_timeout)
     finally:
         lease.release()
     data = []

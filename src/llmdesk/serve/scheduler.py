@@ -104,19 +104,27 @@ class Generations:
         return out
 
 
-def start(lease: Lease, requests: list[Request], metrics: Metrics) -> Generations:
-    """Submit `requests` (the `n` choices of one API request) to the lease's Engine, or answer 429."""
+def admit(lease: Lease, n: int, metrics: Metrics):
+    """Take `n` places in the lease's model queue (generations or an embedding request), or answer
+    429 with Retry-After. Returns the Gate; each place is left with `gate.leave()`."""
     lm = lease.loaded
     gate = lm.gate
-    if len(requests) > gate.capacity:
+    if n > gate.capacity:
         raise APIError(400, f"this server runs at most {gate.capacity} generations per model at once; "
-                            f"asked for {len(requests)}", param="n")
-    if not gate.try_enter(len(requests)):
+                            f"asked for {n}", param="n")
+    if not gate.try_enter(n):
         metrics.inc("llmdesk_rejected_total", model=lm.name, reason="queue_full")
         wait = gate.retry_after()
         raise APIError(429, f"model '{lm.name}' is busy: {gate.inflight} requests are running or queued "
                             f"(--parallel {gate.n_slots}, --max-queue {gate.capacity - gate.n_slots}); "
                             f"retry in {wait} s", code="queue_full", headers={"Retry-After": str(wait)})
+    return gate
+
+
+def start(lease: Lease, requests: list[Request], metrics: Metrics) -> Generations:
+    """Submit `requests` (the `n` choices of one API request) to the lease's Engine, or answer 429."""
+    lm = lease.loaded
+    gate = admit(lease, len(requests), metrics)
     t0 = time.perf_counter()
 
     def on_done(result: Result) -> None:
