@@ -39,6 +39,12 @@ class FakeHub:
         self.files: dict[tuple[str, str], bytes] = {}  # (repo_id, filename) -> content, on "main"
         self.gated: set[str] = set()
         self.requests: list[tuple[str, str]] = []  # (method, path)
+        # for hostile-endpoint and interrupted-download tests; the defaults answer like the Hub
+        self.any_revision = False  # answer every revision as if it were "main" (as lax mirrors do)
+        self.answer_commit: str | None = None  # X-Repo-Commit to send instead of COMMIT
+        self.answer_etag: str | None = None  # ETag to send instead of the content's sha256
+        self.stall_after: int | None = None  # send this many bytes of a GET, then wait for `release`
+        self.release = threading.Event()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
@@ -82,7 +88,7 @@ class FakeHub:
                     return self._fail(401, "GatedRepo")
                 if not any(r == repo_id for r, _ in hub.files):
                     return self._fail(401, "RepoNotFound")  # the Hub says 401 for unknown repos
-                if revision not in ("main", hub.COMMIT):
+                if revision not in ("main", hub.COMMIT) and not hub.any_revision:
                     return self._fail(404, "RevisionNotFound")
                 content = hub.files.get((repo_id, filename))
                 if content is None:
@@ -92,13 +98,21 @@ class FakeHub:
                 if rng and rng.startswith("bytes=") and body:
                     start = int(rng[len("bytes="):].split("-")[0])
                 self.send_response(206 if start else 200)
-                self.send_header("X-Repo-Commit", hub.COMMIT)
-                self.send_header("ETag", f'"{hashlib.sha256(content).hexdigest()}"')
+                self.send_header("X-Repo-Commit", hub.answer_commit or hub.COMMIT)
+                self.send_header("ETag", f'"{hub.answer_etag or hashlib.sha256(content).hexdigest()}"')
                 self.send_header("Content-Length", str(len(content) - start))
                 if start:
                     self.send_header("Content-Range", f"bytes {start}-{len(content) - 1}/{len(content)}")
                 self.end_headers()
-                if body:
+                if body and hub.stall_after is not None:
+                    try:
+                        self.wfile.write(content[start:start + hub.stall_after])
+                        self.wfile.flush()
+                        hub.release.wait(120)
+                        self.wfile.write(content[start + hub.stall_after:])
+                    except OSError:  # the client was killed meanwhile
+                        pass
+                elif body:
                     self.wfile.write(content[start:])
 
         return Handler
@@ -127,5 +141,6 @@ def fake_hub(monkeypatch, tmp_path):
     hub.thread.start()
     point_hf_at(monkeypatch, hub.url, tmp_path)
     yield hub
+    hub.release.set()
     hub.server.shutdown()
     hub.server.server_close()

@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, NamedTuple
 
-from ..atomic import fsync_dir, part_path
+from ..atomic import clean_stale_parts, fsync_dir, part_path, pid_alive as _pid_alive  # noqa: F401 (re-exported)
 from ..errors import LlmdeskError
 
 
@@ -80,7 +80,6 @@ QUANT_TYPES: dict[str, QuantType] = {
 ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
 
 GGML_TYPE_F16 = 1  # ggml.h enum ggml_type
-_PART_RE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.part$")
 
 Progress = Callable[[int, int, str], None]  # (tensors done, tensors in all, tensor name)
 
@@ -217,39 +216,6 @@ def _follow(proc: subprocess.Popen, rfd: int, progress: Progress | None) -> str:
                 elif "error" in msg:
                     error = msg["error"]
     return error
-
-
-def clean_stale_parts(folder: Path) -> list[Path]:
-    """Remove the temporary files of quantizations whose process is gone (killed with -9)."""
-    removed = []
-    try:
-        names = os.listdir(folder)
-    except OSError:
-        return removed
-    for fname in names:
-        m = _PART_RE.match(fname)
-        if m and not _pid_alive(int(m["pid"])):
-            p = folder / fname
-            try:
-                p.unlink()
-                removed.append(p)
-            except OSError:
-                pass
-    return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    except OSError:
-        return False
-    return True
 
 
 def default_output(src: Path, type_name: str) -> Path:

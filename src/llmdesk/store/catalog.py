@@ -9,7 +9,9 @@ the same bytes share one blob; the blob goes when the last name for it goes.
 
 Imports are all or nothing: the file is validated before anything is written, copied (or hard
 linked) to a temporary name next to the blobs, fsynced, and renamed into place under the
-database's write lock, in the same transaction that records it.
+database's write lock, in the same transaction that records it. The temporary name carries the
+importing process's pid, so what an import killed with -9 leaves is removed by the next store
+operation (leftovers.py); an import running in another process is left alone.
 """
 
 from __future__ import annotations
@@ -17,15 +19,14 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import secrets
 import shutil
 import sqlite3
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..atomic import fsync_dir
+from ..atomic import fsync_dir, unique_part_path
 from ..errors import LlmdeskError, ModelNotFound
-from . import db, paths
+from . import db, leftovers, paths
 
 DEFAULT_TAG = "latest"
 NAME_RULE = "lowercase letters, digits, '.', '-' and '_', starting with a letter or digit"
@@ -113,6 +114,7 @@ def get(name: str, tag: str = DEFAULT_TAG, *, conn: sqlite3.Connection | None = 
 
 
 def list_models(*, conn: sqlite3.Connection | None = None) -> list[ModelEntry]:
+    leftovers.clean_quietly()
     with db.using(conn) as c:
         rows = c.execute("SELECT * FROM models ORDER BY name, tag").fetchall()
     return [_entry(r) for r in rows]
@@ -148,6 +150,7 @@ def add_file(
     check_name(name, tag)
     src = Path(src_path).expanduser()
     info = read_gguf(src)  # BadModelFile / ModelNotFound before anything is written
+    leftovers.clean_quietly()
 
     blobs = paths.blobs_dir()
     staged, digest = _stage(src, blobs, progress)
@@ -196,6 +199,7 @@ def add_file(
 def remove(ref: str, *, conn: sqlite3.Connection | None = None) -> ModelEntry:
     """Remove `name[:tag]` from the store; its blob too when no other name uses it."""
     name, tag = parse_name(ref)
+    leftovers.clean_quietly()
     with db.using(conn) as c, db.transaction(c):
         entry = get(name, tag, conn=c)
         if entry is None:
@@ -218,7 +222,7 @@ def _drop_blob_if_unused(c: sqlite3.Connection, digest: str) -> None:
 def _stage(src: Path, blobs: Path, progress: bool) -> tuple[Path, str]:
     """Put the bytes of `src` at a temporary name in `blobs` (hard link, else copy) and hash
     them. Returns (temporary path, sha256 hex). The caller renames or deletes it."""
-    tmp = blobs / f".import-{secrets.token_hex(8)}.part"
+    tmp = unique_part_path(blobs, "import")  # .import-<random>.<pid>.part
     try:
         try:
             os.link(src.resolve(), tmp)
