@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import BadModelFile, LlmdeskError, ModelNotFound, TemplateError
 from ..runtime.engine import ContextOverflow
 from ..runtime.limits import InvalidRequest
+from ..store.paths import redact
 
 log = logging.getLogger("llmdesk.serve")
 
@@ -40,18 +41,20 @@ class APIError(Exception):
 
 
 def from_library(e: LlmdeskError) -> APIError:
-    """A library error a request caused, as an HTTP error."""
+    """A library error a request caused, as an HTTP error. Remote clients see store names and
+    file names, never the machine's paths."""
+    message = redact(str(e))
     if isinstance(e, ModelNotFound):
-        return APIError(404, str(e), code="model_not_found")
+        return APIError(404, message, code="model_not_found")
     if isinstance(e, ContextOverflow):
-        return APIError(400, str(e), code="context_length_exceeded")
+        return APIError(400, message, code="context_length_exceeded", param=getattr(e, "param", None))
     if isinstance(e, BadModelFile):
-        return APIError(500, str(e), code="bad_model_file")
+        return APIError(500, message, code="bad_model_file")
     if isinstance(e, TemplateError):
-        return APIError(400, str(e), code="chat_template_error")
+        return APIError(400, message, code="chat_template_error")
     if isinstance(e, InvalidRequest):
-        return APIError(400, str(e), param=e.param)
-    return APIError(400, str(e))
+        return APIError(400, message, param=e.param)
+    return APIError(400, message)
 
 
 def is_ollama(request: Request) -> bool:

@@ -28,6 +28,7 @@ from pathlib import Path
 from ..errors import LlmdeskError
 from ..formats.gguf import GGUFInfo, read_gguf
 from ..store import catalog
+from ..store.paths import redact
 from ..store.refs import _looks_like_path, resolve
 from .config import ServeConfig
 from .errors import APIError
@@ -230,7 +231,7 @@ class ModelManager:
             model = Model(src.path, name=src.name, ctx=n_ctx, threads=cfg.threads, slots=cfg.parallel,
                           template=cfg.template, gpu_layers=cfg.gpu_layers)
         except LlmdeskError as e:
-            raise APIError(500, f"cannot load model '{src.name}': {e}", code="model_load_failed") from None
+            raise APIError(500, f"cannot load model '{src.name}': {redact(str(e))}", code="model_load_failed") from None
         lm = LoadedModel(src, model, est, info, Gate(cfg.parallel, cfg.max_queue), keep_alive=cfg.keep_alive)
         lm.touch()
         self.metrics.inc("llmdesk_model_loads_total", model=src.name)

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .. import __version__
 from ..errors import LlmdeskError
+from ..store.paths import redact
 from . import tools as tools_mod
 from .chat import (cap_max_tokens, chat_prompt, finish_reason, normalize_messages, requests_for, sampling_params,
                    stop_list, text_prompt, with_template_stops)
@@ -523,7 +524,7 @@ async def pull(body: NameBody, request: Request):
         try:
             done = await run()
         except LlmdeskError as e:
-            yield json.dumps({"error": str(e)}) + "\n"
+            yield json.dumps({"error": redact(str(e))}) + "\n"
             return
         yield json.dumps({"status": "verifying sha256 digest", "digest": done["digest"]}) + "\n"
         yield json.dumps(done) + "\n"
