@@ -70,6 +70,7 @@ def _log(no_log: bool, **kw) -> None:
 
 
 def _stats(c) -> str:
+    """A Completion's or a Reply's numbers, one line."""
     cached = f", {c.cached_tokens} cached" if c.cached_tokens else ""
     return (f"{c.completion_tokens} tokens, {c.tokens_per_second:.1f} tokens/s · "
             f"prompt {c.prompt_tokens} tokens{cached}, first token after {c.ttft_s:.2f} s")
@@ -193,6 +194,22 @@ def _save(path: str, data: dict) -> Path:
     return p
 
 
+SchemaOpt = Annotated[Optional[Path], typer.Option("--schema", help="Answer with JSON matching this JSON schema file (enforced by a grammar).", dir_okay=False)]
+
+
+def _response_format(json_mode: bool, schema: Path | None) -> dict | None:
+    """OpenAI's response_format for --json / --schema FILE (the same grammar the server uses)."""
+    if schema is not None:
+        try:
+            data = json.loads(schema.expanduser().read_text(encoding="utf-8"))
+        except OSError as e:
+            raise LlmdeskError(f"cannot read the schema {schema}: {e.strerror}") from None
+        except json.JSONDecodeError as e:
+            raise LlmdeskError(f"{schema} is not JSON: {e.msg} at line {e.lineno}") from None
+        return {"type": "json_schema", "json_schema": {"name": schema.stem, "schema": data}}
+    return {"type": "json_object"} if json_mode else None
+
+
 @app.command()
 def chat(
     model: ModelOpt = None,
@@ -209,19 +226,33 @@ def chat(
     threads: ThreadsOpt = None,
     gpu_layers: GpuLayersOpt = None,
     template: TemplateOpt = None,
+    json_mode: Annotated[bool, typer.Option("--json", help="Answer in JSON (any JSON object).")] = False,
+    schema: SchemaOpt = None,
+    tool: Annotated[Optional[list[Path]], typer.Option("--tool", help="A Python file whose public functions the model may call (repeatable); their schemas come from type hints and docstrings.", dir_okay=False)] = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Run the model's tool calls without asking first.")] = False,
     no_log: NoLogOpt = False,
 ) -> None:
-    """Chat with a model in the terminal. Type /? for commands."""
+    """Chat with a model in the terminal. Type /? for commands.
+
+    A conversation longer than the context keeps going: the oldest messages are left out (and
+    the chat says so), the same way the server truncates when asked to."""
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:  # pragma: no cover
         pass
+    fmt = _response_format(json_mode, schema)
+    functions = _load_tools(tool or [])
     m = _load(model, ctx, threads, template, gpu_layers)
     settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                     repeat_penalty=repeat_penalty, seed=seed, max_tokens=max_tokens)
     messages: list[dict] = []
-    err.print(f"{m.name} · context {m.n_ctx} tokens · template: {m.template.origin}", style="dim")
+    origin = getattr(getattr(m, "template", None), "origin", "the server's")
+    err.print(f"{m.name} · context {m.n_ctx or '?'} tokens · template: {origin}", style="dim")
+    if functions:
+        err.print(f"tools: {', '.join(functions)}" + ("" if yes else " (each call is shown and asked for)"),
+                  style="dim")
     err.print("type /? for commands, /bye to leave", style="dim")
+    state = {"dropped": 0}
     try:
         while True:
             line = _read_message(">>> ")
@@ -239,9 +270,11 @@ def chat(
                     err.print(CHAT_HELP, markup=False)
                 elif cmd == "/system":
                     system, messages = (arg or None), []
+                    state["dropped"] = 0
                     err.print("system prompt set" if arg else "system prompt cleared", style="dim")
                 elif cmd == "/clear":
                     messages = []
+                    state["dropped"] = 0
                     err.print("conversation cleared", style="dim")
                 elif cmd == "/set":
                     name, _, value = arg.partition(" ")
@@ -255,8 +288,9 @@ def chat(
                         continue
                     err.print(f"{name} = {settings[name]}", style="dim")
                 elif cmd == "/show":
-                    err.print(json.dumps({**settings, "system": system, "template": m.template.origin,
-                                          "context": m.n_ctx}, indent=2), markup=False)
+                    err.print(json.dumps({**settings, "system": system, "template": origin,
+                                          "context": m.n_ctx, "tools": list(functions),
+                                          "response_format": fmt}, indent=2), markup=False)
                 elif cmd == "/save":
                     if not arg:
                         err.print("usage: /save FILE", markup=False)
@@ -271,12 +305,12 @@ def chat(
                 else:
                     err.print(f"unknown command {cmd}; type /? for the list", markup=False)
                 continue
-            messages.append({"role": "user", "content": line})
-            reply = _answer(m, _with_system(system, messages), settings, stop)
-            if reply is None:  # interrupted, or the model could not answer
-                messages.pop()
+            turn = messages + [{"role": "user", "content": line}]
+            got = _answer(m, _with_system(system, turn), settings, stop, fmt, functions, yes, state)
+            if got is None:  # interrupted, or the model could not answer
                 continue
-            messages.append({"role": "assistant", "content": reply.text})
+            reply, added = got
+            messages = turn + added
             _log(no_log, model=m.name, prompt=line, response=reply.text, system=system,
                  options={k: v for k, v in settings.items() if v is not None},
                  tokens_in=reply.prompt_tokens, tokens_out=reply.completion_tokens, duration_s=reply.total_s)
@@ -288,26 +322,67 @@ def _with_system(system: str | None, messages: list[dict]) -> list[dict]:
     return ([{"role": "system", "content": system}] if system else []) + messages
 
 
-def _answer(m, messages: list[dict], settings: dict, stop: list[str] | None):
+def _load_tools(paths: list[Path]) -> dict:
+    from ..tools.functions import function_tool, load_functions
+
+    functions: dict = {}
+    for path in paths:
+        for name, fn in load_functions(path).items():
+            if name in functions:
+                raise LlmdeskError(f"two --tool files define a function named {name!r}; rename one")
+            function_tool(fn)  # a function that cannot be described fails now, not mid-conversation
+            functions[name] = fn
+    return functions
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _confirm(call) -> bool:
+    args = ", ".join(f"{k}={v!r}" for k, v in call.arguments.items())
+    err.print(f"run {call.name}({args})? [y/N] ", end="", markup=False)
+    try:
+        return input().strip().lower() in ("y", "yes")
+    except EOFError:
+        return False
+
+
+def _answer(m, messages: list[dict], settings: dict, stop: list[str] | None, fmt, functions: dict, yes: bool,
+            state: dict):
+    """Answer the conversation (running tool calls when tools are given): (the Reply, the messages
+    it added after the user's), or None when interrupted or refused."""
+    from ..tools.agent import run_agent
+
     kw = dict(settings)
     kw["max_tokens"] = None if kw["max_tokens"] < 0 else kw["max_tokens"]
+    kw.update(stop=stop, response_format=fmt, truncate=True, on_text=_write)
+
+    def shown(run) -> None:
+        mark = "" if run.ok else " (failed)"
+        err.print(f"{run.name} -> {run.result[:500]}{mark}", style="dim", markup=False)
+
     try:
-        stream = m.chat_start(messages, stop=stop, **kw)
+        if functions:
+            reply, convo = run_agent(m, messages, functions, confirm=None if yes else _confirm, on_run=shown, **kw)
+            added = convo[len(messages):]
+        else:
+            reply = m.respond(messages, **kw)
+            added = [reply.message()]
     except LlmdeskError as e:
+        sys.stdout.write("\n")
         err.print(f"error: {e}", markup=False)
         return None
-    try:
-        for ev in stream:
-            if ev.text:
-                sys.stdout.write(ev.text)
-                sys.stdout.flush()
     except KeyboardInterrupt:
-        stream.cancel()
         sys.stdout.write("\n")
         err.print("(stopped)", style="dim")
         return None
-    c = m.finish(stream)
     sys.stdout.write("\n")
     sys.stdout.flush()
-    err.print(_stats(c), style="dim")
-    return c
+    if reply.messages_dropped > state["dropped"]:
+        err.print(f"(the conversation outgrew the context of {m.n_ctx} tokens: the oldest {reply.messages_dropped} "
+                  "messages were left out of this answer's prompt)", style="dim", markup=False)
+    state["dropped"] = reply.messages_dropped
+    err.print(_stats(reply), style="dim")
+    return reply, added

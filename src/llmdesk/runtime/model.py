@@ -188,6 +188,22 @@ class Model:
     def chat_stream(self, messages: list[dict], **kw) -> Iterator[str]:
         return self.stream(self.chat_tokens(messages), **self._chat_kw(kw))
 
+    def respond(self, messages: list[dict], *, tools: list | None = None, tool_choice=None, response_format=None,
+                on_text=None, truncate: bool = False, max_tokens: int | None = 512, stop: list[str] | None = None,
+                logprobs: int | None = None, time_limit: float | None = None, **sampling):
+        """Answer a conversation through the conversation layer, as the server does: tools
+        (OpenAI's tool shapes) come back as `reply.tool_calls`, `response_format`
+        ({"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": ...}}) is
+        enforced by a grammar, and with `truncate` a conversation longer than the context drops
+        its oldest turns (reported in `reply.messages_dropped`). `on_text(str)` hears the text
+        as it comes. Returns a `conversation.Reply`."""
+        from . import conversation
+
+        return conversation.respond(self, messages, tools=tools, tool_choice=tool_choice,
+                                    response_format=response_format, on_text=on_text, truncate=truncate,
+                                    max_tokens=max_tokens, stop=stop, logprobs=logprobs, time_limit=time_limit,
+                                    sampling=conversation.sampling_params(**sampling))
+
     # -- embeddings ---------------------------------------------------------------------------
     def embed(self, texts: str | list[str] | list[list[int]], *, normalize: bool = True,
               time_limit: float | None = None) -> list[list[float]]:

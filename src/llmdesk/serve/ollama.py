@@ -24,12 +24,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from .. import __version__
 from ..errors import LlmdeskError
 from ..store.paths import redact
-from . import tools as tools_mod
-from .chat import (cap_max_tokens, chat_prompt, finish_reason, normalize_messages, requests_for, sampling_params,
-                   stop_list, text_prompt, with_template_stops)
+from ..runtime import conversation, grammars, limits
+from ..runtime.conversation import finish_reason, sampling_params
+from .chat import off_loop, prompt_headers
 from .config import parse_duration
 from .errors import APIError, from_library
-from .grammars import ollama_format_grammar
 from .openai import STREAM_HEADERS, _last_user, embed_texts, note, record, state
 from .scheduler import ClientGone, collect, start
 
@@ -139,7 +138,7 @@ def parse_options(options: dict | None) -> tuple[dict, list[str]]:
             raise APIError(400, f"option \"{key}\" must be {want}, got {json.dumps(value)[:40]}", param=f"options.{key}")
         out[key] = value
     if "stop" in out:
-        out["stop"] = stop_list(out["stop"], "options.stop")
+        out["stop"] = limits.check_stop(out["stop"], "options.stop")
     if out.get("num_ctx") is not None and out["num_ctx"] < 16:
         raise APIError(400, "option \"num_ctx\" must be at least 16", param="options.num_ctx")
     if "num_predict" in out and out["num_predict"] < -2:
@@ -232,11 +231,11 @@ async def _generate_common(request: Request, body: _GenBody, *, chat: bool):
     keep_alive = _keep_alive(body.keep_alive)
     opts, ignored = parse_options(body.options)
     sampling = _sampling(opts)
-    grammar = ollama_format_grammar(body.format)
+    grammar = await off_loop(grammars.ollama_format_grammar, body.format)
     if chat:
         if not body.messages:
             return await _load_only(request, body.model, keep_alive, chat=True)
-        messages = normalize_messages(body.messages, images_field=True)
+        messages = conversation.normalize_messages(body.messages, images_field=True)
     else:
         if body.images:
             raise APIError(400, "'images': this server's models read text only", param="images")
@@ -255,41 +254,29 @@ async def _generate_common(request: Request, body: _GenBody, *, chat: bool):
         lm = lease.loaded
         model = lease.model
         limit = min(num_ctx or model.n_ctx, model.n_ctx)
-        spec = None
+        num_predict = opts.get("num_predict")
+        max_tokens = None if num_predict is None or num_predict < 0 else num_predict
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        common = dict(grammar=grammar, sampling=sampling, max_tokens=max_tokens, stop=opts.get("stop"),
+                      logprobs=logprobs, truncate=body.truncate, time_limit=st.config.request_timeout, context=limit)
         if chat:
-            spec = tools_mod.tool_spec(body.tools, None, model.template)
-            prompt = await chat_prompt(model, messages, spec=spec, limit=limit, truncate=body.truncate)
-        elif body.raw:
-            prompt = await asyncio.to_thread(text_prompt, model, body.prompt or "", limit=limit, truncate=body.truncate)
+            turn = await off_loop(conversation.prepare, model, messages, tools=body.tools, **common)
+        elif body.raw or body.context:
+            turn = await off_loop(_raw_turn, model, body, limit, common)
         else:
             msgs = ([{"role": "system", "content": body.system}] if body.system else []) + \
                    [{"role": "user", "content": body.prompt or ""}]
-            prompt = await chat_prompt(model, msgs, spec=None, limit=limit, truncate=body.truncate)
-        if not chat and body.context:
-            if any(not 0 <= t < model.llama.n_vocab for t in body.context):
-                raise APIError(400, "'context' holds token ids out of the vocabulary", param="context")
-            prompt.tokens = list(body.context) + prompt.tokens
-            if len(prompt.tokens) >= limit:
-                raise APIError(400, f"'context' and the prompt have {len(prompt.tokens)} tokens, but the context "
-                                    f"holds {limit}", code="context_length_exceeded", param="context")
-        num_predict = opts.get("num_predict")
-        max_tokens = cap_max_tokens(None if num_predict is None or num_predict < 0 else num_predict,
-                                    len(prompt.tokens), limit)
-        stop = list(opts.get("stop") or [])
-        if chat or not body.raw:
-            stop = with_template_stops(stop, model)
-        reqs = requests_for(prompt.tokens, dataclasses.replace(sampling, grammar=grammar), max_tokens=max_tokens,
-                            stop=stop, logprobs=(body.top_logprobs or 0) if body.logprobs else None,
-                            time_limit=st.config.request_timeout)
+            turn = await off_loop(conversation.prepare, model, msgs, **common)
+        prompt, reqs = turn.prompt, turn.requests
         gens = start(lease, reqs, st.metrics)
     except BaseException:
         lease.release()
         raise
     note(request, model=lm.name, prompt=len(prompt.tokens))
-    headers = {**prompt.headers(), **_ignored_header(ignored)}
+    headers = {**prompt_headers(prompt), **_ignored_header(ignored)}
     head = {"model": lm.name}
     if body.stream:
-        return StreamingResponse(_ndjson(request, body, lease, gens, spec, head, prompt, t_start, load_s, chat),
+        return StreamingResponse(_ndjson(request, body, lease, gens, turn, head, prompt, t_start, load_s, chat),
                                  media_type=NDJSON, headers={**headers, **STREAM_HEADERS})
     try:  # the lease is held until the answer is built
         events = (await collect(request, gens))[0]
@@ -298,7 +285,7 @@ async def _generate_common(request: Request, body: _GenBody, *, chat: bool):
             raise APIError(500, f"generation failed: {r.error}")
         out: dict[str, Any] = {**head, "created_at": _now()}
         if chat:
-            content, calls = tools_mod.parse(r.text, spec.names) if spec else (r.text, [])
+            content, calls = turn.parse(r.text)
             message: dict[str, Any] = {"role": "assistant", "content": content}
             if calls:
                 message["tool_calls"] = [{"function": {"name": c.name, "arguments": c.arguments}} for c in calls]
@@ -321,6 +308,32 @@ async def _generate_common(request: Request, body: _GenBody, *, chat: bool):
         lease.release()
 
 
+def _raw_turn(model, body: GenerateBody, limit: int, common: dict) -> conversation.Turn:
+    """/api/generate with `raw` (the prompt as it is) or `context` (the tokens of an earlier
+    answer, then this prompt): a turn without the chat template's rendering of messages."""
+    if body.raw:
+        prompt = conversation.text_prompt(model, body.prompt or "", limit=limit, truncate=body.truncate)
+    else:
+        msgs = ([{"role": "system", "content": body.system}] if body.system else []) + \
+               [{"role": "user", "content": body.prompt or ""}]
+        prompt = conversation.chat_prompt(model, msgs, spec=None, limit=limit, truncate=body.truncate)
+    if body.context:
+        if any(not 0 <= t < model.llama.n_vocab for t in body.context):
+            raise APIError(400, "'context' holds token ids out of the vocabulary", param="context")
+        prompt.tokens = list(body.context) + prompt.tokens
+        if len(prompt.tokens) >= limit:
+            raise APIError(400, f"'context' and the prompt have {len(prompt.tokens)} tokens, but the context "
+                                f"holds {limit}", code="context_length_exceeded", param="context")
+    stop = limits.check_stop(common["stop"])
+    if not body.raw:
+        stop = conversation.with_template_stops(stop, model)
+    budget = conversation.cap_max_tokens(common["max_tokens"], len(prompt.tokens), limit)
+    reqs = conversation.requests_for(prompt.tokens, dataclasses.replace(common["sampling"], grammar=common["grammar"]),
+                                     max_tokens=budget, stop=stop, logprobs=common["logprobs"],
+                                     time_limit=common["time_limit"])
+    return conversation.Turn(prompt, None, reqs, budget)
+
+
 def _shown(body, chat: bool) -> tuple[str, str | None]:
     """The prompt and system prompt of a request, for the log."""
     if chat:
@@ -329,9 +342,9 @@ def _shown(body, chat: bool) -> tuple[str, str | None]:
     return body.prompt or "", body.system
 
 
-async def _ndjson(request, body, lease, gens, spec, head, prompt, t_start, load_s, chat):
+async def _ndjson(request, body, lease, gens, turn, head, prompt, t_start, load_s, chat):
     model = lease.model
-    filt = tools_mod.StreamFilter(spec) if spec else None
+    filt = turn.stream_filter()
 
     def line(obj) -> str:
         return json.dumps(obj, ensure_ascii=False) + "\n"

@@ -24,11 +24,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from . import tools as tools_mod
-from .chat import (cap_max_tokens, chat_prompt, finish_reason, normalize_messages, requests_for, sampling_params,
-                   stop_list, text_prompt, timings, with_template_stops)
+from ..runtime import conversation, grammars, limits
+from ..runtime.conversation import finish_reason, sampling_params
+from .chat import off_loop, prompt_headers, timings
 from .errors import APIError
-from .grammars import response_format_grammar
 from .scheduler import ClientGone, admit, collect, start
 
 log = logging.getLogger("llmdesk.serve")
@@ -200,26 +199,21 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     st = state(request)
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
-    messages = normalize_messages(body.messages)
+    messages = conversation.normalize_messages(body.messages)
     sampling = body.sampling()
-    format_grammar = response_format_grammar(body.response_format)
-    stop = stop_list(body.stop)
+    format_grammar = await off_loop(grammars.response_format_grammar, body.response_format)
+    stop = limits.check_stop(body.stop)
     lease = await st.models.acquire(body.model)
     try:
         lm = lease.loaded
         model = lease.model
-        spec = tools_mod.tool_spec(body.tools, body.tool_choice, model.template)
-        grammar = tools_mod.grammar(spec) if spec else None
-        if grammar and format_grammar:
-            raise APIError(400, "'response_format' cannot be combined with a required tool call", param="response_format")
-        prompt = await chat_prompt(model, messages, spec=spec, limit=model.n_ctx, truncate=body.truncate)
         requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        max_tokens = cap_max_tokens(requested, len(prompt.tokens), model.n_ctx)
-        logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        reqs = requests_for(prompt.tokens, dataclasses.replace(sampling, grammar=grammar or format_grammar), n=body.n,
-                            max_tokens=max_tokens, stop=with_template_stops(stop, model), logprobs=logprobs,
-                            ignore_eos=body.ignore_eos, time_limit=st.config.request_timeout)
-        gens = start(lease, reqs, st.metrics)
+        turn = await off_loop(conversation.prepare, model, messages, tools=body.tools, tool_choice=body.tool_choice,
+                              grammar=format_grammar, sampling=sampling, n=body.n, max_tokens=requested, stop=stop,
+                              logprobs=(body.top_logprobs or 0) if body.logprobs else None, truncate=body.truncate,
+                              ignore_eos=body.ignore_eos, time_limit=st.config.request_timeout)
+        prompt = turn.prompt
+        gens = start(lease, turn.requests, st.metrics)
     except BaseException:
         lease.release()
         raise
@@ -227,15 +221,15 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     base = {"id": _id("chatcmpl"), "created": int(time.time()), "model": lm.name, "system_fingerprint": FINGERPRINT}
     extra = {"truncated_prompt_tokens": prompt.truncated_tokens} if prompt.truncated_tokens else {}
     if body.stream:
-        return StreamingResponse(_chat_stream(request, body, lease, gens, spec, base, extra, messages),
-                                 media_type="text/event-stream", headers={**prompt.headers(), **STREAM_HEADERS})
+        return StreamingResponse(_chat_stream(request, body, lease, gens, turn, base, extra, messages),
+                                 media_type="text/event-stream", headers={**prompt_headers(prompt), **STREAM_HEADERS})
     try:  # the lease is held until the answer is built: the model may go as soon as it is released
         events = await collect(request, gens)
         choices = []
         for i, (r, evs) in enumerate(zip(gens.results, events)):
             if r.finish_reason == "error":
                 raise APIError(500, f"generation failed: {r.error}", type="server_error")
-            content, calls = tools_mod.parse(r.text, spec.names) if spec else (r.text, [])
+            content, calls = turn.parse(r.text)
             message: dict[str, Any] = {"role": "assistant", "content": content if (content or not calls) else None,
                                        "refusal": None}
             if calls:
@@ -249,14 +243,14 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         record(request, lm.name, *_last_user(messages), gens.results)
         return JSONResponse({**base, "object": "chat.completion", "choices": choices,
                              "usage": _usage(gens.results, r0.n_prompt, r0.n_cached), "timings": timings(r0), **extra},
-                            headers=prompt.headers())
+                            headers=prompt_headers(prompt))
     except ClientGone:
         return Response(status_code=499)
     finally:
         lease.release()
 
 
-async def _chat_stream(request, body: ChatCompletionRequest, lease, gens, spec, base: dict, extra: dict, messages):
+async def _chat_stream(request, body: ChatCompletionRequest, lease, gens, turn, base: dict, extra: dict, messages):
     model = lease.model
     n = len(gens.streams)
     usage_field = {"usage": None} if body.include_usage else {}
@@ -266,7 +260,7 @@ async def _chat_stream(request, body: ChatCompletionRequest, lease, gens, spec, 
                      "choices": [{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
                      **usage_field, **more})
 
-    filters = [tools_mod.StreamFilter(spec) if spec else None for _ in range(n)]
+    filters = [turn.stream_filter() for _ in range(n)]
     try:
         for i in range(n):
             yield chunk(i, {"role": "assistant", "content": ""})
@@ -338,18 +332,18 @@ async def completions(body: CompletionRequest, request: Request):
     if len(prompts) * body.n > MAX_N:
         raise APIError(400, f"prompts times 'n' must be at most {MAX_N}", param="n")
     sampling = body.sampling()
-    grammar = response_format_grammar(body.response_format)
-    stop = stop_list(body.stop)
+    grammar = await off_loop(grammars.response_format_grammar, body.response_format)
+    stop = limits.check_stop(body.stop)
     lease = await st.models.acquire(body.model)
     try:
         lm = lease.loaded
         model = lease.model
-        built = [await asyncio.to_thread(text_prompt, model, p, limit=model.n_ctx, truncate=body.truncate,
-                                         reserve=body.max_tokens or 1) for p in prompts]
+        built = [await asyncio.to_thread(conversation.text_prompt, model, p, limit=model.n_ctx,
+                                         truncate=body.truncate, reserve=body.max_tokens or 1) for p in prompts]
         reqs = []
         for p in built:
-            max_tokens = cap_max_tokens(body.max_tokens, len(p.tokens), model.n_ctx)
-            reqs += requests_for(p.tokens, dataclasses.replace(sampling, grammar=grammar), n=body.n,
+            max_tokens = conversation.cap_max_tokens(body.max_tokens, len(p.tokens), model.n_ctx)
+            reqs += conversation.requests_for(p.tokens, dataclasses.replace(sampling, grammar=grammar), n=body.n,
                                  max_tokens=max_tokens, stop=stop, logprobs=body.logprobs, ignore_eos=body.ignore_eos,
                                  time_limit=st.config.request_timeout)
         gens = start(lease, reqs, st.metrics)
@@ -452,12 +446,22 @@ async def embed_texts(lease, items: list, *, truncate: bool, metrics, time_limit
             out.append(toks)
         return out, truncated
 
-    inputs, truncated = await asyncio.to_thread(tokens)
+    inputs, truncated = await off_loop(tokens)
     gate = admit(lease, 1, metrics)
     t0 = time.perf_counter()
     try:
         job = model.engine.embed(inputs, normalize=normalize, time_limit=time_limit)
-        vectors = await asyncio.to_thread(job.wait)
+        # waited for on the loop, not in a worker thread: a flood of embedding requests must not
+        # take the threads other requests need
+        pause = 0.002
+        try:
+            while not job.done.is_set():
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 0.05)
+        except asyncio.CancelledError:
+            job.cancel()
+            raise
+        vectors = job.wait()
     finally:
         gate.leave(time.perf_counter() - t0)
     return vectors, sum(len(t) for t in inputs), truncated
