@@ -12,8 +12,18 @@ One background thread owns the context: callers never touch llama.cpp directly.
 Nothing holds the Engine for long: every request is checked against `limits` before any work,
 may carry a time limit (checked between steps, and during a step by llama.cpp's abort flag),
 and a cancel takes effect within one step even inside a long prefill: the `llama_decode` in
-flight is aborted and the other slots' tokens are decoded again. Embeddings run on the same
-thread, interleaved with generation steps, so neither starves the other.
+flight is aborted and the other slots' tokens are decoded again.
+
+The Engine also scores: a `ScoreRequest` (context tokens, continuation tokens) takes a slot like
+a generation, its tokens go into the same `llama_decode` calls as the other slots' (so a server
+scores while it serves), and it returns the log-probability of each continuation token and
+whether it was the most likely one (what lm-evaluation-harness's `loglikelihood` needs). Pairs
+that share a context (the choices of a multiple-choice question) compute it once: a free slot
+takes the longest prefix already computed, from its own cells or copied from another slot's
+(`llama_memory_seq_cp`), and waits a step for a slot that is computing that prefix right now.
+
+Embeddings are batched on a second context (several texts per `llama_decode`, pooled the way
+the model says: mean, CLS or last token) and interleaved with generation steps too.
 """
 
 from __future__ import annotations
@@ -32,7 +42,8 @@ import numpy as np
 
 from ..errors import LlmdeskError
 from . import limits
-from .llama import AbortFlag, LlamaModel, new_context
+from .llama import (AbortFlag, Batch, LlamaModel, clear_memory, decode, free_context, new_context, output_logits,
+                    pooling_of, sequence_embedding)
 
 log = logging.getLogger("llmdesk.engine")
 
@@ -270,11 +281,134 @@ class EmbedJob:
         return self.vectors
 
 
+# ---------------------------------------------------------------------------------------------
+# scoring: log-probabilities of given continuations
+
+
+@dataclass
+class ScoreRequest:
+    """Score `continuation` after `context` (token ids; the context holds at least one token).
+
+    Position i of the result is log P(continuation[i] | context + continuation[:i]). The last
+    continuation token is never fed to the model (lm-evaluation-harness feeds
+    (context + continuation)[:-1] the same way)."""
+
+    context: list[int]
+    continuation: list[int]
+    top_k: int = 0  # also the k most likely tokens at each position (0: not)
+    logits: bool = False  # keep the raw logits too: (len(continuation), n_vocab) float32
+
+
+@dataclass
+class ScoreResult:
+    tokens: list[int]  # the continuation
+    logprobs: list[float]  # log P(tokens[i] | context + tokens[:i]), natural log
+    greedy: list[bool]  # tokens[i] was the most likely token there (argmax of the logits)
+    top: list[list[tuple[int, float]]] | None = None  # per position: (token, logprob), most likely first
+    logits: np.ndarray | None = None  # (n_tokens, n_vocab) float32 when asked for
+    n_cached: int = 0  # context tokens not computed again: reused or copied from the KV cache
+
+    @property
+    def logprob(self) -> float:
+        """The continuation's log-probability: the sum over its tokens."""
+        return float(np.sum(self.logprobs))
+
+    @property
+    def is_greedy(self) -> bool:
+        """Greedy decoding from the context would produce the whole continuation (lm-eval's is_greedy)."""
+        return all(self.greedy)
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.tokens)
+
+
+class ScoreJob:
+    """Score requests in the Engine's queue. `wait()` returns one ScoreResult per request, in order."""
+
+    def __init__(self, engine: "Engine", requests: list[ScoreRequest], time_limit: float | None):
+        self.engine = engine
+        self.requests = requests
+        self.time_limit = time_limit
+        self.results: list[ScoreResult | None] = [None] * len(requests)
+        self.n_done = 0
+        self.error: str | None = None
+        self.cancelled = threading.Event()
+        self.done = threading.Event()
+        self.deadline = time.perf_counter() + time_limit if time_limit else None
+        self.abort_error: str | None = None
+
+    def cancel(self, error: str | None = None) -> None:
+        """Stop scoring; the job ends with `error` (default "cancelled") and frees its slots within one step."""
+        if not self.done.is_set():
+            if error and self.abort_error is None:
+                self.abort_error = error
+            self.cancelled.set()
+            self.engine._interrupt(self)
+
+    def wait(self) -> list[ScoreResult]:
+        self.done.wait()
+        if self.error is not None:
+            raise LlmdeskError(self.error)
+        return self.results  # type: ignore[return-value]
+
+
+class _ScoreTask:
+    """One ScoreRequest on its way through a slot."""
+
+    def __init__(self, job: ScoreJob, index: int, req: ScoreRequest, n_vocab: int):
+        self.job = job
+        self.index = index
+        self.cont = list(req.continuation)
+        self.tokens = list(req.context) + self.cont[:-1]  # what is fed to the model
+        self.first = len(req.context) - 1  # the position whose logits predict cont[0]
+        n = len(self.cont)
+        self.targets = np.asarray(self.cont, dtype=np.int64)
+        self.logprobs = np.empty(n, dtype=np.float64)
+        self.greedy = np.empty(n, dtype=bool)
+        self.top_k = req.top_k
+        self.top: list[list[tuple[int, float]]] | None = [[] for _ in range(n)] if req.top_k else None
+        self.logits = np.empty((n, n_vocab), dtype=np.float32) if req.logits else None  # (n, n_vocab)
+        self.n_cached = 0
+
+    def take(self, j0: int, logits: np.ndarray) -> None:
+        """Rows (k, n_vocab) float32 of logits, predicting cont[j0 : j0 + k]."""
+        k = len(logits)
+        targets = self.targets[j0 : j0 + k]
+        for r0 in range(0, k, 64):  # 64 rows at a time: the float64 copy stays small
+            x = logits[r0 : r0 + 64].astype(np.float64)  # (<=64, n_vocab)
+            # log-softmax as eval/ppl.py computes it: x - (max + log sum exp(x - max))
+            m = x.max(axis=1, keepdims=True)
+            lse = m + np.log(np.exp(x - m).sum(axis=1, keepdims=True))
+            rows = np.arange(len(x))
+            t = targets[r0 : r0 + 64]
+            self.logprobs[j0 + r0 : j0 + r0 + len(x)] = x[rows, t] - lse[:, 0]
+            # lm-eval: greedy_tokens = logits.argmax(dim=-1); is_greedy = (greedy_tokens == cont).all()
+            self.greedy[j0 + r0 : j0 + r0 + len(x)] = x.argmax(axis=1) == t
+            if self.top is not None:
+                lp = x - lse
+                best = np.argpartition(-lp, min(self.top_k, lp.shape[1] - 1), axis=1)[:, : self.top_k]
+                for i in range(len(x)):
+                    b = best[i][np.argsort(-lp[i, best[i]])]
+                    self.top[j0 + r0 + i] = [(int(v), float(lp[i, v])) for v in b]
+        if self.logits is not None:
+            self.logits[j0 : j0 + k] = logits
+
+    def result(self) -> ScoreResult:
+        return ScoreResult(tokens=self.cont, logprobs=self.logprobs.tolist(), greedy=self.greedy.tolist(),
+                           top=self.top, logits=self.logits, n_cached=self.n_cached)
+
+
+# ---------------------------------------------------------------------------------------------
+# the engine
+
+
 class _Slot:
     def __init__(self, seq: int):
         self.seq = seq
         self.cache: list[int] = []  # tokens whose K/V are in this sequence's cells, in order
-        self.stream: Stream | None = None
+        self.stream: Stream | None = None  # a generation in this slot, or
+        self.task: _ScoreTask | None = None  # a score request in it
         self.chain = None
         self.todo: list[int] = []  # prompt tokens still to prefill
         self.next_token: int | None = None  # sampled, to be decoded at the next step
@@ -283,10 +417,21 @@ class _Slot:
         self.t_first = 0.0
         self.last_used = 0.0
 
+    @property
+    def idle(self) -> bool:
+        return self.stream is None and self.task is None
+
+    @property
+    def work(self):
+        """What this slot works for: its Stream or its task's ScoreJob."""
+        return self.stream if self.stream is not None else self.task.job if self.task is not None else None
+
 
 def common_prefix(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
     i = 0
+    while i + 64 <= n and a[i : i + 64] == b[i : i + 64]:  # 64 at a time, compared in C
+        i += 64
     while i < n and a[i] == b[i]:
         i += 1
     return i
@@ -296,12 +441,22 @@ def _time_limit_message(limit: float | None, what: str) -> str:
     return f"the request reached its time limit of {limit:g} s {what}"
 
 
+EMBED_MAX_SEQS = 32  # texts per embeddings decode
+
+
 class Engine:
-    """One llama.cpp context over `model` with `n_slots` sequences of `n_ctx` tokens each."""
+    """One llama.cpp context over `model` with `n_slots` sequences of `n_ctx` tokens each.
+    `cache_type`: the KV cache's element type, "f16" (llama.cpp's default) or "f32"."""
 
     # one token's sampling may take this long before the request is stopped (a grammar that is
     # slow for this vocabulary); the grammar checks keep accepted grammars far below it
     max_sample_s = 2.0
+    # a score request copies another slot's cells (llama_memory_seq_cp) when that saves computing
+    # at least this many tokens. The copy moves the whole sequence's buffer (n_ctx cells), which
+    # on a CPU costs about what computing one token does
+    min_copy_tokens = 8
+    # waiting score requests looked at per admission, for a free slot and a prefix to reuse
+    score_scan = 64
 
     def __init__(
         self,
@@ -311,6 +466,7 @@ class Engine:
         n_slots: int = 1,
         n_batch: int = 512,
         n_threads: int | None = None,
+        cache_type: str = "f16",
     ):
         if n_slots < 1:
             raise LlmdeskError(f"--parallel must be at least 1, got {n_slots}")
@@ -320,26 +476,34 @@ class Engine:
         self.n_slots = n_slots
         self.n_batch = max(n_batch, n_slots)
         self.n_threads = n_threads
+        self.cache_type = cache_type
         self.ctx = new_context(model, n_ctx=n_ctx * n_slots, n_seq=n_slots, n_batch=self.n_batch,
-                               n_threads=n_threads)
+                               n_threads=n_threads, cache_type=cache_type)
         self.abort = AbortFlag()  # read by llama.cpp during a decode: set, the decode returns early
         self.abort.attach(self.ctx)
         # per slot; llama.cpp rounds its cache up (to 256 cells), the limit is what was asked for
         self.n_ctx = min(n_ctx, C.llama_n_ctx_seq(self.ctx))
         self.mem = C.llama_get_memory(self.ctx)
-        self.batch = C.llama_batch_init(self.n_batch, 0, 1)
+        self.batch = Batch(self.n_batch)
         self.slots = [_Slot(i) for i in range(n_slots)]
         self.waiting: deque[Stream] = deque()
+        self.score_queue: deque[_ScoreTask] = deque()  # score requests waiting for a slot
+        self.score_jobs: list[ScoreJob] = []  # jobs not finished yet
         self.embed_jobs: deque[EmbedJob] = deque()
+        # embeddings: their own context, made on first use; the model's pooling (mean for decoders)
+        self.pooling = model.pooling
         self._embed_ctx = None
+        self._embed_batch: Batch | None = None
+        self._embed_long: dict | None = None  # a text longer than one embeddings decode, in progress
         self._lock = threading.Lock()
         self._cv = threading.Condition(self._lock)  # the engine thread waits for work on it
         self._watch_cv = threading.Condition(self._lock)  # the watchdog waits for a decode on it
-        self._decoding: list = []  # the Streams / EmbedJob whose tokens are in the decode in flight
+        self._decoding: list = []  # the Streams / jobs whose tokens are in the decode in flight
         self._decode_deadline: float | None = None
         self._closed = False
         self.steps = 0  # llama_decode calls, for tests and metrics
         self.aborted_steps = 0  # of those, the ones cut short (a cancel, a time limit, close)
+        self.seq_copies = 0  # prefixes copied from one slot's cells to another's (llama_memory_seq_cp)
         self._thread = threading.Thread(target=self._run, name="llmdesk-engine", daemon=True)
         self._thread.start()
         self._watchdog = threading.Thread(target=self._watch, name="llmdesk-engine-watchdog", daemon=True)
@@ -371,11 +535,39 @@ class Engine:
             self._cv.notify()
         return stream
 
-    def embed(self, inputs: list[list[int]], *, normalize: bool = True, time_limit: float | None = None) -> EmbedJob:
-        """Queue token-id sequences to embed (mean-pooled, L2-normalised unless asked not to);
-        the Engine thread computes them between generation steps. `.wait()` the job."""
+    def score(self, requests: list[ScoreRequest], *, time_limit: float | None = None) -> ScoreJob:
+        """Queue (context, continuation) pairs to score; `.wait()` the job for one ScoreResult per
+        pair. Pairs fill free slots and share `llama_decode` calls with generation; a context
+        already in the KV cache, or shared by several pairs, is computed once."""
         if self._closed:
             raise LlmdeskError("the model was unloaded")
+        limits.check_score(requests, n_vocab=self.model.n_vocab, time_limit=time_limit)
+        for i, r in enumerate(requests):
+            n = len(r.context) + len(r.continuation) - 1
+            if n > self.n_ctx:
+                raise ContextOverflow(
+                    f"pair {i} needs {n} tokens of context (context + continuation - 1) but the context holds "
+                    f"{self.n_ctx}; use a larger --ctx or a shorter text")
+        job = ScoreJob(self, list(requests), time_limit)
+        if not requests:
+            job.done.set()
+            return job
+        tasks = [_ScoreTask(job, i, r, self.model.n_vocab) for i, r in enumerate(requests)]
+        with self._cv:
+            self.score_jobs.append(job)
+            self.score_queue.extend(tasks)
+            self._cv.notify()
+        return job
+
+    def embed(self, inputs: list[list[int]], *, normalize: bool = True, time_limit: float | None = None) -> EmbedJob:
+        """Queue token-id sequences to embed (pooled as the model says, `self.pooling`, and
+        L2-normalised unless asked not to); the Engine thread computes them, several texts per
+        decode, between generation steps. `.wait()` the job."""
+        if self._closed:
+            raise LlmdeskError("the model was unloaded")
+        if self.pooling == "rank":
+            raise LlmdeskError(f"{self.model.path.name} is a reranking model (pooling 'rank'): it scores "
+                               "pairs of texts and has no embeddings; use an embedding model")
         for i, toks in enumerate(inputs):
             if not toks:
                 raise LlmdeskError("cannot embed an empty text")
@@ -392,12 +584,14 @@ class Engine:
 
     @property
     def busy_slots(self) -> int:
-        return sum(1 for s in self.slots if s.stream is not None)
+        """Slots holding a generation or a score request."""
+        return sum(1 for s in self.slots if not s.idle)
 
     def abort_all(self, error: str) -> None:
         """End every request, running or waiting, as an error saying `error` (a server shutting down)."""
         with self._lock:
-            work = [s.stream for s in self.slots if s.stream is not None] + list(self.waiting) + list(self.embed_jobs)
+            work = ([s.stream for s in self.slots if s.stream is not None] + list(self.waiting)
+                    + list(self.embed_jobs) + list(self.score_jobs))
         for w in work:
             w.cancel(error)
 
@@ -418,6 +612,8 @@ class Engine:
             self._finish_stream(stream)
         for job in list(self.embed_jobs):
             self._finish_job(job, "the model was unloaded")
+        for job in list(self.score_jobs):
+            self._finish_job(job, "the model was unloaded")
         if stuck:
             log.warning("a step did not end within %.0f s of closing the model; it is left running", timeout)
             for slot in self.slots:
@@ -426,10 +622,11 @@ class Engine:
                     self._finish_stream(slot.stream)
             return
         if self._embed_ctx:
-            C.llama_free(self._embed_ctx)
+            free_context(self._embed_ctx)
             self._embed_ctx = None
-        C.llama_batch_free(self.batch)
-        C.llama_free(self.ctx)
+            self._embed_batch.free()
+        self.batch.free()
+        free_context(self.ctx)
         self.ctx = None
 
     def __enter__(self):
@@ -465,7 +662,7 @@ class Engine:
                 else:
                     self._watch_cv.wait(left)
 
-    def _decode(self, ctx, batch, work: list) -> int:
+    def _decode(self, ctx, batch: Batch, work: list) -> int:
         """llama_decode, abortable: by a cancel of any of `work`, by its time limits, by close()."""
         deadlines = [w.deadline for w in work if w.deadline is not None]
         with self._lock:
@@ -479,7 +676,7 @@ class Engine:
                 self.abort.clear()
             self._watch_cv.notify()
         try:
-            return C.llama_decode(ctx, batch)
+            return decode(ctx, batch)
         finally:
             with self._lock:
                 self._decoding = []
@@ -488,7 +685,8 @@ class Engine:
     def _run(self) -> None:
         while True:
             with self._cv:
-                while not self._closed and not self.waiting and not self.embed_jobs and self.busy_slots == 0:
+                while (not self._closed and not self.waiting and not self.embed_jobs and not self.score_queue
+                       and self.busy_slots == 0):
                     self._cv.wait()
                 if self._closed:
                     break
@@ -496,20 +694,26 @@ class Engine:
                 self._drop_cancelled()
                 self._expire()
                 self._admit()
+                self._admit_scores()
                 if self.busy_slots:
                     self._step()
                 if self.embed_jobs:
                     self._embed_step()
             except Exception as e:  # a bug or a llama.cpp failure: fail the requests, keep serving
                 log.exception("engine step failed")
+                why = str(e) or type(e).__name__
                 for slot in self.slots:
                     if slot.stream is not None:
-                        self._end(slot, "error", error=str(e) or type(e).__name__)
+                        self._end(slot, "error", error=why)
                 with self._lock:
                     jobs = list(self.embed_jobs)
                     self.embed_jobs.clear()
+                    self._embed_long = None
+                    scoring = list(self.score_jobs)
                 for job in jobs:
-                    self._finish_job(job, str(e) or type(e).__name__)
+                    self._finish_job(job, why)
+                for job in scoring:
+                    self._fail_score_job(job, why)
         for slot in self.slots:
             if slot.stream is not None:
                 self._end(slot, "cancelled")
@@ -519,6 +723,7 @@ class Engine:
             gone = [s for s in self.waiting if s.cancelled.is_set()]
             for stream in gone:
                 self.waiting.remove(stream)
+            scoring = [j for j in self.score_jobs if j.cancelled.is_set()]
         for stream in gone:
             stream.result.finish_reason = "error" if stream.abort_error else "cancelled"
             stream.result.error = stream.abort_error
@@ -528,6 +733,8 @@ class Engine:
             if slot.stream is not None and slot.stream.cancelled.is_set():
                 err = slot.stream.abort_error
                 self._end(slot, "error" if err else "cancelled", error=err)
+        for job in scoring:
+            self._fail_score_job(job, job.abort_error or "cancelled")
 
     def _expire(self) -> None:
         """End the requests past their time limit: an error if nothing was generated yet, else
@@ -537,6 +744,7 @@ class Engine:
             late = [s for s in self.waiting if s.deadline is not None and s.deadline <= now]
             for stream in late:
                 self.waiting.remove(stream)
+            late_jobs = [j for j in self.score_jobs if j.deadline is not None and j.deadline <= now]
         for stream in late:
             stream.result.finish_reason = "error"
             stream.result.error = _time_limit_message(stream.request.time_limit, "while waiting for a free slot")
@@ -550,11 +758,14 @@ class Engine:
                 else:
                     self._end(slot, "error", error=_time_limit_message(stream.request.time_limit,
                                                                        "before its first token"))
+        for job in late_jobs:
+            self._fail_score_job(job, _time_limit_message(job.time_limit, f"with {job.n_done} of "
+                                                                          f"{len(job.requests)} pairs scored"))
 
     def _admit(self) -> None:
         while True:
             with self._cv:
-                free = [s for s in self.slots if s.stream is None]
+                free = [s for s in self.slots if s.idle]
                 if not free or not self.waiting:
                     return
                 stream = self.waiting.popleft()
@@ -580,47 +791,102 @@ class Engine:
                 for t in prompt[-window:]:
                     C.llama_sampler_accept(slot.chain, t)
 
+    def _admit_scores(self) -> None:
+        """Give free slots to waiting score requests (after generations: they are latency-bound).
+
+        Each takes the longest prefix of its tokens already computed somewhere: in a free slot's
+        own cells (that slot is taken), or in a busy slot's cells, copied to a free slot with
+        llama_memory_seq_cp (the shared context of a question's choices, or a few-shot prefix).
+        A request whose prefix a busy slot is computing right now waits for it rather than
+        computing it a second time beside it; requests behind it may go first."""
+        i = seen = 0
+        while True:
+            with self._cv:
+                if i >= len(self.score_queue) or seen >= self.score_scan:
+                    return
+                task = self.score_queue[i]
+            free = [s for s in self.slots if s.idle]
+            if not free:
+                return
+            seen += 1
+            toks, limit = task.tokens, task.first  # the outputs start at `first`: it is always computed
+            slot = max(free, key=lambda s: (common_prefix(s.cache, toks), -s.last_used))
+            own = min(common_prefix(slot.cache, toks), limit)
+            src, copied, coming = None, own, own
+            for s in self.slots:
+                if s.idle:
+                    continue
+                c = min(common_prefix(s.cache, toks), limit)
+                if c > copied:
+                    src, copied = s, c
+                if s.todo and c == len(s.cache) < limit:  # its prefill continues along our tokens
+                    coming = max(coming, min(c + common_prefix(s.todo, toks[c:]), limit))
+            if coming >= max(own, copied) + self.min_copy_tokens:
+                i += 1  # wait: that slot's next steps compute this prefix
+                continue
+            with self._cv:
+                del self.score_queue[i]
+            if src is not None and copied >= own + self.min_copy_tokens:
+                # a cross-sequence copy of the whole sequence, done at the next decode (before its tokens)
+                C.llama_memory_seq_cp(self.mem, src.seq, slot.seq, -1, -1)
+                slot.cache = list(src.cache)
+                keep = copied
+                self.seq_copies += 1
+            else:
+                keep = own
+            if not C.llama_memory_seq_rm(self.mem, slot.seq, keep, -1):
+                C.llama_memory_seq_rm(self.mem, slot.seq, -1, -1)
+                keep = 0
+            slot.cache = slot.cache[:keep]
+            slot.todo = toks[keep:]
+            slot.task = task
+            slot.t_admit = time.perf_counter()
+            task.n_cached = keep
+
     def _step(self) -> None:
         b = self.batch
-        n = 0
-        outputs: list[tuple[_Slot, int]] = []
+        b.clear()
+        outputs: list[tuple[_Slot, int]] = []  # generating slots: (slot, batch index) to sample
+        scored: list[tuple[_Slot, int, int, int]] = []  # score slots: (slot, first output row, first j, rows)
         # what each slot in this batch was before it, to put back if the decode is aborted
         before: list[tuple[_Slot, int, int | None, list[int]]] = []
-
-        def add(tok: int, pos: int, seq: int, want: bool) -> None:
-            nonlocal n
-            b.token[n] = tok
-            b.pos[n] = pos
-            b.n_seq_id[n] = 1
-            b.seq_id[n][0] = seq
-            b.logits[n] = want
-            n += 1
 
         # generating slots first: one token each
         for slot in self.slots:
             if slot.stream is not None and slot.next_token is not None:
                 before.append((slot, len(slot.cache), slot.next_token, slot.todo))
-                outputs.append((slot, n))
-                add(slot.next_token, len(slot.cache), slot.seq, True)
+                outputs.append((slot, b.add(slot.next_token, len(slot.cache), slot.seq, True)))
                 slot.cache.append(slot.next_token)
                 slot.next_token = None
-        # then prompt chunks, in the room left in this batch
-        for slot in self.slots:
-            if slot.stream is None or not slot.todo or n >= self.n_batch:
+        # then prompt chunks in the room left: generations' prompts, then score requests
+        for slot in sorted(self.slots, key=lambda s: s.task is not None):
+            if slot.idle or not slot.todo or len(b) >= self.n_batch:
                 continue
             before.append((slot, len(slot.cache), slot.next_token, slot.todo))
-            take = slot.todo[: self.n_batch - n]
+            take = slot.todo[: self.n_batch - len(b)]
             slot.todo = slot.todo[len(take):]
-            for i, tok in enumerate(take):
-                last = not slot.todo and i == len(take) - 1
-                if last:
-                    outputs.append((slot, n))
-                add(tok, len(slot.cache), slot.seq, last)
-                slot.cache.append(tok)
-        if n == 0:
+            task = slot.task
+            if task is None:
+                for i, tok in enumerate(take):
+                    last = not slot.todo and i == len(take) - 1
+                    idx = b.add(tok, len(slot.cache), slot.seq, last)
+                    if last:
+                        outputs.append((slot, idx))
+                    slot.cache.append(tok)
+            else:
+                row0, j0 = b.n_outputs, None
+                for tok in take:
+                    pos = len(slot.cache)
+                    want = pos >= task.first  # the logits here predict cont[pos - first]
+                    if want and j0 is None:
+                        j0 = pos - task.first
+                    b.add(tok, pos, slot.seq, want)
+                    slot.cache.append(tok)
+                if j0 is not None:
+                    scored.append((slot, row0, j0, b.n_outputs - row0))
+        if len(b) == 0:
             return
-        b.n_tokens = n
-        rc = self._decode(self.ctx, b, [slot.stream for slot, *_ in before])
+        rc = self._decode(self.ctx, b, [slot.work for slot, *_ in before])
         self.steps += 1
         if rc == 2:
             self.aborted_steps += 1
@@ -632,12 +898,22 @@ class Engine:
                 slot.next_token, slot.todo = next_token, todo
             return
         if rc != 0:
+            why = f"llama_decode failed (code {rc})"
             for slot, _ in outputs:
-                self._end(slot, "error", error=f"llama_decode failed (code {rc})")
-            for slot in self.slots:  # slots that were mid-prompt in this batch
+                self._end(slot, "error", error=why)
+            for slot, *_ in before:  # slots that were mid-prompt in this batch
                 if slot.stream is not None and slot.todo:
-                    self._end(slot, "error", error=f"llama_decode failed (code {rc})")
+                    self._end(slot, "error", error=why)
+                elif slot.task is not None:
+                    self._fail_score_job(slot.task.job, why)
             return
+        if scored:
+            logits = output_logits(self.ctx, b, self.model.n_vocab)  # (n_outputs, n_vocab)
+            for slot, row0, j0, k in scored:
+                task = slot.task
+                task.take(j0, logits[row0 : row0 + k])
+                if not slot.todo:
+                    self._finish_task(slot)
         now = time.perf_counter()
         for slot, idx in outputs:
             self._sample(slot, idx, now)
@@ -716,47 +992,148 @@ class Engine:
         stream.done.set()
         stream.events.put(_DONE)
 
-    # -- embeddings -----------------------------------------------------------------------------
-    def _embed_step(self) -> None:
-        """Embed the next input of the first job (one decode), so generation steps go on between."""
+    # -- scoring ------------------------------------------------------------------------------
+    def _finish_task(self, slot: _Slot) -> None:
+        """The slot's score request has all its rows: record its result; the slot keeps its cache."""
+        task = slot.task
+        slot.task = None
+        slot.todo = []
+        slot.last_used = time.perf_counter()
+        job = task.job
+        job.results[task.index] = task.result()
+        job.n_done += 1
+        if job.n_done == len(job.requests):
+            with self._lock:
+                if job in self.score_jobs:
+                    self.score_jobs.remove(job)
+            self._finish_job(job, None)
+
+    def _fail_score_job(self, job: ScoreJob, error: str) -> None:
+        """End `job` as `error`: its waiting requests leave the queue, its slots are freed (cells too)."""
         with self._lock:
-            job = self.embed_jobs[0] if self.embed_jobs else None
-        if job is None:
-            return
-        if job.cancelled.is_set() or (job.deadline is not None and job.deadline <= time.perf_counter()):
-            why = job.abort_error or ("cancelled" if job.cancelled.is_set() else
-                                      "the embedding request reached its time limit")
-            self._pop_job(job, why)
+            if job in self.score_jobs:
+                self.score_jobs.remove(job)
+            if any(t.job is job for t in self.score_queue):
+                self.score_queue = deque(t for t in self.score_queue if t.job is not job)
+        for slot in self.slots:
+            if slot.task is not None and slot.task.job is job:
+                C.llama_memory_seq_rm(self.mem, slot.seq, -1, -1)
+                slot.cache = []
+                slot.task = None
+                slot.todo = []
+                slot.last_used = time.perf_counter()
+        self._finish_job(job, error)
+
+    # -- embeddings -----------------------------------------------------------------------------
+    def _embed_setup(self) -> None:
+        """The embeddings context: up to EMBED_MAX_SEQS texts per decode in one shared (unified)
+        cache of n_ctx cells. llama.cpp pools each sequence within one ubatch (a later ubatch
+        overwrites the pooled value: llama_context::decode, embd_seq), so a decode never holds
+        more than one ubatch of tokens; a longer text is fed over several decodes (below). An
+        encoder (non-causal attention) must see the whole text in one ubatch: its ubatch is n_ctx."""
+        self._embed_room = self.n_ctx if not self.model.causal else max(16, min(self.n_batch, self.n_ctx))
+        self._embed_ctx = new_context(self.model, n_ctx=self.n_ctx, n_seq=EMBED_MAX_SEQS, n_batch=self._embed_room,
+                                      n_ubatch=self._embed_room, n_threads=self.n_threads, embeddings=True,
+                                      pooling=self.pooling if self.pooling in ("mean", "cls", "last") else "mean",
+                                      unified=True, cache_type=self.cache_type)
+        self.abort.attach(self._embed_ctx)
+        self._embed_batch = Batch(self._embed_room)
+        got = pooling_of(self._embed_ctx)
+        if got not in ("mean", "cls", "last"):
+            raise LlmdeskError(f"{self.model.path.name}: llama.cpp pools its embeddings as {got!r}, not mean, CLS or last")
+        self.pooling = got
+
+    def _embed_step(self) -> None:
+        """One embeddings decode: several short texts (from the jobs in order), or the next piece
+        of a long one, so generation steps go on between."""
+        now = time.perf_counter()
+        with self._lock:
+            jobs = list(self.embed_jobs)
+        for job in jobs:
+            if job.cancelled.is_set() or (job.deadline is not None and job.deadline <= now):
+                why = job.abort_error or ("cancelled" if job.cancelled.is_set() else
+                                          "the embedding request reached its time limit")
+                self._pop_job(job, why)
+        with self._lock:
+            jobs = list(self.embed_jobs)
+        if not jobs:
             return
         if self._embed_ctx is None:
-            self._embed_ctx = new_context(self.model, n_ctx=self.n_ctx, n_seq=1, n_batch=self.n_ctx,
-                                          n_threads=self.n_threads, embeddings=True)
-            self.abort.attach(self._embed_ctx)
-        toks = job.inputs[len(job.vectors)]
-        ctx = self._embed_ctx
-        C.llama_memory_clear(C.llama_get_memory(ctx), True)
-        batch = C.llama_batch_init(len(toks), 0, 1)
-        try:
-            for i, t in enumerate(toks):
-                batch.token[i] = t
-                batch.pos[i] = i
-                batch.n_seq_id[i] = 1
-                batch.seq_id[i][0] = 0
-                batch.logits[i] = True
-            batch.n_tokens = len(toks)
-            rc = self._decode(ctx, batch, [job])
-            self.steps += 1
-            if rc == 2:
-                self.aborted_steps += 1
-                return  # aborted: the next loop sees why
-            if rc != 0:
+            self._embed_setup()
+        if self._embed_long is not None and self._embed_long["job"] not in jobs:
+            self._embed_long = None  # its job ended
+        if self._embed_long is None and len(jobs[0].inputs[len(jobs[0].vectors)]) > self._embed_room:
+            clear_memory(self._embed_ctx)
+            self._embed_long = {"job": jobs[0], "pos": 0, "sum": None, "vec": None}
+        if self._embed_long is not None:
+            self._embed_piece()
+            return
+        # pack whole texts, in order, while they fit in one ubatch
+        b = self._embed_batch
+        b.clear()
+        packed: list[EmbedJob] = []
+        for job in jobs:
+            for toks in job.inputs[len(job.vectors):]:
+                if len(packed) == EMBED_MAX_SEQS or len(b) + len(toks) > self._embed_room:
+                    break
+                seq = len(packed)
+                for pos, t in enumerate(toks):
+                    b.add(t, pos, seq, True)  # pooled embeddings need every token as an output
+                packed.append(job)
+            else:
+                continue
+            break
+        clear_memory(self._embed_ctx)
+        rc = self._decode(self._embed_ctx, b, list(dict.fromkeys(packed)))
+        self.steps += 1
+        if rc == 2:
+            self.aborted_steps += 1
+            return  # aborted: the next loop sees why
+        if rc != 0:
+            for job in dict.fromkeys(packed):
                 self._pop_job(job, f"llama.cpp failed to compute the embedding (code {rc})")
-                return
-            ptr = C.llama_get_embeddings_seq(ctx, 0)
-            vec = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)),
-                                        shape=(self.model.n_embd,)).astype(np.float64)
-        finally:
-            C.llama_batch_free(batch)
+            return
+        for seq, job in enumerate(packed):
+            self._embed_done(job, sequence_embedding(self._embed_ctx, seq, self.model.n_embd))
+
+    def _embed_piece(self) -> None:
+        """The next ubatch of a text too long for one: its cells stay for the next piece (causal
+        attention sees them). Pooling over pieces: mean = the token-weighted mean of the pieces'
+        means; CLS = the first piece's; last = the last piece's."""
+        st = self._embed_long
+        job = st["job"]
+        toks = job.inputs[len(job.vectors)]
+        pos = st["pos"]
+        piece = toks[pos : pos + self._embed_room]
+        b = self._embed_batch
+        b.clear()
+        for i, t in enumerate(piece):
+            b.add(t, pos + i, 0, True)
+        rc = self._decode(self._embed_ctx, b, [job])
+        self.steps += 1
+        if rc == 2:
+            self.aborted_steps += 1
+            C.llama_memory_seq_rm(C.llama_get_memory(self._embed_ctx), 0, pos, -1)
+            return
+        if rc != 0:
+            self._embed_long = None
+            self._pop_job(job, f"llama.cpp failed to compute the embedding (code {rc})")
+            return
+        vec = sequence_embedding(self._embed_ctx, 0, self.model.n_embd)
+        if self.pooling == "mean":
+            st["sum"] = vec * len(piece) if st["sum"] is None else st["sum"] + vec * len(piece)
+        elif self.pooling == "last" or st["vec"] is None:
+            st["vec"] = vec
+        st["pos"] = pos + len(piece)
+        if st["pos"] < len(toks):
+            return
+        self._embed_long = None
+        self._embed_done(job, st["sum"] / len(toks) if self.pooling == "mean" else st["vec"])
+
+    def _embed_done(self, job: EmbedJob, vec: np.ndarray | None) -> None:
+        if vec is None:
+            self._pop_job(job, "llama.cpp returned no embedding")
+            return
         if job.normalize:
             norm = np.linalg.norm(vec)
             vec = vec / norm if norm > 0 else vec
@@ -771,6 +1148,8 @@ class Engine:
         self._finish_job(job, error)
 
     @staticmethod
-    def _finish_job(job: EmbedJob, error: str | None) -> None:
+    def _finish_job(job, error: str | None) -> None:
+        if job.done.is_set():
+            return
         job.error = error
         job.done.set()

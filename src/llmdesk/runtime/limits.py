@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from ..errors import LlmdeskError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .engine import Request, SamplingParams
+    from .engine import Request, SamplingParams, ScoreRequest
 
 # llama.cpp server's sampling defaults
 DEFAULTS = dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.0, repeat_last_n=64,
@@ -38,6 +38,10 @@ MAX_STOPS = 16
 MAX_STOP_CHARS = 256
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 MAX_GRAMMAR_CHARS = 512 * 1024
+# scoring: one job holds at most this many (context, continuation) pairs, and the raw logits it
+# keeps (ScoreRequest.logits: continuation tokens x vocabulary x 4 bytes) stay under this size
+MAX_SCORE_REQUESTS = 65536
+MAX_SCORE_LOGITS_BYTES = 2 << 30
 
 
 class InvalidRequest(LlmdeskError):
@@ -104,3 +108,32 @@ def check_request(req: "Request", *, n_ctx: int, n_vocab: int) -> None:
 def penalty_window(repeat_last_n: int, n_ctx: int) -> int:
     """The repetition-penalty window in tokens: -1 is the whole context, and it never exceeds it."""
     return n_ctx if repeat_last_n < 0 else min(repeat_last_n, n_ctx)
+
+
+def check_score(requests: "list[ScoreRequest]", *, n_vocab: int, time_limit: float | None = None) -> None:
+    """A scoring job is bounded: a bounded number of pairs, each with a context of at least one
+    token (llmdesk's prefix token, BOS, when the text has none) and a non-empty continuation of
+    token ids in the vocabulary; top_k as for logprobs; the raw logits kept within a budget.
+    (The length against the context is the Engine's check: it knows its context.)"""
+    if len(requests) > MAX_SCORE_REQUESTS:
+        raise InvalidRequest(f"a scoring job takes at most {MAX_SCORE_REQUESTS} pairs, got {len(requests)}; "
+                             "split it", "requests")
+    logit_bytes = 0
+    for i, r in enumerate(requests):
+        if not r.context:
+            raise InvalidRequest(f"pair {i} has an empty context; give at least one token (the BOS token, as "
+                                 "lm-evaluation-harness does for an empty context)", "context")
+        if not r.continuation:
+            raise InvalidRequest(f"pair {i} has an empty continuation: there is nothing to score", "continuation")
+        for name, toks in (("context", r.context), ("continuation", r.continuation)):
+            if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < n_vocab for t in toks):
+                raise InvalidRequest(f"pair {i}'s {name} holds token ids outside the vocabulary (0 to {n_vocab - 1})",
+                                     name)
+        _integer("top_logprobs", r.top_k, 0, MAX_TOP_LOGPROBS)
+        if r.logits:
+            logit_bytes += len(r.continuation) * n_vocab * 4
+    if logit_bytes > MAX_SCORE_LOGITS_BYTES:
+        raise InvalidRequest(f"the job would keep {logit_bytes / 2**30:.1f} GiB of logits (the limit is "
+                             f"{MAX_SCORE_LOGITS_BYTES / 2**30:.0f} GiB); score fewer tokens per job", "logits")
+    if time_limit is not None:
+        _number("time_limit", time_limit, 0.0, math.inf, open_low=True)

@@ -1,8 +1,10 @@
 """The thin layer over llama.cpp's C API (through llama-cpp-python's ctypes bindings).
 
-Only this module and engine.py touch `llama_cpp`. It owns: backend start-up, llama.cpp's log
-(routed into Python logging, the last errors kept so a failed load can say why), loading a model,
-its vocabulary (tokenize, token -> bytes), and creating contexts.
+Only runtime/ touches `llama_cpp`, and in it only this module and engine.py. This module owns:
+backend start-up, llama.cpp's log (routed into Python logging, the last errors kept so a failed
+load can say why), loading a model, its vocabulary (tokenize, token -> bytes), creating contexts,
+the one `Batch` every `llama_decode` in llmdesk is filled through, and the view of llama.cpp's
+compute graph that an eval callback gets (`GraphTensor`, for importance matrices).
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ import logging
 import os
 import threading
 from pathlib import Path
+from typing import Callable
 
 import llama_cpp as C
+import numpy as np
 
 from ..errors import BadModelFile, LlmdeskError
 
@@ -114,6 +118,7 @@ class LlamaModel:
         self.bos = C.llama_vocab_bos(self.vocab)
         self.eos = C.llama_vocab_eos(self.vocab)
         self.add_bos = bool(C.llama_vocab_get_add_bos(self.vocab))
+        self.arch = self.meta("general.architecture") or ""
         self._piece_cache: dict[int, bytes] = {}
 
     def close(self) -> None:
@@ -137,6 +142,25 @@ class LlamaModel:
             buf = ctypes.create_string_buffer(n + 1)
             C.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
         return buf.value.decode("utf-8", "replace")
+
+    @property
+    def pooling(self) -> str:
+        """How the model pools token states into one embedding: "mean", "cls", "last" or "rank",
+        from the GGUF key `{arch}.pooling_type` (llama.cpp's enum llama_pooling_type). A model
+        without the key, or with "none" (decoder models), pools by the mean."""
+        value = self.meta(f"{self.arch}.pooling_type")
+        try:
+            code = int(value) if value is not None else C.LLAMA_POOLING_TYPE_MEAN
+        except ValueError:
+            code = C.LLAMA_POOLING_TYPE_MEAN
+        name = POOLING_NAMES.get(code, "mean")
+        return "mean" if name == "none" else name
+
+    @property
+    def causal(self) -> bool:
+        """Whether attention is causal (`{arch}.attention.causal`; false for BERT-style encoders)."""
+        value = self.meta(f"{self.arch}.attention.causal")
+        return value is None or value.strip().lower() not in ("false", "0")
 
     def chat_template(self) -> str | None:
         ptr = C.llama_model_chat_template(self.ptr, None)
@@ -218,34 +242,57 @@ class AbortFlag:
         C.llama_set_abort_callback(ctx, self.callback, self.data)
 
 
+# llama.cpp's enum llama_pooling_type, by name
+POOLING_TYPES = {"none": C.LLAMA_POOLING_TYPE_NONE, "mean": C.LLAMA_POOLING_TYPE_MEAN,
+                 "cls": C.LLAMA_POOLING_TYPE_CLS, "last": C.LLAMA_POOLING_TYPE_LAST,
+                 "rank": C.LLAMA_POOLING_TYPE_RANK}
+POOLING_NAMES = {v: k for k, v in POOLING_TYPES.items()}
+
+# KV cache element types (llama.cpp's -ctk/-ctv); f16 is llama.cpp's default
+CACHE_TYPES = {"f16": C.GGML_TYPE_F16, "f32": C.GGML_TYPE_F32}
+
+
 def new_context(
     model: LlamaModel,
     *,
     n_ctx: int,
     n_seq: int = 1,
     n_batch: int = 512,
+    n_ubatch: int | None = None,
     n_threads: int | None = None,
     embeddings: bool = False,
-    pooling: int | None = None,
+    pooling: str | None = None,
     flash_attn: bool | None = None,
+    unified: bool = False,
+    cache_type: str = "f16",
+    eval_callback: "EvalCallback | None" = None,
 ):
-    """A llama.cpp context with `n_seq` sequences of `n_ctx // n_seq` cells each."""
+    """A llama.cpp context with `n_seq` sequences of `n_ctx // n_seq` cells each (`unified`: all
+    sequences share `n_ctx` cells). `n_ubatch` (default min(n_batch, 512)) is how many tokens
+    one compute graph takes; `pooling` ("mean", "cls", "last") applies to `embeddings` contexts;
+    `eval_callback` sees every tensor of the graph (llama.cpp's cb_eval)."""
+    if cache_type not in CACHE_TYPES:
+        raise LlmdeskError(f"the KV cache type must be one of {', '.join(CACHE_TYPES)}, not {cache_type!r}")
     params = C.llama_context_default_params()
     params.n_ctx = n_ctx
     params.n_batch = n_batch
-    params.n_ubatch = min(n_batch, 512)
+    params.n_ubatch = n_ubatch or min(n_batch, 512)
     params.n_seq_max = n_seq
     threads = n_threads or default_threads()
     params.n_threads = threads
     params.n_threads_batch = threads
     params.no_perf = True
     # every sequence gets its own part of the cache: a request's room does not depend on others
-    params.kv_unified = False
+    params.kv_unified = unified
+    params.type_k = params.type_v = CACHE_TYPES[cache_type]
     if flash_attn is not None:
         params.flash_attn_type = 1 if flash_attn else 0
     if embeddings:
         params.embeddings = True
-        params.pooling_type = C.LLAMA_POOLING_TYPE_MEAN if pooling is None else pooling
+        params.pooling_type = POOLING_TYPES[pooling or "mean"]
+    if eval_callback is not None:
+        params.cb_eval = eval_callback.c_callback
+        params.cb_eval_user_data = None
     _recent_errors.clear()
     ctx = C.llama_init_from_model(model.ptr, params)
     if not ctx:
@@ -254,3 +301,200 @@ def new_context(
             f"({last_error() or 'out of memory?'}); try a smaller --ctx"
         )
     return ctx
+
+
+def free_context(ctx) -> None:
+    C.llama_free(ctx)
+
+
+def clear_memory(ctx) -> None:
+    """Forget every sequence's KV cells (and their data)."""
+    C.llama_memory_clear(C.llama_get_memory(ctx), True)
+
+
+def pooling_of(ctx) -> str:
+    """The pooling an embeddings context applies (llama_pooling_type)."""
+    return POOLING_NAMES.get(C.llama_pooling_type(ctx), "none")
+
+
+# ---------------------------------------------------------------------------------------------
+# batches: the one place llmdesk fills a llama_batch
+
+
+class Batch:
+    """A llama_batch of up to `capacity` tokens, each in one sequence. The Engine's steps, its
+    scoring and embeddings, and the importance-matrix pass all fill their batches through `add`.
+
+        b = Batch(512)
+        b.add(token, pos, seq, output=True)   # -> the token's index in the batch
+        decode(ctx, b)                         # llama_decode; 0 ok, 1 no KV room, 2 aborted
+        logits = output_logits(ctx, b, n_vocab)  # (b.n_outputs, n_vocab), in the order added
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.raw = C.llama_batch_init(capacity, 0, 1)
+        self.n = 0  # tokens added
+        self.n_outputs = 0  # of those, the ones whose logits (or embeddings) are wanted
+
+    def add(self, token: int, pos: int, seq: int, output: bool) -> int:
+        i = self.n
+        if i >= self.capacity:
+            raise IndexError(f"the batch holds {self.capacity} tokens")
+        b = self.raw
+        b.token[i] = token
+        b.pos[i] = pos
+        b.n_seq_id[i] = 1
+        b.seq_id[i][0] = seq
+        b.logits[i] = output
+        self.n = i + 1
+        self.n_outputs += bool(output)
+        return i
+
+    def clear(self) -> None:
+        self.n = 0
+        self.n_outputs = 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def free(self) -> None:
+        if self.raw is not None:
+            C.llama_batch_free(self.raw)
+            self.raw = None
+
+
+def decode(ctx, batch: Batch) -> int:
+    """llama_decode of what was added to `batch`: 0 done, 1 no room in the KV cache, 2 aborted
+    (the context's abort callback said so), other values errors."""
+    batch.raw.n_tokens = batch.n
+    return C.llama_decode(ctx, batch.raw)
+
+
+def output_logits(ctx, batch: Batch, n_vocab: int) -> np.ndarray:
+    """(batch.n_outputs, n_vocab) float32: a view of the last decode's logits, one row per token
+    added with output=True, in the order they were added (llama.h: llama_get_logits). Valid
+    until the next decode: copy what must outlive it."""
+    ptr = C.llama_get_logits(ctx)
+    return np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(batch.n_outputs, n_vocab))
+
+
+def sequence_embedding(ctx, seq: int, n_embd: int) -> np.ndarray | None:
+    """(n_embd,) float64: the pooled embedding of sequence `seq` after the last decode, or None."""
+    ptr = C.llama_get_embeddings_seq(ctx, seq)
+    if not ptr:
+        return None
+    return np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(n_embd,)).astype(np.float64)
+
+
+# ---------------------------------------------------------------------------------------------
+# the compute graph, as an eval callback sees it (for importance matrices)
+
+GGML_MAX_DIMS, GGML_MAX_SRC, GGML_MAX_OP_PARAMS, GGML_MAX_NAME = 4, 10, 64, 64
+GGML_TYPE_F32 = 0
+
+
+class _GgmlTensor(ctypes.Structure):
+    """ggml.h `struct ggml_tensor` (the fields are read, never written)."""
+
+    _fields_ = [
+        ("type", ctypes.c_int),
+        ("buffer", ctypes.c_void_p),
+        ("ne", ctypes.c_int64 * GGML_MAX_DIMS),  # elements per dimension, ne[0] contiguous
+        ("nb", ctypes.c_size_t * GGML_MAX_DIMS),  # strides in bytes
+        ("op", ctypes.c_int),
+        ("op_params", ctypes.c_int32 * (GGML_MAX_OP_PARAMS // 4)),
+        ("flags", ctypes.c_int32),
+        ("src", ctypes.c_void_p * GGML_MAX_SRC),
+        ("view_src", ctypes.c_void_p),
+        ("view_offs", ctypes.c_size_t),
+        ("data", ctypes.c_void_p),
+        ("name", ctypes.c_char * GGML_MAX_NAME),
+        ("extra", ctypes.c_void_p),
+        ("padding", ctypes.c_char * 8),
+    ]
+
+
+_ggml_lib = None
+_op_names: dict[int, str] = {}
+
+
+def _ggml():
+    global _ggml_lib
+    if _ggml_lib is None:
+        from llama_cpp._ggml import libggml as lib
+
+        lib.ggml_op_name.argtypes, lib.ggml_op_name.restype = [ctypes.c_int], ctypes.c_char_p
+        lib.ggml_backend_buffer_is_host.argtypes = [ctypes.c_void_p]
+        lib.ggml_backend_buffer_is_host.restype = ctypes.c_bool
+        lib.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
+        lib.ggml_backend_tensor_get.restype = None
+        lib.ggml_nbytes.argtypes, lib.ggml_nbytes.restype = [ctypes.c_void_p], ctypes.c_size_t
+        _ggml_lib = lib
+    return _ggml_lib
+
+
+class GraphTensor:
+    """One tensor of llama.cpp's compute graph, as the eval callback hands it over: its op
+    ("MUL_MAT", ...), name, type, shape, sources, and (once computed) its data."""
+
+    __slots__ = ("ptr", "t")
+
+    def __init__(self, ptr: int):
+        self.ptr = ptr
+        self.t = _GgmlTensor.from_address(ptr)
+
+    @property
+    def op(self) -> str:
+        code = self.t.op
+        name = _op_names.get(code)
+        if name is None:
+            name = _op_names[code] = (_ggml().ggml_op_name(code) or b"").decode()
+        return name
+
+    @property
+    def name(self) -> bytes:
+        return self.t.name
+
+    @property
+    def is_f32(self) -> bool:
+        return self.t.type == GGML_TYPE_F32
+
+    @property
+    def ne(self) -> tuple[int, int, int, int]:
+        """Elements per dimension, ggml's order (ne[0] is the contiguous one)."""
+        return tuple(int(n) for n in self.t.ne)
+
+    def src(self, i: int) -> "GraphTensor | None":
+        p = self.t.src[i]
+        return GraphTensor(p) if p else None
+
+    def array(self, dtype=np.float32) -> np.ndarray:
+        """The data as (ne3, ne2, ne1, ne0) with the tensor's strides: a view of host memory, or
+        a copy from a GPU buffer. Valid only inside the callback."""
+        t = self.t
+        item = np.dtype(dtype).itemsize
+        if t.nb[0] != item:
+            raise LlmdeskError("a graph tensor's rows are not contiguous (unsupported backend?)")
+        shape = tuple(int(t.ne[i]) for i in reversed(range(4)))
+        strides = tuple(int(t.nb[i]) for i in reversed(range(4)))
+        lib = _ggml()
+        if lib.ggml_backend_buffer_is_host(t.buffer):
+            span = sum((n - 1) * s for n, s in zip(shape, strides)) + item
+            buf = (ctypes.c_char * span).from_address(t.data)
+        else:  # a GPU tensor: copy it to the host first
+            nbytes = lib.ggml_nbytes(self.ptr)
+            buf = ctypes.create_string_buffer(nbytes)
+            lib.ggml_backend_tensor_get(self.ptr, buf, 0, nbytes)
+        return np.ndarray(shape, dtype=dtype, buffer=buf, strides=strides)
+
+
+class EvalCallback:
+    """llama.cpp's eval callback (ggml_backend_sched_eval_callback) around `fn(tensor, ask)`:
+    asked first for each graph node (`ask` True: return whether its data is wanted), then called
+    again with the computed tensor (`ask` False: return True to go on). `fn` must not raise."""
+
+    def __init__(self, fn: Callable[[GraphTensor, bool], bool]):
+        init_backend()
+        self.fn = fn
+        self.c_callback = C.ggml_backend_sched_eval_callback(lambda ptr, ask, _user: fn(GraphTensor(ptr), ask))
