@@ -9,6 +9,9 @@ stride ctx/2 matches llama-perplexity, which scores the second half of each chun
 whole text fits in one window every token after the first is scored, and the figure is exactly
 exp(mean negative log-likelihood) of the text.
 
+The windows are scored by the Engine (runtime/engine.py, `Engine.score`): a window is one score
+request, context = its unscored head, continuation = its scored tokens.
+
 Standard error as llama-perplexity reports it (tools/perplexity/perplexity.cpp): the tokens'
 NLLs are taken as independent samples; stderr(mean NLL) = sqrt(var / (n - 1)) and the
 perplexity's error is ppl * stderr(mean NLL) (first-order error propagation through exp).
@@ -19,19 +22,21 @@ perplexity's error is ppl * stderr(mean NLL) (first-order error propagation thro
 
 from __future__ import annotations
 
-import ctypes
 import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 
 from ..errors import LlmdeskError
 
+if TYPE_CHECKING:  # pragma: no cover
+    from ..runtime.engine import ScoreResult
+
 DEFAULT_CTX = 512  # llama-perplexity's default context
-MAX_BATCH = 512  # tokens per llama_decode; logits are read after each
+MAX_BATCH = 512  # tokens per llama_decode, and scored tokens per piece of a window
 
 
 @dataclass
@@ -94,56 +99,41 @@ def default_ctx(n_ctx_train: int) -> int:
     return min(DEFAULT_CTX, n_ctx_train) if n_ctx_train > 0 else DEFAULT_CTX
 
 
+def window_scores(
+    model, tokens: list[int], ctx: int, stride: int, *, threads: int | None = None, logits: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> Iterator[tuple[np.ndarray, ScoreResult]]:
+    """Score the windows with the Engine (`model` is a runtime.llama.LlamaModel); yield
+    (targets, result) per piece of a window: targets (k,) are indices into `tokens`, and the
+    ScoreResult holds their log-probabilities (and, with `logits`, the (k, n_vocab) float32
+    logits at the position before each target).
+
+    A window is the score request (context tokens[begin:first], continuation tokens[first:end]),
+    cut into pieces of at most MAX_BATCH scored tokens so that no more than MAX_BATCH rows of
+    logits are held at once; a piece's context is the window up to it, which the Engine's one
+    slot still holds from the piece before (prefix reuse), so each token is computed once."""
+    from ..runtime.engine import Engine, ScoreRequest
+
+    windows = plan_windows(len(tokens), ctx, stride)
+    piece = min(ctx, MAX_BATCH)
+    with Engine(model, n_ctx=max(ctx, 16), n_slots=1, n_batch=piece, n_threads=threads) as engine:
+        for w, (begin, end, first) in enumerate(windows):
+            for lo in range(first, end, piece):
+                hi = min(lo + piece, end)
+                res = engine.score([ScoreRequest(tokens[begin:lo], tokens[lo:hi], logits=logits)]).wait()[0]
+                yield np.arange(lo, hi, dtype=np.int64), res
+            if progress:
+                progress(w + 1, len(windows))
+
+
 def window_logits(
     model, tokens: list[int], ctx: int, stride: int, *, threads: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Run the model over the windows; yield (targets, logits) per batch of scored positions:
-    targets (k,) are indices into `tokens`, logits (k, n_vocab) float32 are the model's outputs
-    at the position before each target. `model` is a runtime.llama.LlamaModel."""
-    import llama_cpp as C
-
-    from ..runtime.llama import last_error, new_context
-
-    windows = plan_windows(len(tokens), ctx, stride)
-    n_batch = min(ctx, MAX_BATCH)
-    lctx = new_context(model, n_ctx=ctx, n_batch=n_batch, n_threads=threads)
-    batch = C.llama_batch_init(n_batch, 0, 1)
-    n_vocab = model.n_vocab
-    try:
-        mem = C.llama_get_memory(lctx)
-        for w, (begin, end, first) in enumerate(windows):
-            C.llama_memory_clear(mem, True)
-            for b0 in range(begin, end, n_batch):
-                b1 = min(b0 + n_batch, end)
-                batch.n_tokens = b1 - b0
-                wanted = []
-                for i, pos in enumerate(range(b0, b1)):
-                    batch.token[i] = tokens[pos]
-                    batch.pos[i] = pos - begin
-                    batch.n_seq_id[i] = 1
-                    batch.seq_id[i][0] = 0
-                    # the logits at pos predict target pos + 1
-                    out = first - 1 <= pos < end - 1
-                    batch.logits[i] = out
-                    if out:
-                        wanted.append(pos + 1)
-                if not wanted:  # llama.cpp wants at least one output; an unused one is cheap
-                    batch.logits[b1 - b0 - 1] = True
-                rc = C.llama_decode(lctx, batch)
-                if rc != 0:
-                    raise LlmdeskError(f"{model.path.name}: llama_decode failed ({rc}) {last_error()}".strip())
-                if wanted:
-                    ptr = C.llama_get_logits(lctx)
-                    logits = np.ctypeslib.as_array(
-                        ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(len(wanted), n_vocab)
-                    ).copy()
-                    yield np.asarray(wanted, dtype=np.int64), logits
-            if progress:
-                progress(w + 1, len(windows))
-    finally:
-        C.llama_batch_free(batch)
-        C.llama_free(lctx)
+    """(targets, logits) per piece of `window_scores`: logits (k, n_vocab) float32 are the
+    model's outputs at the position before each target."""
+    for targets, res in window_scores(model, tokens, ctx, stride, threads=threads, logits=True, progress=progress):
+        yield targets, res.logits
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -209,9 +199,10 @@ def perplexity(
     try:
         tokens = tokenize_text(model, text)
         use_ctx, use_stride = resolve_ctx(model, tokens, ctx, stride)
+        # the Engine computes each log-probability as log_softmax(logits)[target] does, in float64
         nll = np.concatenate([
-            -log_softmax(logits)[np.arange(len(targets)), np.asarray(tokens)[targets]]
-            for targets, logits in window_logits(model, tokens, use_ctx, use_stride, threads=threads, progress=progress)
+            -np.asarray(res.logprobs)
+            for _targets, res in window_scores(model, tokens, use_ctx, use_stride, threads=threads, progress=progress)
         ])
     finally:
         model.close()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -148,39 +147,25 @@ def _count(n: int) -> str:
 
 def generation_speed(model_path: str | os.PathLike, *, n_tokens: int = 64, repeats: int = 3,
                      threads: int | None = None) -> float:
-    """Greedy decoding tokens/s of one sequence: the median of `repeats` runs of `n_tokens`
-    tokens, each after an untimed first token (warm-up)."""
-    import llama_cpp as C
-
-    from ..runtime.llama import LlamaModel, new_context
+    """Greedy decoding tokens/s of one sequence, through the Engine as `llmdesk run` decodes: the
+    median of `repeats` runs of `n_tokens` tokens, each timed from its first token (the prompt,
+    one BOS token, and the first token are not timed: Result.tokens_per_second)."""
+    from ..runtime.engine import Engine, Request, SamplingParams
+    from ..runtime.llama import LlamaModel
 
     model = LlamaModel(model_path)
-    ctx = new_context(model, n_ctx=n_tokens + 8, n_batch=8, n_threads=threads)
-    batch = C.llama_batch_init(1, 0, 1)
-    mem = C.llama_get_memory(ctx)
-
-    def step(tok: int, pos: int) -> int:
-        batch.n_tokens = 1
-        batch.token[0], batch.pos[0], batch.n_seq_id[0], batch.logits[0] = tok, pos, 1, True
-        batch.seq_id[0][0] = 0
-        if C.llama_decode(ctx, batch) != 0:
-            raise LlmdeskError(f"{Path(model_path).name}: llama_decode failed while measuring speed")
-        logits = np.ctypeslib.as_array(C.llama_get_logits_ith(ctx, -1), shape=(model.n_vocab,))
-        return int(logits.argmax())
-
     try:
         rates = []
-        for _ in range(max(1, repeats)):
-            C.llama_memory_clear(mem, True)
-            tok = step(model.bos if model.bos >= 0 else 0, 0)  # warm-up, not timed
-            t0 = time.perf_counter()
-            for pos in range(1, n_tokens + 1):
-                tok = step(tok, pos)
-            rates.append(n_tokens / (time.perf_counter() - t0))
+        start = [model.bos if model.bos >= 0 else 0]
+        with Engine(model, n_ctx=max(16, n_tokens + 8), n_slots=1, n_batch=8, n_threads=threads) as engine:
+            for _ in range(max(1, repeats)):  # a one-token prompt: nothing is reused from the run before
+                r = engine.submit(Request(start, max_tokens=n_tokens + 1, sampling=SamplingParams(temperature=0),
+                                          ignore_eos=True)).wait()
+                if r.finish_reason == "error":
+                    raise LlmdeskError(f"{Path(model_path).name}: decoding failed while measuring speed: {r.error}")
+                rates.append(r.tokens_per_second)
         return float(np.median(rates))
     finally:
-        C.llama_batch_free(batch)
-        C.llama_free(ctx)
         model.close()
 
 
