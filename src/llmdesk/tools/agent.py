@@ -50,15 +50,17 @@ def call_tool(fn: Callable, arguments: dict) -> tuple[str, bool]:
 
 
 def run_agent(model, messages: list[dict], functions: dict[str, Callable], *, confirm=None, on_run=None,
-              max_steps: int = 8, **kw):
+              max_steps: int = 8, tool_choice="auto", **kw):
     """(the final Reply, the conversation with every call and result appended).
 
     `confirm(call) -> bool` is asked before each call (None: every call runs); `on_run(ToolRun)`
-    hears each result; the rest (`on_text`, sampling, `truncate`, ...) goes to `model.respond`."""
-    tools = [function_tool(f) for f in functions.values()]
+    hears each result; `tool_choice` ("auto", "required", {"function": {"name": ...}}) applies to
+    every round but the last; the rest (`on_text`, sampling, `truncate`, ...) goes to
+    `model.respond`."""
+    tools = [function_tool(f, name) for name, f in functions.items()]
     msgs = list(messages)
     for _ in range(max_steps):
-        reply = model.respond(msgs, tools=tools, **kw)
+        reply = model.respond(msgs, tools=tools, tool_choice=tool_choice, **kw)
         msgs.append(reply.message())
         if not reply.tool_calls:
             return reply, msgs

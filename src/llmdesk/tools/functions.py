@@ -100,9 +100,9 @@ def _doc_params(doc: str) -> tuple[str, dict[str, str]]:
     return " ".join(first.split()), params
 
 
-def function_tool(fn: Callable) -> dict:
-    """The tool description (OpenAI's shape) of a Python function."""
-    name = fn.__name__
+def function_tool(fn: Callable, name: str | None = None) -> dict:
+    """The tool description (OpenAI's shape) of a Python function, called `name` (default: its own)."""
+    name = name or fn.__name__
     if not re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", name):
         raise LlmdeskError(f"function {name!r} cannot be a tool: its name must be 1 to 64 letters, digits or '_'")
     try:
