@@ -68,6 +68,7 @@ class SynthConfig:
     n_vocab: int | None = None  # None: just the BPE tokens and the special tokens
     head_dim: int | None = None  # None: n_embd // n_head
     dtype: str = "f32"  # 2-D weights: "f32", "f16", "bf16" or "q8_0"; norms and biases stay f32
+    pooling: str | None = None  # "mean", "cls", "last": written as {arch}.pooling_type; None: no key
 
 
 # the types synth writes itself; anything else is written as f16 and quantized by llama.cpp
@@ -220,6 +221,8 @@ def write_llama_gguf(path: str | os.PathLike, cfg: SynthConfig | None = None) ->
                                  n_head=cfg.n_head, n_head_kv=cfg.n_head_kv, head_dim=head_dim, n_rot=head_dim,
                                  rms_eps=cfg.rms_eps, rope_theta=cfg.rope_freq_base, n_vocab=n_vocab)
             w.add_file_type(file_type(cfg.dtype))
+            if cfg.pooling is not None:  # how embeddings pool token states (llama.cpp's llama_pooling_type)
+                w.add_pooling_type(gguf.PoolingType[cfg.pooling.upper()])
             if cfg.n_expert:
                 w.add_expert_count(cfg.n_expert)
                 w.add_expert_used_count(cfg.n_expert_used)

@@ -446,7 +446,9 @@ EMBED_MAX_SEQS = 32  # texts per embeddings decode
 
 class Engine:
     """One llama.cpp context over `model` with `n_slots` sequences of `n_ctx` tokens each.
-    `cache_type`: the KV cache's element type, "f16" (llama.cpp's default) or "f32"."""
+    `cache_type`: the KV cache's element type, "f16" (llama.cpp's default) or "f32";
+    `flash_attn`: llama.cpp's flash attention on, off, or None (llama.cpp decides). On a CPU its
+    kernel rounds queries to f16: exact comparisons want "f32" and flash_attn=False."""
 
     # one token's sampling may take this long before the request is stopped (a grammar that is
     # slow for this vocabulary); the grammar checks keep accepted grammars far below it
@@ -467,6 +469,7 @@ class Engine:
         n_batch: int = 512,
         n_threads: int | None = None,
         cache_type: str = "f16",
+        flash_attn: bool | None = None,
     ):
         if n_slots < 1:
             raise LlmdeskError(f"--parallel must be at least 1, got {n_slots}")
@@ -477,8 +480,9 @@ class Engine:
         self.n_batch = max(n_batch, n_slots)
         self.n_threads = n_threads
         self.cache_type = cache_type
+        self.flash_attn = flash_attn
         self.ctx = new_context(model, n_ctx=n_ctx * n_slots, n_seq=n_slots, n_batch=self.n_batch,
-                               n_threads=n_threads, cache_type=cache_type)
+                               n_threads=n_threads, cache_type=cache_type, flash_attn=flash_attn)
         self.abort = AbortFlag()  # read by llama.cpp during a decode: set, the decode returns early
         self.abort.attach(self.ctx)
         # per slot; llama.cpp rounds its cache up (to 256 cells), the limit is what was asked for
@@ -1035,7 +1039,7 @@ class Engine:
         self._embed_ctx = new_context(self.model, n_ctx=self.n_ctx, n_seq=EMBED_MAX_SEQS, n_batch=self._embed_room,
                                       n_ubatch=self._embed_room, n_threads=self.n_threads, embeddings=True,
                                       pooling=self.pooling if self.pooling in ("mean", "cls", "last") else "mean",
-                                      unified=True, cache_type=self.cache_type)
+                                      unified=True, cache_type=self.cache_type, flash_attn=self.flash_attn)
         self.abort.attach(self._embed_ctx)
         self._embed_batch = Batch(self._embed_room)
         got = pooling_of(self._embed_ctx)

@@ -1,7 +1,8 @@
 """A loaded model: the Python API (`llmdesk.load`) over the Engine.
 
 `Model` validates the file, loads it into llama.cpp, picks its chat template, and offers
-generate / stream / chat / tokenize / logprobs / embed. The CLI and the server use the same calls.
+generate / stream / chat / tokenize / logprobs / embed / score. The CLI and the server use the
+same calls.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 from ..errors import LlmdeskError
 from ..formats.gguf import GGUFInfo, read_gguf
 from . import limits
-from .engine import Engine, Request, Result, SamplingParams, Stream
+from .engine import Engine, Request, Result, SamplingParams, ScoreRequest, ScoreResult, Stream
 from .llama import LlamaModel
 from .templates import ChatTemplate, resolve_template
 
@@ -207,13 +208,73 @@ class Model:
     # -- embeddings ---------------------------------------------------------------------------
     def embed(self, texts: str | list[str] | list[list[int]], *, normalize: bool = True,
               time_limit: float | None = None) -> list[list[float]]:
-        """Mean-pooled hidden states, one vector per text (or per list of token ids), L2-normalised
-        unless asked not to. Computed by the Engine between generation steps."""
+        """One vector per text (or per list of token ids): the hidden states pooled as the model
+        says (`{arch}.pooling_type`: mean, the first (CLS) or the last token; mean for decoder
+        models), L2-normalised unless asked not to. Computed by the Engine between generation
+        steps, several texts per decode."""
         if isinstance(texts, str):
             texts = [texts]
         inputs = [list(t) if isinstance(t, list) else self.tokenize(t) for t in texts]
         return self.engine.embed(inputs, normalize=normalize, time_limit=time_limit).wait()
 
+
+    # -- scoring ------------------------------------------------------------------------------
+    def score_tokens(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """(context tokens, continuation tokens) of a text pair, as lm-evaluation-harness splits
+        them (HFLM._encode_pair): spaces at the end of the context move to the start of the
+        continuation; the context is tokenized alone (with the model's BOS rule) and the
+        continuation is what tokenizing context + continuation adds after as many tokens as the
+        context has: tokens(context + continuation)[len(tokens(context)):]. Where a token spans
+        the boundary, the continuation's first tokens are the whole text's, scored after the
+        context's own tokens, as lm-eval does. An empty context is the BOS token (or EOS when
+        the model has none), lm-eval's prefix token."""
+        n_spaces = len(context) - len(context.rstrip())
+        if n_spaces:
+            context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+        ctx = self.tokenize(context) if context else []
+        if not ctx:
+            prefix = self.llama.bos if self.llama.bos >= 0 else self.llama.eos
+            return [prefix], self.tokenize(continuation, add_special=False)
+        whole = self.tokenize(context + continuation)
+        return ctx, whole[len(ctx):]
+
+    def score(self, pairs: list[tuple[str, str]] | list[tuple[list[int], list[int]]], *, top_k: int = 0,
+              time_limit: float | None = None) -> list[ScoreResult]:
+        """Score (context, continuation) pairs: texts (split by `score_tokens`) or token ids (used
+        as given; a context holds at least one token). One ScoreResult per pair: `.logprobs` per
+        continuation token, `.logprob` their sum, `.greedy` per token and `.is_greedy` for the
+        whole, and with `top_k` the k most likely tokens at each position. The pairs are scored
+        together, several per llama_decode, and a context shared by several pairs (the choices
+        of a question, a few-shot prefix) is computed once."""
+        requests = []
+        for i, pair in enumerate(pairs):
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise LlmdeskError(f"pair {i} is not a (context, continuation) pair")
+            context, continuation = pair
+            if isinstance(context, str) and isinstance(continuation, str):
+                context, continuation = self.score_tokens(context, continuation)
+            elif not (isinstance(context, (list, tuple)) and isinstance(continuation, (list, tuple))):
+                raise LlmdeskError(f"pair {i}: give the context and the continuation both as text or both "
+                                   "as lists of token ids")
+            requests.append(ScoreRequest(list(context), list(continuation), top_k=top_k))
+        return self.engine.score(requests, time_limit=time_limit).wait()
+
+    def loglikelihood(self, context: str | list[int], continuation: str | list[int]) -> tuple[float, bool]:
+        """lm-evaluation-harness's loglikelihood request: (log P(continuation | context), whether
+        greedy decoding would produce the continuation)."""
+        r = self.score([(context, continuation)])[0]
+        return r.logprob, r.is_greedy
+
+    def prompt_logprobs(self, prompt: str | list[int], *, top_k: int = 0,
+                        time_limit: float | None = None) -> list[TokenLogprob]:
+        """The log-probability of every prompt token after the first, given the tokens before
+        it (what perplexity is made of), and with `top_k` the k most likely tokens there."""
+        tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        if len(tokens) < 2:
+            return []
+        r = self.engine.score([ScoreRequest(tokens[:1], tokens[1:], top_k=top_k)], time_limit=time_limit).wait()[0]
+        return [TokenLogprob(t, self._piece_text(t), lp, [(self._piece_text(a), b) for a, b in top])
+                for t, lp, top in zip(r.tokens, r.logprobs, r.top or [[] for _ in r.tokens])]
 
 def load(ref: str | Path, *, ctx: int | None = None, threads: int | None = None, slots: int = 1,
          template: str | None = None, gpu_layers: int = 0) -> Model:
