@@ -1,14 +1,14 @@
 """llmdesk: run, measure, tune and evaluate large language models on your own machine.
 
     >>> import llmdesk
-    >>> model = llmdesk.load("path/to/model.gguf")
+    >>> model = llmdesk.load("path/to/model.gguf")      # or "openai:http://HOST:PORT/v1#MODEL"
     >>> model.generate("The capital of France is", max_tokens=8, temperature=0)
 """
 
 from .errors import LlmdeskError
 
 __version__ = "0.1.0"
-__all__ = ["load", "Model", "LlmdeskError", "__version__"]
+__all__ = ["load", "Model", "RemoteModel", "ModelRef", "LlmdeskError", "__version__"]
 
 
 def __getattr__(name: str):
@@ -17,4 +17,12 @@ def __getattr__(name: str):
         from .runtime import model
 
         return getattr(model, name)
+    if name == "RemoteModel":
+        from .runtime.remote import RemoteModel
+
+        return RemoteModel
+    if name == "ModelRef":
+        from .store.refs import ModelRef
+
+        return ModelRef
     raise AttributeError(name)

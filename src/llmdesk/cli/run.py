@@ -15,7 +15,7 @@ from ..errors import LlmdeskError
 from .app import app, err, out
 
 # -- options shared by run and chat -----------------------------------------------------------
-ModelOpt = Annotated[Optional[str], typer.Option("-m", "--model", help="A .gguf path, NAME[:TAG] from 'llmdesk list', or hf:OWNER/REPO/FILE.gguf. Default: $LLMDESK_MODEL.")]
+ModelOpt = Annotated[Optional[str], typer.Option("-m", "--model", help="A .gguf path, NAME[:TAG] from 'llmdesk list', hf:OWNER/REPO/FILE.gguf, or a model behind an OpenAI-compatible API: openai:URL#MODEL, openai:NAME (from endpoints.toml). Default: $LLMDESK_MODEL.")]
 SystemOpt = Annotated[Optional[str], typer.Option("--system", help="System prompt.")]
 MaxTokensOpt = Annotated[int, typer.Option("-n", "--max-tokens", help="Most tokens to generate (-1: until the context is full).")]
 TempOpt = Annotated[float, typer.Option("-t", "--temperature", help="0 is greedy (always the most likely token).")]
