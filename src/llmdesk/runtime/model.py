@@ -276,11 +276,21 @@ class Model:
         return [TokenLogprob(t, self._piece_text(t), lp, [(self._piece_text(a), b) for a, b in top])
                 for t, lp, top in zip(r.tokens, r.logprobs, r.top or [[] for _ in r.tokens])]
 
-def load(ref: str | Path, *, ctx: int | None = None, threads: int | None = None, slots: int = 1,
-         template: str | None = None, gpu_layers: int = 0) -> Model:
-    """Load a model by reference: a .gguf path, NAME[:TAG] in the store, or hf:OWNER/REPO/FILE.gguf."""
-    from ..store.refs import resolve
+def load(ref, *, ctx: int | None = None, threads: int | None = None, slots: int = 1,
+         template: str | None = None, gpu_layers: int = 0):
+    """Load a model by reference (a string, a Path or a store.refs.ModelRef): a .gguf path,
+    NAME[:TAG] in the store or hf:OWNER/REPO/FILE.gguf gives a Model; openai:URL#MODEL or
+    openai:NAME (an endpoint in endpoints.toml) gives a runtime.remote.RemoteModel, with the same
+    calls. For a remote model ctx, threads, slots and gpu_layers are its server's business."""
+    from ..store.refs import ModelRef, resolve
 
-    found = resolve(str(ref))
+    found = ref if isinstance(ref, ModelRef) else resolve(str(ref), allow_remote=True)
+    if found.is_remote:
+        from .remote import RemoteModel
+
+        if template is not None:
+            raise LlmdeskError(f"{found.name} answers with its server's chat template; a template can only be "
+                               "chosen for a local model")
+        return RemoteModel(found)
     return Model(found.path, name=found.name, ctx=ctx, threads=threads, slots=slots, template=template,
                  gpu_layers=gpu_layers)
