@@ -507,9 +507,9 @@ class RemoteModel:
         if code in (401, 403):
             if self.ref.key_env:
                 return LlmdeskError(f"the endpoint answered {code}{said}; set {self.ref.key_env} to a valid key")
-            return LlmdeskError(f"the endpoint answered {code}{said}; it needs an API key: put the key in an environment "
-                                f"variable, name that variable in {paths.display(endpoints_path())} "
-                                "([endpoints.NAME] with url and key_env) and use openai:NAME")
+            return LlmdeskError(f"the endpoint answered {code}{said}; put its key in an environment variable, name "
+                                f"that variable in {paths.display(endpoints_path())} ([endpoints.NAME] with url and "
+                                "key_env) and use openai:NAME")
         if code == 404 and path != "/models" and "model" in said.lower():
             return ModelNotFound(self._not_found(self.model, self._list_ids()))
         if code == 404:
