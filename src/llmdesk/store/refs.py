@@ -61,9 +61,12 @@ class ModelRef:
         return self.kind == "remote"
 
 
-def _looks_like_path(ref: str) -> bool:
+def looks_like_path(ref: str) -> bool:
     seps = {"/", os.sep} | ({os.altsep} if os.altsep else set())
     return ref.lower().endswith(".gguf") or any(s in ref for s in seps) or ref.startswith("~")
+
+
+_looks_like_path = looks_like_path  # the old name, still imported by serve/models.py
 
 
 def resolve(ref: str, *, allow_remote: bool = False) -> ModelRef:
@@ -82,12 +85,12 @@ def resolve(ref: str, *, allow_remote: bool = False) -> ModelRef:
         from . import pull as _pull
 
         entry = catalog.find_by_source(_pull.parse_hf_ref(ref).source) or _pull.pull(ref)
-        return _from_entry(entry, "hf")
+        return from_entry(entry, "hf")
 
     path = Path(ref).expanduser()
     if path.is_file():
         return ModelRef("file", path.name, path=path)
-    if _looks_like_path(ref):
+    if looks_like_path(ref):
         if path.is_dir():
             raise ModelNotFound(f"{ref} is a directory; pass the .gguf file inside it")
         raise ModelNotFound(f"no such file: {ref}")
@@ -103,10 +106,11 @@ def resolve(ref: str, *, allow_remote: bool = False) -> ModelRef:
             f"model '{shown}' not found in the store ({paths.display(paths.home())}); "
             "run 'llmdesk list' to see local models, or pass a path to a .gguf file"
         )
-    return _from_entry(entry, "store")
+    return from_entry(entry, "store")
 
 
-def _from_entry(entry: catalog.ModelEntry, kind: str) -> ModelRef:
+def from_entry(entry: catalog.ModelEntry, kind: str = "store") -> ModelRef:
+    """The reference of a store entry (ModelNotFound when its file has gone)."""
     if not entry.path.is_file():
         raise ModelNotFound(
             f"the file of model '{entry.ref}' is missing ({paths.display(entry.path)}); "
