@@ -31,7 +31,8 @@ from . import errors
 from .config import ServeConfig
 from .metrics import CONTENT_TYPE, server_metrics
 from .middleware import AccessLogMiddleware, AuthMiddleware, BodyLimitMiddleware, LocalHostHeaderMiddleware
-from .models import ModelManager, ModelSource
+from ..store.refs import ModelRef
+from .models import ModelManager
 
 log = logging.getLogger("llmdesk.serve")
 WEB = Path(__file__).parent / "web"
@@ -51,7 +52,7 @@ class ServerState:
         self.started = time.time()
         self._infos: dict[tuple[str, float], GGUFInfo] = {}
 
-    def gguf_info(self, src: ModelSource) -> GGUFInfo | None:
+    def gguf_info(self, src: ModelRef) -> GGUFInfo | None:
         lm = self.models.loaded.get(src.name)
         if lm is not None:
             return lm.info

@@ -18,18 +18,18 @@ so two loads never race for the same memory.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from ..errors import LlmdeskError
 from ..formats.gguf import GGUFInfo, read_gguf
 from ..store import catalog
 from ..store.paths import redact
-from ..store.refs import _looks_like_path, resolve
+from ..store.refs import ModelRef, from_entry, looks_like_path, resolve
 from .config import ServeConfig
 from .errors import APIError
 from .memory import LoadEstimate, available_memory_bytes, estimate_load_bytes
@@ -38,15 +38,6 @@ from .metrics import Metrics
 log = logging.getLogger("llmdesk.serve")
 
 DEFAULT_CTX = 4096
-
-
-@dataclass
-class ModelSource:
-    """A model the server can load."""
-
-    name: str  # what clients call it: "name:tag" for the store, the file name for a -m file
-    path: Path
-    entry: catalog.ModelEntry | None = None
 
 
 class Gate:
@@ -81,7 +72,7 @@ class Gate:
 
 @dataclass
 class LoadedModel:
-    source: ModelSource
+    source: ModelRef
     model: object  # runtime.model.Model
     estimate: LoadEstimate
     info: GGUFInfo
@@ -135,19 +126,19 @@ class ModelManager:
     def __init__(self, config: ServeConfig, metrics: Metrics):
         self.config = config
         self.metrics = metrics
-        self.sources: dict[str, ModelSource] = {}  # alias -> source, for the -m models
-        self.started: list[ModelSource] = []  # the -m models, in order
-        self.default: ModelSource | None = None
+        self.sources: dict[str, ModelRef] = {}  # alias -> source, for the -m models
+        self.started: list[ModelRef] = []  # the -m models, in order
+        self.default: ModelRef | None = None
         self.loaded: dict[str, LoadedModel] = {}
         self._load_lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._reaper: asyncio.Task | None = None
 
     # -- names ---------------------------------------------------------------------------------
-    def add_startup_model(self, ref: str) -> ModelSource:
+    def add_startup_model(self, ref: str) -> ModelRef:
         """Register a model given with -m (or the default model): any reference `resolve` takes."""
         found = resolve(ref)
-        src = ModelSource(found.name, found.path.resolve(), found.entry)
+        src = dataclasses.replace(found, path=found.path.resolve())
         self.started.append(src)
         for alias in {ref, found.name, found.path.name, found.path.stem}:
             self.sources.setdefault(alias, src)
@@ -157,7 +148,7 @@ class ModelManager:
             self.default = src
         return src
 
-    def find(self, name: str | None) -> ModelSource:
+    def find(self, name: str | None) -> ModelRef:
         """The model a request names. Raises APIError 404 (400 when none is named and there is no default)."""
         if not name:
             if self.default is None:
@@ -169,24 +160,24 @@ class ModelManager:
         for key in (name, name.removesuffix(":" + catalog.DEFAULT_TAG)):
             if key in self.sources:
                 return self.sources[key]
-        if not name.startswith("hf:") and not _looks_like_path(name):
+        if not name.startswith("hf:") and not looks_like_path(name):
             try:
                 n, tag = catalog.parse_name(name)
             except LlmdeskError:
                 n, tag = None, None
             entry = catalog.get(n, tag) if n else None
             if entry is not None and entry.path.is_file():
-                return ModelSource(entry.ref, entry.path, entry)
+                return from_entry(entry)
         raise APIError(404, f"model '{name}' not found: GET /v1/models (or /api/tags) lists the models "
                             "this server has", param="model", code="model_not_found")
 
-    def available(self) -> list[ModelSource]:
+    def available(self) -> list[ModelRef]:
         """Every model a request may name: the -m models first (the default first of all), then the store."""
         out = list(self.started)
         names = {s.name for s in out}
         for entry in catalog.list_models():
             if entry.ref not in names and entry.path.is_file():
-                out.append(ModelSource(entry.ref, entry.path, entry))
+                out.append(from_entry(entry))
                 names.add(entry.ref)
         return out
 
@@ -216,13 +207,13 @@ class ModelManager:
         lm.active += 1
         return Lease(self, lm)
 
-    def _prepare(self, src: ModelSource, n_ctx: int | None) -> tuple[GGUFInfo, int, LoadEstimate]:
+    def _prepare(self, src: ModelRef, n_ctx: int | None) -> tuple[GGUFInfo, int, LoadEstimate]:
         info = read_gguf(src.path)
         if n_ctx is None:
             n_ctx = self.config.ctx or min(info.context_length or DEFAULT_CTX, DEFAULT_CTX)
         return info, n_ctx, estimate_load_bytes(info, src.path, n_ctx=n_ctx, n_slots=self.config.parallel)
 
-    def _open(self, src: ModelSource, info: GGUFInfo, n_ctx: int, est: LoadEstimate) -> LoadedModel:
+    def _open(self, src: ModelRef, info: GGUFInfo, n_ctx: int, est: LoadEstimate) -> LoadedModel:
         from ..runtime.model import Model
 
         cfg = self.config
@@ -240,13 +231,13 @@ class ModelManager:
         return lm
 
     @staticmethod
-    def _check_ctx(src: ModelSource, info: GGUFInfo, n_ctx: int) -> None:
+    def _check_ctx(src: ModelRef, info: GGUFInfo, n_ctx: int) -> None:
         # a longer context than the model was trained on only costs memory and gives nonsense
         if info.context_length and n_ctx > info.context_length:
             raise APIError(400, f"num_ctx {n_ctx} is longer than the {info.context_length} tokens '{src.name}' was "
                                 "trained on", param="options.num_ctx")
 
-    def preload(self, src: ModelSource) -> LoadedModel:
+    def preload(self, src: ModelRef) -> LoadedModel:
         """Load a model before the server runs (no event loop needed): errors stop the start-up."""
         info, n_ctx, est = self._prepare(src, None)
         try:
@@ -257,7 +248,7 @@ class ModelManager:
         self.loaded[src.name] = lm
         return lm
 
-    async def _load_locked(self, src: ModelSource, n_ctx: int | None) -> LoadedModel:
+    async def _load_locked(self, src: ModelRef, n_ctx: int | None) -> LoadedModel:
         info, n_ctx, est = await asyncio.to_thread(self._prepare, src, n_ctx)
         # idle models make room, least recently used first; but only when unloading them all
         # would make enough: a load that will be refused anyway unloads nothing
@@ -279,7 +270,7 @@ class ModelManager:
             return self.config.max_memory - sum(lm.estimate.total for lm in self.loaded.values())
         return available_memory_bytes() - sum(lm.estimate.weights for lm in self.loaded.values())
 
-    def _check_fits(self, src: ModelSource, est: LoadEstimate, free: int) -> None:
+    def _check_fits(self, src: ModelRef, est: LoadEstimate, free: int) -> None:
         if est.total <= free:
             return
         from ..runtime.llama import gpu_offload

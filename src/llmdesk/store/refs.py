@@ -66,7 +66,6 @@ def looks_like_path(ref: str) -> bool:
     return ref.lower().endswith(".gguf") or any(s in ref for s in seps) or ref.startswith("~")
 
 
-_looks_like_path = looks_like_path  # the old name, still imported by serve/models.py
 
 
 def resolve(ref: str, *, allow_remote: bool = False) -> ModelRef:
