@@ -12,8 +12,9 @@ from llmdesk.errors import LlmdeskError
 from llmdesk.fit import DEVICES, PRESETS, estimate_memory, fit, get_device, get_preset
 from llmdesk.fit.memory import kv_cache_bytes, n_params
 from llmdesk.fit.presets import from_hf_config, resolve_shape
-from llmdesk.fit.quants import model_tensors, normalize_quant, tensor_type
+from llmdesk.fit.quants import normalize_quant, tensor_type
 from llmdesk.fit.training import estimate_training
+from llmdesk.formats.shape import model_tensors
 
 GiB = 1 << 30
 

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import LlmdeskError
-from ..fit.presets import ModelShape, get_preset
+from ..fit.presets import get_preset
 from ..fit.quants import normalize_quant
+from ..formats.shape import ModelShape
 from ..formats.synth import DIRECT_TYPES, SYNTH_ARCHS, SynthConfig, write_llama_gguf
 
 
@@ -38,11 +39,8 @@ def with_depth(shape: ModelShape, layers: int | None) -> ModelShape:
 
 def synth_config(shape: ModelShape, dtype: str = "f16", *, seed: int = 0) -> SynthConfig:
     check_supported(shape)
-    return SynthConfig(
-        n_layer=shape.n_layer, n_embd=shape.n_embd, n_head=shape.n_head, n_head_kv=shape.n_head_kv,
-        n_ff=shape.n_ff, n_ctx_train=shape.n_ctx_train, tied_embeddings=shape.tied_embeddings,
-        n_vocab=shape.n_vocab, head_dim=shape.head_dim if shape.head_dim != shape.n_embd // shape.n_head else None,
-        arch=shape.arch, n_expert=shape.n_expert, n_expert_used=shape.n_expert_used, n_swa=shape.n_swa,
+    return SynthConfig.like(
+        shape,
         # llama.cpp looks these up by name in a model called Phi-3 (llama-vocab.cpp)
         extra_tokens=["<unk>", "<|endoftext|>"] if shape.arch == "phi3" else [],
         dtype=dtype, name=f"{shape.name} (random weights)", seed=seed,

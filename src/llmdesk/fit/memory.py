@@ -36,8 +36,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .presets import ModelShape
-from .quants import GGML_BLOCK, KV_TYPES, model_tensors, tensor_type, type_bytes
+from ..formats.shape import ModelShape, model_tensors, n_params
+from .quants import GGML_BLOCK, KV_TYPES, tensor_type, type_bytes
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -184,10 +184,6 @@ def weights(shape: ModelShape, quant: str | None, gguf_info: Any = None) -> tupl
     mapped = (max(o + n for o, n in kept) - min(o for o, _ in kept)) if kept else 0
     by_type = dict(sorted(by_type.items(), key=lambda kv: -kv[1]))
     return by_type, sum(by_type.values()), repack, mapped
-
-
-def n_params(shape: ModelShape) -> int:
-    return sum(t.n_elements for t in model_tensors(shape))
 
 
 def estimate_memory(shape: ModelShape, *, quant: str | None = "Q4_K_M", ctx: int = 4096, parallel: int = 1,

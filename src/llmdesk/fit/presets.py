@@ -12,61 +12,16 @@ from __future__ import annotations
 
 import difflib
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from ..errors import LlmdeskError
+from ..formats.shape import ModelShape
 
 
 class UnknownModel(LlmdeskError):
     """A preset name that is not in the table (the message lists close matches)."""
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """What fixes the memory of a decoder-only transformer. ggml tensor shapes follow from it."""
-
-    name: str
-    arch: str  # llama.cpp's architecture name: llama, qwen2, gemma2, phi3
-    n_layer: int
-    n_embd: int
-    n_head: int
-    n_head_kv: int
-    n_ff: int
-    n_vocab: int
-    n_ctx_train: int
-    head_dim: int = 0  # 0: n_embd // n_head
-    tied_embeddings: bool = False
-    n_expert: int = 0  # mixture of experts: experts per layer (0: dense)
-    n_expert_used: int = 0
-    n_swa: int = 0  # sliding-window attention: window size (0: none)
-    swa_every: int = 0  # every swa_every-th layer is global, the others use the window (gemma 2: 2)
-    n_merges: int = 0  # BPE merge rules of the tokenizer (0 for SentencePiece): llama.cpp keeps them in memory
-    source: str = ""  # where the numbers come from
-    tensor_types: dict[str, str] = field(default_factory=dict, compare=False)  # from a GGUF: name -> type
-
-    def __post_init__(self) -> None:
-        if self.head_dim == 0:
-            object.__setattr__(self, "head_dim", self.n_embd // max(self.n_head, 1))
-
-    @property
-    def n_embd_q(self) -> int:
-        return self.n_head * self.head_dim
-
-    @property
-    def n_embd_kv(self) -> int:
-        """Width of one layer's K (or V) per token: KV heads, not attention heads (GQA)."""
-        return self.n_head_kv * self.head_dim
-
-    @property
-    def n_gqa(self) -> int:
-        return self.n_head // max(self.n_head_kv, 1)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.pop("tensor_types")
-        return d
 
 
 def _p(name: str, **kw: Any) -> ModelShape:

@@ -23,18 +23,16 @@ matter for the types listed in QUANT_TYPES, so the weights are counted tensor by
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ..errors import LlmdeskError
+from ..formats.shape import ModelShape, Tensor, model_tensors
 
-# ggml types: name -> (elements per block, bytes per block), from ggml's type traits
-# (the same numbers as gguf.GGML_QUANT_SIZES; kept here so fit imports nothing heavy)
-GGML_BLOCK: dict[str, tuple[int, int]] = {
-    "F32": (1, 4), "F16": (1, 2), "BF16": (1, 2),
-    "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q8_0": (32, 34),
-    "Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
-    "IQ4_NL": (32, 18), "IQ4_XS": (256, 136), "Q8_K": (256, 292),
-}
+# ggml types: name -> (elements per block, bytes per block), ggml's type traits as the gguf
+# package (llama.cpp's own) carries them
+GGML_BLOCK: dict[str, tuple[int, int]] = {t.name: GGML_QUANT_SIZES[t] for t in GGMLQuantizationType
+                                          if t in GGML_QUANT_SIZES}
 
 # llama.cpp file types (what `--quant` / `--type` take) -> the type most tensors get
 QUANT_TYPES: dict[str, str] = {
@@ -47,9 +45,9 @@ QUANT_TYPES: dict[str, str] = {
     "Q2_K": "Q2_K",
 }
 
-# KV cache types (`--kv-type`): bytes per element
-KV_TYPES: dict[str, float] = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q5_1": 24 / 32,
-                              "q5_0": 22 / 32, "q4_1": 20 / 32, "q4_0": 18 / 32, "iq4_nl": 18 / 32}
+# KV cache types (`--kv-type`, the cache types llama.cpp accepts): bytes per element
+KV_TYPES: dict[str, float] = {k: GGML_BLOCK[k.upper()][1] / GGML_BLOCK[k.upper()][0]
+                              for k in ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl")}
 
 # the fallbacks of the llama.cpp in llama-cpp-python 0.3.36 (checked against its quantizer in
 # tests/test_make_model.py; older llama.cpp sent Q2_K/Q3_K to IQ4_NL)
@@ -83,58 +81,6 @@ def type_bytes(type_name: str, n_elements: int) -> int:
     return n_elements // blck * size
 
 
-@dataclass
-class Tensor:
-    """One weight tensor in ggml order: ne0 (the row length, what a block divides) first."""
-
-    name: str
-    ne0: int
-    ne1: int = 1
-    ne2: int = 1  # experts
-
-    @property
-    def n_elements(self) -> int:
-        return self.ne0 * self.ne1 * self.ne2
-
-    @property
-    def is_matrix(self) -> bool:
-        return self.ne1 > 1
-
-
-def model_tensors(shape) -> list[Tensor]:
-    """The weight tensors llama.cpp's converter writes for `shape` (a ModelShape), in file order."""
-    E, V, F, L = shape.n_embd, shape.n_vocab, shape.n_ff, shape.n_layer
-    Q, KV = shape.n_embd_q, shape.n_embd_kv
-    ts = [Tensor("token_embd.weight", E, V)]
-    for i in range(L):
-        p = f"blk.{i}."
-        ts.append(Tensor(p + "attn_norm.weight", E))
-        if shape.arch == "phi3":
-            ts.append(Tensor(p + "attn_qkv.weight", E, Q + 2 * KV))
-        else:
-            ts += [Tensor(p + "attn_q.weight", E, Q), Tensor(p + "attn_k.weight", E, KV), Tensor(p + "attn_v.weight", E, KV)]
-        if shape.arch == "qwen2":
-            ts += [Tensor(p + "attn_q.bias", Q), Tensor(p + "attn_k.bias", KV), Tensor(p + "attn_v.bias", KV)]
-        ts.append(Tensor(p + "attn_output.weight", Q, E))
-        if shape.arch == "gemma2":
-            ts.append(Tensor(p + "post_attention_norm.weight", E))
-        ts.append(Tensor(p + "ffn_norm.weight", E))
-        if shape.n_expert:
-            X = shape.n_expert
-            ts += [Tensor(p + "ffn_gate_inp.weight", E, X), Tensor(p + "ffn_gate_exps.weight", E, F, X),
-                   Tensor(p + "ffn_down_exps.weight", F, E, X), Tensor(p + "ffn_up_exps.weight", E, F, X)]
-        elif shape.arch == "phi3":
-            ts += [Tensor(p + "ffn_up.weight", E, 2 * F), Tensor(p + "ffn_down.weight", F, E)]
-        else:
-            ts += [Tensor(p + "ffn_gate.weight", E, F), Tensor(p + "ffn_up.weight", E, F), Tensor(p + "ffn_down.weight", F, E)]
-        if shape.arch == "gemma2":
-            ts.append(Tensor(p + "post_ffw_norm.weight", E))
-    ts.append(Tensor("output_norm.weight", E))
-    if not shape.tied_embeddings:
-        ts.append(Tensor("output.weight", E, V))
-    return ts
-
-
 def _more_bits(i: int, n: int) -> bool:
     # llama-quant.cpp's use_more_bits: the first and last eighth, and every third layer between
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
@@ -144,7 +90,7 @@ def _layer(name: str) -> int:
     return int(name.split(".")[1]) if name.startswith("blk.") else 0
 
 
-def tensor_type(t: Tensor, ftype: str, shape) -> str:
+def tensor_type(t: Tensor, ftype: str, shape: ModelShape) -> str:
     """The type llama.cpp's quantizer gives tensor `t` for file type `ftype` (see the module doc)."""
     base = QUANT_TYPES[ftype]
     name = t.name
@@ -206,7 +152,7 @@ def tensor_type(t: Tensor, ftype: str, shape) -> str:
     return new
 
 
-def weights_by_type(shape, ftype: str | None) -> dict[str, int]:
+def weights_by_type(shape: ModelShape, ftype: str | None) -> dict[str, int]:
     """Bytes of weights per ggml type. With ftype None, a GGUF shape's own tensor types."""
     out: dict[str, int] = {}
     for t in model_tensors(shape):

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..formats.shape import ModelShape, model_tensors
 from .memory import MemoryEstimate
-from .presets import ModelShape
-from .quants import model_tensors, tensor_type, type_bytes
+from .quants import tensor_type, type_bytes
 
 
 def bytes_per_token(shape: ModelShape, est: MemoryEstimate, depth: int = 0, gguf_info=None) -> int:

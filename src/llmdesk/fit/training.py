@@ -22,8 +22,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from ..errors import LlmdeskError
-from .presets import ModelShape
-from .quants import model_tensors
+from ..formats.shape import ModelShape, model_tensors
 
 LORA_TARGETS = ("attn_q", "attn_k", "attn_v", "attn_output", "attn_qkv", "ffn_gate", "ffn_up", "ffn_down")
 CUDA_OVERHEAD_BYTES = 1 << 30  # CUDA context, cuBLAS workspaces, allocator slack (typical ~1 GB)

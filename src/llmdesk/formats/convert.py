@@ -32,17 +32,18 @@ import numpy as np
 from llmdesk.atomic import atomic_path
 from llmdesk.formats.gguf_write import FILE_TYPES, add_tensor_info, add_transformer_keys, encode, file_type
 from llmdesk.formats.hf import Checkpoint, ConversionError, open_checkpoint
+from llmdesk.formats.shape import ModelShape
 
 OUT_TYPES = FILE_TYPES
 
-# HF `architectures[0]` -> GGUF architecture name (gguf.MODEL_ARCH member)
+# HF `architectures[0]` -> llama.cpp's architecture name (gguf.MODEL_ARCH_NAMES)
 ARCHITECTURES = {
-    "LlamaForCausalLM": "LLAMA",
-    "MistralForCausalLM": "LLAMA",  # llama.cpp runs Mistral 7B-style models as llama
-    "Qwen2ForCausalLM": "QWEN2",
-    "Phi3ForCausalLM": "PHI3",
-    "GemmaForCausalLM": "GEMMA",
-    "Gemma2ForCausalLM": "GEMMA2",
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "llama",  # llama.cpp runs Mistral 7B-style models as llama
+    "Qwen2ForCausalLM": "qwen2",
+    "Phi3ForCausalLM": "phi3",
+    "GemmaForCausalLM": "gemma",
+    "Gemma2ForCausalLM": "gemma2",
 }
 
 # Strings the self-check tokenizes both ways: multilingual text, code, whitespace, numbers.
@@ -86,19 +87,12 @@ class ConvertResult:
 
 @dataclass
 class Hparams:
-    arch: str  # gguf.MODEL_ARCH name
-    n_vocab: int
-    n_embd: int
-    n_layer: int
-    n_head: int
-    n_head_kv: int
-    head_dim: int
-    n_ff: int
-    n_ctx: int
+    """config.json as the converter needs it: the model's shape and the numbers beside it."""
+
+    shape: ModelShape
     rope_theta: float
     rms_eps: float
     rope: dict[str, Any]  # rope scaling parameters ({} when none)
-    tied: bool
 
 
 def _hparams(ck: Checkpoint, arch: str) -> Hparams:
@@ -119,30 +113,31 @@ def _hparams(ck: Checkpoint, arch: str) -> Hparams:
     theta = float(rope.get("rope_theta") or ck.cfg("rope_theta", default=10000.0))
     if rope.get("rope_type", rope.get("type", "default")) == "default":
         rope = {}
-    tied_default = arch in ("GEMMA", "GEMMA2")
-    return Hparams(arch=arch, n_vocab=int(need("vocab_size")), n_embd=n_embd,
-                   n_layer=int(need("num_hidden_layers")), n_head=n_head, n_head_kv=n_head_kv,
-                   head_dim=head_dim, n_ff=int(need("intermediate_size")),
-                   n_ctx=int(ck.cfg("max_position_embeddings", default=2048)),
-                   rope_theta=theta, rms_eps=float(ck.cfg("rms_norm_eps", default=1e-5)), rope=rope,
-                   tied=bool(ck.cfg("tie_word_embeddings", default=tied_default)))
+    shape = ModelShape(name=ck.path.name, arch=arch, n_vocab=int(need("vocab_size")), n_embd=n_embd,
+                       n_layer=int(need("num_hidden_layers")), n_head=n_head, n_head_kv=n_head_kv,
+                       head_dim=head_dim, n_ff=int(need("intermediate_size")),
+                       n_ctx_train=int(ck.cfg("max_position_embeddings", default=2048)),
+                       tied_embeddings=bool(ck.cfg("tie_word_embeddings", default=arch in ("gemma", "gemma2"))),
+                       source=str(ck.path / "config.json"))
+    return Hparams(shape, rope_theta=theta, rms_eps=float(ck.cfg("rms_norm_eps", default=1e-5)), rope=rope)
 
 
 def _write_hparams(w, hp: Hparams, ck: Checkpoint) -> list[tuple[str, np.ndarray]]:
     """Architecture keys; returns extra tensors they imply (llama 3's rope_freqs)."""
     import gguf
 
-    rot = int(hp.head_dim * float(ck.cfg("partial_rotary_factor", default=1.0)))
-    add_transformer_keys(w, n_ctx=hp.n_ctx, n_embd=hp.n_embd, n_layer=hp.n_layer, n_ff=hp.n_ff, n_head=hp.n_head,
-                         n_head_kv=hp.n_head_kv, head_dim=hp.head_dim, n_rot=rot, rms_eps=hp.rms_eps,
-                         rope_theta=hp.rope_theta, n_vocab=hp.n_vocab)
+    s = hp.shape
+    rot = int(s.head_dim * float(ck.cfg("partial_rotary_factor", default=1.0)))
+    add_transformer_keys(w, n_ctx=s.n_ctx_train, n_embd=s.n_embd, n_layer=s.n_layer, n_ff=s.n_ff, n_head=s.n_head,
+                         n_head_kv=s.n_head_kv, head_dim=s.head_dim, n_rot=rot, rms_eps=hp.rms_eps,
+                         rope_theta=hp.rope_theta, n_vocab=s.n_vocab)
 
     extra: list[tuple[str, np.ndarray]] = []
     kind = hp.rope.get("rope_type", hp.rope.get("type"))
     if kind == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(float(hp.rope["factor"]))
-    elif kind == "llama3" and hp.arch == "LLAMA":
+    elif kind == "llama3" and s.arch == "llama":
         # llama.cpp multiplies each rotary frequency by a stored factor (convert_hf_to_gguf.py,
         # LlamaModel.generate_extra_tensors; the same math as transformers' _compute_llama3_parameters)
         factor = float(hp.rope.get("factor", 8.0))
@@ -165,8 +160,8 @@ def _write_hparams(w, hp: Hparams, ck: Checkpoint) -> list[tuple[str, np.ndarray
         # llama.cpp's YaRN takes the same inputs as transformers' _compute_yarn_parameters: the
         # factor, the pre-training context (where the correction range is computed) and beta_fast/slow
         orig = int(hp.rope.get("original_max_position_embeddings")
-                   or ck.cfg("original_max_position_embeddings", default=0) or hp.n_ctx)
-        factor = hp.rope.get("factor") or hp.n_ctx / orig
+                   or ck.cfg("original_max_position_embeddings", default=0) or s.n_ctx_train)
+        factor = hp.rope.get("factor") or s.n_ctx_train / orig
         if hp.rope.get("attention_factor") is not None or hp.rope.get("mscale") or hp.rope.get("mscale_all_dim"):
             raise ConversionError(f"{ck.path / 'config.json'}: YaRN with attention_factor/mscale is not supported yet")
         w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
@@ -174,16 +169,16 @@ def _write_hparams(w, hp: Hparams, ck: Checkpoint) -> list[tuple[str, np.ndarray
         w.add_rope_scaling_orig_ctx_len(orig)
         w.add_rope_scaling_yarn_beta_fast(float(hp.rope.get("beta_fast") or 32.0))
         w.add_rope_scaling_yarn_beta_slow(float(hp.rope.get("beta_slow") or 1.0))
-    elif kind in ("longrope", "su") and hp.arch == "PHI3":
+    elif kind in ("longrope", "su") and s.arch == "phi3":
         # Phi-3's LongRoPE: per-frequency divisors, a short set within the pre-training context and
         # a long one beyond it (llama.cpp picks by the context size), and a cos/sin scale
         orig = int(hp.rope.get("original_max_position_embeddings")
-                   or ck.cfg("original_max_position_embeddings", default=0) or hp.n_ctx)
+                   or ck.cfg("original_max_position_embeddings", default=0) or s.n_ctx_train)
         long_f, short_f = hp.rope.get("long_factor"), hp.rope.get("short_factor")
         if not (isinstance(long_f, list) and isinstance(short_f, list) and len(long_f) == len(short_f) == rot // 2):
             raise ConversionError(f"{ck.path / 'config.json'}: longrope needs long_factor and short_factor "
                                   f"lists of {rot // 2} numbers each")
-        scale = hp.n_ctx / orig
+        scale = s.n_ctx_train / orig
         attn = hp.rope.get("attention_factor")
         if attn is None:
             attn = 1.0 if scale <= 1.0 else math.sqrt(1 + math.log(scale) / math.log(orig))
@@ -194,21 +189,21 @@ def _write_hparams(w, hp: Hparams, ck: Checkpoint) -> list[tuple[str, np.ndarray
         raise ConversionError(f"{ck.path / 'config.json'}: rope scaling {kind!r} is not supported yet "
                               f"for {ck.architecture} (supported: linear, llama3, yarn; longrope for Phi-3)")
 
-    if hp.arch == "PHI3":
-        w.add_rope_scaling_orig_ctx_len(int(ck.cfg("original_max_position_embeddings", default=hp.n_ctx)))
+    if s.arch == "phi3":
+        w.add_rope_scaling_orig_ctx_len(int(ck.cfg("original_max_position_embeddings", default=s.n_ctx_train)))
         w.add_sliding_window(int(ck.cfg("sliding_window", default=0) or 0))
-    if hp.arch == "GEMMA2":
+    if s.arch == "gemma2":
         w.add_attn_logit_softcapping(float(ck.cfg("attn_logit_softcapping", default=50.0) or 0.0))
         w.add_final_logit_softcapping(float(ck.cfg("final_logit_softcapping", default=30.0) or 0.0))
         w.add_sliding_window(int(ck.cfg("sliding_window", default=4096)))
         # llama.cpp scales queries by 1/sqrt(head_dim), except for a 46-layer model (Gemma 2 27B),
         # which gets 1/sqrt(n_embd / n_head): those are the two query_pre_attn_scalar it can follow
-        qpas = int(ck.cfg("query_pre_attn_scalar", default=hp.head_dim))
-        llama_cpp_qpas = hp.n_embd // hp.n_head if hp.n_layer == 46 else hp.head_dim
+        qpas = int(ck.cfg("query_pre_attn_scalar", default=s.head_dim))
+        llama_cpp_qpas = s.n_embd // s.n_head if s.n_layer == 46 else s.head_dim
         if qpas != llama_cpp_qpas:
             raise ConversionError(f"{ck.path / 'config.json'}: query_pre_attn_scalar {qpas} differs from what "
-                                  f"llama.cpp's gemma2 uses for {hp.n_layer} layers ({llama_cpp_qpas})")
-    if hp.arch in ("GEMMA", "GEMMA2"):
+                                  f"llama.cpp's gemma2 uses for {s.n_layer} layers ({llama_cpp_qpas})")
+    if s.arch in ("gemma", "gemma2"):
         act = ck.cfg("hidden_activation", "hidden_act", default="gelu_pytorch_tanh")
         if act not in ("gelu_pytorch_tanh", "gelu"):
             raise ConversionError(f"{ck.path / 'config.json'}: activation {act!r} is not supported for gemma")
@@ -474,9 +469,9 @@ def _permute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
     return (w.reshape(n_head, 2, shape[0] // n_head // 2, *shape[1:]).swapaxes(1, 2).reshape(shape))
 
 
-def _expected_shape(base: str, hp: Hparams, arch: str) -> tuple[int, ...] | None:
+def _expected_shape(base: str, s: ModelShape) -> tuple[int, ...] | None:
     """numpy (out, in) shape implied by config.json for a GGUF tensor name without its blk prefix."""
-    E, F, H, KV, D, V = hp.n_embd, hp.n_ff, hp.n_head, hp.n_head_kv, hp.head_dim, hp.n_vocab
+    E, F, H, KV, D, V = s.n_embd, s.n_ff, s.n_head, s.n_head_kv, s.head_dim, s.n_vocab
     shapes = {
         "token_embd.weight": (V, E), "output.weight": (V, E), "output_norm.weight": (E,),
         "attn_norm.weight": (E,), "ffn_norm.weight": (E,), "post_attention_norm.weight": (E,),
@@ -484,7 +479,7 @@ def _expected_shape(base: str, hp: Hparams, arch: str) -> tuple[int, ...] | None
         "attn_q.weight": (H * D, E), "attn_k.weight": (KV * D, E), "attn_v.weight": (KV * D, E),
         "attn_q.bias": (H * D,), "attn_k.bias": (KV * D,), "attn_v.bias": (KV * D,),
         "attn_output.weight": (E, H * D), "attn_qkv.weight": ((H + 2 * KV) * D, E),
-        "ffn_gate.weight": (F, E), "ffn_up.weight": (2 * F if arch == "PHI3" else F, E),
+        "ffn_gate.weight": (F, E), "ffn_up.weight": (2 * F if s.arch == "phi3" else F, E),
         "ffn_down.weight": (E, F),
     }
     return shapes.get(base)
@@ -516,8 +511,8 @@ def _plan(ck: Checkpoint, hp: Hparams, extra: list[tuple[str, np.ndarray]]) -> l
     """Every output tensor, checked against the config by name and shape before any data is read."""
     import gguf
 
-    arch = getattr(gguf.MODEL_ARCH, hp.arch)
-    names = gguf.get_tensor_name_map(arch, hp.n_layer)
+    s = hp.shape
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[s.arch.upper()], s.n_layer)
     out: dict[str, _Planned] = {}
     src = ck.path / ck.weight_files[0].name if len(ck.weight_files) == 1 else ck.path
     for t in ck.tensors():
@@ -529,31 +524,31 @@ def _plan(ck: Checkpoint, hp: Hparams, extra: list[tuple[str, np.ndarray]]) -> l
             raise ConversionError(f"{src}: unexpected tensor {hf_name!r} for {ck.architecture} "
                                   "(is config.json's architecture right?)")
         m = re.match(r"blk\.(\d+)\.(.*)", name)
-        if m and int(m[1]) >= hp.n_layer:
+        if m and int(m[1]) >= s.n_layer:
             raise ConversionError(f"{src}: tensor {hf_name!r} is in layer {m[1]}, but config.json says "
-                                  f"num_hidden_layers {hp.n_layer}")
+                                  f"num_hidden_layers {s.n_layer}")
         base = m[2] if m else name
-        want = _expected_shape(base, hp, hp.arch)
+        want = _expected_shape(base, s)
         if want is not None and t.shape != want:
             raise ConversionError(f"{src}: tensor {hf_name!r} has shape {t.shape} but config.json "
                                   f"implies {want} (the config and the weights disagree)")
         heads = 0
-        if hp.arch == "LLAMA" and base in ("attn_q.weight", "attn_q.bias"):
-            heads = hp.n_head
-        elif hp.arch == "LLAMA" and base in ("attn_k.weight", "attn_k.bias"):
-            heads = hp.n_head_kv
-        add_one = hp.arch in ("GEMMA", "GEMMA2") and name.endswith("norm.weight")
+        if s.arch == "llama" and base in ("attn_q.weight", "attn_q.bias"):
+            heads = s.n_head
+        elif s.arch == "llama" and base in ("attn_k.weight", "attn_k.bias"):
+            heads = s.n_head_kv
+        add_one = s.arch in ("gemma", "gemma2") and name.endswith("norm.weight")
         out[name] = _Planned(name, t.shape, src=t, permute_heads=heads, add_one=add_one)
     for name, data in extra:
         out[name] = _Planned(name, tuple(data.shape), data=data)
-    if "output.weight" in out and "token_embd.weight" in out and hp.tied:
+    if "output.weight" in out and "token_embd.weight" in out and s.tied_embeddings:
         if np.array_equal(out["output.weight"].load(), out["token_embd.weight"].load()):
             del out["output.weight"]  # tied: llama.cpp reuses token_embd
     # every layer needs its tensors: a config that promises more layers than the weights hold fails here
-    required = ["token_embd.weight", "output_norm.weight"] + [f"blk.{i}.attn_norm.weight" for i in range(hp.n_layer)]
+    required = ["token_embd.weight", "output_norm.weight"] + [f"blk.{i}.attn_norm.weight" for i in range(s.n_layer)]
     missing = [r for r in required if r not in out]
     if missing:
-        raise ConversionError(f"{src}: missing tensor {missing[0]} (config.json says {hp.n_layer} layers; "
+        raise ConversionError(f"{src}: missing tensor {missing[0]} (config.json says {s.n_layer} layers; "
                               "the weights and the config disagree)")
     return list(out.values())
 
@@ -584,10 +579,10 @@ def convert(hf_dir: str | os.PathLike, out: str | os.PathLike, *, out_type: str 
 
     hp = _hparams(ck, arch_name)
     say("reading the tokenizer")
-    vocab = _build_vocab(ck, hp.n_vocab)
+    vocab = _build_vocab(ck, hp.shape.n_vocab)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
-        gguf_arch = gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, arch_name)]
+        gguf_arch = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[arch_name.upper()]]
         w = gguf.GGUFWriter(str(tmp), gguf_arch)
         try:
             w.add_name(name.partition(":")[0] if name else ck.path.resolve().name)

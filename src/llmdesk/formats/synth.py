@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from ..atomic import atomic_path
 from .gguf_write import FILE_TYPES, add_tensor_info, add_transformer_keys, encode, file_type
+from .shape import ModelShape, model_tensors
+
 # The ChatML template as Hugging Face tokenizers ship it (Qwen 2, SmolLM 2 and others).
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -36,39 +39,34 @@ you today? I am fine, thank you. def main(): return 0  # code and numbers 12345 
 """
 
 
-@dataclass
-class SynthConfig:
-    """Shapes of a Llama-family model. The defaults are a tiny test model (f32, ~0.5 MB).
+@dataclass(frozen=True)
+class SynthConfig(ModelShape):
+    """A model shape and how synth fills it. The shape's defaults are a tiny test model (f32,
+    ~0.5 MB).
 
-    Real shapes (see `llmdesk.fit.presets`) set `n_vocab` (the vocabulary is padded to it with
-    filler words), `head_dim` where it is not n_embd / n_head, `arch` (qwen2: biases on q/k/v;
-    phi3: fused qkv and gate+up; gemma2: extra norms, soft-capping, a sliding window), experts,
-    and `dtype` for the stored type of the 2-D weights.
+    Real shapes (`SynthConfig.like(shape)`, e.g. a `llmdesk.fit.presets` preset) set `n_vocab`
+    (the vocabulary is padded to it with filler words), `head_dim` where it is not n_embd /
+    n_head, `arch` (qwen2: biases on q/k/v; phi3: fused qkv and gate+up; gemma2: extra norms,
+    soft-capping, a sliding window), experts, and `dtype` for the stored type of the 2-D weights.
     """
 
-    n_layer: int = 2
-    n_embd: int = 64
-    n_head: int = 4
-    n_head_kv: int = 2
-    n_ff: int = 128
-    n_ctx_train: int = 2048
-    n_merges: int = 200
+    n_merges: int = 200  # BPE merges learned from the built-in text (filler words add their own)
+    n_vocab: int | None = None  # None: just the BPE tokens and the special tokens
     rope_freq_base: float = 10000.0
     rms_eps: float = 1e-5
-    tied_embeddings: bool = False
     seed: int = 0
     weight_std: float = 0.35
     chat_template: str | None = CHATML_TEMPLATE
-    name: str = "tiny-llama"
     extra_tokens: list[str] = field(default_factory=list)
-    arch: str = "llama"  # llama (Llama, Mistral, TinyLlama, SmolLM), qwen2, phi3 or gemma2
-    n_expert: int = 0  # a mixture of experts (Mixtral): experts per layer, and used per token
-    n_expert_used: int = 0
-    n_swa: int = 0  # gemma2: the sliding window of every other layer
-    n_vocab: int | None = None  # None: just the BPE tokens and the special tokens
-    head_dim: int | None = None  # None: n_embd // n_head
     dtype: str = "f32"  # 2-D weights: "f32", "f16", "bf16" or "q8_0"; norms and biases stay f32
-    pooling: str | None = None  # "mean", "cls", "last": written as {arch}.pooling_type; None: no key
+
+    @classmethod
+    def like(cls, shape: ModelShape, **settings: Any) -> "SynthConfig":
+        """`shape`'s sizes filled as `settings` say. The tokenizer stays synth's own (trained on
+        the built-in text, padded to n_vocab), so the real model's merge count is not taken."""
+        sizes = {f.name: getattr(shape, f.name) for f in fields(ModelShape)
+                 if f.name not in ("n_merges", "source", "tensor_types")}
+        return cls(**{**sizes, **settings})
 
 
 # the types synth writes itself; anything else is written as f16 and quantized by llama.cpp
@@ -156,17 +154,10 @@ SYNTH_ARCHS = ("llama", "qwen2", "phi3", "gemma2")
 
 def _tensor_plan(cfg: SynthConfig, n_vocab: int) -> list[tuple[str, tuple[int, ...], float | None]]:
     """(name, numpy shape (out, in) or (experts, out, in), std) of every tensor in file order, the
-    tensors llama.cpp's converter writes for the architecture (`fit.quants.model_tensors`); std
+    tensors llama.cpp's converter writes for the architecture (`formats.shape.model_tensors`); std
     None means ones (norm weights), 0.0 means zeros (biases)."""
-    from ..fit.presets import ModelShape
-    from ..fit.quants import model_tensors
-
-    shape = ModelShape(name=cfg.name, arch=cfg.arch, n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head,
-                       n_head_kv=cfg.n_head_kv, n_ff=cfg.n_ff, n_vocab=n_vocab, n_ctx_train=cfg.n_ctx_train,
-                       head_dim=cfg.head_dim or 0, tied_embeddings=cfg.tied_embeddings, n_expert=cfg.n_expert,
-                       n_expert_used=cfg.n_expert_used)
     plan: list[tuple[str, tuple[int, ...], float | None]] = []
-    for t in model_tensors(shape):
+    for t in model_tensors(replace(cfg, n_vocab=n_vocab)):
         dims = (t.ne2, t.ne1, t.ne0) if t.ne2 > 1 else (t.ne1, t.ne0) if t.ne1 > 1 else (t.ne0,)
         if t.name == "token_embd.weight":
             std = 1.0
@@ -211,7 +202,7 @@ def write_llama_gguf(path: str | os.PathLike, cfg: SynthConfig | None = None) ->
         merges = merges + more
         token_types += [gguf.TokenType.NORMAL] * n_fill
     n_vocab = len(tokens)
-    head_dim = cfg.head_dim or cfg.n_embd // cfg.n_head
+    head_dim = cfg.head_dim
 
     with atomic_path(path) as tmp:
         w = gguf.GGUFWriter(str(tmp), cfg.arch)
@@ -221,8 +212,6 @@ def write_llama_gguf(path: str | os.PathLike, cfg: SynthConfig | None = None) ->
                                  n_head=cfg.n_head, n_head_kv=cfg.n_head_kv, head_dim=head_dim, n_rot=head_dim,
                                  rms_eps=cfg.rms_eps, rope_theta=cfg.rope_freq_base, n_vocab=n_vocab)
             w.add_file_type(file_type(cfg.dtype))
-            if cfg.pooling is not None:  # how embeddings pool token states (llama.cpp's llama_pooling_type)
-                w.add_pooling_type(gguf.PoolingType[cfg.pooling.upper()])
             if cfg.n_expert:
                 w.add_expert_count(cfg.n_expert)
                 w.add_expert_used_count(cfg.n_expert_used)

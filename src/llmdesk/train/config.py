@@ -12,11 +12,12 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from llmdesk.errors import LlmdeskError
+from llmdesk.formats.shape import ModelShape, n_params
 
 
 @dataclass
 class TrainConfig:
-    # -- the model (LlamaForCausalLM) --
+    # -- the model (LlamaForCausalLM): its sizes, as `model_shape()` describes them --
     n_embd: int = 128
     n_layer: int = 4
     n_head: int = 4
@@ -61,16 +62,17 @@ class TrainConfig:
         if self.checkpoint_interval <= 0:
             self.checkpoint_interval = self.eval_interval
 
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+    def model_shape(self, vocab: int | None = None) -> ModelShape:
+        """The Llama model this config trains, with `vocab` tokens (default: vocab_size); its
+        context is the training sequence length."""
+        return ModelShape(name=f"llmdesk-train-{self.preset}", arch="llama", n_layer=self.n_layer,
+                          n_embd=self.n_embd, n_head=self.n_head, n_head_kv=self.n_head_kv, n_ff=self.n_ff,
+                          n_vocab=vocab or self.vocab_size, n_ctx_train=self.seq_len,
+                          tied_embeddings=self.tied_embeddings, source="llmdesk train")
 
     def n_params(self, vocab: int | None = None) -> int:
         """Parameters of the model this config describes (embeddings counted once when tied)."""
-        v, e, f = vocab or self.vocab_size, self.n_embd, self.n_ff
-        kv = self.n_head_kv * self.head_dim
-        layer = e * e * 2 + 2 * e * kv + 3 * e * f + 2 * e
-        return v * e * (1 if self.tied_embeddings else 2) + self.n_layer * layer + e
+        return n_params(self.model_shape(vocab))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -221,11 +221,12 @@ def train(corpus: list[str | os.PathLike], out_dir: str | os.PathLike, cfg: Trai
     # -- the model -----------------------------------------------------------------------------
     torch.manual_seed(cfg.seed)
     im_end = tok.token_to_id("<|im_end|>")
+    shape = cfg.model_shape(n_vocab)
     mcfg = transformers.LlamaConfig(
-        vocab_size=n_vocab, hidden_size=cfg.n_embd, intermediate_size=cfg.n_ff,
-        num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_head_kv,
-        max_position_embeddings=cfg.seq_len, rms_norm_eps=1e-5, rope_theta=cfg.rope_theta,
-        tie_word_embeddings=cfg.tied_embeddings, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos,
+        vocab_size=shape.n_vocab, hidden_size=shape.n_embd, intermediate_size=shape.n_ff,
+        num_hidden_layers=shape.n_layer, num_attention_heads=shape.n_head, num_key_value_heads=shape.n_head_kv,
+        max_position_embeddings=shape.n_ctx_train, rms_norm_eps=1e-5, rope_theta=cfg.rope_theta,
+        tie_word_embeddings=shape.tied_embeddings, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos,
         initializer_range=0.02, attention_bias=False, mlp_bias=False)
     model = transformers.LlamaForCausalLM(mcfg)
     device = "cuda" if torch.cuda.is_available() else "cpu"
