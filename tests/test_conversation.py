@@ -241,3 +241,15 @@ def test_chat_tools_load_and_bad_inputs_are_one_line(tiny_gguf, tmp_path):
     (tmp_path / "weird.py").write_text("def f(x: object) -> None:\n    pass\n")
     assert "cannot be described as JSON" in one_error_line(cli("chat", "-m", tiny_gguf, "--tool",
                                                                tmp_path / "weird.py", stdin="", home=tmp_path))
+
+
+def test_run_takes_a_schema_through_the_same_path(tiny_gguf, tmp_path):
+    schema = tmp_path / "s.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"n": {"enum": [1, 2, 3]}}, "required": ["n"],
+                                  "additionalProperties": False}))
+    p = cli("run", "-m", tiny_gguf, "-n", "64", "--schema", schema, "pick", home=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["n"] in (1, 2, 3)
+    p = cli("run", "-m", tiny_gguf, "-n", "64", "--schema", schema, "--json", "pick", home=tmp_path)
+    assert json.loads(json.loads(p.stdout)["text"])["n"] in (1, 2, 3)
+    assert "--format" in one_error_line(cli("run", "-m", tiny_gguf, "--format", "yaml", "x", home=tmp_path))

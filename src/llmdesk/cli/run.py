@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -93,6 +94,22 @@ def _piped_input(wait: bool) -> str:
     return sys.stdin.read()
 
 
+SchemaOpt = Annotated[Optional[Path], typer.Option("--schema", help="Answer with JSON matching this JSON schema file (enforced by a grammar).", dir_okay=False)]
+
+
+def _response_format(json_mode: bool, schema: Path | None) -> dict | None:
+    """OpenAI's response_format for --json / --schema FILE (the same grammar the server uses)."""
+    if schema is not None:
+        try:
+            data = json.loads(schema.expanduser().read_text(encoding="utf-8"))
+        except OSError as e:
+            raise LlmdeskError(f"cannot read the schema {schema}: {e.strerror}") from None
+        except json.JSONDecodeError as e:
+            raise LlmdeskError(f"{schema} is not JSON: {e.msg} at line {e.lineno}") from None
+        return {"type": "json_schema", "json_schema": {"name": schema.stem, "schema": data}}
+    return {"type": "json_object"} if json_mode else None
+
+
 @app.command()
 def run(
     prompt: Annotated[Optional[list[str]], typer.Argument(help="The prompt (read from stdin when piped).")] = None,
@@ -112,9 +129,13 @@ def run(
     template: TemplateOpt = None,
     raw: Annotated[bool, typer.Option("--raw", help="Send the prompt as it is, without the chat template.")] = False,
     json_: Annotated[bool, typer.Option("--json", help="Print one JSON object: text, token counts, speed.")] = False,
+    format_: Annotated[Optional[str], typer.Option("--format", help="'json': the answer is a JSON object (enforced by a grammar).")] = None,
+    schema: SchemaOpt = None,
     no_log: NoLogOpt = False,
 ) -> None:
     """Answer one prompt, streaming the answer to stdout."""
+    if format_ not in (None, "json"):
+        raise LlmdeskError(f"--format takes 'json', got {format_!r}; for a given shape use --schema FILE.json")
     text = " ".join(prompt or [])
     piped = _piped_input(wait=not text)
     text = f"{text}\n\n{piped}" if text and piped.strip() else (text or piped)
@@ -122,29 +143,32 @@ def run(
         raise LlmdeskError("no prompt: give it as an argument or pipe it on stdin")
     if raw and system:
         raise LlmdeskError("--system needs the chat template; it cannot be used with --raw")
+    fmt = _response_format(format_ == "json", schema)
+    if raw and fmt:
+        raise LlmdeskError("--schema and --format json need the chat template; they cannot be used with --raw")
     m = _load(model, ctx, threads, template, gpu_layers)
     kw = dict(max_tokens=None if max_tokens < 0 else max_tokens, temperature=temperature, top_k=top_k,
               top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed, stop=stop)
+    show = None if json_ else _write
     try:
         if raw:
             stream = m.start(text, **kw)
-        else:
-            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-            stream = m.chat_start(messages, **kw)
-        if json_:
-            c = m.finish(stream)
-        else:
             for ev in stream:
-                if ev.text:
-                    sys.stdout.write(ev.text)
-                    sys.stdout.flush()
+                if ev.text and show:
+                    show(ev.text)
             c = m.finish(stream)
+            answer = c.to_dict()
+        else:  # the conversation layer, as chat and the server answer
+            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+            c = m.respond(messages, response_format=fmt, on_text=show, **kw)
+            answer = {k: v for k, v in dataclasses.asdict(c).items() if k not in ("tool_calls", "logprobs")}
+        if show:
             sys.stdout.write("\n")
         _log(no_log, model=m.name, prompt=text, response=c.text, system=system,
              options={k: v for k, v in kw.items() if v is not None}, tokens_in=c.prompt_tokens,
              tokens_out=c.completion_tokens, duration_s=c.total_s)
         if json_:
-            out.print_json(json.dumps({"model": m.name, **c.to_dict()}))
+            out.print_json(json.dumps({"model": m.name, **answer}))
     finally:
         m.close()
 
@@ -192,22 +216,6 @@ def _save(path: str, data: dict) -> Path:
     except OSError as e:
         raise LlmdeskError(f"cannot write {p}: {e.strerror}") from None
     return p
-
-
-SchemaOpt = Annotated[Optional[Path], typer.Option("--schema", help="Answer with JSON matching this JSON schema file (enforced by a grammar).", dir_okay=False)]
-
-
-def _response_format(json_mode: bool, schema: Path | None) -> dict | None:
-    """OpenAI's response_format for --json / --schema FILE (the same grammar the server uses)."""
-    if schema is not None:
-        try:
-            data = json.loads(schema.expanduser().read_text(encoding="utf-8"))
-        except OSError as e:
-            raise LlmdeskError(f"cannot read the schema {schema}: {e.strerror}") from None
-        except json.JSONDecodeError as e:
-            raise LlmdeskError(f"{schema} is not JSON: {e.msg} at line {e.lineno}") from None
-        return {"type": "json_schema", "json_schema": {"name": schema.stem, "schema": data}}
-    return {"type": "json_object"} if json_mode else None
 
 
 @app.command()
