@@ -32,6 +32,9 @@ def serve(
     max_memory: Annotated[Optional[str], typer.Option("--max-memory", help="Memory all loaded models may use together, e.g. 12GB (default: what is free when a model loads).")] = None,
     template: Annotated[Optional[str], typer.Option("--template", help="Chat template for every model: a built-in name (chatml, llama-3, ...) or a .jinja file.")] = None,
     log_prompts: Annotated[bool, typer.Option("--log-prompts", help="Record every prompt and answer in 'llmdesk logs' (off by default for a server).")] = False,
+    header_timeout: Annotated[float, typer.Option("--header-timeout", help="Seconds a client has to send a request's headers, from connecting (or from the request's first byte on a kept-alive connection); then 408 and close.")] = 10.0,
+    body_timeout: Annotated[float, typer.Option("--body-timeout", help="Seconds a client has to send a request's body, plus one per 500 bytes received; then 408 and close.")] = 30.0,
+    max_connections: Annotated[int, typer.Option("--max-connections", help="Connections open at once. Past it a new one replaces the longest-idle one, or gets 503 if all hold a request.")] = 1024,
 ) -> None:
     """Serve models over the OpenAI and Ollama APIs, with a web chat at http://HOST:PORT/."""
     from ..runtime.llama import parse_gpu_layers
@@ -54,14 +57,13 @@ def serve(
                       cors_origins=list(cors_origin or []), max_queue=max_queue,
                       max_body_bytes=parse_size(max_body, "--max-body"),
                       max_memory=parse_size(max_memory, "--max-memory") if max_memory else None,
-                      template=template, log_prompts=log_prompts)
+                      template=template, log_prompts=log_prompts, header_timeout=header_timeout,
+                      body_timeout=body_timeout, max_connections=max_connections)
     cfg.check()
     _configure_logging()
     if not cfg.is_local and not cfg.api_key:
         err.print(f"warning: serving on {host} without an API key (--insecure): anyone who can reach this "
                   "machine can use it", style="bold yellow", markup=False)
-    import uvicorn
-
     from ..serve.app import create_app
     from ..serve.errors import APIError
 
@@ -82,8 +84,9 @@ def serve(
         err.print("  API key required: Authorization: Bearer <key>", markup=False)
     err.print("Ctrl-C to stop", style="dim", markup=False)
     sys.stderr.flush()
-    uvicorn.run(application, host=host, port=port, log_level="warning", access_log=False, ws="none",
-                timeout_graceful_shutdown=5)
+    from ..serve.server import run
+
+    run(application, host=host, port=port)  # limits and timeouts from cfg, through application.state
 
 
 class _nothing:

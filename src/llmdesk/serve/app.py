@@ -1,7 +1,7 @@
 """The FastAPI application behind `llmdesk serve`.
 
     app = create_app(ServeConfig(models=["tiny.gguf"], parallel=4))
-    uvicorn.run(app, host="127.0.0.1", port=8080)
+    server.run(app, host="127.0.0.1", port=8080)   # serve/server.py: uvicorn with connection limits
 
     with BackgroundServer(app) as server:      # a real server on a free port, in a thread
         print(server.url)                       # for tests, notebooks and benchmarks
@@ -14,7 +14,6 @@ and the web chat's static files at `/`.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -33,6 +32,7 @@ from .metrics import CONTENT_TYPE, server_metrics
 from .middleware import AccessLogMiddleware, AuthMiddleware, BodyLimitMiddleware, LocalHostHeaderMiddleware
 from ..store.refs import ModelRef
 from .models import ModelManager
+from .server import BackgroundServer  # noqa: F401 (it lived here; `from llmdesk.serve.app import BackgroundServer` still works)
 
 log = logging.getLogger("llmdesk.serve")
 WEB = Path(__file__).parent / "web"
@@ -158,43 +158,3 @@ def create_app(config: ServeConfig) -> FastAPI:
         app.add_middleware(LocalHostHeaderMiddleware)
     app.add_middleware(AccessLogMiddleware, metrics=metrics)
     return app
-
-
-class BackgroundServer:
-    """uvicorn serving `app` on 127.0.0.1 (a free port unless given) in a daemon thread."""
-
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, *, log_level: str = "warning"):
-        import uvicorn
-
-        self.config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
-                                     lifespan="on", ws="none", timeout_graceful_shutdown=2)
-        self.server = uvicorn.Server(self.config)
-        self.thread = threading.Thread(target=self.server.run, name="llmdesk-uvicorn", daemon=True)
-        self.host = host
-        self.port = port
-
-    def start(self, timeout: float = 30.0) -> "BackgroundServer":
-        self.thread.start()
-        deadline = time.monotonic() + timeout
-        while not self.server.started:
-            if not self.thread.is_alive():
-                raise RuntimeError("the server stopped while starting; see the log above")
-            if time.monotonic() > deadline:
-                raise TimeoutError("the server did not start in time")
-            time.sleep(0.01)
-        self.port = self.server.servers[0].sockets[0].getsockname()[1]
-        return self
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=15)
-
-    def __enter__(self) -> "BackgroundServer":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()

@@ -36,6 +36,12 @@ class ServeConfig:
     log_prompts: bool = False  # record prompts and answers in `llmdesk logs`
     # seconds one request may take, queue and prefill included (llama.cpp's server: --timeout 600)
     request_timeout: float = 600.0
+    # connection limits (serve/server.py). nginx waits 60 s for headers and 60 s between body reads;
+    # shorter here: clients are local or on a LAN and send a request in milliseconds, and a slow
+    # body gets more time per byte it sends. 1024 connections: nginx's sample worker_connections.
+    header_timeout: float = 10.0  # seconds for a request's headers, from connect or its first byte
+    body_timeout: float = 30.0  # seconds for a request's body, plus 1 s per 500 bytes received
+    max_connections: int = 1024  # open at once; past it idle ones make room, or 503
 
     def check(self) -> None:
         """One-line errors for settings that cannot work (the CLI's flags map onto these)."""
@@ -51,6 +57,12 @@ class ServeConfig:
             raise LlmdeskError(f"--threads must be at least 1, got {self.threads}")
         if not (math.isfinite(self.request_timeout) and self.request_timeout > 0):
             raise LlmdeskError(f"--request-timeout must be a positive number of seconds, got {self.request_timeout}")
+        for name in ("header_timeout", "body_timeout"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise LlmdeskError(f"--{name.replace('_', '-')} must be a positive number of seconds, got {value}")
+        if self.max_connections < 1:
+            raise LlmdeskError(f"--max-connections must be at least 1, got {self.max_connections}")
         if self.api_key is not None and len(self.api_key) < 8:
             raise LlmdeskError("--api-key must be at least 8 characters long")
         if not self.is_local and not self.api_key and not self.insecure:
