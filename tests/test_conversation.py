@@ -253,3 +253,19 @@ def test_run_takes_a_schema_through_the_same_path(tiny_gguf, tmp_path):
     p = cli("run", "-m", tiny_gguf, "-n", "64", "--schema", schema, "--json", "pick", home=tmp_path)
     assert json.loads(json.loads(p.stdout)["text"])["n"] in (1, 2, 3)
     assert "--format" in one_error_line(cli("run", "-m", tiny_gguf, "--format", "yaml", "x", home=tmp_path))
+
+
+def test_truncating_a_huge_conversation_renders_it_a_few_times(model, monkeypatch):
+    msgs = [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "hi"}] * 1000
+    renders = []
+    real = model.chat_tokens
+    monkeypatch.setattr(model, "chat_tokens", lambda ms, **kw: renders.append(len(ms)) or real(ms, **kw))
+    turn = conversation.prepare(model, conversation.normalize_messages(msgs + [{"role": "user", "content": "q"}]),
+                                truncate=True, max_tokens=4)
+    assert len(turn.prompt.tokens) < model.n_ctx and turn.prompt.messages_dropped > 1900
+    assert len(renders) <= 14  # bisection over 1001 places to start: not one render per message
+    # the kept part starts on a user turn, right after the dropped ones
+    kept = conversation.normalize_messages(msgs + [{"role": "user", "content": "q"}])[turn.prompt.messages_dropped:]
+    assert kept[0]["role"] == "user"
+    with pytest.raises(InvalidRequest, match="limit is 4096"):
+        conversation.normalize_messages([{"role": "user", "content": "x"}] * 4097)

@@ -83,11 +83,16 @@ def _arguments(value, where: str) -> dict:
     raise InvalidRequest(f"{where} must be a JSON object", where)
 
 
+MAX_MESSAGES = 4096  # a conversation longer than this is a mistake or an attack, not a chat
+
+
 def normalize_messages(messages, *, images_field: bool = False) -> list[dict]:
     """OpenAI or Ollama messages -> [{"role", "content", ["tool_calls", "tool_call_id", "name"]}]
     with text content, `developer` as `system`, and tool call arguments as objects."""
     if not isinstance(messages, list) or not messages:
         raise InvalidRequest("'messages' must be a non-empty list", "messages")
+    if len(messages) > MAX_MESSAGES:
+        raise InvalidRequest(f"'messages' holds {len(messages)} messages; the limit is {MAX_MESSAGES}", "messages")
     out = []
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
@@ -157,14 +162,21 @@ def chat_prompt(model: "Model", messages: list[dict], *, spec: ToolSpec | None, 
     full = len(tokens)
     head = [m for m in msgs[:1] if m["role"] == "system"]
     body = msgs[len(head):]
-    dropped = 0
-    while len(tokens) >= limit and len(body) > 1:
-        body = body[1:]
-        dropped += 1
-        while len(body) > 1 and body[0]["role"] not in ("user",):  # start on a user turn
-            body = body[1:]
-            dropped += 1
-        tokens = model.chat_tokens(head + body, tools=tools)
+    if not body:  # a system prompt alone, too long: nothing to leave out
+        raise too_long(len(tokens), limit)
+    # where the kept part may start: a user turn (the last message is always kept)
+    starts = [i for i in range(1, len(body)) if body[i]["role"] == "user"] + [len(body) - 1]
+    # the fewest dropped that fit, by bisection: a few renders, not one per message
+    lo, hi = 0, len(starts) - 1
+    fits = None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        candidate = model.chat_tokens(head + body[starts[mid]:], tools=tools)
+        if len(candidate) < limit:
+            fits, hi = (starts[mid], candidate), mid - 1
+        else:
+            lo = mid + 1
+    dropped, tokens = fits if fits is not None else (starts[-1], model.chat_tokens(head + body[-1:], tools=tools))
     if len(tokens) >= limit:
         e = ContextOverflow(f"even the last message alone has {len(tokens)} tokens, more than the context "
                             f"({limit}) holds, so truncation cannot help; shorten it, or use a larger --ctx")
