@@ -34,6 +34,7 @@ def serve(
     log_prompts: Annotated[bool, typer.Option("--log-prompts", help="Record every prompt and answer in 'llmdesk logs' (off by default for a server).")] = False,
     header_timeout: Annotated[float, typer.Option("--header-timeout", help="Seconds a client has to send a request's headers, from connecting (or from the request's first byte on a kept-alive connection); then 408 and close.")] = 10.0,
     body_timeout: Annotated[float, typer.Option("--body-timeout", help="Seconds a client has to send a request's body, plus one per 500 bytes received; then 408 and close.")] = 30.0,
+    request_timeout: Annotated[float, typer.Option("--request-timeout", help="Seconds one request may take, waiting for a slot included; then it ends (with what was generated so far, finish_reason 'length').")] = 600.0,
     max_connections: Annotated[int, typer.Option("--max-connections", help="Connections open at once. Past it a new one replaces the longest-idle one, or gets 503 if all hold a request.")] = 1024,
 ) -> None:
     """Serve models over the OpenAI and Ollama APIs, with a web chat at http://HOST:PORT/."""
@@ -58,7 +59,7 @@ def serve(
                       max_body_bytes=parse_size(max_body, "--max-body"),
                       max_memory=parse_size(max_memory, "--max-memory") if max_memory else None,
                       template=template, log_prompts=log_prompts, header_timeout=header_timeout,
-                      body_timeout=body_timeout, max_connections=max_connections)
+                      body_timeout=body_timeout, max_connections=max_connections, request_timeout=request_timeout)
     cfg.check()
     _configure_logging()
     if not cfg.is_local and not cfg.api_key:
