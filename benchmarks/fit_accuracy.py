@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from llmdesk.fit.accuracy import GridPoint, compare, markdown, summary
+from llmdesk.bench.fit_accuracy import GridPoint, compare, markdown, summary
 
 GRID = [
     GridPoint("smollm2-135m", "f16", 2048),

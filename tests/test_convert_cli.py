@@ -8,13 +8,14 @@ import shutil
 
 import pytest
 
-pytest.importorskip("torch")
-pytest.importorskip("transformers")
+import torch  # noqa: E402, F401  (the train extra: missing, this fails)
+import transformers  # noqa: E402, F401
 
 from llmdesk.cli.main import main  # noqa: E402
 from llmdesk.formats import convert as convert_mod  # noqa: E402
 from llmdesk.formats.convert import pre_tokenizer_name  # noqa: E402
 from llmdesk.formats.hf import ConversionError  # noqa: E402
+from llmdesk.runtime.llama import LlamaModel  # noqa: E402
 
 from test_convert import make_checkpoint  # noqa: E402
 
@@ -204,13 +205,13 @@ def test_sharded_safetensors_and_pytorch_bin(ckpt, tmp_path):
     (sharded / "model.safetensors").unlink()
     model.save_pretrained(sharded, max_shard_size="100KB")
     assert (sharded / "model.safetensors.index.json").exists()
-    a = convert(sharded, tmp_path / "a.gguf", out_type="f32", register=False)
+    a = convert(sharded, tmp_path / "a.gguf", out_type="f32", check_with=LlamaModel)
 
     binary = tmp_path / "bin"
     shutil.copytree(ckpt, binary)
     (binary / "model.safetensors").unlink()
     torch.save(model.state_dict(), binary / "pytorch_model.bin")
-    b = convert(binary, tmp_path / "b.gguf", out_type="f32", register=False)
+    b = convert(binary, tmp_path / "b.gguf", out_type="f32", check_with=LlamaModel)
     assert a.n_params == b.n_params and a.n_tensors == b.n_tensors
     import gguf
     import numpy as np
@@ -227,10 +228,10 @@ def test_conversion_holds_one_tensor_at_a_time(tmp_path):
     import tracemalloc
 
     d = make_checkpoint(tmp_path / "wide", "llama-wide")
-    convert_mod.convert(d, tmp_path / "warm.gguf", out_type="f16", register=False, check=False)  # imports, caches
+    convert_mod.convert(d, tmp_path / "warm.gguf", out_type="f16")  # imports, caches
     tracemalloc.start()
     try:
-        res = convert_mod.convert(d, tmp_path / "w.gguf", out_type="f16", register=False, check=False)
+        res = convert_mod.convert(d, tmp_path / "w.gguf", out_type="f16")
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -253,7 +254,7 @@ def test_every_output_type_is_what_it_says_and_close_to_f32(ckpt, tmp_path):
     ref = None
     for out_type, type_name, bound in (("f32", "F32", 0.0), ("f16", "F16", 0.02), ("bf16", "BF16", 0.2),
                                        ("q8_0", "Q8_0", 0.5)):
-        res = convert_mod.convert(ckpt, tmp_path / f"{out_type}.gguf", out_type=out_type, register=False, check=False)
+        res = convert_mod.convert(ckpt, tmp_path / f"{out_type}.gguf", out_type=out_type)
         assert {(len(t.shape) >= 2, t.type_name) for t in read_gguf(res.path).tensors} == {(True, type_name), (False, "F32")}
         logits = llama_logits(res.path, ids)
         ref = logits if ref is None else ref

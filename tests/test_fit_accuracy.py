@@ -1,7 +1,7 @@
 """fit's memory estimate against llama.cpp's real peak memory, measured on the fly.
 
 Each point makes a random-weight model of a real shape, loads it in a child process through the
-Engine, fills the context and reads the peak RSS (fit/measure.py says exactly what is counted).
+Engine, fills the context and reads the peak RSS (bench/memory.py says exactly what is counted).
 Memory, not time: the result does not depend on how busy the machine is. The full grid and its
 table are in docs/fit.md (benchmarks/fit_accuracy.py).
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from llmdesk.fit.accuracy import GridPoint, compare, summary
+from llmdesk.bench.fit_accuracy import GridPoint, compare, summary
 
 pytestmark = pytest.mark.slow
 

@@ -27,13 +27,25 @@ def convert(
     by llama.cpp reading the new file must give the same ids, else the file is removed.
     """
     from ..formats.convert import convert as run_convert
+    from ..runtime.llama import LlamaModel
+    from ..store import catalog
 
+    # the store name first: a bad --name fails before any work
+    n, t = catalog.parse_name(name) if name else catalog.names_from_filename(output.name)
     with err.status("converting ...", spinner="dots") as status:
-        res = run_convert(hf_dir, output, out_type=type_.lower(), name=name, register=not no_register,
-                          check=not no_check, progress=lambda msg: status.update(f"{msg} ..."))
+        res = run_convert(hf_dir, output, out_type=type_.lower(), name=name, check_with=None if no_check else LlamaModel,
+                          progress=lambda msg: status.update(f"{msg} ..."))
+    registered = None
+    if not no_register:
+        try:
+            catalog.add_file(res.path, n, t, source=f"convert:{hf_dir.expanduser().resolve()}", progress=False)
+        except BaseException:
+            res.path.unlink(missing_ok=True)  # a conversion that was asked to land in the store, did not
+            raise
+        registered = f"{n}:{t}"
     if as_json:
-        out.print(json.dumps(res.to_dict()), markup=False)
+        out.print(json.dumps({**res.to_dict(), "registered": registered}), markup=False)
         return
-    reg = f", registered as {res.registered}" if res.registered else ""
+    reg = f", registered as {registered}" if registered else ""
     out.print(f"wrote {res.path} ({res.architecture}, {res.n_params / 1e6:.2f}M parameters, {res.out_type}, "
               f"{res.size_bytes / 1e6:.1f} MB, tokenizer {res.tokenizer}){reg}", markup=False)

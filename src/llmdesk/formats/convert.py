@@ -11,8 +11,9 @@ One story, top to bottom:
      shapes the config implies, stored as f32/f16/bf16/q8_0;
   5. write to a temporary name and rename (no half file ever has the final name);
   6. self-check: tokenize test strings with the original tokenizer and with llama.cpp reading the
-     new file; any difference is an error and the file is removed;
-  7. register it in the store (unless told not to).
+     new file (the caller hands in llama.cpp's tokenizer: formats/ does not load llama.cpp); any
+     difference is an error and the file is removed.
+The caller registers the file in the store if it wants it there (`llmdesk convert` does).
 
 Reference for the per-architecture details: llama.cpp's convert_hf_to_gguf.py (LlamaModel,
 Qwen2Model, Phi3MiniModel, GemmaModel, Gemma2Model).
@@ -25,7 +26,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
@@ -72,7 +73,6 @@ class ConvertResult:
     vocab_size: int
     tokenizer: str  # "gpt2 (pre: llama-bpe)" / "llama (sentencepiece)"
     size_bytes: int
-    registered: str | None = None  # "name:tag" in the store
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -553,20 +553,29 @@ def _plan(ck: Checkpoint, hp: Hparams, extra: list[tuple[str, np.ndarray]]) -> l
     return list(out.values())
 
 
+class GGUFTokenizer(Protocol):
+    """llama.cpp's tokenizer over a GGUF file (runtime.llama.LlamaModel is one)."""
+
+    def tokenize(self, text: str, *, add_special: bool = ..., parse_special: bool = ...) -> list[int]: ...
+
+    def close(self) -> None: ...
+
+
 def convert(hf_dir: str | os.PathLike, out: str | os.PathLike, *, out_type: str = "f16",
-            name: str | None = None, register: bool = True, check: bool = True,
+            name: str | None = None, check_with: Callable[[Path], GGUFTokenizer] | None = None,
             progress: Callable[[str], None] | None = None) -> ConvertResult:
-    """Convert the Hugging Face checkpoint folder `hf_dir` to the GGUF file `out`."""
+    """Convert the Hugging Face checkpoint folder `hf_dir` to the GGUF file `out`.
+
+    `name` is the model's name in the file (of a store NAME:TAG, the NAME; default: the folder's).
+    `check_with(path)` opens the written file with llama.cpp's tokenizer for the self-check
+    (pass `runtime.llama.LlamaModel`); None skips it. The file is not registered in the store:
+    that is the caller's choice."""
     if out_type not in OUT_TYPES:
         raise ConversionError(f"unknown --type {out_type!r} (choose from {', '.join(OUT_TYPES)})")
     say = progress or (lambda _msg: None)
     out = Path(out).expanduser()
     if out.is_dir():
         raise ConversionError(f"{out}: is a folder; give the output file name (e.g. {out / 'model.gguf'})")
-    if name is not None:  # a bad name fails before any work
-        from llmdesk.store.catalog import parse_name
-
-        parse_name(name)
     ck = open_checkpoint(hf_dir)
     arch_name = ARCHITECTURES.get(ck.architecture)
     if arch_name is None:
@@ -608,24 +617,17 @@ def convert(hf_dir: str | os.PathLike, out: str | os.PathLike, *, out_type: str 
             w.close()
 
     try:
-        if check:
+        if check_with is not None:
             say("checking the tokenizer against the original")
-            check_tokenizer(ck, out)
-        result = ConvertResult(path=out, architecture=gguf_arch, hf_architecture=ck.architecture,
-                               out_type=out_type, n_params=n_params, n_tensors=len(tensors),
-                               vocab_size=len(vocab.tokens),
-                               tokenizer=f"{vocab.model} (pre: {vocab.pre})" if vocab.pre else f"{vocab.model} (sentencepiece)",
-                               size_bytes=out.stat().st_size)
-        if register:
-            from llmdesk.store import catalog
-
-            n, t = catalog.parse_name(name) if name else catalog.names_from_filename(out.name)
-            catalog.add_file(out, n, t, source=f"convert:{ck.path.resolve()}", progress=False)
-            result.registered = f"{n}:{t}"
+            check_tokenizer(ck, out, check_with)
     except BaseException:
         out.unlink(missing_ok=True)
         raise
-    return result
+    return ConvertResult(path=out, architecture=gguf_arch, hf_architecture=ck.architecture,
+                         out_type=out_type, n_params=n_params, n_tensors=len(tensors),
+                         vocab_size=len(vocab.tokens),
+                         tokenizer=f"{vocab.model} (pre: {vocab.pre})" if vocab.pre else f"{vocab.model} (sentencepiece)",
+                         size_bytes=out.stat().st_size)
 
 
 # =============================================================================================
@@ -650,11 +652,10 @@ def reference_tokenize(ck: Checkpoint) -> Callable[[str], list[int]]:
     return lambda s: tok.encode(s, add_special_tokens=False).ids
 
 
-def tokenizer_differences(ck: Checkpoint, gguf_path: Path, strings: list[str] = CHECK_STRINGS) -> list[str]:
-    from llmdesk.runtime.llama import LlamaModel
-
+def tokenizer_differences(ck: Checkpoint, gguf_path: Path, open_tokenizer: Callable[[Path], GGUFTokenizer],
+                          strings: list[str] = CHECK_STRINGS) -> list[str]:
     ref = reference_tokenize(ck)
-    m = LlamaModel(gguf_path)
+    m = open_tokenizer(gguf_path)
     try:
         diffs = []
         for s in strings:
@@ -667,8 +668,8 @@ def tokenizer_differences(ck: Checkpoint, gguf_path: Path, strings: list[str] = 
         m.close()
 
 
-def check_tokenizer(ck: Checkpoint, gguf_path: Path) -> None:
-    diffs = tokenizer_differences(ck, gguf_path)
+def check_tokenizer(ck: Checkpoint, gguf_path: Path, open_tokenizer: Callable[[Path], GGUFTokenizer]) -> None:
+    diffs = tokenizer_differences(ck, gguf_path, open_tokenizer)
     if diffs:
         raise ConversionError(f"{gguf_path.name}: the converted tokenizer differs from the original on "
                               f"{len(diffs)} of {len(CHECK_STRINGS)} test strings, e.g. {diffs[0]}; "

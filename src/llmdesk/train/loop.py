@@ -315,8 +315,9 @@ def train(corpus: list[str | os.PathLike], out_dir: str | os.PathLike, cfg: Trai
     gguf_path = None
     if export_type:
         from llmdesk.formats.convert import convert
+        from llmdesk.runtime.llama import LlamaModel
 
-        gguf_path = convert(hf_dir, out / "model.gguf", out_type=export_type, register=False).path
+        gguf_path = convert(hf_dir, out / "model.gguf", out_type=export_type, check_with=LlamaModel).path
     last_eval = next((h for h in reversed(history) if "val_loss" in h), {})
     result = TrainResult(out_dir=out, steps=cfg.steps, tokens_seen=seen, n_params=n_params,
                          train_tokens=len(train_ids), val_tokens=len(val_ids),

@@ -1,8 +1,8 @@
 """Estimated against measured memory: the check behind fit's numbers.
 
 For each (preset, type, ctx, parallel, batch) of a grid: make the model (random weights, real
-shapes), load it in a child process the way users do (fit/measure.py), read the peak RSS, and
-compare with `estimate_memory` for the same settings. Used by tests/test_fit_accuracy.py (a small
+shapes), load it in a child process the way users do (bench/memory.py), read the peak RSS, and
+compare with `fit.memory.estimate_memory` for the same settings. Used by tests/test_fit_accuracy.py (a small
 grid) and benchmarks/fit_accuracy.py (the table in docs/fit.md).
 """
 
@@ -12,8 +12,8 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from .memory import estimate_memory
-from .presets import resolve_shape
+from ..fit.memory import estimate_memory
+from ..fit.presets import resolve_shape
 
 
 @dataclass
@@ -42,7 +42,7 @@ class Comparison:
 
 
 def model_file(point: GridPoint, folder: Path) -> Path:
-    from ..bench.make_model import make_model
+    from .make_model import make_model
 
     depth = f"-L{point.layers}" if point.layers else ""
     path = folder / f"{point.preset}{depth}-{point.type.lower()}.gguf"
@@ -52,7 +52,7 @@ def model_file(point: GridPoint, folder: Path) -> Path:
 
 
 def compare(point: GridPoint, folder: Path, threads: int | None = None) -> Comparison:
-    from .measure import measure
+    from .memory import measure
 
     path = model_file(point, folder)
     m = measure(path, ctx=point.ctx, parallel=point.parallel, batch=point.batch, threads=threads)

@@ -1,7 +1,7 @@
 """Measure what a model really takes: load it the way users do, in a child process, and read
 the process's peak memory and llama.cpp's own buffer sizes.
 
-    python -m llmdesk.fit.measure MODEL.gguf --ctx 2048 [--parallel N] [--batch N]
+    python -m llmdesk.bench.memory MODEL.gguf --ctx 2048 [--parallel N] [--batch N]
 
 prints one JSON object. How memory is counted (Linux, /proc/self/status):
 
@@ -95,7 +95,7 @@ def _child(path: str, ctx: int, parallel: int, batch: int, threads: int | None, 
 def measure(path: str | Path, *, ctx: int, parallel: int = 1, batch: int = 512,
             threads: int | None = None, gen: int = 4, timeout: float = 600) -> dict:
     """Run the measurement in a fresh Python process (so nothing else is in its memory)."""
-    cmd = [sys.executable, "-m", "llmdesk.fit.measure", str(path), "--ctx", str(ctx),
+    cmd = [sys.executable, "-m", "llmdesk.bench.memory", str(path), "--ctx", str(ctx),
            "--parallel", str(parallel), "--batch", str(batch), "--gen", str(gen)]
     if threads:
         cmd += ["--threads", str(threads)]
