@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from ..errors import LlmdeskError
+from ..formats.shape import DEFAULT_CTX
 from .devices import DEVICES, Device, LocalMachine, get_device
 from .memory import MemoryEstimate, estimate_memory, gpu_layers_that_fit, max_ctx
 from .presets import ModelSource, resolve_shape
@@ -23,7 +24,6 @@ from .quants import normalize_kv, normalize_quant
 from .speed import estimate_speed
 from .training import TrainEstimate, estimate_training
 
-DEFAULT_CTX = 4096
 DEFAULT_QUANT = "Q4_K_M"
 # llama.cpp's decode reaches about this fraction of the best numpy-copy bandwidth hardware.py
 # measures (`llmdesk bench`, TinyLlama 1.1B Q4_K_M, tg128: 0.41-0.47 of 36.9 GB/s on the 2-core

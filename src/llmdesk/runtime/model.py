@@ -19,7 +19,7 @@ from .engine import Engine, Request, Result, SamplingParams, ScoreRequest, Score
 from .llama import LlamaModel
 from .templates import ChatTemplate, resolve_template
 
-DEFAULT_CTX = 4096
+from ..formats.shape import DEFAULT_CTX  # one default for fit, the Engine and the server
 
 
 @dataclass

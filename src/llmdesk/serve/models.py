@@ -37,7 +37,7 @@ from .metrics import Metrics
 
 log = logging.getLogger("llmdesk.serve")
 
-DEFAULT_CTX = 4096
+from ..formats.shape import DEFAULT_CTX  # noqa: E402  (one default for fit, the Engine and the server)
 
 
 class Gate:
