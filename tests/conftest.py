@@ -1,8 +1,18 @@
-"""Shared fixtures. Every test gets its own user directory; nothing touches the network."""
+"""Shared fixtures. Every test gets its own user directory; nothing touches the network.
+
+No test hides: a skip or an xfail is reported as a failure (a skipped test is most often a
+missing install, and `make test` installs everything the tests need), unless the test carries
+`@pytest.mark.may_skip(reason="...")` saying why it may not run here. Subprocesses run the
+installed `llmdesk` command, found as a shell would find it (`llmdesk_exe()`).
+"""
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import os
+import shutil
+import sys
 import threading
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -11,6 +21,83 @@ from pathlib import Path
 import pytest
 
 from llmdesk.formats.synth import SynthConfig, write_llama_gguf
+
+# ---------------------------------------------------------------------------------------------
+# skips are failures
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "may_skip(reason): this test may skip or xfail without failing the run; the reason "
+        "says why (e.g. it needs hardware this machine may not have). Every other skip fails.")
+
+
+def _skip_reason(report) -> str:
+    if isinstance(report.longrepr, tuple):  # (path, line, "Skipped: why")
+        path, lineno, why = report.longrepr
+        return f"{why} (at {path}:{lineno})"
+    return str(report.longrepr)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    xfail = getattr(report, "wasxfail", None)
+    if not report.skipped and xfail is None:
+        return report
+    mark = item.get_closest_marker("may_skip")
+    if mark is not None and mark.kwargs.get("reason"):
+        return report
+    unexcused = "" if mark is None else " (its may_skip marker gives no reason=...)"
+    if xfail is None:
+        message = (f"{item.nodeid} did not run{unexcused}: {_skip_reason(report)}. A skipped test hides "
+                   f"what it tests, most often a package `make test` should have installed: install it, or "
+                   f"mark the test @pytest.mark.may_skip(reason=...) if it truly cannot run here.")
+    else:
+        del report.wasxfail
+        did = "failed" if report.skipped else "passed"
+        message = (f"{item.nodeid} is marked xfail ({xfail or 'no reason given'}) and {did}{unexcused}: "
+                   f"an expected failure hides a bug or a stale marker; fix the test or the code.")
+        if report.skipped and report.longrepr is not None:
+            message += "\n\n" + str(report.longrepr)
+    report.outcome = "failed"
+    report.longrepr = message
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector):
+    """A module that skips itself while being imported (importorskip, skip(allow_module_level=True))
+    is a collection error: its tests would vanish from the count."""
+    report = yield
+    if report.skipped:
+        why = _skip_reason(report)
+        report.outcome = "failed"
+        report.longrepr = (f"{collector.nodeid} skipped all its tests while being collected: {why}. "
+                           f"Install what it needs (`make test` installs the [train,test] extras).")
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# the installed command
+
+
+@functools.cache
+def llmdesk_exe() -> str:
+    """The `llmdesk` console script, found as a user's shell finds it: on PATH, with this venv's
+    bin directory (where the interpreter running the tests lives) first. Fails the test, saying
+    what to do, when it is not installed."""
+    bindir = str(Path(sys.executable).parent)  # not resolved: a venv's python is a symlink
+    path = os.pathsep.join([bindir, os.environ.get("PATH", "")])
+    exe = shutil.which("llmdesk", path=path)
+    if exe is None:
+        pytest.fail(f"no `llmdesk` command in {bindir} or on PATH: install the project "
+                    f"(`make install`, or `pip install -e .`) so its console script exists", pytrace=False)
+    return exe
+
+
+# ---------------------------------------------------------------------------------------------
+# a user directory per test, tiny models
 
 
 @pytest.fixture(autouse=True)

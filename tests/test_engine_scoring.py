@@ -20,8 +20,8 @@ import llama_cpp as C
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch  # noqa: E402  (the train extra: missing, this fails)
+import transformers  # noqa: E402
 
 from llmdesk.errors import LlmdeskError  # noqa: E402
 from llmdesk.eval.ppl import perplexity  # noqa: E402

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch  # noqa: E402  (the train extra: missing, this fails)
+import transformers  # noqa: E402
 
 from llmdesk.eval.kld import compute_base, kl_divergence  # noqa: E402
 from llmdesk.eval.ppl import perplexity, plan_windows  # noqa: E402

@@ -7,7 +7,7 @@ import json
 import pytest
 from test_serve_util import busy_slots, metric, running, wait_until
 
-sync_api = pytest.importorskip("playwright.sync_api")
+from playwright import sync_api  # noqa: E402  (the test extra: missing, this fails)
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run"]
