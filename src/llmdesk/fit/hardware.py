@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from .. import atomic
 from .devices import DEVICES, LocalMachine
 
@@ -59,26 +61,11 @@ def cpu_repacks() -> bool:
 
 
 def ram() -> tuple[int, int]:
-    """(total, available) bytes."""
-    try:
-        info = {}
-        with open("/proc/meminfo") as f:
-            for line in f:
-                k, v = line.split(":", 1)
-                info[k] = int(v.split()[0]) * 1024
-        return info["MemTotal"], info.get("MemAvailable", info.get("MemFree", 0))
-    except (OSError, KeyError, ValueError):
-        pass
-    if platform.system() == "Darwin":
-        out = _run(["sysctl", "-n", "hw.memsize"])
-        if out and out.strip().isdigit():
-            total = int(out.strip())
-            return total, int(total * 0.6)
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        return total, total // 2
-    except (ValueError, OSError, AttributeError):
-        return 0, 0
+    """(total, available) bytes. Available is what can be allocated without swapping: Linux's
+    MemAvailable (free memory plus the page cache and slabs the kernel can reclaim), and psutil's
+    equivalent on other systems."""
+    vm = psutil.virtual_memory()
+    return vm.total, vm.available
 
 
 def _run(cmd: list[str], timeout: float = 5.0) -> str | None:

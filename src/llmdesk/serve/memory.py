@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import LlmdeskError
-from ..fit.hardware import cpu_repacks
+from ..fit.hardware import cpu_repacks, ram
 from ..fit.memory import PROCESS_BASELINE_BYTES, estimate_memory
 from ..fit.presets import shape_of_gguf
 from ..formats.gguf import GGUFInfo
@@ -58,15 +58,5 @@ def estimate_load_bytes(info: GGUFInfo, path: str | os.PathLike, *, n_ctx: int, 
 
 
 def available_memory_bytes() -> int:
-    """What the kernel says can be allocated without swapping (MemAvailable), less a safety margin."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return max(0, int(line.split()[1]) * 1024 - SAFETY_BYTES)
-    except OSError:
-        pass
-    try:  # other Unixes: free pages (an underestimate: no page cache)
-        return max(0, os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") - SAFETY_BYTES)
-    except (ValueError, OSError, AttributeError):  # pragma: no cover - unknown platform: do not refuse
-        return 1 << 62
+    """What the kernel says can be allocated without swapping (`fit.hardware.ram`), less a safety margin."""
+    return max(0, ram()[1] - SAFETY_BYTES)

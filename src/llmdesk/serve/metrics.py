@@ -1,16 +1,19 @@
-"""Counters, gauges and histograms for `/metrics`, in Prometheus' text format (version 0.0.4).
+"""Counters and histograms for `/metrics`, in Prometheus' text format (version 0.0.4).
 
-Small and dependency-free: a dict of series under one lock. Engine threads record finished
-generations; the event loop records HTTP requests; gauges (queue depth, busy slots) are read
-from the live objects when `/metrics` is scraped.
+prometheus_client keeps the series (thread-safe: Engine threads record finished generations, the
+event loop records HTTP requests). `render` writes the exposition text from the client's samples
+itself, so the lines stay llmdesk's: integral values without ".0", `le="1"` rather than "1.0",
+a histogram's `_sum` before its `_count`, no `_created` series. Gauges (queue depth, busy slots)
+are read from the live objects when `/metrics` is scraped and handed to `render`.
 """
 
 from __future__ import annotations
 
-import bisect
 import math
 import threading
 from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -19,77 +22,81 @@ TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TPS_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
-Labels = tuple[tuple[str, str], ...]
-
-
-class _Histogram:
-    def __init__(self, buckets: tuple[float, ...]):
-        self.buckets = buckets
-        self.counts = [0] * (len(buckets) + 1)
-        self.sum = 0.0
-
-    def observe(self, v: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, v)] += 1
-        self.sum += v
-
 
 class Metrics:
-    """name -> help/type, and (name, labels) -> value or histogram."""
+    """Series declared by name (`counter`, `histogram`) and recorded with labels (`inc`, `observe`).
+
+    A series' label names are those of its first record (every caller of one series passes the
+    same ones); prometheus_client rejects a record with other names."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._help: dict[str, tuple[str, str]] = {}
-        self._values: dict[str, dict[Labels, float]] = {}
-        self._hists: dict[str, dict[Labels, _Histogram]] = {}
-        self._buckets: dict[str, tuple[float, ...]] = {}
+        self._registry = CollectorRegistry(auto_describe=False)
+        self._declared: dict[str, tuple[str, str, tuple[float, ...]]] = {}  # name -> (kind, help, buckets)
+        self._series: dict[str, Counter | Histogram] = {}
 
     def counter(self, name: str, help: str) -> None:
-        self._help[name] = ("counter", help)
-        self._values.setdefault(name, {})
+        self._declared[name] = ("counter", help, ())
 
     def histogram(self, name: str, help: str, buckets: tuple[float, ...]) -> None:
-        self._help[name] = ("histogram", help)
-        self._hists.setdefault(name, {})
-        self._buckets[name] = buckets
+        self._declared[name] = ("histogram", help, tuple(buckets))
+
+    def _child(self, name: str, labels: dict[str, str]) -> Counter | Histogram:
+        metric = self._series.get(name)
+        if metric is None:
+            with self._lock:
+                metric = self._series.get(name)
+                if metric is None:
+                    kind, help, buckets = self._declared[name]
+                    names = sorted(labels)
+                    if kind == "counter":
+                        metric = Counter(name, help, names, registry=self._registry)
+                    else:
+                        metric = Histogram(name, help, names, registry=self._registry, buckets=buckets)
+                    self._series[name] = metric
+        return metric.labels(**{k: str(v) for k, v in labels.items()}) if labels else metric
 
     def inc(self, name: str, value: float = 1.0, **labels: str) -> None:
-        key = tuple(sorted(labels.items()))
-        with self._lock:
-            series = self._values[name]
-            series[key] = series.get(key, 0.0) + value
+        self._child(name, labels).inc(value)
 
     def observe(self, name: str, value: float, **labels: str) -> None:
-        key = tuple(sorted(labels.items()))
-        with self._lock:
-            series = self._hists[name]
-            h = series.get(key)
-            if h is None:
-                h = series[key] = _Histogram(self._buckets[name])
-            h.observe(value)
+        self._child(name, labels).observe(value)
 
     def value(self, name: str, **labels: str) -> float:
         """A counter's current value (for tests and /slots)."""
-        with self._lock:
-            return self._values.get(name, {}).get(tuple(sorted(labels.items())), 0.0)
+        values = {k: str(v) for k, v in labels.items()}
+        v = self._registry.get_sample_value(name, values)
+        if v is None and not name.endswith("_total"):  # the client's sample name for counter NAME
+            v = self._registry.get_sample_value(name + "_total", values)
+        return 0.0 if v is None else v
 
     def render(self, gauges: Iterable[tuple[str, str, dict[str, str], float]] = ()) -> str:
         """The exposition text. `gauges`: (name, help, labels, value), read by the caller now."""
         out: list[str] = []
-        with self._lock:
-            for name, (kind, help) in self._help.items():
-                out.append(f"# HELP {name} {help}")
-                out.append(f"# TYPE {name} {kind}")
-                if kind == "counter":
-                    for labels, v in self._values[name].items():
-                        out.append(f"{name}{_labels(labels)} {_num(v)}")
-                else:
-                    for labels, h in self._hists[name].items():
-                        cumulative = 0
-                        for le, c in zip((*h.buckets, math.inf), h.counts):
-                            cumulative += c
-                            out.append(f"{name}_bucket{_labels(labels + (('le', _num(le)),))} {cumulative}")
-                        out.append(f"{name}_sum{_labels(labels)} {_num(h.sum)}")
-                        out.append(f"{name}_count{_labels(labels)} {cumulative}")
+        for name, (kind, help, _) in self._declared.items():
+            out.append(f"# HELP {name} {help}")
+            out.append(f"# TYPE {name} {kind}")
+            metric = self._series.get(name)
+            if metric is None:
+                continue
+            # one group of lines per label set: buckets, then _sum and _count
+            groups: dict[tuple[tuple[str, str], ...], dict[str, list[str]]] = {}
+            for family in metric.collect():
+                for s in family.samples:
+                    suffix = s.name[len(family.name):]
+                    if suffix == "_created":
+                        continue
+                    labels = {k: v for k, v in s.labels.items() if k != "le"}
+                    lines = groups.setdefault(tuple(labels.items()), {"_bucket": [], "_sum": [], "_count": []})
+                    if suffix == "_bucket":
+                        le = (("le", _num(float(s.labels["le"]))),)
+                        lines["_bucket"].append(f"{name}_bucket{_labels(tuple(labels.items()) + le)} {_num(s.value)}")
+                    elif kind == "counter":  # the client names a counter's sample NAME_total
+                        lines["_sum"].append(f"{name}{_labels(tuple(labels.items()))} {_num(s.value)}")
+                    else:
+                        lines[suffix].append(f"{name}{suffix}{_labels(tuple(labels.items()))} {_num(s.value)}")
+            for lines in groups.values():
+                out += lines["_bucket"] + lines["_sum"] + lines["_count"]
         seen: set[str] = set()
         for name, help, labels, v in gauges:
             if name not in seen:
@@ -108,7 +115,7 @@ def _num(v: float) -> str:
     return repr(float(v))
 
 
-def _labels(labels: Labels) -> str:
+def _labels(labels: tuple[tuple[str, str], ...]) -> str:
     if not labels:
         return ""
     esc = lambda s: str(s).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')  # noqa: E731
