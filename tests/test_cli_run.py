@@ -3,12 +3,11 @@
 import json
 import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from conftest import llmdesk_exe
 
-LLMDESK = str(Path(sys.executable).with_name("llmdesk"))
+LLMDESK = llmdesk_exe()
 
 
 def cli(*args, stdin=None, home, timeout=120):

@@ -6,15 +6,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
+from conftest import llmdesk_exe
 
 from llmdesk.formats.synth import CHATML_TEMPLATE
 from llmdesk.store import logs
 
-LLMDESK = Path(sys.executable).with_name("llmdesk")
-COMMAND = [str(LLMDESK)] if LLMDESK.exists() else [sys.executable, "-m", "llmdesk.cli.main"]
+COMMAND = [llmdesk_exe()]
 
 
 def cli(*args, timeout=120) -> subprocess.CompletedProcess:

@@ -24,8 +24,6 @@ from llmdesk.formats.hf import open_checkpoint  # noqa: E402
 from llmdesk.runtime.llama import LlamaModel  # noqa: E402
 from llmdesk.train.tokenizer import CHATML_TEMPLATE, save_hf_tokenizer, train_bpe  # noqa: E402
 
-LLMDESK = str(Path(__file__).resolve().parents[1] / ".venv" / "bin" / "llmdesk")
-
 TEXT = [
     "The quick brown fox jumps over the lazy dog. Quantization stores weights in fewer bits.",
     "def main(argv):\n    return sum(int(x) for x in argv)  # 12345 67890\n",

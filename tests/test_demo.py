@@ -6,15 +6,15 @@ from __future__ import annotations
 import functools
 import os
 import subprocess
-from pathlib import Path
 
+from conftest import llmdesk_exe
 
 import llmdesk
 from llmdesk.demo import default_model_path
 from llmdesk.demo.corpus import FACTS, conversations, heldout, key_term_recall
 from llmdesk.formats.gguf import read_gguf
 
-LLMDESK = str(Path(__file__).resolve().parents[1] / ".venv" / "bin" / "llmdesk")
+LLMDESK = llmdesk_exe()
 DEMO = default_model_path()
 # the demo model ships with the package: its absence is a failure, not a reason to skip
 def needs_demo(test):

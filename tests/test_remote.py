@@ -7,11 +7,11 @@ import logging
 import math
 import socket
 import subprocess
-import sys
 import threading
 
 import httpx
 import pytest
+from conftest import llmdesk_exe
 from test_serve_util import LONG, metric, running, start_server, wait_until
 
 import llmdesk
@@ -19,7 +19,7 @@ from llmdesk.errors import LlmdeskError, ModelNotFound
 from llmdesk.runtime.remote import RemoteModel
 from llmdesk.store import refs
 
-LLMDESK = str(__import__("pathlib").Path(sys.executable).with_name("llmdesk"))
+LLMDESK = llmdesk_exe()
 HI = [{"role": "user", "content": "Hello, how are you today?"}]
 SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Rome", "Oslo"]},
                                            "days": {"type": "integer", "minimum": 1, "maximum": 9}},

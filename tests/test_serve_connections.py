@@ -12,13 +12,13 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 
 import httpx
 import openai
 import pytest
+from conftest import llmdesk_exe
 from test_serve_util import LONG, wait_until
 
 from llmdesk.errors import LlmdeskError
@@ -416,7 +416,7 @@ def test_sigterm_stops_llmdesk_serve_within_seconds(long_gguf, tmp_path):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "llmdesk.cli.main", "serve", "-m", str(model), "--port", str(port),
+    proc = subprocess.Popen([llmdesk_exe(), "serve", "-m", str(model), "--port", str(port),
                              "--parallel", "2", "--ctx", "32768", "--threads", "1", "--header-timeout", "1",
                              "--body-timeout", "5", "--max-connections", "64"],
                             stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,

@@ -14,6 +14,7 @@ import httpx
 import ollama
 import openai
 import pytest
+from conftest import llmdesk_exe
 from test_serve_util import LONG, busy_slots, metric, running, wait_until
 
 from llmdesk.errors import LlmdeskError
@@ -283,12 +284,11 @@ def test_cli_serve_end_to_end(tiny_gguf, tmp_path):
     import signal
     import socket
     import subprocess
-    import sys
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "llmdesk.cli.main", "serve", "-m", str(tiny_gguf), "--port",
+    proc = subprocess.Popen([llmdesk_exe(), "serve", "-m", str(tiny_gguf), "--port",
                              str(port), "--parallel", "2", "--ctx", "512", "--threads", "1"],
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "LLMDESK_HOME": str(tmp_path)})
     try:
@@ -310,7 +310,7 @@ def test_cli_serve_end_to_end(tiny_gguf, tmp_path):
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=30)
-    refused = subprocess.run([sys.executable, "-m", "llmdesk.cli.main", "serve", "-m", str(tiny_gguf), "--host",
+    refused = subprocess.run([llmdesk_exe(), "serve", "-m", str(tiny_gguf), "--host",
                               "0.0.0.0"], capture_output=True, text=True, timeout=60,
                              env={**os.environ, "LLMDESK_HOME": str(tmp_path)})
     assert refused.returncode == 1 and "--api-key" in refused.stderr and "Traceback" not in refused.stderr

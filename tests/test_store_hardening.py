@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import llmdesk_exe
 
 from llmdesk import atomic
 from llmdesk.cli.main import main
@@ -22,7 +23,7 @@ from llmdesk.formats.gguf import read_gguf
 from llmdesk.formats.synth import SynthConfig, write_llama_gguf
 from llmdesk.store import catalog, doctor, leftovers, paths, pull, refs
 
-COMMAND = [sys.executable, "-m", "llmdesk.cli.main"]
+COMMAND = [llmdesk_exe()]
 BIG = 200 * 1000 * 1000  # bytes of the "large model" the kill tests import
 
 

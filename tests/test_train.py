@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import llmdesk_exe
 
 import torch  # noqa: E402, F401  (the train extra: missing, this fails)
 import transformers  # noqa: E402, F401
@@ -18,7 +19,7 @@ from llmdesk.errors import LlmdeskError  # noqa: E402
 from llmdesk.train.config import make_config  # noqa: E402
 from llmdesk.train.loop import train  # noqa: E402
 
-LLMDESK = str(Path(__file__).resolve().parents[1] / ".venv" / "bin" / "llmdesk")
+LLMDESK = llmdesk_exe()
 
 TEXT = ("Quantization stores the weights of a model in fewer bits, so the file is smaller and runs "
         "faster. The KV cache holds keys and values. Tokens per second measures speed. ")
