@@ -158,46 +158,33 @@ def _print_compare(run, earlier: list[dict]) -> None:
     out.print(t)
 
 
-def _serve(args: list[str], as_json: bool) -> None:
-    """`llmdesk bench serve URL ...`: parse the load generator's options, hand over to bench/load.py."""
+# `llmdesk bench serve URL ...`: the load generator's options are a typer app of their own, to
+# which `bench` hands the rest of its command line (`bench MODEL` keeps its own options, and a
+# click group cannot take both a MODEL argument and a `serve` subcommand)
+serve_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+
+
+@serve_app.command()
+def bench_serve(
+    url: Annotated[Optional[str], typer.Argument(help="The server, e.g. http://127.0.0.1:8080 (or its /v1).")] = None,
+    concurrency: Annotated[Optional[list[str]], typer.Option("-c", "--concurrency", help="Concurrent requests, e.g. 1,4,16 (default 1,2,4,8).")] = None,
+    requests: Annotated[int, typer.Option("--requests", help="Requests at each concurrency.")] = 32,
+    prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", help="Prompt length in tokens.")] = 128,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Tokens to generate per request.")] = 128,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", help="The server's API key.")] = None,
+    model: Annotated[Optional[str], typer.Option("-m", "--model", help="The model to ask for (default: the server's first).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the rows as JSON.")] = False,
+) -> None:
+    """Load-test an OpenAI-compatible server: tokens/s, time to first token and latency at each
+    concurrency (bench/load.py)."""
     from ..bench.core import parse_list
 
-    url = None
-    opts: dict[str, str] = {}
-    known = {"--concurrency": "concurrency", "-c": "concurrency", "--requests": "requests",
-             "--prompt-tokens": "prompt_tokens", "--max-tokens": "max_tokens", "--api-key": "api_key",
-             "--model": "model", "-m": "model"}
-    it = iter(args)
-    for a in it:
-        key, eq, val = a.partition("=")
-        if key in known:
-            if not eq:
-                val = next(it, None)
-                if val is None:
-                    raise LlmdeskError(f"{key} needs a value")
-            opts[known[key]] = val
-        elif a.startswith("-"):
-            raise LlmdeskError(f"unknown option for 'bench serve': {a} (see 'llmdesk bench --help')")
-        elif url is None:
-            url = a
-        else:
-            raise LlmdeskError(f"unexpected argument for 'bench serve': {a}")
     if not url:
         raise LlmdeskError("bench serve needs the server's URL, e.g. llmdesk bench serve http://127.0.0.1:8080")
-
-    def num(name: str, default: int) -> int:
-        v = opts.get(name)
-        if v is None:
-            return default
-        try:
-            n = int(v)
-        except ValueError:
-            raise LlmdeskError(f"--{name.replace('_', '-')} takes a number, got '{v}'") from None
+    for flag, n in (("--requests", requests), ("--prompt-tokens", prompt_tokens), ("--max-tokens", max_tokens)):
         if n < 1:
-            raise LlmdeskError(f"--{name.replace('_', '-')} must be at least 1, got {n}")
-        return n
-
-    concurrency = parse_list(opts.get("concurrency"), "--concurrency", [1, 2, 4, 8], minimum=1)
+            raise LlmdeskError(f"{flag} must be at least 1, got {n}")
+    levels = parse_list(concurrency, "--concurrency", [1, 2, 4, 8], minimum=1)
     try:
         from ..bench import load
     except ImportError:
@@ -205,11 +192,18 @@ def _serve(args: list[str], as_json: bool) -> None:
     main = getattr(load, "main", None)
     if main is None:
         raise LlmdeskError("the server load generator (llmdesk.bench.load.main) is not available in this build")
-    extra = {k: opts[k] for k in ("api_key", "model") if k in opts}
-    rc = main(url=url, concurrency=concurrency, requests=num("requests", 32), prompt_tokens=num("prompt_tokens", 128),
-              max_tokens=num("max_tokens", 128), json_out=as_json, **extra)
+    extra = {k: v for k, v in (("api_key", api_key), ("model", model)) if v is not None}
+    rc = main(url=url, concurrency=levels, requests=requests, prompt_tokens=prompt_tokens, max_tokens=max_tokens,
+              json_out=as_json, **extra)
     if isinstance(rc, int) and rc != 0:
         raise LlmdeskError(f"no request to {url} succeeded")
+
+
+def _serve(args: list[str], as_json: bool) -> None:
+    """`llmdesk bench serve ...`: the rest of the command line to `serve_app` (`bench` has already
+    taken --json, an option of both)."""
+    command = typer.main.get_command(serve_app)
+    command.main(args=args + (["--json"] if as_json else []), prog_name="llmdesk bench serve", standalone_mode=False)
 
 
 @app.command("make-model")
