@@ -40,7 +40,7 @@ from llmdesk.errors import BadModelFile, ModelNotFound
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
-DEFAULT_ALIGNMENT = 32  # GGUF_DEFAULT_ALIGNMENT
+DEFAULT_ALIGNMENT = gguf.GGUF_DEFAULT_ALIGNMENT  # 32
 GGML_MAX_DIMS = 4
 GGML_MAX_NAME = 64  # ggml_tensor.name is char[64], so a tensor name has at most 63 bytes
 MAX_KEY_BYTES = 65535  # the spec: a key is at most 2**16 - 1 bytes
@@ -54,15 +54,15 @@ INT64_MAX = (1 << 63) - 1
 MIN_KV_BYTES = 8 + 1 + 4 + 1  # key length, 1-byte key, value type, 1-byte value
 MIN_TENSOR_INFO_BYTES = 8 + 1 + 4 + 4 + 8  # name length, 1-byte name, n_dims = 0, type, offset
 
-# GGUF value types: id -> (name, little-endian struct format). 8 = string and 9 = array are
-# variable-length and read by hand.
-STRING, ARRAY, BOOL = 8, 9, 7
+# GGUF value types (gguf.GGUFValueType, the ids the spec gives): id -> (name, little-endian struct
+# format). STRING and ARRAY are variable-length and read by hand.
+VT = gguf.GGUFValueType
+STRING, ARRAY, BOOL = int(VT.STRING), int(VT.ARRAY), int(VT.BOOL)
 SCALARS: dict[int, tuple[str, struct.Struct]] = {
-    vtype: (name, struct.Struct("<" + fmt))
-    for vtype, name, fmt in [
-        (0, "uint8", "B"), (1, "int8", "b"), (2, "uint16", "H"), (3, "int16", "h"),
-        (4, "uint32", "I"), (5, "int32", "i"), (6, "float32", "f"), (7, "bool", "?"),
-        (10, "uint64", "Q"), (11, "int64", "q"), (12, "float64", "d"),
+    int(vtype): (vtype.name.lower(), struct.Struct("<" + fmt))
+    for vtype, fmt in [
+        (VT.UINT8, "B"), (VT.INT8, "b"), (VT.UINT16, "H"), (VT.INT16, "h"), (VT.UINT32, "I"), (VT.INT32, "i"),
+        (VT.FLOAT32, "f"), (VT.BOOL, "?"), (VT.UINT64, "Q"), (VT.INT64, "q"), (VT.FLOAT64, "d"),
     ]
 }
 # arrays of scalars are read with one read + numpy (bools as bytes: any nonzero byte is true)
