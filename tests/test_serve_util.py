@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import re
 import time
 from contextlib import contextmanager
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from llmdesk.serve import BackgroundServer, ServeConfig, create_app
 
@@ -52,17 +52,17 @@ def busy_slots(url: str, key: str | None = None) -> int:
 
 
 def metric(url: str, name: str, key: str | None = None, **labels) -> float:
-    """The sum of the series `name` whose labels include `labels`, read from /metrics."""
-    text = httpx.get(url + "/metrics", headers=headers(key)).text
-    total = 0.0
-    for line in text.splitlines():
-        m = re.fullmatch(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})? (\S+)", line)
-        if not m or m.group(1) != name:
-            continue
-        got = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(3) or ""))
-        if all(got.get(k) == v for k, v in labels.items()):
-            total += float(m.group(4))
-    return total
+    """The sum of the samples `name` whose labels include `labels`, read from /metrics with
+    prometheus_client's parser (a page it cannot parse fails the test). `name` is a sample's name
+    as the page writes it (`llmdesk_rejected_total`, `..._bucket`); a name that no family on the
+    page can hold fails too, rather than reading as 0."""
+    r = httpx.get(url + "/metrics", headers=headers(key))
+    assert r.status_code == 200, f"/metrics answered {r.status_code}: {r.text[:200]}"
+    families = list(text_string_to_metric_families(r.text))
+    names = {f.name + suffix for f in families for suffix in ("", "_total", "_bucket", "_sum", "_count")}
+    assert name in names, f"no metric family on /metrics holds {name!r}; the families: {sorted(f.name for f in families)}"
+    return sum((s.value for f in families for s in f.samples
+                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())), 0.0)
 
 
 LONG = {"max_tokens": 100000, "ignore_eos": True}  # runs until the context is full: cancelled by the tests
