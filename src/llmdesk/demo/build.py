@@ -33,10 +33,10 @@ QUANT = "q8_0"
 
 def evaluate(gguf: Path, system: bool = True) -> tuple[float, list[dict]]:
     """Mean key-term recall on the held-out questions (greedy, up to 80 tokens)."""
-    import llmdesk
+    from llmdesk.runtime.model import load
 
     rows = []
-    with llmdesk.load(gguf, ctx=512) as m:
+    with load(gguf, ctx=512) as m:
         for q, keys in heldout():
             msgs = ([{"role": "system", "content": SYSTEM}] if system else []) + [{"role": "user", "content": q}]
             a = m.chat(msgs, temperature=0.0, max_tokens=80)
