@@ -87,7 +87,7 @@ def hf(tmp_path_factory) -> dict:
     save_hf_tokenizer(tok, ckpt)
     (ckpt / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}))
     gguf = d / "tiny-f32.gguf"
-    convert(ckpt, gguf, out_type="f32", register=False)
+    convert(ckpt, gguf, out_type="f32", check_with=LlamaModel)
     return {"ckpt": ckpt, "gguf": gguf, "model": model, "dir": d}
 
 

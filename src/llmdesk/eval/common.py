@@ -49,7 +49,10 @@ def _convert_hf(folder: Path, say: Callable[[str], None] | None) -> ModelRef:
         tmp_dir.mkdir(parents=True, exist_ok=True)
         out = tmp_dir / f"{name}-f16.{os.getpid()}.gguf"
         try:
-            convert(folder, out, out_type="f16", name=f"{name}:f16", register=True)
+            from ..runtime.llama import LlamaModel
+
+            convert(folder, out, out_type="f16", name=name, check_with=LlamaModel)
+            catalog.add_file(out, name, "f16", source=source, progress=False)
         finally:
             out.unlink(missing_ok=True)  # the store holds it (hard link or copy)
         entry = catalog.get(name, "f16")
