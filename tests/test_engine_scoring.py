@@ -48,10 +48,11 @@ QUESTIONS = [
 ]
 PARITY = 1e-3  # max abs difference in log-probabilities and pooled, normalised embeddings
 BATCHED = 1e-4  # batched against one at a time (same llama.cpp, other sums' order)
-# llama.cpp's CPU flash-attention kernel rounds to f16 in ways that depend on how many tokens a
-# ubatch holds: on these large random weights that moves log-probabilities by up to 0.1 between
-# a batched and a lone decode. The batching comparisons turn it off to be exact to float noise.
-EXACT = dict(flash_attn=False)
+# llama.cpp's CPU flash-attention kernel, and its f16 KV cache, round to f16 in ways that depend
+# on how many tokens a ubatch holds and how many cells it attends over: on these large random
+# weights that moves log-probabilities by up to 0.1 between a batched and a lone decode. The
+# batching comparisons turn both off to be exact to float noise.
+EXACT = dict(flash_attn=False, cache_type="f32")
 GREEDY = SamplingParams(temperature=0)
 
 
@@ -119,7 +120,8 @@ def hf_llama(hf):
     m.close()
 
 
-def test_scores_match_transformers(hf, hf_llama):
+@pytest.mark.parametrize("unified", [False, True], ids=["cache-per-slot", "unified-cache"])
+def test_scores_match_transformers(hf, hf_llama, unified):
     few = hf_llama.tokenize(FEW_SHOT)
     pairs = []
     for q, choices in QUESTIONS:
@@ -133,8 +135,9 @@ def test_scores_match_transformers(hf, hf_llama):
     pairs.append((ctx, greedy))
     # an f32 KV cache and no flash attention, as the converter's parity test has (an f16 cache
     # alone moves logits ~1e-2; the CPU flash-attention kernel rounds queries to f16)
-    with Engine(hf_llama, n_ctx=256, n_slots=4, cache_type="f32", flash_attn=False) as eng:
+    with Engine(hf_llama, n_ctx=256, n_slots=4, cache_type="f32", flash_attn=False, kv_unified=unified) as eng:
         results = eng.score([ScoreRequest(c, k) for c, k in pairs]).wait()
+        assert eng.seq_copies > 0  # the choices got their question's context from another slot
     for (c, k), r in zip(pairs, results):
         ref_lp, ref_greedy = ref_scores(hf, c, k)
         assert r.tokens == k and r.n_tokens == len(k)
@@ -199,10 +202,11 @@ def alone(llama, req: ScoreRequest):
         return r, eng.steps
 
 
-def test_batched_scoring_equals_one_at_a_time(llama):
+@pytest.mark.parametrize("unified", [False, True], ids=["cache-per-slot", "unified-cache"])
+def test_batched_scoring_equals_one_at_a_time(llama, unified):
     reqs = mc_requests(llama)
     solo = [alone(llama, r) for r in reqs]
-    with Engine(llama, n_ctx=256, n_slots=4, **EXACT) as eng:
+    with Engine(llama, n_ctx=256, n_slots=4, kv_unified=unified, **EXACT) as eng:
         batched = eng.score(reqs).wait()
         steps = eng.steps
     for r, (s, _) in zip(batched, solo):
@@ -213,15 +217,21 @@ def test_batched_scoring_equals_one_at_a_time(llama):
     assert sum(r.n_cached for r in batched) >= (len(reqs) - 1) * len(llama.tokenize(FEW_SHOT))
 
 
-def test_shared_context_copy_equals_recomputing(llama):
+@pytest.mark.parametrize("unified", [False, True], ids=["cache-per-slot", "unified-cache"])
+def test_shared_context_copy_equals_recomputing(llama, unified):
     reqs = mc_requests(llama)[:4]  # one question's choices: the same context
     ctx_len = len(reqs[0].context)
-    with Engine(llama, n_ctx=256, n_slots=4, **EXACT) as eng:
+    with Engine(llama, n_ctx=256, n_slots=4, kv_unified=unified, **EXACT) as eng:
         got = eng.score(reqs).wait()
         copies = eng.seq_copies
-        # each sequence holds the context (copied or computed) and its own choice
+        # each sequence holds the context (copied, shared or computed) and its own choice
         for slot in eng.slots:
             assert C.llama_memory_seq_pos_max(eng.mem, slot.seq) == len(slot.cache) - 1
+        # a second question after the first: in a unified cache the slots' old cells must not
+        # stay beside the ones shared from another slot
+        more = eng.score(mc_requests(llama)[4:8]).wait()
+    for r, req in zip(more, mc_requests(llama)[4:8]):
+        np.testing.assert_allclose(r.logprobs, alone(llama, req)[0].logprobs, rtol=1e-6, atol=BATCHED)
     # one slot computed the context; the others had it copied (llama_memory_seq_cp) or reused it
     assert copies >= 2
     assert [r.n_cached for r in got].count(ctx_len - 1) == 3

@@ -448,7 +448,16 @@ class Engine:
     """One llama.cpp context over `model` with `n_slots` sequences of `n_ctx` tokens each.
     `cache_type`: the KV cache's element type, "f16" (llama.cpp's default) or "f32";
     `flash_attn`: llama.cpp's flash attention on, off, or None (llama.cpp decides). On a CPU its
-    kernel rounds queries to f16: exact comparisons want "f32" and flash_attn=False."""
+    kernel rounds queries to f16: exact comparisons want "f32" and flash_attn=False.
+
+    `kv_unified`: the slots share one cache of n_ctx * n_slots cells instead of n_ctx each. A
+    prefix copied between slots is then shared, not copied (llama_memory_seq_cp marks the cells
+    as the other sequence's too), and llama.cpp puts the tokens of any mix of slots into one
+    ubatch; with a cache per slot it splits a decode into ubatches of equal tokens per slot, and
+    of consecutive slots only (llama_batch_allocr::split_equal), which costs scoring (choices of
+    different lengths) most of what batching gains on a CPU. But every token then attends over
+    every slot's cells (masked), so for unrelated chats the default is faster: unified suits
+    evaluation, where the slots share long prefixes."""
 
     # one token's sampling may take this long before the request is stopped (a grammar that is
     # slow for this vocabulary); the grammar checks keep accepted grammars far below it
@@ -459,6 +468,9 @@ class Engine:
     min_copy_tokens = 8
     # waiting score requests looked at per admission, for a free slot and a prefix to reuse
     score_scan = 64
+    # False: every request computes its whole prompt (no cached prefix, no copy), as a server
+    # without a prompt cache would; for measuring what the reuse saves
+    reuse_prefix = True
 
     def __init__(
         self,
@@ -470,6 +482,7 @@ class Engine:
         n_threads: int | None = None,
         cache_type: str = "f16",
         flash_attn: bool | None = None,
+        kv_unified: bool = False,
     ):
         if n_slots < 1:
             raise LlmdeskError(f"--parallel must be at least 1, got {n_slots}")
@@ -481,8 +494,10 @@ class Engine:
         self.n_threads = n_threads
         self.cache_type = cache_type
         self.flash_attn = flash_attn
+        self.kv_unified = kv_unified
         self.ctx = new_context(model, n_ctx=n_ctx * n_slots, n_seq=n_slots, n_batch=self.n_batch,
-                               n_threads=n_threads, cache_type=cache_type, flash_attn=flash_attn)
+                               n_threads=n_threads, cache_type=cache_type, flash_attn=flash_attn,
+                               unified=kv_unified)
         self.abort = AbortFlag()  # read by llama.cpp during a decode: set, the decode returns early
         self.abort.attach(self.ctx)
         # per slot; llama.cpp rounds its cache up (to 256 cells), the limit is what was asked for
@@ -777,6 +792,8 @@ class Engine:
             # the free slot whose cache shares the longest prefix; else the least recently used
             slot = max(free, key=lambda s: (common_prefix(s.cache, prompt), -s.last_used))
             keep = min(common_prefix(slot.cache, prompt), len(prompt) - 1)  # recompute >= 1 token for logits
+            if not self.reuse_prefix:
+                keep = 0
             if not C.llama_memory_seq_rm(self.mem, slot.seq, keep, -1):
                 C.llama_memory_seq_rm(self.mem, slot.seq, -1, -1)
                 keep = 0
@@ -814,6 +831,10 @@ class Engine:
                 return
             seen += 1
             toks, limit = task.tokens, task.first  # the outputs start at `first`: it is always computed
+            if not self.reuse_prefix:
+                limit = 0
+            # in a unified cache a copy shares the cells: worth it for one token
+            min_copy = 1 if self.kv_unified else self.min_copy_tokens
             slot = max(free, key=lambda s: (common_prefix(s.cache, toks), -s.last_used))
             own = min(common_prefix(slot.cache, toks), limit)
             src, copied, coming = None, own, own
@@ -825,13 +846,16 @@ class Engine:
                     src, copied = s, c
                 if s.todo and c == len(s.cache) < limit:  # its prefill continues along our tokens
                     coming = max(coming, min(c + common_prefix(s.todo, toks[c:]), limit))
-            if coming >= max(own, copied) + self.min_copy_tokens:
+            if coming >= max(own, copied) + min_copy:
                 i += 1  # wait: that slot's next steps compute this prefix
                 continue
             with self._cv:
                 del self.score_queue[i]
-            if src is not None and copied >= own + self.min_copy_tokens:
-                # a cross-sequence copy of the whole sequence, done at the next decode (before its tokens)
+            if src is not None and copied >= own + min_copy:
+                # with a cache per slot, a copy of the whole sequence's buffer, done at the next decode
+                # (before its tokens are computed); in a unified cache the cells become shared, and
+                # the slot's own cells must go first (seq_cp adds to them, it does not replace them)
+                C.llama_memory_seq_rm(self.mem, slot.seq, -1, -1)
                 C.llama_memory_seq_cp(self.mem, src.seq, slot.seq, -1, -1)
                 slot.cache = list(src.cache)
                 keep = copied
