@@ -59,6 +59,7 @@ class SynthConfig(ModelShape):
     chat_template: str | None = CHATML_TEMPLATE
     extra_tokens: list[str] = field(default_factory=list)
     dtype: str = "f32"  # 2-D weights: "f32", "f16", "bf16" or "q8_0"; norms and biases stay f32
+    pooling: str | None = None  # "mean", "cls", "last": written as {arch}.pooling_type; None: no key
 
     @classmethod
     def like(cls, shape: ModelShape, **settings: Any) -> "SynthConfig":
@@ -212,6 +213,8 @@ def write_llama_gguf(path: str | os.PathLike, cfg: SynthConfig | None = None) ->
                                  n_head=cfg.n_head, n_head_kv=cfg.n_head_kv, head_dim=head_dim, n_rot=head_dim,
                                  rms_eps=cfg.rms_eps, rope_theta=cfg.rope_freq_base, n_vocab=n_vocab)
             w.add_file_type(file_type(cfg.dtype))
+            if cfg.pooling is not None:  # how embeddings pool token states (llama.cpp's llama_pooling_type)
+                w.add_pooling_type(gguf.PoolingType[cfg.pooling.upper()])
             if cfg.n_expert:
                 w.add_expert_count(cfg.n_expert)
                 w.add_expert_used_count(cfg.n_expert_used)
