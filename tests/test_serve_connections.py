@@ -306,6 +306,8 @@ def test_at_the_cap_busy_connections_are_kept_and_a_new_one_gets_503(tiny_gguf):
         third = connect(server)
         third.sendall(POST + b"Content-Length: %d\r\n\r\n" % len(BODY) + BODY[:10])
         wait_until(lambda: open_connections(server) == 3, timeout=GUARD)
+        # and the server has read the third one's request start: no connection is idle now
+        wait_until(lambda: not server.server.server_state.idle, timeout=GUARD)
         refused = connect(server)  # all three hold a request now
         answer = read_to_end(refused)
         assert answer.startswith(b"HTTP/1.1 503 Service Unavailable") and b"retry-after: 1" in answer, answer
