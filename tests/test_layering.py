@@ -38,6 +38,9 @@ RANKS = {
 # imports between rooms of one rank that are allowed, room to room
 SIDEWAYS = {
     ("cli", "serve"): "`llmdesk serve` builds and starts the server",
+    # one way only (eval never imports quantize): a quantization's quality is measured, and its
+    # result recorded, with eval's perplexity and KL divergence
+    ("quantize", "eval"): "quantize's quality report and sweep measure with eval",
 }
 
 # single imports that break a rule, by (importing file, imported module): each must still exist
@@ -51,17 +54,9 @@ EXCEPTIONS: dict[tuple[str, str], str] = {
     ("quantize/_worker.py", "llama_cpp"):
         "the quantizer's child process: llama_model_quantize runs in a process of its own, so that a "
         "crash or an interrupt cannot take the caller down; it loads only llama.cpp",
-    # until the quantize -> eval change lands (model references and results move below both;
-    # another change in progress): quantize resolves models and records results through eval
-    ("quantize/workflow.py", "llmdesk.eval.common"): "in progress: quantize -> eval",
-    ("quantize/sweep.py", "llmdesk.eval.common"): "in progress: quantize -> eval",
-    ("quantize/sweep.py", "llmdesk.eval.kld"): "in progress: quantize -> eval (the sweep's KL divergence)",
-    ("quantize/sweep.py", "llmdesk.eval.ppl"): "in progress: quantize -> eval (the sweep's perplexity)",
     # until the grammar code moves into runtime/ (serve/ is being reworked in another change):
     # llama-cpp-python's pure-Python JSON-schema -> GBNF converter
     ("serve/grammars.py", "llama_cpp.llama_grammar"): "in progress: serve -> llama_cpp (schema grammars)",
-    # until runtime/engine.py names its end-of-stream marker publicly (another change in progress)
-    ("serve/scheduler.py", "llmdesk.runtime.engine._DONE"): "in progress: a private name of runtime/",
 }
 
 # heavy ML libraries: imported only in train/ and the converter (the `llmdesk[train]` extra)

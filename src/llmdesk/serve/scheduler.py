@@ -19,7 +19,6 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 
-from ..runtime.engine import _DONE as _ENGINE_DONE
 from ..runtime.engine import Request, Result, Stream, TokenEvent
 from .errors import APIError
 from .metrics import Metrics
@@ -61,7 +60,7 @@ class Generations:
 
     def _deliver(self, index: int, item) -> None:
         # on the loop, so after submit() has recorded the stream, even for one that ended at once
-        if item is _ENGINE_DONE:
+        if not isinstance(item, TokenEvent):  # the Engine's end-of-stream marker
             try:
                 self._on_done(self.streams[index].result)  # counted whoever is listening
             finally:
