@@ -29,7 +29,6 @@ the model says: mean, CLS or last token) and interleaved with generation steps t
 from __future__ import annotations
 
 import codecs
-import ctypes
 import logging
 import queue
 import threading
