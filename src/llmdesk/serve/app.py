@@ -125,7 +125,10 @@ def create_app(config: ServeConfig) -> FastAPI:
             states = []
             for s in eng.slots:
                 stream = s.stream
-                state = "idle" if stream is None else ("prompt" if s.todo or not stream.result.n_gen else "generating")
+                if s.task is not None:
+                    state = "scoring"
+                else:
+                    state = "idle" if stream is None else ("prompt" if s.todo or not stream.result.n_gen else "generating")
                 states.append({"id": s.seq, "state": state, "cached_tokens": len(s.cache),
                                "generated_tokens": stream.result.n_gen if stream is not None else 0})
             exp = lm.expires_wall()
