@@ -21,7 +21,7 @@ import secrets
 from dataclasses import dataclass
 
 from .errors import APIError
-from .grammars import check_schema, schema_grammar
+from .grammars import MAX_LIVE_PARSES, check_schema, schema_grammar
 
 MARKERS = ("<tool_call>", "[TOOL_CALLS]", "<|python_tag|>")
 
@@ -184,8 +184,12 @@ def grammar(spec: ToolSpec) -> str | None:
             params.setdefault("additionalProperties", False)  # a call with made-up arguments is no use
         options.append({"type": "object", "properties": {"name": {"const": fn["name"]}, key: params},
                         "required": ["name", key], "additionalProperties": False})
+    if len(options) > MAX_LIVE_PARSES:  # each one a parse the grammar sampler follows until the name is written
+        raise APIError(400, f"tool_choice 'required' with {len(options)} tools keeps them all possible until a "
+                       f"name is written, which makes every token slow (the limit is {MAX_LIVE_PARSES}); name "
+                       f"one function in tool_choice or pass fewer tools", param="tool_choice")
     schema = options[0] if len(options) == 1 else {"oneOf": options}
-    call = schema_grammar(schema, root="tool-call")
+    call = schema_grammar(schema, root="tool-call", where="tools")
     if spec.style == "mistral":
         head, tail = r'"[TOOL_CALLS]" " "? "["', r'"]"'
     elif spec.style == "llama3":
