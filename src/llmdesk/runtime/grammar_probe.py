@@ -16,7 +16,7 @@ The budget is relative to the vocabulary: BUDGET_RATIO times what a plain JSON g
 (the reference is measured once per model), never under MIN_BUDGET_S. The schema checks keep the
 grammars they accept within ~8-12x of plain JSON (benchmarks/grammar_cost.py), so the ratio
 leaves room for a busy machine; a step over budget is measured again before it refuses. A probe
-costs WALKS x STEPS applies, ~0.1 s for a 32k vocabulary, once per distinct grammar.
+costs WALKS x STEPS applies once per distinct grammar: 0.1-0.5 s for a 32k vocabulary here.
 
 It is a probe, not a proof: a walk of a few tokens reaches the grammar's first few places, not
 every one. The static checks are what bound the rest.
