@@ -11,7 +11,7 @@ ambiguous the grammar is at that point of the text. Ambiguity is what grows: a q
 whose body can match nothing or repeat ("([a-z]*){0,40}"), overlapping alternatives under a
 repetition ("(a|aa){0,40}"), many optional properties, many anyOf branches that start alike.
 
-Each row is one schema: converted to GBNF (`llmdesk.serve.grammars.schema_grammar`, timed), the
+Each row is one schema: converted to GBNF (`llmdesk.runtime.grammars.schema_grammar`, timed), the
 grammar sampler made for the vocabulary (timed: llama.cpp parses and expands the grammar), then
 applied to the whole vocabulary (every token a candidate, as in generation) at step 0 and after
 accepting a walk of single characters the grammar allows ("aaaa...", '{"p0": 0, "p1": ...'),
@@ -52,7 +52,7 @@ import numpy as np
 from llmdesk.formats.synth import SynthConfig, write_llama_gguf
 from llmdesk.runtime.llama import init_backend
 from llmdesk.serve.errors import APIError
-from llmdesk.serve.grammars import live_parses, schema_grammar
+from llmdesk.runtime.grammars import live_parses, schema_grammar
 
 CACHE = Path.home() / ".cache" / "llmdesk-bench-models"
 

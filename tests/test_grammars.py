@@ -20,16 +20,18 @@ from llmdesk.errors import LlmdeskError
 from llmdesk.runtime.engine import Engine, Request, SamplingParams
 from llmdesk.runtime.grammar_probe import GrammarTooSlow, check_grammar_cost
 from llmdesk.runtime.llama import LlamaModel
-from llmdesk.serve import grammars, tools
-from llmdesk.serve.errors import APIError
-from llmdesk.serve.grammars import (
+from llmdesk.runtime import grammars
+from llmdesk.runtime import toolcalls as tools
+from llmdesk.runtime.grammars import (
     MAX_LIVE_PARSES,
-    build_grammar,
     live_parses,
     ollama_format_grammar,
     response_format_grammar,
     schema_grammar,
 )
+from llmdesk.runtime.limits import InvalidRequest
+from llmdesk.serve import chat
+from llmdesk.serve.errors import APIError
 from llmdesk.runtime.templates import resolve_template
 
 
@@ -41,10 +43,10 @@ def llama(tiny_gguf):
 
 
 def refused(schema, where="format") -> str:
-    with pytest.raises(APIError) as e:
+    with pytest.raises(InvalidRequest) as e:
         schema_grammar(schema, where=where)
-    assert e.value.status == 400
-    msg = e.value.message
+    assert e.value.param == where
+    msg = str(e.value)
     assert "\n" not in msg and msg.startswith(where), msg
     return msg
 
@@ -303,9 +305,9 @@ def test_forced_tool_calls_with_many_tools():
     spec = tools.tool_spec([_tool(f"tool_{i}") for i in range(MAX_LIVE_PARSES)], "required", t)
     assert tools.grammar(spec).startswith('root ::= "<tool_call>\\n" tool-call')
     spec = tools.tool_spec([_tool(f"tool_{i}") for i in range(MAX_LIVE_PARSES + 1)], "required", t)
-    with pytest.raises(APIError) as e:
+    with pytest.raises(InvalidRequest) as e:
         tools.grammar(spec)
-    assert e.value.param == "tool_choice" and "name one function" in e.value.message
+    assert e.value.param == "tool_choice" and "name one function" in str(e.value)
     # naming one function leaves one branch
     spec = tools.tool_spec([_tool(f"tool_{i}") for i in range(60)],
                            {"type": "function", "function": {"name": "tool_7"}}, t)
@@ -403,7 +405,7 @@ def test_worst_accepted_schema_generates_many_tokens(llama):
 # conversion off the event loop
 
 
-def test_build_grammar_runs_the_conversion_in_a_thread():
+def test_off_loop_runs_the_conversion_in_a_thread():
     fmt = {"type": "json_schema", "json_schema": {"name": "u", "schema": PYDANTIC_USER}}
     direct = response_format_grammar(copy.deepcopy(fmt))
     threads = []
@@ -413,29 +415,29 @@ def test_build_grammar_runs_the_conversion_in_a_thread():
         return response_format_grammar(f)
 
     async def main():
-        return await build_grammar(convert, copy.deepcopy(fmt)), threading.get_ident()
+        return await chat.off_loop(convert, copy.deepcopy(fmt)), threading.get_ident()
 
     out, loop_thread = asyncio.run(main())
     assert out == direct and threads and threads[0] != loop_thread
 
 
-def test_build_grammar_times_out_with_a_400(monkeypatch):
-    monkeypatch.setattr(grammars, "GRAMMAR_TIMEOUT_S", 0.05)
+def test_off_loop_times_out_with_a_400(monkeypatch):
+    monkeypatch.setattr(chat, "PREPARE_TIMEOUT_S", 0.05)
 
     def slow_conversion(schema):
         time.sleep(1)
         return "root ::= \"x\""
 
     with pytest.raises(APIError) as e:
-        asyncio.run(build_grammar(slow_conversion, {}))
-    assert e.value.status == 400 and "too long to turn into a grammar" in e.value.message
+        asyncio.run(chat.off_loop(slow_conversion, {}))
+    assert e.value.status == 400 and "took longer than" in e.value.message
 
 
-def test_build_grammar_passes_errors_through():
-    with pytest.raises(APIError) as e:
-        asyncio.run(build_grammar(ollama_format_grammar, pattern("^(a+)+$")))
-    assert e.value.message.startswith("format.pattern")
-    assert asyncio.run(build_grammar(ollama_format_grammar, None)) is None
+def test_off_loop_passes_errors_through():
+    with pytest.raises(InvalidRequest) as e:
+        asyncio.run(chat.off_loop(ollama_format_grammar, pattern("^(a+)+$")))
+    assert str(e.value).startswith("format.pattern")
+    assert asyncio.run(chat.off_loop(ollama_format_grammar, None)) is None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -54,9 +54,6 @@ EXCEPTIONS: dict[tuple[str, str], str] = {
     ("quantize/_worker.py", "llama_cpp"):
         "the quantizer's child process: llama_model_quantize runs in a process of its own, so that a "
         "crash or an interrupt cannot take the caller down; it loads only llama.cpp",
-    # until the grammar code moves into runtime/ (serve/ is being reworked in another change):
-    # llama-cpp-python's pure-Python JSON-schema -> GBNF converter
-    ("serve/grammars.py", "llama_cpp.llama_grammar"): "in progress: serve -> llama_cpp (schema grammars)",
 }
 
 # heavy ML libraries: imported only in train/ and the converter (the `llmdesk[train]` extra)

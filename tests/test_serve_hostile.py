@@ -362,3 +362,45 @@ def test_many_hostile_requests_at_once_leave_the_server_answering(tiny_gguf):
         results = while_normal(s.url, attack)
         assert [r.status_code for r in results[:4]] == [400, 200, 400, 400]
         assert threading.active_count() < 100
+
+
+# ---------------------------------------------------------------------------------------------
+# grammars that would explode: refused by every face before any token
+
+
+BLOWUPS = ["^([a-z]*){0,1000}$", "^([a-z]*){0,60}$", "^(a+)+$", "^((a|b)*c?){0,20}$", "^(a|aa|aaa){0,500}$",
+           "^[a-z]*[a-z]*[a-z]*[a-z]*$"]
+
+
+@pytest.mark.parametrize("pattern", BLOWUPS)
+def test_grammar_blowups_are_refused_on_every_face(tiny_gguf, pattern):
+    schema = {"type": "object", "properties": {"a": {"type": "string", "pattern": pattern}}, "required": ["a"]}
+    tool = {"type": "function", "function": {"name": "f", "parameters": schema}}
+    with running(tiny_gguf) as s:
+        def attack():
+            return [
+                httpx.post(s.url + "/v1/chat/completions", timeout=GUARD, json={
+                    "model": "tiny.gguf", "messages": HI, "max_tokens": 8,
+                    "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}),
+                httpx.post(s.url + "/api/chat", timeout=GUARD, json={
+                    "model": "tiny.gguf", "messages": HI, "stream": False, "format": schema}),
+                httpx.post(s.url + "/v1/chat/completions", timeout=GUARD, json={
+                    "model": "tiny.gguf", "messages": HI, "max_tokens": 8, "tools": [tool], "tool_choice": "required"}),
+            ]
+        o, a, t = while_normal(s.url, attack)
+        assert o.status_code == 400 and "pattern" in o.json()["error"]["message"], o.text
+        assert a.status_code == 400 and "pattern" in a.json()["error"], a.text
+        assert t.status_code == 400 and "pattern" in t.json()["error"]["message"], t.text
+
+
+def test_a_schema_with_900_optional_properties_never_blocks_the_loop(tiny_gguf):
+    schema = {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(900)}}
+    body = {"model": "tiny.gguf", "messages": HI, "max_tokens": 4,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}
+    with running(tiny_gguf) as s:
+        with ThreadPoolExecutor(8) as pool:
+            heavy = [pool.submit(httpx.post, s.url + "/v1/chat/completions", json=body, timeout=GUARD) for _ in range(8)]
+            assert httpx.get(s.url + "/health", timeout=GUARD).json() == {"status": "ok"}
+            normal_chat(s.url)
+            codes = {f.result().status_code for f in heavy}
+        assert codes == {400}

@@ -9,9 +9,9 @@ import pytest
 
 from llmdesk.formats.gguf import read_gguf
 from llmdesk.runtime.templates import BUILTIN_TEMPLATES, resolve_template
-from llmdesk.serve import tools
-from llmdesk.serve.errors import APIError
-from llmdesk.serve.grammars import JSON_OBJECT_GRAMMAR, response_format_grammar, schema_grammar
+from llmdesk.runtime import toolcalls as tools
+from llmdesk.runtime.grammars import JSON_OBJECT_GRAMMAR, response_format_grammar, schema_grammar
+from llmdesk.runtime.limits import InvalidRequest
 from llmdesk.serve.memory import estimate_load_bytes
 from llmdesk.serve.metrics import Metrics
 
@@ -85,7 +85,7 @@ def test_tool_spec_checks_and_prompt():
     for bad, choice in (([{"type": "retrieval"}], "auto"), ([{"function": {"name": "a b"}}], "auto"),
                         (_spec().tools + _spec().tools, "auto"), (_spec().tools, "sometimes"),
                         (_spec().tools, {"type": "function", "function": {"name": "nope"}})):
-        with pytest.raises(APIError):
+        with pytest.raises(InvalidRequest):
             tools.tool_spec(bad, choice, resolve_template(None, "chatml"))
     # a template that renders tools itself gets them natively, in its own format
     native = resolve_template("{% if tools %}{{ tools | tojson }}{% endif %}[TOOL_CALLS]{{ messages[0].content }}")

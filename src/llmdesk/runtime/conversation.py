@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from . import grammars, limits
 from . import toolcalls as tools_mod
 from .engine import ContextOverflow, Request, Result, SamplingParams, TokenEvent
+from .grammar_probe import check_grammar_cost
 from .limits import InvalidRequest
 from .toolcalls import ToolCall, ToolSpec
 
@@ -356,6 +357,10 @@ def prepare(model: "Model", messages: list[dict], *, tools: list | None = None, 
     fmt_grammar = grammar if grammar is not None else grammars.response_format_grammar(response_format)
     if tool_grammar and fmt_grammar:
         raise InvalidRequest("'response_format' cannot be combined with a required tool call", "response_format")
+    if tool_grammar or fmt_grammar:
+        # the schema checks bound a grammar's cost on 32k vocabularies of short tokens; this
+        # measures it on the model's own vocabulary (a few sampling steps, cached per grammar)
+        check_grammar_cost(model.llama, tool_grammar or fmt_grammar)
     prompt = chat_prompt(model, messages, spec=spec, limit=limit, truncate=truncate)
     budget = cap_max_tokens(max_tokens, len(prompt.tokens), limit)
     stops = limits.check_stop(stop)

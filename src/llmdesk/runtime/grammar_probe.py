@@ -1,5 +1,5 @@
 """What a grammar costs on this model's vocabulary, measured: the second line of defence behind
-the schema checks (llmdesk.serve.grammars).
+the schema checks (llmdesk.runtime.grammars).
 
 The checks bound a grammar's cost per token for a 32000-token vocabulary whose tokens are at most
 16 characters long. llama.cpp's grammar sampler walks every token of the vocabulary through every

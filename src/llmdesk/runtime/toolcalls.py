@@ -20,7 +20,7 @@ import re
 import secrets
 from dataclasses import dataclass
 
-from .grammars import check_schema, schema_grammar
+from .grammars import MAX_LIVE_PARSES, check_schema, schema_grammar
 from .limits import InvalidRequest
 
 MARKERS = ("<tool_call>", "[TOOL_CALLS]", "<|python_tag|>")
@@ -74,12 +74,14 @@ def tool_spec(tools: list | None, tool_choice, template) -> ToolSpec | None:
             raise InvalidRequest(f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{...}}}}", f"tools[{i}]")
         name = fn.get("name")
         if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", name):
-            raise InvalidRequest(f"tools[{i}].function.name must be 1 to 64 letters, digits, '_', '.' or '-'", f"tools[{i}].function.name")
+            raise InvalidRequest(f"tools[{i}].function.name must be 1 to 64 letters, digits, '_', '.' or '-'",
+                           f"tools[{i}].function.name")
         params = fn.get("parameters")
         if params is None:
             params = {"type": "object", "properties": {}}
         if not isinstance(params, dict):
-            raise InvalidRequest(f"tools[{i}].function.parameters must be a JSON schema object", f"tools[{i}].function.parameters")
+            raise InvalidRequest(f"tools[{i}].function.parameters must be a JSON schema object",
+                           f"tools[{i}].function.parameters")
         check_schema(params, f"tools[{i}].function.parameters")
         entry = {"name": name, "parameters": params}
         if isinstance(fn.get("description"), str):
@@ -99,7 +101,8 @@ def tool_spec(tools: list | None, tool_choice, template) -> ToolSpec | None:
     elif isinstance(tool_choice, dict) and isinstance(tool_choice.get("function"), dict):
         forced = tool_choice["function"].get("name")
         if forced not in names:
-            raise InvalidRequest(f"tool_choice names the function {forced!r}, which is not in 'tools'", "tool_choice")
+            raise InvalidRequest(f"tool_choice names the function {forced!r}, which is not in 'tools'",
+                           "tool_choice")
         choice = "function"
     else:
         raise InvalidRequest("'tool_choice' must be \"none\", \"auto\", \"required\" or "
@@ -181,8 +184,12 @@ def grammar(spec: ToolSpec) -> str | None:
             params.setdefault("additionalProperties", False)  # a call with made-up arguments is no use
         options.append({"type": "object", "properties": {"name": {"const": fn["name"]}, key: params},
                         "required": ["name", key], "additionalProperties": False})
+    if len(options) > MAX_LIVE_PARSES:  # each one a parse the grammar sampler follows until the name is written
+        raise InvalidRequest(f"tool_choice 'required' with {len(options)} tools keeps them all possible until a "
+                       f"name is written, which makes every token slow (the limit is {MAX_LIVE_PARSES}); name "
+                       f"one function in tool_choice or pass fewer tools", "tool_choice")
     schema = options[0] if len(options) == 1 else {"oneOf": options}
-    call = schema_grammar(schema, root="tool-call")
+    call = schema_grammar(schema, root="tool-call", where="tools")
     if spec.style == "mistral":
         head, tail = r'"[TOOL_CALLS]" " "? "["', r'"]"'
     elif spec.style == "llama3":
