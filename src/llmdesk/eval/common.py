@@ -13,14 +13,17 @@ from ..errors import LlmdeskError
 
 
 @dataclass
-class ModelRef:
+class MeasuredModel:
+    """A local model file with its identity, as results record it (store.refs.ModelRef says which
+    file a reference names; this adds the sha256 the results store keys on)."""
+
     path: Path
     name: str  # for display and the results store: "name:tag" or the file name
     sha256: str
     store_name: str | None = None  # NAME of "NAME:TAG" when the model is in the store
 
 
-def resolve_model(ref: str | os.PathLike, *, say: Callable[[str], None] | None = None) -> ModelRef:
+def resolve_model(ref: str | os.PathLike, *, say: Callable[[str], None] | None = None) -> MeasuredModel:
     """A .gguf path, NAME[:TAG], hf:... or a Hugging Face checkpoint folder (converted to an f16
     GGUF in the store first, once)."""
     from ..store import catalog, refs
@@ -30,11 +33,11 @@ def resolve_model(ref: str | os.PathLike, *, say: Callable[[str], None] | None =
         return _convert_hf(p, say)
     r = refs.resolve(str(ref))
     if r.entry is not None:
-        return ModelRef(r.path, r.name, r.entry.sha256, r.entry.name)
-    return ModelRef(r.path, r.name, catalog.sha256_file(r.path), None)
+        return MeasuredModel(r.path, r.name, r.entry.sha256, r.entry.name)
+    return MeasuredModel(r.path, r.name, catalog.sha256_file(r.path), None)
 
 
-def _convert_hf(folder: Path, say: Callable[[str], None] | None) -> ModelRef:
+def _convert_hf(folder: Path, say: Callable[[str], None] | None) -> MeasuredModel:
     """Convert a checkpoint folder to f16 and register it as NAME:f16 (reused when its source matches)."""
     from ..formats.convert import convert
     from ..store import catalog, paths
@@ -58,14 +61,14 @@ def _convert_hf(folder: Path, say: Callable[[str], None] | None) -> ModelRef:
         entry = catalog.get(name, "f16")
         if entry is None:
             raise LlmdeskError(f"{folder}: the conversion did not register {name}:f16")
-    return ModelRef(entry.path, entry.ref, entry.sha256, entry.name)
+    return MeasuredModel(entry.path, entry.ref, entry.sha256, entry.name)
 
 
 def text_sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def record(kind: str, model: ModelRef, metrics: dict[str, Any], settings: dict[str, Any], text: str | None) -> int:
+def record(kind: str, model: MeasuredModel, metrics: dict[str, Any], settings: dict[str, Any], text: str | None) -> int:
     """One row in the results store (llmdesk results)."""
     from ..store import results
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..atomic import atomic_path
 from ..errors import LlmdeskError
-from ..eval.common import ModelRef, record, resolve_model
+from ..eval.common import MeasuredModel, record, resolve_model
 from .core import quant_type
 
 
@@ -253,12 +253,12 @@ def sweep(
                 rms_delta_p=k.rms_delta_p, ppl_ratio=k.ppl_ratio, tokens_per_second=tps,
                 parameters=info.parameter_count,
             )
-            _record(pt, ModelRef(Path(q.path), q.ref, q.sha256), text, result.settings, base=src)
+            _record(pt, MeasuredModel(Path(q.path), q.ref, q.sha256), text, result.settings, base=src)
             result.points.append(pt)
     return result
 
 
-def _record(pt: SweepPoint, model: ModelRef, text: str, settings: dict, base: ModelRef | None = None) -> None:
+def _record(pt: SweepPoint, model: MeasuredModel, text: str, settings: dict, base: MeasuredModel | None = None) -> None:
     metrics = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                for k, v in pt.to_dict().items() if k not in ("model", "ref")}
     record("sweep", model, metrics=metrics,

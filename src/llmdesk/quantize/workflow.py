@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..eval.common import ModelRef, record, resolve_model
+from ..eval.common import MeasuredModel, record, resolve_model
 from .core import Progress, _pid_alive, clean_stale_parts, quant_type, quantize_file
 
 
@@ -36,7 +36,7 @@ class QuantizeResult:
 
 
 def quantize_model(
-    model: str | os.PathLike | ModelRef,
+    model: str | os.PathLike | MeasuredModel,
     type_name: str,
     *,
     out: str | os.PathLike | None = None,
@@ -53,7 +53,7 @@ def quantize_model(
     from ..store import catalog, paths
 
     tname, _ = quant_type(type_name)  # an unknown type fails before any conversion
-    src = model if isinstance(model, ModelRef) else resolve_model(model, say=say)
+    src = model if isinstance(model, MeasuredModel) else resolve_model(model, say=say)
     if name:
         reg_name, reg_tag = catalog.parse_name(name)
         if ":" not in name:
@@ -97,7 +97,7 @@ def quantize_model(
         tensor_types=info.tensor_type_mix,
     )
     record(
-        "quantize", ModelRef(entry.path, entry.ref, entry.sha256, entry.name),
+        "quantize", MeasuredModel(entry.path, entry.ref, entry.sha256, entry.name),
         metrics={"size": entry.size, "bits_per_weight": round(info.bits_per_weight, 4), "seconds": round(seconds, 3),
                  "tensor_types": info.tensor_type_mix},
         settings={"type": tname, "source": src.name, "source_sha256": src.sha256,
@@ -110,7 +110,7 @@ def quantize_model(
 GENERIC_STEMS = {"model", "ggml-model", "consolidated", "out", "output"}
 
 
-def store_name_for(src: ModelRef) -> str:
+def store_name_for(src: MeasuredModel) -> str:
     """The store name quantizations of `src` get: its own store name, else from the file name,
     else (for generic names such as `llmdesk train`'s `OUT/model.gguf`) from its folder."""
     from ..store import catalog
