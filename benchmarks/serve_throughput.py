@@ -59,6 +59,7 @@ class Server:
     def __init__(self, name: str, argv: list[str], port: int, ready_path: str):
         self.name, self.argv, self.port, self.ready_path = name, argv, port, ready_path
         self.url = f"http://127.0.0.1:{port}"
+        CACHE.mkdir(parents=True, exist_ok=True)  # the servers' logs go here, with --model too
         self.log = open(CACHE / f"{name.replace(' ', '_').replace('/', '_')}.log", "w")
 
     def __enter__(self):
