@@ -337,8 +337,8 @@ def test_cancel_a_waiting_and_a_running_job(llama):
         assert queued.n_done == 0
         with pytest.raises(LlmdeskError, match="time limit"):
             limited.wait()
-        busy.cancel()
-        assert busy.wait().finish_reason == "cancelled"
+        busy.cancel()  # (on a fast machine it may have filled its 256 tokens already)
+        assert busy.wait().finish_reason in ("cancelled", "length")
         # a long job, cancelled once it has started: it ends, and frees its slot and cells
         big = eng.score(reqs * 500)
         while big.n_done == 0 and not big.done.is_set():

@@ -36,6 +36,7 @@ from . import toolcalls as tools_mod
 from .engine import ContextOverflow, Request, Result, SamplingParams, TokenEvent
 from .grammar_probe import check_grammar_cost
 from .limits import InvalidRequest
+from .model import TokenLogprob
 from .toolcalls import ToolCall, ToolSpec
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -258,14 +259,6 @@ def finish_reason(r: Result) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # a turn: prepared, then read back
-
-
-@dataclass
-class TokenLogprob:
-    token: int
-    text: str
-    logprob: float
-    top: list[tuple[str, float]] = field(default_factory=list)
 
 
 @dataclass

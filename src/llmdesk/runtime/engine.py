@@ -252,14 +252,13 @@ class Stream:
         return self.result
 
 
-class EmbedJob:
-    """Texts (as token ids) to embed, in the Engine's queue. `wait()` returns the vectors."""
+class _Job:
+    """Work in the Engine's queue that is not a generation (embeddings, scores): it can be
+    cancelled (with an error saying why), has a time limit, and is waited for."""
 
-    def __init__(self, engine: "Engine", inputs: list[list[int]], normalize: bool, time_limit: float | None):
+    def __init__(self, engine: "Engine", time_limit: float | None):
         self.engine = engine
-        self.inputs = inputs
-        self.normalize = normalize
-        self.vectors: list[list[float]] = []
+        self.time_limit = time_limit
         self.error: str | None = None
         self.cancelled = threading.Event()
         self.done = threading.Event()
@@ -267,16 +266,30 @@ class EmbedJob:
         self.abort_error: str | None = None
 
     def cancel(self, error: str | None = None) -> None:
+        """Stop the job; it ends with `error` (default "cancelled") and frees its slots within one step."""
         if not self.done.is_set():
             if error and self.abort_error is None:
                 self.abort_error = error
             self.cancelled.set()
             self.engine._interrupt(self)
 
-    def wait(self) -> list[list[float]]:
+    def _wait(self):
         self.done.wait()
         if self.error is not None:
             raise LlmdeskError(self.error)
+
+
+class EmbedJob(_Job):
+    """Texts (as token ids) to embed, in the Engine's queue. `wait()` returns the vectors."""
+
+    def __init__(self, engine: "Engine", inputs: list[list[int]], normalize: bool, time_limit: float | None):
+        super().__init__(engine, time_limit)
+        self.inputs = inputs
+        self.normalize = normalize
+        self.vectors: list[list[float]] = []
+
+    def wait(self) -> list[list[float]]:
+        self._wait()
         return self.vectors
 
 
@@ -322,33 +335,17 @@ class ScoreResult:
         return len(self.tokens)
 
 
-class ScoreJob:
+class ScoreJob(_Job):
     """Score requests in the Engine's queue. `wait()` returns one ScoreResult per request, in order."""
 
     def __init__(self, engine: "Engine", requests: list[ScoreRequest], time_limit: float | None):
-        self.engine = engine
+        super().__init__(engine, time_limit)
         self.requests = requests
-        self.time_limit = time_limit
         self.results: list[ScoreResult | None] = [None] * len(requests)
         self.n_done = 0
-        self.error: str | None = None
-        self.cancelled = threading.Event()
-        self.done = threading.Event()
-        self.deadline = time.perf_counter() + time_limit if time_limit else None
-        self.abort_error: str | None = None
-
-    def cancel(self, error: str | None = None) -> None:
-        """Stop scoring; the job ends with `error` (default "cancelled") and frees its slots within one step."""
-        if not self.done.is_set():
-            if error and self.abort_error is None:
-                self.abort_error = error
-            self.cancelled.set()
-            self.engine._interrupt(self)
 
     def wait(self) -> list[ScoreResult]:
-        self.done.wait()
-        if self.error is not None:
-            raise LlmdeskError(self.error)
+        self._wait()
         return self.results  # type: ignore[return-value]
 
 

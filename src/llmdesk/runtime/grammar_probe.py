@@ -34,6 +34,7 @@ import llama_cpp as C
 import numpy as np
 
 from ..errors import LlmdeskError
+from .grammars import JSON_OBJECT_GRAMMAR
 from .llama import LlamaModel
 
 BUDGET_RATIO = 20.0
@@ -42,16 +43,8 @@ WALKS = 2
 STEPS = 6
 CACHE_SIZE = 128
 
-# the reference: any JSON value (as llama.cpp's grammars/json.gbnf)
-REFERENCE_GRAMMAR = r"""
-root   ::= value
-value  ::= object | array | string | number | ("true" | "false" | "null") ws
-object ::= "{" ws ( string ":" ws value ("," ws string ":" ws value)* )? "}" ws
-array  ::= "[" ws ( value ("," ws value)* )? "]" ws
-string ::= "\"" ( [^"\\\x7F\x00-\x1F] | "\\" (["\\bfnrt] | "u" [0-9a-fA-F]{4}) )* "\"" ws
-number ::= ("-"? ([0-9] | [1-9] [0-9]{0,15})) ("." [0-9]+)? ([eE] [-+]? [0-9] [1-9]{0,15})? ws
-ws     ::= | " " | "\n" [ \t]{0,20}
-"""
+# the reference: any JSON value (llama.cpp's grammars/json.gbnf, as JSON mode uses it)
+REFERENCE_GRAMMAR = JSON_OBJECT_GRAMMAR.replace("root   ::= object", "root   ::= value", 1)
 
 
 class GrammarTooSlow(LlmdeskError):
