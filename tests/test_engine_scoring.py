@@ -384,6 +384,33 @@ def test_batched_embeddings_equal_one_at_a_time(tmp_path, pooling):
         m.close()
 
 
+@pytest.mark.parametrize("pooling", ["mean", "cls", "last"])
+def test_embeddings_beside_a_generation_come_in_small_pieces_and_the_same(tmp_path, pooling):
+    """While a slot generates, an embeddings decode takes about one generation step's time (a
+    text in pieces), so a flood of embeddings cannot stall chats; the vectors do not change."""
+    path = write_llama_gguf(tmp_path / f"{pooling}.gguf", SynthConfig(n_layer=2, pooling=pooling, seed=3))
+    m = LlamaModel(path)
+    try:
+        toks = [m.tokenize(t) for t in EMBED_TEXTS]
+        with Engine(m, n_ctx=256, n_slots=1, n_batch=64, **EXACT) as eng:
+            alone = eng.embed(toks).wait()
+            steps = eng.steps
+            busy = eng.submit(Request([1, 2, 3], max_tokens=None, sampling=GREEDY, ignore_eos=True))
+            while not busy.result.n_gen:
+                time.sleep(0.001)
+            beside = eng.embed(toks).wait()
+            assert eng._embed_room_now < eng._embed_room  # the last embeddings decode was a small one
+            embed_steps_alone = steps
+            busy.cancel()
+            busy.wait()
+            assert eng._embed_limit() == eng._embed_room  # idle again: whole ubatches
+        for a, b in zip(alone, beside):
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+        assert embed_steps_alone < len(toks)  # alone: several texts per decode
+    finally:
+        m.close()
+
+
 def with_pooling(src: Path, dst: Path, pooling: str) -> Path:
     """A copy of a GGUF with `{arch}.pooling_type` set (gguf's own metadata copier)."""
     import gguf

@@ -508,6 +508,10 @@ class Engine:
         # embeddings: their own context, made on first use; the model's pooling (mean for decoders)
         self.pooling = model.pooling
         self._embed_ctx = None
+        # for sharing time between generation and embeddings: a generation step's duration and
+        # an embedded token's (moving averages)
+        self._step_s = 0.0
+        self._embed_token_s = 0.0
         self._embed_batch: Batch | None = None
         self._embed_long: dict | None = None  # a text longer than one embeddings decode, in progress
         self._lock = threading.Lock()
@@ -910,7 +914,9 @@ class Engine:
                     scored.append((slot, row0, j0, b.n_outputs - row0))
         if len(b) == 0:
             return
+        t0 = time.perf_counter()
         rc = self._decode(self.ctx, b, [slot.work for slot, *_ in before])
+        self._step_s = 0.8 * self._step_s + 0.2 * (time.perf_counter() - t0) if self._step_s else time.perf_counter() - t0
         self.steps += 1
         if rc == 2:
             self.aborted_steps += 1
@@ -1067,6 +1073,26 @@ class Engine:
             raise LlmdeskError(f"{self.model.path.name}: llama.cpp pools its embeddings as {got!r}, not mean, CLS or last")
         self.pooling = got
 
+    def _embed_limit(self) -> int:
+        """Tokens this embeddings decode may take. While slots are generating or scoring, about
+        one generation step's worth of time (a causal model's text can be fed in pieces), so a
+        flood of embeddings slows chats down by about half instead of stalling each token behind
+        a full ubatch (512 tokens of a 1B model are seconds on a CPU); else a whole ubatch."""
+        if not self.model.causal or self.busy_slots == 0 or not self._step_s:
+            return self._embed_room
+        if not self._embed_token_s:  # not measured yet: a small first piece
+            return min(self._embed_room, 32)
+        return max(8, min(self._embed_room, int(self._step_s / self._embed_token_s)))
+
+    def _embed_decode(self, b, work: list) -> int:
+        t0 = time.perf_counter()
+        rc = self._decode(self._embed_ctx, b, work)
+        if rc == 0 and len(b):
+            per_token = (time.perf_counter() - t0) / len(b)
+            self._embed_token_s = 0.8 * self._embed_token_s + 0.2 * per_token if self._embed_token_s else per_token
+        self.steps += 1
+        return rc
+
     def _embed_step(self) -> None:
         """One embeddings decode: several short texts (from the jobs in order), or the next piece
         of a long one, so generation steps go on between."""
@@ -1086,7 +1112,8 @@ class Engine:
             self._embed_setup()
         if self._embed_long is not None and self._embed_long["job"] not in jobs:
             self._embed_long = None  # its job ended
-        if self._embed_long is None and len(jobs[0].inputs[len(jobs[0].vectors)]) > self._embed_room:
+        room = self._embed_room_now = self._embed_limit()
+        if self._embed_long is None and len(jobs[0].inputs[len(jobs[0].vectors)]) > room:
             clear_memory(self._embed_ctx)
             self._embed_long = {"job": jobs[0], "pos": 0, "sum": None, "vec": None}
         if self._embed_long is not None:
@@ -1098,7 +1125,7 @@ class Engine:
         packed: list[EmbedJob] = []
         for job in jobs:
             for toks in job.inputs[len(job.vectors):]:
-                if len(packed) == EMBED_MAX_SEQS or len(b) + len(toks) > self._embed_room:
+                if len(packed) == EMBED_MAX_SEQS or len(b) + len(toks) > room:
                     break
                 seq = len(packed)
                 for pos, t in enumerate(toks):
@@ -1108,8 +1135,7 @@ class Engine:
                 continue
             break
         clear_memory(self._embed_ctx)
-        rc = self._decode(self._embed_ctx, b, list(dict.fromkeys(packed)))
-        self.steps += 1
+        rc = self._embed_decode(b, list(dict.fromkeys(packed)))
         if rc == 2:
             self.aborted_steps += 1
             return  # aborted: the next loop sees why
@@ -1128,13 +1154,12 @@ class Engine:
         job = st["job"]
         toks = job.inputs[len(job.vectors)]
         pos = st["pos"]
-        piece = toks[pos : pos + self._embed_room]
+        piece = toks[pos : pos + self._embed_room_now]
         b = self._embed_batch
         b.clear()
         for i, t in enumerate(piece):
             b.add(t, pos + i, 0, True)
-        rc = self._decode(self._embed_ctx, b, [job])
-        self.steps += 1
+        rc = self._embed_decode(b, [job])
         if rc == 2:
             self.aborted_steps += 1
             C.llama_memory_seq_rm(C.llama_get_memory(self._embed_ctx), 0, pos, -1)
