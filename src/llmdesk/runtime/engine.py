@@ -252,6 +252,9 @@ class Stream:
         return self.result
 
 
+EMBED_SLICE_S = 0.25  # an embeddings decode's time when no slot is busy (see Engine._embed_limit)
+
+
 class _Job:
     """Work in the Engine's queue that is not a generation (embeddings, scores): it can be
     cancelled (with an error saying why), has a time limit, and is waited for."""
@@ -1074,15 +1077,18 @@ class Engine:
         self.pooling = got
 
     def _embed_limit(self) -> int:
-        """Tokens this embeddings decode may take. While slots are generating or scoring, about
-        one generation step's worth of time (a causal model's text can be fed in pieces), so a
-        flood of embeddings slows chats down by about half instead of stalling each token behind
-        a full ubatch (512 tokens of a 1B model are seconds on a CPU); else a whole ubatch."""
-        if not self.model.causal or self.busy_slots == 0 or not self._step_s:
+        """Tokens this embeddings decode may take. A decode cannot be paused, and 512 tokens of a
+        1B model are seconds on a CPU, so a causal model's texts are fed in pieces that take about
+        one generation step's time while slots are busy (a flood of embeddings then slows chats
+        by about half instead of stalling every token), and at most EMBED_SLICE_S when they are
+        not (a request that arrives waits at most that long for the Engine). An encoder must see
+        a whole text in one decode."""
+        if not self.model.causal:
             return self._embed_room
         if not self._embed_token_s:  # not measured yet: a small first piece
             return min(self._embed_room, 32)
-        return max(8, min(self._embed_room, int(self._step_s / self._embed_token_s)))
+        budget = self._step_s if self.busy_slots and self._step_s else EMBED_SLICE_S
+        return max(8, min(self._embed_room, int(budget / self._embed_token_s)))
 
     def _embed_decode(self, b, work: list) -> int:
         t0 = time.perf_counter()
