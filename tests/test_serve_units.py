@@ -146,8 +146,11 @@ def test_memory_estimate_is_fits(tiny_gguf):
     assert four.kv_cache == 4 * one.kv_cache and four.weights == one.weights
     shape, _ = from_gguf(tiny_gguf)
     fit = estimate_memory(shape, quant=None, ctx=1024, parallel=4, gguf_info=info)
-    assert four.total == fit.required_bytes - PROCESS_BASELINE_BYTES
-    assert "KV cache" in four.describe() and "4096 tokens" in four.describe()
+    # and the embeddings context the Engine makes on the first embedding request: one sequence
+    one_seq = estimate_memory(shape, quant=None, ctx=1024, parallel=1, gguf_info=info)
+    assert four.embeddings == one_seq.kv_cache_bytes + one_seq.compute_bytes == one.embeddings
+    assert four.total == fit.required_bytes - PROCESS_BASELINE_BYTES + four.embeddings
+    assert "KV cache" in four.describe() and "4096 tokens" in four.describe() and "embeddings" in four.describe()
 
 
 def test_memory_estimate_of_a_file_fit_cannot_read(tmp_path):

@@ -30,15 +30,20 @@ class LoadEstimate:
     other: int  # anonymous memory: repacked weights, KV cache, compute and output buffers, tables
     kv_cache: int
     n_ctx_total: int
+    # the Engine's embeddings context (one sequence's KV cache and its compute buffer), made on
+    # the first embedding request; counted in `other`, so a server that embeds stays in budget
+    embeddings: int = 0
 
     @property
     def total(self) -> int:
         return self.weights + self.other
 
     def describe(self) -> str:
+        emb = f" + {format_bytes(self.embeddings)} for embeddings" if self.embeddings else ""
         return (f"{format_bytes(self.total)} (weights {format_bytes(self.weights)} + KV cache "
                 f"{format_bytes(self.kv_cache)} for {self.n_ctx_total} tokens + "
-                f"{format_bytes(self.other - self.kv_cache)} buffers, tables and repacked weights)")
+                f"{format_bytes(self.other - self.kv_cache - self.embeddings)} buffers, tables and repacked "
+                f"weights{emb})")
 
 
 def estimate_load_bytes(info: GGUFInfo, path: str | os.PathLike, *, n_ctx: int, n_slots: int) -> LoadEstimate:
@@ -53,8 +58,10 @@ def estimate_load_bytes(info: GGUFInfo, path: str | os.PathLike, *, n_ctx: int, 
     # fit's total: the mapped file pages that must stay, plus anonymous memory; the server has
     # already paid the process baseline
     anonymous = est.repack_bytes + est.kv_cache_bytes + est.compute_bytes + est.output_bytes + est.overhead_bytes
-    return LoadEstimate(weights=est.required_bytes - anonymous, other=anonymous - PROCESS_BASELINE_BYTES,
-                        kv_cache=est.kv_cache_bytes, n_ctx_total=n_ctx * n_slots)
+    one = estimate_memory(shape, quant=None, ctx=n_ctx, parallel=1, gguf_info=info, repack=cpu_repacks())
+    embeddings = one.kv_cache_bytes + one.compute_bytes
+    return LoadEstimate(weights=est.required_bytes - anonymous, other=anonymous - PROCESS_BASELINE_BYTES + embeddings,
+                        kv_cache=est.kv_cache_bytes, n_ctx_total=n_ctx * n_slots, embeddings=embeddings)
 
 
 def available_memory_bytes() -> int:
