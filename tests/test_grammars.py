@@ -135,10 +135,10 @@ def test_many_optional_properties_are_refused(n):
     assert msg.startswith("format.properties.inner:") and f"{n} optional properties" in msg
 
 
-def test_optional_properties_up_to_the_limit_convert_quickly():
-    t = time.perf_counter()
-    schema_grammar(optional_props(MAX_LIVE_PARSES - 2))
-    assert time.perf_counter() - t < 5  # a hang guard (900 took 1.2 s on the event loop before)
+def test_optional_properties_up_to_the_limit_convert():
+    # (their conversion time is measured by benchmarks/grammar_cost.py, not here)
+    grammar = schema_grammar(optional_props(MAX_LIVE_PARSES - 2))
+    assert all(f"p{i}-kv ::=" in grammar for i in range(MAX_LIVE_PARSES - 2))
     # required ones cost nothing at the commas
     schema_grammar({**optional_props(200), "required": [f"p{i}" for i in range(200)]})
 
