@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import grammars, limits
 from . import toolcalls as tools_mod
-from .engine import ContextOverflow, Request, Result, SamplingParams, TokenEvent
+from .engine import ContextOverflow, Request, Result, SamplingParams, TokenEvent, sampling_params  # noqa: F401
 from .grammar_probe import check_grammar_cost
 from .limits import InvalidRequest
 from .model import TokenLogprob
@@ -216,23 +216,6 @@ def cap_max_tokens(requested: int | None, n_prompt: int, limit: int) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # sampling and requests
-
-
-def sampling_params(*, seed: int | None = None, grammar: str | None = None, params: dict[str, str] | None = None,
-                    **sampling) -> SamplingParams:
-    """Sampling settings, llama.cpp server's defaults for what is left out (None), checked against
-    the library's bounds. `params`: a face's name for each setting, for the error
-    (Ollama's "options.top_k")."""
-    values = {k: (sampling[k] if sampling.get(k) is not None else v) for k, v in limits.DEFAULTS.items()}
-    sp = SamplingParams(**values, seed=seed, grammar=grammar)
-    try:
-        limits.check_sampling(sp)
-    except InvalidRequest as e:
-        name = (params or {}).get(e.param, e.param)
-        if name == e.param:
-            raise
-        raise InvalidRequest(str(e).replace(e.param, name, 1), name) from None
-    return sp
 
 
 def requests_for(tokens: list[int], sampling: SamplingParams, *, n: int = 1, max_tokens: int | None,

@@ -105,6 +105,23 @@ class SamplingParams:
         return chain
 
 
+def sampling_params(*, seed: int | None = None, grammar: str | None = None, params: dict[str, str] | None = None,
+                    **sampling) -> SamplingParams:
+    """Sampling settings, llama.cpp server's defaults (limits.DEFAULTS) for what is left out
+    (None), checked against the library's bounds. `params`: a face's name for each setting, for
+    the error (Ollama's "options.top_k")."""
+    values = {k: (sampling[k] if sampling.get(k) is not None else v) for k, v in limits.DEFAULTS.items()}
+    sp = SamplingParams(**values, seed=seed, grammar=grammar)
+    try:
+        limits.check_sampling(sp)
+    except limits.InvalidRequest as e:
+        name = (params or {}).get(e.param, e.param)
+        if name == e.param:
+            raise
+        raise limits.InvalidRequest(str(e).replace(e.param, name, 1), name) from None
+    return sp
+
+
 @dataclass
 class Request:
     prompt: list[int]
@@ -206,31 +223,38 @@ class _TextOut:
 _DONE = object()
 
 
-class Stream:
-    """A request in flight. Iterate it for TokenEvents; `.result` is set when it ends."""
+class _Work:
+    """Anything in the Engine's queue: it has a time limit and can be cancelled."""
 
-    def __init__(self, engine: "Engine", request: Request, events=None):
+    def __init__(self, engine: "Engine", time_limit: float | None):
         self.engine = engine
-        self.request = request
-        self.result = Result(n_prompt=len(request.prompt))
-        # where the engine thread puts TokenEvents and the end marker; a caller may pass its own
-        # object with put() (the server hands them straight to its event loop), then not iterate
-        self.events = events if events is not None else queue.Queue()
         self.cancelled = threading.Event()
         self.done = threading.Event()
         self.t_submit = time.perf_counter()
-        self.deadline = self.t_submit + request.time_limit if request.time_limit else None
-        self.abort_error: str | None = None  # set by cancel(error=...): the request ends as an error
-        self._drained = False  # the end marker was read: iterating again yields nothing
+        self.deadline = self.t_submit + time_limit if time_limit else None
+        self.abort_error: str | None = None  # set by cancel(error=...): the work ends as an error
 
     def cancel(self, error: str | None = None) -> None:
-        """Stop the request; its slot is freed within one step. With `error` it ends as an error
-        saying so (finish_reason "error"), else as "cancelled"."""
+        """Stop it; its slots are freed within one step (a decode in flight is aborted). With
+        `error` it ends as an error saying so, else as "cancelled"."""
         if not self.done.is_set():
             if error and self.abort_error is None:
                 self.abort_error = error
             self.cancelled.set()
             self.engine._interrupt(self)
+
+
+class Stream(_Work):
+    """A request in flight. Iterate it for TokenEvents; `.result` is set when it ends."""
+
+    def __init__(self, engine: "Engine", request: Request, events=None):
+        super().__init__(engine, request.time_limit)
+        self.request = request
+        self.result = Result(n_prompt=len(request.prompt))
+        # where the engine thread puts TokenEvents and the end marker; a caller may pass its own
+        # object with put() (the server hands them straight to its event loop), then not iterate
+        self.events = events if events is not None else queue.Queue()
+        self._drained = False  # the end marker was read: iterating again yields nothing
 
     def __iter__(self):
         try:
@@ -255,26 +279,14 @@ class Stream:
 EMBED_SLICE_S = 0.25  # an embeddings decode's time when no slot is busy (see Engine._embed_limit)
 
 
-class _Job:
-    """Work in the Engine's queue that is not a generation (embeddings, scores): it can be
-    cancelled (with an error saying why), has a time limit, and is waited for."""
+class _Job(_Work):
+    """Work in the Engine's queue that is not a generation (embeddings, scores): waited for as
+    a whole, its error raised."""
 
     def __init__(self, engine: "Engine", time_limit: float | None):
-        self.engine = engine
+        super().__init__(engine, time_limit)
         self.time_limit = time_limit
         self.error: str | None = None
-        self.cancelled = threading.Event()
-        self.done = threading.Event()
-        self.deadline = time.perf_counter() + time_limit if time_limit else None
-        self.abort_error: str | None = None
-
-    def cancel(self, error: str | None = None) -> None:
-        """Stop the job; it ends with `error` (default "cancelled") and frees its slots within one step."""
-        if not self.done.is_set():
-            if error and self.abort_error is None:
-                self.abort_error = error
-            self.cancelled.set()
-            self.engine._interrupt(self)
 
     def _wait(self):
         self.done.wait()

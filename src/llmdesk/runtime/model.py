@@ -15,7 +15,7 @@ from typing import Any
 from ..errors import LlmdeskError
 from ..formats.gguf import GGUFInfo, read_gguf
 from . import limits
-from .engine import Engine, Request, Result, SamplingParams, ScoreRequest, ScoreResult, Stream
+from .engine import Engine, Request, Result, ScoreRequest, ScoreResult, Stream, sampling_params
 from .llama import LlamaModel
 from .templates import ChatTemplate, resolve_template
 
@@ -54,17 +54,6 @@ class Completion:
                 for t in self.logprobs
             ]
         return d
-
-
-def _sampling(temperature: float, top_k: int, top_p: float, min_p: float, repeat_penalty: float,
-              seed: int | None, grammar: str | None, frequency_penalty: float = 0.0,
-              presence_penalty: float = 0.0, repeat_last_n: int = 64) -> SamplingParams:
-    sp = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                        repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
-                        frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
-                        seed=seed, grammar=grammar)
-    limits.check_sampling(sp)
-    return sp
 
 
 class Model:
@@ -130,8 +119,10 @@ class Model:
         `time_limit`: seconds the whole request may take (then it ends with finish_reason
         "time_limit", or an error if it had not started answering)."""
         tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
-        sampling = _sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed, grammar,
-                             frequency_penalty, presence_penalty, repeat_last_n)
+        sampling = sampling_params(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                   repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
+                                   frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
+                                   seed=seed, grammar=grammar)
         return self.engine.submit(Request(tokens, max_tokens=max_tokens, sampling=sampling,
                                           stop=limits.check_stop(stop), logprobs=logprobs, ignore_eos=ignore_eos,
                                           time_limit=time_limit))
@@ -203,7 +194,7 @@ class Model:
         return conversation.respond(self, messages, tools=tools, tool_choice=tool_choice,
                                     response_format=response_format, on_text=on_text, truncate=truncate,
                                     max_tokens=max_tokens, stop=stop, logprobs=logprobs, time_limit=time_limit,
-                                    sampling=conversation.sampling_params(**sampling))
+                                    sampling=sampling_params(**sampling))
 
     # -- embeddings ---------------------------------------------------------------------------
     def embed(self, texts: str | list[str] | list[list[int]], *, normalize: bool = True,
