@@ -143,11 +143,9 @@ class Prompt:
 
 
 def too_long(n: int, limit: int, param: str = "messages") -> ContextOverflow:
-    e = ContextOverflow(f"the prompt has {n} tokens, but the context holds {limit} (and needs room for the "
-                        "answer); shorten it, use a larger context (--ctx), or ask for truncation "
-                        "(\"truncate\": true) to drop the oldest part explicitly")
-    e.param = param
-    return e
+    return ContextOverflow(f"the prompt has {n} tokens, but the context holds {limit} (and needs room for the "
+                           "answer); shorten it, use a larger context (--ctx), or ask for truncation "
+                           "(\"truncate\": true) to drop the oldest part explicitly", param)
 
 
 def chat_prompt(model: "Model", messages: list[dict], *, spec: ToolSpec | None, limit: int,
@@ -180,10 +178,9 @@ def chat_prompt(model: "Model", messages: list[dict], *, spec: ToolSpec | None, 
             lo = mid + 1
     dropped, tokens = fits if fits is not None else (starts[-1], model.chat_tokens(head + body[-1:], tools=tools))
     if len(tokens) >= limit:
-        e = ContextOverflow(f"even the last message alone has {len(tokens)} tokens, more than the context "
-                            f"({limit}) holds, so truncation cannot help; shorten it, or use a larger --ctx")
-        e.param = "messages"
-        raise e
+        raise ContextOverflow(f"even the last message alone has {len(tokens)} tokens, more than the context "
+                              f"({limit}) holds, so truncation cannot help; shorten it, or use a larger --ctx",
+                              "messages")
     return Prompt(tokens, truncated_tokens=full - len(tokens), messages_dropped=dropped)
 
 

@@ -47,8 +47,9 @@ from .llama import (AbortFlag, Batch, LlamaModel, clear_memory, decode, free_con
 log = logging.getLogger("llmdesk.engine")
 
 
-class ContextOverflow(LlmdeskError):
-    """A prompt that does not fit in the context: always an explicit error, never a silent cut."""
+class ContextOverflow(limits.InvalidRequest):
+    """A prompt that does not fit in the context: always an explicit error, never a silent cut.
+    `param` names the field that is too long, when there is one."""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ def from_library(e: LlmdeskError) -> APIError:
     if isinstance(e, ModelNotFound):
         return APIError(404, message, code="model_not_found")
     if isinstance(e, ContextOverflow):
-        return APIError(400, message, code="context_length_exceeded", param=getattr(e, "param", None))
+        return APIError(400, message, code="context_length_exceeded", param=e.param)
     if isinstance(e, BadModelFile):
         return APIError(500, message, code="bad_model_file")
     if isinstance(e, TemplateError):
