@@ -288,6 +288,27 @@ class _Job(_Work):
         super().__init__(engine, time_limit)
         self.time_limit = time_limit
         self.error: str | None = None
+        self._callbacks: list = []
+        self._lock = threading.Lock()
+
+    def add_done_callback(self, fn) -> None:
+        """Call `fn(job)` when the job ends (from the Engine's thread; at once if it has ended),
+        so an event loop can wait for it without a thread of its own."""
+        with self._lock:
+            if not self.done.is_set():
+                self._callbacks.append(fn)
+                return
+        fn(self)
+
+    def _finish(self, error: str | None) -> None:
+        with self._lock:
+            if self.done.is_set():
+                return
+            self.error = error
+            self.done.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            fn(self)
 
     def _wait(self):
         self.done.wait()
@@ -585,7 +606,7 @@ class Engine:
                     f"{self.n_ctx}; use a larger --ctx or a shorter text")
         job = ScoreJob(self, list(requests), time_limit)
         if not requests:
-            job.done.set()
+            job._finish(None)
             return job
         tasks = [_ScoreTask(job, i, r, self.model.n_vocab) for i, r in enumerate(requests)]
         with self._cv:
@@ -1217,7 +1238,4 @@ class Engine:
 
     @staticmethod
     def _finish_job(job, error: str | None) -> None:
-        if job.done.is_set():
-            return
-        job.error = error
-        job.done.set()
+        job._finish(error)

@@ -451,13 +451,20 @@ async def embed_texts(lease, items: list, *, truncate: bool, metrics, time_limit
     t0 = time.perf_counter()
     try:
         job = model.engine.embed(inputs, normalize=normalize, time_limit=time_limit)
-        # waited for on the loop, not in a worker thread: a flood of embedding requests must not
-        # take the threads other requests need
-        pause = 0.002
+        # the Engine's thread says when it is done: no worker thread waits for it (a flood of
+        # embedding requests must not take the threads other requests need)
+        loop = asyncio.get_running_loop()
+        ended = loop.create_future()
+
+        def wake(_job) -> None:
+            try:
+                loop.call_soon_threadsafe(lambda: ended.done() or ended.set_result(None))
+            except RuntimeError:  # the loop is gone: the server stopped, nobody waits
+                pass
+
+        job.add_done_callback(wake)
         try:
-            while not job.done.is_set():
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, 0.05)
+            await ended
         except asyncio.CancelledError:
             job.cancel()
             raise
