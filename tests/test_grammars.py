@@ -20,7 +20,6 @@ from llmdesk.errors import LlmdeskError
 from llmdesk.runtime.engine import Engine, Request, SamplingParams
 from llmdesk.runtime.grammar_probe import GrammarTooSlow, check_grammar_cost
 from llmdesk.runtime.llama import LlamaModel
-from llmdesk.runtime import grammars
 from llmdesk.runtime import toolcalls as tools
 from llmdesk.runtime.grammars import (
     MAX_LIVE_PARSES,

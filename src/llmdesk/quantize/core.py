@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, NamedTuple
 
-from ..atomic import clean_stale_parts, fsync_dir, part_path, pid_alive as _pid_alive  # noqa: F401 (re-exported)
+from ..atomic import clean_stale_parts, fsync_dir, part_path
 from ..errors import LlmdeskError
 
 

@@ -15,8 +15,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+from ..atomic import clean_stale_parts, pid_alive
 from ..eval.common import MeasuredModel, record, resolve_model
-from .core import Progress, _pid_alive, clean_stale_parts, quant_type, quantize_file
+from .core import Progress, quant_type, quantize_file
 
 
 @dataclass
@@ -131,5 +132,5 @@ def _clean_scratch(folder: Path) -> None:
 
     for p in folder.glob("*.gguf"):
         m = re.search(r"\.(\d+)\.gguf$", p.name)
-        if m and not _pid_alive(int(m[1])):
+        if m and not pid_alive(int(m[1])):
             p.unlink(missing_ok=True)
