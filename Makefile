@@ -14,7 +14,7 @@ $(BIN)/python:
 
 # re-run the install only when the project's requirements change
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -e '.[train,test]'
+	$(BIN)/python -m pip install -e '.[train,eval,test]'
 	touch $@
 
 # the web UI's browser tests drive Debian's chromium (Playwright's own browser download is not used)
