@@ -17,7 +17,7 @@ from rich.table import Table
 from ..errors import LlmdeskError
 from .app import app, err, out
 
-eval_app = typer.Typer(name="eval", help="Measure models: perplexity, KL divergence.", no_args_is_help=True,
+eval_app = typer.Typer(name="eval", help="Measure models: benchmarks, judges, perplexity, KL divergence.", no_args_is_help=True,
                        add_completion=False, rich_markup_mode=None)
 app.add_typer(eval_app, name="eval")
 

@@ -222,3 +222,75 @@ def m005_results(db: sqlite3.Connection) -> None:
         """
     )
     db.execute("CREATE INDEX results_kind_model ON results (kind, model_sha256, time)")
+
+
+@migration
+def m006_eval_items(db: sqlite3.Connection) -> None:
+    # per-item results of `llmdesk eval run`, so an interrupted or failed run resumes where it
+    # stopped: `run_key` hashes the model's sha256, the task's hash and the settings that change
+    # the scores; `result` is JSON (log-likelihoods, the choice taken, the extracted answer)
+    db.execute(
+        """
+        CREATE TABLE eval_items (
+            run_key TEXT NOT NULL,
+            item INTEGER NOT NULL,
+            time TEXT NOT NULL,
+            result TEXT NOT NULL,
+            PRIMARY KEY (run_key, item)
+        )
+        """
+    )
+
+
+@migration
+def m007_judgments(db: sqlite3.Connection) -> None:
+    # `llmdesk eval judge`: one row per verdict. `kind` single (a 1-10 grade of answer_a) or
+    # pairwise (winner a, b or tie, both orders asked); `raw` is the judge's text as given and
+    # `parsed` 0 when no verdict could be read from it (recorded as malformed, never guessed)
+    db.execute(
+        """
+        CREATE TABLE judgments (
+            id INTEGER PRIMARY KEY,
+            time TEXT NOT NULL,
+            run TEXT NOT NULL,
+            kind TEXT NOT NULL CHECK (kind IN ('single', 'pairwise')),
+            judge TEXT NOT NULL,
+            question_id TEXT NOT NULL,
+            question TEXT NOT NULL,
+            model_a TEXT NOT NULL,
+            model_b TEXT,
+            answer_a TEXT,
+            answer_b TEXT,
+            score REAL,
+            winner TEXT CHECK (winner IN ('a', 'b', 'tie')),
+            parsed INTEGER NOT NULL,
+            raw TEXT NOT NULL,
+            details TEXT NOT NULL DEFAULT '{}'
+        )
+        """
+    )
+    db.execute("CREATE INDEX judgments_run ON judgments (run, question_id)")
+
+
+@migration
+def m008_arena_votes(db: sqlite3.Connection) -> None:
+    # arena battles: a person in the web chat or a judge (`arena auto`) saw two anonymous
+    # answers to one prompt and voted; the leaderboard fits Bradley-Terry ratings to these rows
+    db.execute(
+        """
+        CREATE TABLE arena_votes (
+            id INTEGER PRIMARY KEY,
+            time TEXT NOT NULL,
+            prompt TEXT NOT NULL,
+            model_a TEXT NOT NULL,
+            model_b TEXT NOT NULL,
+            answer_a TEXT NOT NULL DEFAULT '',
+            answer_b TEXT NOT NULL DEFAULT '',
+            winner TEXT NOT NULL CHECK (winner IN ('a', 'b', 'tie', 'both_bad')),
+            source TEXT NOT NULL,
+            judge TEXT,
+            details TEXT NOT NULL DEFAULT '{}'
+        )
+        """
+    )
+    db.execute("CREATE INDEX arena_votes_models ON arena_votes (model_a, model_b)")
