@@ -61,7 +61,7 @@ class Model:
 
     def __init__(self, path: str | Path, *, name: str | None = None, ctx: int | None = None,
                  threads: int | None = None, slots: int = 1, batch: int = 512,
-                 template: str | None = None, gpu_layers: int = 0):
+                 template: str | None = None, gpu_layers: int = 0, kv_unified: bool = False):
         self.path = Path(path)
         self.name = name or self.path.stem
         # our own validation runs first: llama.cpp never sees a malformed file
@@ -70,7 +70,10 @@ class Model:
         self.llama = LlamaModel(self.path, n_gpu_layers=gpu_layers)
         n_ctx = ctx or min(self.llama.n_ctx_train or DEFAULT_CTX, DEFAULT_CTX)
         self.threads = threads
-        self.engine = Engine(self.llama, n_ctx=n_ctx, n_slots=slots, n_batch=batch, n_threads=threads)
+        # kv_unified: the slots share one KV cache (suits evaluation, where they share long
+        # prefixes; see Engine and docs/scoring.md)
+        self.engine = Engine(self.llama, n_ctx=n_ctx, n_slots=slots, n_batch=batch, n_threads=threads,
+                             kv_unified=kv_unified)
         self.n_ctx = self.engine.n_ctx
         specials = self.info.special_tokens or {}
         self.template: ChatTemplate = resolve_template(
@@ -268,11 +271,12 @@ class Model:
                 for t, lp, top in zip(r.tokens, r.logprobs, r.top or [[] for _ in r.tokens])]
 
 def load(ref, *, ctx: int | None = None, threads: int | None = None, slots: int = 1,
-         template: str | None = None, gpu_layers: int = 0):
+         template: str | None = None, gpu_layers: int = 0, kv_unified: bool = False):
     """Load a model by reference (a string, a Path or a store.refs.ModelRef): a .gguf path,
     NAME[:TAG] in the store or hf:OWNER/REPO/FILE.gguf gives a Model; openai:URL#MODEL or
     openai:NAME (an endpoint in endpoints.toml) gives a runtime.remote.RemoteModel, with the same
-    calls. For a remote model ctx, threads, slots and gpu_layers are its server's business."""
+    calls. For a remote model ctx, threads, slots, gpu_layers and kv_unified are its server's
+    business."""
     from ..store.refs import ModelRef, resolve
 
     found = ref if isinstance(ref, ModelRef) else resolve(str(ref), allow_remote=True)
@@ -284,4 +288,4 @@ def load(ref, *, ctx: int | None = None, threads: int | None = None, slots: int 
                                "chosen for a local model")
         return RemoteModel(found)
     return Model(found.path, name=found.name, ctx=ctx, threads=threads, slots=slots, template=template,
-                 gpu_layers=gpu_layers)
+                 gpu_layers=gpu_layers, kv_unified=kv_unified)
