@@ -3,9 +3,16 @@ preference-pair export and the `llmdesk arena` commands."""
 
 from __future__ import annotations
 
+import io
+import json
+import math
+from contextlib import redirect_stderr, redirect_stdout
+
+import numpy as np
 import pytest
 
 from llmdesk.errors import LlmdeskError
+from llmdesk.cli.main import main
 from llmdesk.eval import arena
 
 
@@ -35,3 +42,175 @@ def test_record_vote_refuses_bad_votes_in_one_line(args, says):
         arena.record_vote(*args)
     assert says in str(e.value) and "\n" not in str(e.value)
     assert arena.votes() == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Bradley-Terry ratings
+
+
+TRUE = {"strong": 1200.0, "good": 1100.0, "fair": 1000.0, "weak": 900.0}  # Elo scale, mean 1050
+
+
+def simulate(n: int, rng: np.random.Generator, true: dict[str, float] = TRUE) -> list[dict]:
+    """`n` battles between random pairs, won as the Bradley-Terry model with `true` ratings says."""
+    names = list(true)
+    rows = []
+    for _ in range(n):
+        i, j = rng.choice(len(names), 2, replace=False)
+        p_a = 1.0 / (1.0 + 10 ** ((true[names[j]] - true[names[i]]) / 400))
+        rows.append({"model_a": names[i], "model_b": names[j], "winner": "a" if rng.random() < p_a else "b"})
+    return rows
+
+
+def test_bradley_terry_recovers_the_order_of_known_strengths():
+    board = arena.leaderboard(simulate(2000, np.random.default_rng(7)), bootstrap=100, seed=1)
+    assert [r.model for r in board] == ["strong", "good", "fair", "weak"]
+    assert [r.rank for r in board] == [1, 2, 3, 4]  # 2000 battles tell 100 points apart
+    assert sum(r.rating for r in board) / 4 == pytest.approx(1000.0)  # the mean is anchored at 1000
+    for r in board:  # and the differences are the true ones, within sampling noise
+        assert r.rating == pytest.approx(TRUE[r.model] - 50, abs=40)
+        assert r.low < r.rating < r.high
+        assert r.battles == r.wins + r.ties + r.losses
+    assert sum(r.battles for r in board) == 2 * 2000
+
+
+def test_bootstrap_intervals_cover_the_true_ratings_at_about_the_nominal_rate():
+    # a statistical check: 40 simulated arenas of 300 battles, 4 models each; a 95% interval
+    # should hold the true (mean-anchored) rating about 95% of the time
+    rng = np.random.default_rng(2024)
+    hits = total = 0
+    for rep in range(40):
+        board = arena.leaderboard(simulate(300, rng), bootstrap=200, seed=rep)
+        for r in board:
+            hits += r.low <= TRUE[r.model] - 50 <= r.high
+            total += 1
+    assert 0.85 <= hits / total <= 1.0
+
+
+def test_a_tie_is_half_a_win_each_way_and_both_bad_is_a_tie():
+    # 1 win and 2 ties of 3: x took 2 points of 3, so P(x beats y) = 2/3 and the gap is 400*log10(2)
+    rows = [{"model_a": "x", "model_b": "y", "winner": "a"},
+            {"model_a": "x", "model_b": "y", "winner": "tie"},
+            {"model_a": "y", "model_b": "x", "winner": "both_bad"}]
+    x, y = arena.leaderboard(rows, bootstrap=0)
+    assert (x.model, y.model) == ("x", "y")
+    assert x.rating - y.rating == pytest.approx(400 * math.log10(2), abs=0.5)
+    assert (x.wins, x.ties, x.losses) == (1, 2, 0) and (y.wins, y.ties, y.losses) == (0, 2, 1)
+    # only ties: the same rating
+    even = arena.leaderboard([{"model_a": "x", "model_b": "y", "winner": w} for w in ("tie", "both_bad")], bootstrap=0)
+    assert [r.rating for r in even] == pytest.approx([1000.0, 1000.0])
+
+
+def test_an_anchor_model_sits_at_1000():
+    board = arena.leaderboard(simulate(400, np.random.default_rng(3)), bootstrap=50, anchor="fair")
+    fair = next(r for r in board if r.model == "fair")
+    assert fair.rating == pytest.approx(1000.0)
+    assert next(r for r in board if r.model == "strong").rating > 1100
+    with pytest.raises(LlmdeskError, match="anchor model 'nobody' has no votes"):
+        arena.leaderboard(simulate(10, np.random.default_rng(3)), anchor="nobody")
+
+
+def test_a_model_that_won_every_battle_gets_a_finite_rating_on_top():
+    rows = [{"model_a": "x", "model_b": "y", "winner": "a"}] * 5 + [{"model_a": "y", "model_b": "z", "winner": "tie"}] * 5
+    board = arena.leaderboard(rows, bootstrap=20)
+    assert board[0].model == "x" and all(math.isfinite(r.rating) and math.isfinite(r.low) for r in board)
+
+
+def test_rank_rule_overlapping_intervals_share_a_rank():
+    # intervals: A [1050, 1150], B [1000, 1100] (overlaps A), C [900, 990] (below both), D [950, 1010]
+    low, high = [1050, 1000, 900, 950], [1150, 1100, 990, 1010]
+    # A: nobody above; B: overlaps A; C: A and B lie wholly above it; D: only A does
+    assert arena.ranks_from_intervals(low, high) == [1, 1, 3, 2]
+    # on a leaderboard: two models the votes cannot tell apart share rank 1 though one rates higher
+    rng = np.random.default_rng(5)
+    board = arena.leaderboard(simulate(120, rng, {"p": 1010.0, "q": 1000.0, "r": 600.0}), bootstrap=200)
+    by = {r.model: r for r in board}
+    assert by["p"].rank == by["q"].rank == 1 and by["r"].rank == 3
+    assert by["p"].high > by["q"].low and by["q"].high > by["p"].low
+
+
+def test_no_votes_is_one_clear_error():
+    with pytest.raises(LlmdeskError, match="no arena votes yet"):
+        arena.leaderboard([])
+
+
+# ---------------------------------------------------------------------------------------------
+# preference pairs
+
+
+def test_export_writes_prompt_chosen_rejected_pairs(tmp_path):
+    arena.record_vote("Capital of France?", "m1", "m2", "b", answer_a="Lyon", answer_b="Paris")
+    arena.record_vote("2+2?", "m2", "m1", "a", answer_a="4", answer_b="5", source="auto", judge="j")
+    arena.record_vote("Hi", "m1", "m2", "tie", answer_a="Hello", answer_b="Hey")
+    arena.record_vote("Joke?", "m1", "m2", "both_bad", answer_a="no", answer_b="no")
+    (tmp_path / "out").mkdir()
+    path = tmp_path / "out" / "pairs.jsonl"
+    assert arena.export_pairs(path, arena.votes()) == (2, 2)
+    assert [p.name for p in path.parent.iterdir()] == ["pairs.jsonl"]  # no temporary file left
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert rows == [
+        {"prompt": "Capital of France?", "chosen": "Paris", "rejected": "Lyon", "chosen_model": "m2",
+         "rejected_model": "m1", "source": "web"},
+        {"prompt": "2+2?", "chosen": "4", "rejected": "5", "chosen_model": "m2", "rejected_model": "m1",
+         "source": "auto"},
+    ]
+    # what TRL's DPO trainer reads: a JSONL dataset with string columns prompt, chosen, rejected
+    import datasets
+
+    ds = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=str(tmp_path / "hf"))
+    assert {"prompt", "chosen", "rejected"} <= set(ds.column_names)
+    assert all(isinstance(r[c], str) for r in ds for c in ("prompt", "chosen", "rejected"))
+
+
+# ---------------------------------------------------------------------------------------------
+# the commands
+
+
+def llmdesk(*args: str) -> tuple[int, str, str]:
+    """Run `llmdesk ARGS` in-process, as the console script does: (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):  # the consoles write to sys.stdout/stderr of the moment
+        rc = main(list(args))
+    return rc, out.getvalue(), err.getvalue()
+
+
+def one_line_error(rc: int, stderr: str, says: str) -> None:
+    assert rc != 0
+    assert stderr.startswith("error: ") and stderr.count("\n") == 1 and "Traceback" not in stderr, stderr
+    assert says in stderr, stderr
+
+
+def test_leaderboard_export_and_votes_commands(tmp_path):
+    for row in simulate(200, np.random.default_rng(11)):
+        arena.record_vote("q", row["model_a"], row["model_b"], row["winner"], answer_a="A", answer_b="B")
+    rc, out, err = llmdesk("arena", "leaderboard", "--bootstrap", "100", "--plot", str(tmp_path / "lb.png"))
+    assert rc == 0, err
+    lines = [line.split() for line in out.splitlines() if line.strip() and not line.startswith("─")]
+    assert lines[0][:3] == ["rank", "model", "rating"]
+    assert [row[1] for row in lines[1:]] == ["strong", "good", "fair", "weak"]
+    assert (tmp_path / "lb.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rc, out, err = llmdesk("arena", "leaderboard", "--json", "--bootstrap", "50")
+    data = json.loads(out)
+    assert rc == 0 and data["votes"] == 200 and len(data["models"]) == 4
+    assert set(data["models"][0]) == {"model", "rating", "low", "high", "rank", "battles", "wins", "ties", "losses"}
+    rc, out, err = llmdesk("arena", "export", "-o", str(tmp_path / "p.jsonl"))
+    assert rc == 0 and "200 preference pairs written" in err
+    rc, out, err = llmdesk("arena", "votes", "-n", "3", "--json")
+    assert rc == 0 and [v["id"] for v in json.loads(out)] == [200, 199, 198]
+
+
+@pytest.mark.parametrize("args, says", [
+    (("arena", "leaderboard"), "no arena votes yet"),
+    (("arena", "leaderboard", "--source", "robots"), "unknown vote source 'robots': use auto or web"),
+    (("arena", "leaderboard", "--source", "auto"), "no arena votes from 'auto' yet"),
+    (("arena", "leaderboard", "--plot", "board.txt"), "--plot writes .png, .svg or .pdf files"),
+    (("arena", "export", "-o", "pairs.jsonl"), "no arena votes yet"),
+])
+def test_commands_with_nothing_to_work_on_say_so_in_one_line(args, says):
+    one_line_error(*llmdesk(*args)[::2], says)
+
+
+def test_export_of_only_ties_says_there_is_nothing_to_pair(tmp_path):
+    arena.record_vote("q", "m1", "m2", "tie")
+    one_line_error(*llmdesk("arena", "export", "-o", str(tmp_path / "p.jsonl"))[::2], "no votes with a winner")
+    assert not (tmp_path / "p.jsonl").exists()
