@@ -71,6 +71,29 @@ class RemoteEvent:
 
 
 @dataclass
+class RemoteScore:
+    """A scored (context, continuation) pair from an endpoint: the local ScoreResult's fields,
+    with the tokens as the endpoint writes them (it does not send their ids)."""
+
+    tokens: list[str]
+    logprobs: list[float]  # log P(tokens[i] | context + tokens[:i]), natural log
+    greedy: list[bool]  # tokens[i] was the most likely token there
+    top: list[list[tuple[str, float]]] | None = None  # with top_k: the most likely tokens there
+
+    @property
+    def logprob(self) -> float:
+        return float(sum(self.logprobs))
+
+    @property
+    def is_greedy(self) -> bool:
+        return all(self.greedy)
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.tokens)
+
+
+@dataclass
 class _ToolCallParts:
     id: str = ""
     name: str = ""
@@ -395,6 +418,81 @@ class RemoteModel:
             vectors = [_l2(v) for v in vectors]
         return vectors
 
+    # -- scoring ------------------------------------------------------------------------------
+    def score(self, pairs: list[tuple[str, str]], *, top_k: int = 0, time_limit: float | None = None,
+              batch: int = 16) -> list["RemoteScore"]:
+        """Score (context, continuation) text pairs, as lm-evaluation-harness's OpenAI completions
+        model does: POST /completions with prompt = context + continuation, `echo` and
+        `logprobs`, `max_tokens` 0; the continuation's tokens are those whose `text_offset` is
+        at or past the end of the context (spaces at the end of the context move to the
+        continuation first, as the local Model's split does). `batch` pairs go in one request.
+        One RemoteScore per pair, with the local ScoreResult's fields (token texts, not ids).
+        An endpoint that does not return the prompt's log-probabilities (llama.cpp's server)
+        is a LlmdeskError saying so."""
+        split = []
+        for i, pair in enumerate(pairs):
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+                raise LlmdeskError(f"pair {i}: a remote model scores (context, continuation) pairs of text")
+            context, continuation = pair
+            n_spaces = len(context) - len(context.rstrip())
+            if n_spaces:
+                context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+            if not continuation:
+                raise LlmdeskError(f"pair {i}: the continuation is empty")
+            split.append((context, continuation))
+        out: list[RemoteScore] = []
+        for start in range(0, len(split), max(1, batch)):
+            chunk = split[start : start + batch]
+            body = {"model": self.model, "prompt": [c + x for c, x in chunk], "echo": True,
+                    "logprobs": max(1, top_k), "max_tokens": 0, "temperature": 0}
+            r = self._send("POST", "/completions", body, timeout=self._timeout(time_limit))
+            choices = self._json(r, "the scores").get("choices")
+            if not isinstance(choices, list) or len(choices) != len(chunk):
+                raise LlmdeskError(f"{self.base_url}/completions answered {_count(choices)} choices for "
+                                   f"{len(chunk)} prompts")
+            ordered = sorted(choices, key=lambda ch: ch.get("index", 0) if isinstance(ch, dict) else 0)
+            for j, (ch, (context, continuation)) in enumerate(zip(ordered, chunk)):
+                out.append(self._scored(start + j, ch, context, continuation, top_k))
+        return out
+
+    def loglikelihood(self, context: str, continuation: str) -> tuple[float, bool]:
+        """lm-evaluation-harness's loglikelihood request: (log P(continuation | context), is_greedy)."""
+        r = self.score([(context, continuation)])[0]
+        return r.logprob, r.is_greedy
+
+    def _scored(self, i: int, choice, context: str, continuation: str, top_k: int) -> "RemoteScore":
+        refused = (f"{self.base_url} does not return the prompt's log-probabilities (echo with logprobs), so it "
+                   "cannot score; llmdesk serve and vLLM do, llama.cpp's server does not")
+        lp = choice.get("logprobs") if isinstance(choice, dict) else None
+        if not isinstance(lp, dict):
+            raise LlmdeskError(refused)
+        tokens, values = lp.get("tokens"), lp.get("token_logprobs")
+        offsets, tops = lp.get("text_offset"), lp.get("top_logprobs")
+        if not (isinstance(tokens, list) and isinstance(values, list) and isinstance(offsets, list)
+                and isinstance(tops, list) and len(tokens) == len(values) == len(offsets) == len(tops)):
+            raise LlmdeskError(f"{self.base_url}/completions answered pair {i}'s logprobs without matching tokens, "
+                               "token_logprobs, top_logprobs and text_offset")
+        text = choice.get("text")
+        if not isinstance(text, str) or not text.startswith(context + continuation) or not tokens:
+            raise LlmdeskError(refused)
+        first = next((k for k, o in enumerate(offsets) if isinstance(o, int) and o >= len(context)), None)
+        if first is None:
+            raise LlmdeskError(refused)
+        score = RemoteScore(tokens=[], logprobs=[], greedy=[], top=[] if top_k else None)
+        for k in range(first, len(tokens)):
+            value, top = values[k], tops[k]
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise LlmdeskError(f"pair {i}: {self.base_url} gave no log-probability for the continuation's token "
+                                   f"{tokens[k]!r} (the first token of a prompt has none: give a context)")
+            top = top if isinstance(top, dict) else {}
+            score.tokens.append(str(tokens[k]))
+            score.logprobs.append(float(value))
+            # lm-eval's rule: the token is greedy when its log-probability is the largest there
+            score.greedy.append(not top or float(value) >= max(float(v) for v in top.values()))
+            if score.top is not None:
+                score.top.append(sorted(((str(t), float(v)) for t, v in top.items()), key=lambda tv: -tv[1])[:top_k])
+        return score
+
     # -- the request body ---------------------------------------------------------------------
     def _body(self, kw: dict, *, chat: bool) -> tuple[dict, float | None]:
         """The sampling keywords of the local Model as an OpenAI request body (see the module)."""
@@ -710,6 +808,10 @@ def _context_of(card: dict) -> int | None:
         if isinstance(v, int) and not isinstance(v, bool) and v > 0:
             return v
     return None
+
+
+def _count(items) -> int | str:
+    return len(items) if isinstance(items, list) else "no"
 
 
 def _l2(v: list[float]) -> list[float]:

@@ -6,17 +6,23 @@ server-sent events of `chat.completion.chunk` / `text_completion` objects ending
 Extensions, ignored by OpenAI's clients: request fields `top_k`, `min_p`, `repeat_penalty`,
 `ignore_eos`, `truncate`; response fields `timings` (llama.cpp server's) and
 `truncated_prompt_tokens`.
+
+`/v1/completions` with `echo` and `logprobs` also returns the prompt's own log-probabilities
+(what lm-evaluation-harness's loglikelihood needs), scored by the Engine; `/tokenize`,
+`/detokenize` and `/tokenizer_info` are vLLM's tokenizer routes (lm-eval's remote tokenizer).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import codecs
 import dataclasses
 import json
 import logging
 import secrets
 import struct
+import sys
 import time
 from typing import Any, Literal
 
@@ -26,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..runtime import conversation, grammars, limits
 from ..runtime.conversation import finish_reason, sampling_params
+from ..runtime.engine import ContextOverflow, ScoreRequest
 from .chat import off_loop, prompt_headers, timings
 from .errors import APIError
 from .scheduler import ClientGone, admit, collect, start
@@ -122,7 +129,8 @@ class ChatCompletionRequest(_Sampling):
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=0)  # OpenAI's default for this legacy endpoint
-    logprobs: int | None = Field(None, ge=0, le=5)
+    # OpenAI's legacy API allows 5; vLLM (max_logprobs) and lm-eval's gguf model (which asks for 10) 20
+    logprobs: int | None = Field(None, ge=0, le=limits.MAX_TOP_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1, le=MAX_N)
@@ -175,19 +183,37 @@ def _chat_logprobs(model, events) -> list[dict]:
     return out
 
 
+def _piece_text(model, token: int) -> str:
+    return model.llama.piece(token, special=True).decode("utf-8", "replace")
+
+
+def _top(model, token: int, logprob: float, top) -> dict[str, float]:
+    """One position's `top_logprobs`: the most likely tokens, most likely first, and the token
+    itself (OpenAI's API always returns the chosen token's, so up to logprobs + 1 entries)."""
+    out: dict[str, float] = {}
+    for t, p in top or []:
+        out.setdefault(_piece_text(model, t), p)
+    out.setdefault(_piece_text(model, token), logprob)
+    return out
+
+
+def _offsets(pieces: list[bytes], start: int = 0) -> list[int]:
+    """Where each token's text starts, in characters of text that begins at `start`. The bytes of
+    a character split over several tokens count once, where the character is completed."""
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    out, pos = [], start
+    for p in pieces:
+        out.append(pos)
+        pos += len(decoder.decode(p))
+    return out
+
+
 def _legacy_logprobs(model, events, offset: int = 0) -> dict:
-    tokens, lps, tops, offsets = [], [], [], []
-    pos = offset
-    for ev in events:
-        if ev.logprob is None:
-            continue
-        text = model.llama.piece(ev.token, special=True).decode("utf-8", "replace")
-        tokens.append(text)
-        lps.append(ev.logprob)
-        tops.append({model.llama.piece(t, special=True).decode("utf-8", "replace"): p for t, p in ev.top_logprobs or []})
-        offsets.append(pos)
-        pos += len(text)
-    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+    events = [ev for ev in events if ev.logprob is not None]
+    return {"tokens": [_piece_text(model, ev.token) for ev in events],
+            "token_logprobs": [ev.logprob for ev in events],
+            "top_logprobs": [_top(model, ev.token, ev.logprob, ev.top_logprobs) for ev in events],
+            "text_offset": _offsets([model.llama.piece(ev.token) for ev in events], offset)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,9 +352,9 @@ async def completions(body: CompletionRequest, request: Request):
         raise APIError(400, "'suffix' (fill in the middle) is not supported", param="suffix")
     if body.best_of not in (None, body.n):
         raise APIError(400, "'best_of' other than 'n' is not supported", param="best_of")
-    if body.echo and body.logprobs is not None:
-        raise APIError(400, "'echo' with 'logprobs' needs prompt logprobs, which are not supported", param="echo")
     prompts = _prompts(body.prompt)
+    if body.echo and body.logprobs is not None:
+        return await _scored_completions(body, request, prompts)
     if len(prompts) * body.n > MAX_N:
         raise APIError(400, f"prompts times 'n' must be at most {MAX_N}", param="n")
     sampling = body.sampling()
@@ -383,38 +409,212 @@ async def completions(body: CompletionRequest, request: Request):
         lease.release()
 
 
-async def _completion_stream(request, body: CompletionRequest, lease, gens, base, echoes, n_prompt, extra, shown):
+async def _completion_stream(request, body: CompletionRequest, lease, gens, base, echoes, n_prompt, extra, shown,
+                             prompt_logprobs: list[dict] | None = None, cached: int | None = None):
+    """The echoes first (with the prompt's log-probabilities when scored), then the answers as
+    they come; `gens` None: nothing is generated (max_tokens 0)."""
     model = lease.model
     usage_field = {"usage": None} if body.include_usage else {}
+    finish = (lambda r: _scored_finish(model, body, r)) if prompt_logprobs is not None else finish_reason
 
     def chunk(i: int, text: str, finish=None, logprobs=None, **more) -> str:
         return _sse({**base, "choices": [{"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}],
                      **usage_field, **more})
 
+    pos = [len(e) for e in echoes]  # where each choice's next text starts
     try:
         for i, e in enumerate(echoes):
-            if e:
-                yield chunk(i, e)
-        async for i, ev in gens.events():
-            if ev is not None:
-                lp = _legacy_logprobs(model, [ev]) if body.logprobs is not None and ev.logprob is not None else None
-                if ev.text or lp:
-                    yield chunk(i, ev.text, logprobs=lp)
-                continue
-            r = gens.streams[i].result
-            if r.finish_reason == "error":
-                yield _error_event(f"generation failed: {r.error}")
-                return
-            yield chunk(i, "", finish=finish_reason(r), timings=timings(r), **extra)
+            lps = prompt_logprobs[i] if prompt_logprobs is not None else None
+            if e or lps:
+                yield chunk(i, e, logprobs=lps, finish=None if gens is not None else "length")
+        if gens is not None:
+            async for i, ev in gens.events():
+                if ev is not None:
+                    lp = _legacy_logprobs(model, [ev], pos[i]) if body.logprobs is not None and ev.logprob is not None else None
+                    pos[i] += len(ev.text)
+                    if ev.text or lp:
+                        yield chunk(i, ev.text, logprobs=lp)
+                    continue
+                r = gens.streams[i].result
+                if r.finish_reason == "error":
+                    yield _error_event(f"generation failed: {r.error}")
+                    return
+                yield chunk(i, "", finish=finish(r), timings=timings(r), **extra)
         if body.include_usage:
-            cached = sum(r.n_cached for r in gens.results[:: body.n])
-            yield _sse({**base, "choices": [], "usage": _usage(gens.results, n_prompt, cached)})
+            results = gens.results if gens is not None else []
+            if cached is None:
+                cached = sum(r.n_cached for r in results[:: body.n])
+            yield _sse({**base, "choices": [], "usage": _usage(results, n_prompt, cached)})
         yield "data: [DONE]\n\n"
     finally:
-        gens.cancel()
+        if gens is not None:
+            gens.cancel()
+            note(request, gen=sum(r.n_gen for r in gens.results))
+            record(request, lease.loaded.name, shown, None, gens.results)
         lease.release()
-        note(request, gen=sum(r.n_gen for r in gens.results))
-        record(request, lease.loaded.name, shown, None, gens.results)
+
+
+# ---------------------------------------------------------------------------------------------
+# /v1/completions with echo and logprobs: the prompt's own log-probabilities
+#
+# What lm-evaluation-harness's loglikelihood asks for (`local-completions` sends token ids, its
+# `gguf` model text; both `max_tokens` 1 and read all but the last entry). The reported tokens
+# are the client's: token ids exactly as given (the first has no log-probability: null), a text
+# as the model tokenizes it (its BOS rule) but without a BOS the rule added, so that the text's
+# first token has its real log-probability given the BOS. (vLLM reports that BOS as a first
+# token of its own, one more than the client's tokenizer counts.)
+
+
+@dataclasses.dataclass
+class _ScoredPrompt:
+    tokens: list[int]  # what the model reads: the client's tokens, after a BOS the model's rule added
+    lead: int  # 1 when that BOS was added (it is not reported), else 0
+    echo: str  # the text echoed: the prompt, or the token ids as text (special tokens written out)
+    logprobs: dict | None = None  # the legacy shape over tokens[lead:]
+    n_cached: int = 0
+
+
+def _scored_prompt(model, i: int, prompt, room: int) -> _ScoredPrompt:
+    """Prompt `i` as the model reads it, checked: it must fit the context with `room` tokens to spare."""
+    tokens = conversation.text_prompt(model, prompt, limit=sys.maxsize, truncate=False).tokens  # checked below
+    lead = 0
+    if isinstance(prompt, str) and len(tokens) >= 1 and tokens[0] == model.llama.bos:
+        own = model.tokenize(prompt, add_special=False, parse_special=True)
+        lead = int(tokens[1:] == own)
+    if len(tokens) + room > model.n_ctx:
+        more = " and room for the answer (max_tokens)" if room else ""
+        raise ContextOverflow(f"prompt {i} has {len(tokens)} tokens, more than the context holds{more} "
+                              f"({model.n_ctx}); shorten it or use a larger context (--ctx)", "prompt")
+    echo = prompt if isinstance(prompt, str) else model.detokenize(tokens, special=True)
+    return _ScoredPrompt(tokens, lead, echo)
+
+
+def _prompt_logprobs(model, p: _ScoredPrompt, r) -> dict:
+    """The legacy logprobs object of a scored prompt (`r`: its ScoreResult, None for one token)."""
+    shown = p.tokens[p.lead:]
+    values: list = ([None] if p.lead == 0 else []) + (r.logprobs if r is not None else [])
+    tops: list = ([None] if p.lead == 0 else []) + ((r.top or [None] * len(r.tokens)) if r is not None else [])
+    pieces = [model.llama.piece(t, special=True) for t in shown]
+    offsets = _offsets(pieces)
+    written = b"".join(pieces).decode("utf-8", "replace")
+    if written != p.echo and written[:1] == " " and written[1:] == p.echo:
+        offsets = [max(0, o - 1) for o in offsets]  # a SentencePiece space prefix the text does not have
+    return {"tokens": [x.decode("utf-8", "replace") for x in pieces],
+            "token_logprobs": values,
+            "top_logprobs": [None if v is None else _top(model, t, v, top) for t, v, top in zip(shown, values, tops)],
+            "text_offset": offsets}
+
+
+async def _score_prompts(lease, prompts: list, body: CompletionRequest, st) -> list[_ScoredPrompt]:
+    """Every prompt's log-probabilities, in one Engine job: the prompts are batched over the slots
+    and share llama_decode calls with the other requests (docs/scoring.md)."""
+    model = lease.model
+    room = 1 if body.max_tokens else 0
+    scored = await off_loop(lambda: [_scored_prompt(model, i, p, room) for i, p in enumerate(prompts)])
+    todo = [p for p in scored if len(p.tokens) >= 2]
+    results = []
+    if todo:
+        gate = admit(lease, 1, st.metrics)
+        t0 = time.perf_counter()
+        try:
+            job = model.engine.score([ScoreRequest(p.tokens[:1], p.tokens[1:], top_k=body.logprobs) for p in todo],
+                                     time_limit=st.config.request_timeout)
+            results = await engine_job(job)
+        finally:
+            gate.leave(time.perf_counter() - t0)
+    by_prompt = dict(zip(map(id, todo), results))
+
+    def describe() -> None:
+        for p in scored:
+            r = by_prompt.get(id(p))
+            p.logprobs = _prompt_logprobs(model, p, r)
+            p.n_cached = r.n_cached if r is not None else 0
+
+    await off_loop(describe)
+    return scored
+
+
+def _joined(prompt: dict, generated: dict) -> dict:
+    return {k: prompt[k] + generated[k] for k in prompt}
+
+
+async def _scored_completions(body: CompletionRequest, request: Request, prompts: list):
+    """/v1/completions with `echo` and `logprobs`: the prompts scored, then (max_tokens > 0) the
+    answers generated after them, their tokens' entries following the prompt's."""
+    st = state(request)
+    if body.truncate:
+        raise APIError(400, "'truncate' cannot be used with 'echo' and 'logprobs': the prompt's tokens are "
+                            "reported as they are", param="truncate")
+    if body.max_tokens is None:
+        raise APIError(400, "'echo' with 'logprobs' needs 'max_tokens' (0: only the prompt is scored)",
+                       param="max_tokens")
+    if body.max_tokens > 1 and len(prompts) * body.n > MAX_N:
+        raise APIError(400, f"prompts times 'n' must be at most {MAX_N}", param="n")
+    sampling = body.sampling()
+    grammar = await off_loop(grammars.response_format_grammar, body.response_format)
+    stop = limits.check_stop(body.stop)
+    t_start = time.monotonic()
+    lease = await st.models.acquire(body.model)
+    try:
+        lm, model = lease.loaded, lease.model
+        scored = await _score_prompts(lease, prompts, body, st)
+        n_prompt = sum(len(p.tokens) for p in scored)
+        cached = sum(p.n_cached for p in scored)
+        note(request, model=lm.name, prompt=n_prompt, cached=cached)
+        base = {"id": _id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": lm.name,
+                "system_fingerprint": FINGERPRINT}
+        gens = None
+        if body.max_tokens:
+            left = st.config.request_timeout
+            if left is not None:
+                left = max(1e-3, left - (time.monotonic() - t_start))
+            reqs = []
+            for p in scored:
+                # with max_tokens 1 the answer's token is reported even when it is an end of text
+                # (lm-eval drops the last entry, so it must be there); finish_reason still says stop
+                reqs += conversation.requests_for(
+                    p.tokens, dataclasses.replace(sampling, grammar=grammar), n=body.n,
+                    max_tokens=conversation.cap_max_tokens(body.max_tokens, len(p.tokens), model.n_ctx), stop=stop,
+                    logprobs=body.logprobs, ignore_eos=body.ignore_eos or body.max_tokens == 1, time_limit=left)
+            gens = start(lease, reqs, st.metrics)
+    except BaseException:
+        lease.release()
+        raise
+    echoes = [p for p in scored for _ in range(body.n)]
+    if body.stream:
+        shown = prompts[0] if isinstance(prompts[0], str) else "(token ids)"
+        return StreamingResponse(_completion_stream(request, body, lease, gens, base, [p.echo for p in echoes],
+                                                    n_prompt, {}, shown, [p.logprobs for p in echoes], cached),
+                                 media_type="text/event-stream", headers=STREAM_HEADERS)
+    try:
+        if gens is None:
+            choices = [{"index": i, "text": p.echo, "logprobs": p.logprobs, "finish_reason": "length"}
+                       for i, p in enumerate(echoes)]
+            results = []
+        else:
+            events = await collect(request, gens)
+            results = gens.results
+            choices = []
+            for i, (r, evs, p) in enumerate(zip(results, events, echoes)):
+                if r.finish_reason == "error":
+                    raise APIError(500, f"generation failed: {r.error}", type="server_error")
+                choices.append({"index": i, "text": p.echo + r.text,
+                                "logprobs": _joined(p.logprobs, _legacy_logprobs(model, evs, len(p.echo))),
+                                "finish_reason": _scored_finish(model, body, r)})
+            note(request, gen=sum(r.n_gen for r in results))
+            record(request, lease.loaded.name, prompts[0] if isinstance(prompts[0], str) else "(token ids)", None,
+                   results)
+        return JSONResponse({**base, "choices": choices, "usage": _usage(results, n_prompt, cached)})
+    except ClientGone:
+        return Response(status_code=499)
+    finally:
+        lease.release()
+
+
+def _scored_finish(model, body: CompletionRequest, r) -> str:
+    if body.max_tokens == 1 and not body.ignore_eos and r.tokens and model.llama.is_eog(r.tokens[-1]):
+        return "stop"  # generated with ignore_eos only so that the end-of-text token is reported
+    return finish_reason(r)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -450,28 +650,32 @@ async def embed_texts(lease, items: list, *, truncate: bool, metrics, time_limit
     gate = admit(lease, 1, metrics)
     t0 = time.perf_counter()
     try:
-        job = model.engine.embed(inputs, normalize=normalize, time_limit=time_limit)
-        # the Engine's thread says when it is done: no worker thread waits for it (a flood of
-        # embedding requests must not take the threads other requests need)
-        loop = asyncio.get_running_loop()
-        ended = loop.create_future()
-
-        def wake(_job) -> None:
-            try:
-                loop.call_soon_threadsafe(lambda: ended.done() or ended.set_result(None))
-            except RuntimeError:  # the loop is gone: the server stopped, nobody waits
-                pass
-
-        job.add_done_callback(wake)
-        try:
-            await ended
-        except asyncio.CancelledError:
-            job.cancel()
-            raise
-        vectors = job.wait()
+        vectors = await engine_job(model.engine.embed(inputs, normalize=normalize, time_limit=time_limit))
     finally:
         gate.leave(time.perf_counter() - t0)
     return vectors, sum(len(t) for t in inputs), truncated
+
+
+async def engine_job(job):
+    """The result of an Engine job (embeddings, scores), awaited on the event loop: the Engine's
+    thread says when it is done, so no worker thread waits for it (a flood of such requests must
+    not take the threads other requests need). A request cancelled meanwhile cancels the job."""
+    loop = asyncio.get_running_loop()
+    ended = loop.create_future()
+
+    def wake(_job) -> None:
+        try:
+            loop.call_soon_threadsafe(lambda: ended.done() or ended.set_result(None))
+        except RuntimeError:  # the loop is gone: the server stopped, nobody waits
+            pass
+
+    job.add_done_callback(wake)
+    try:
+        await ended
+    except asyncio.CancelledError:
+        job.cancel()
+        raise
+    return job.wait()
 
 
 @router.post("/v1/embeddings")
@@ -526,3 +730,77 @@ async def list_models(request: Request):
 async def get_model(model: str, request: Request):
     st = state(request)
     return _model_card(st, st.models.find(model))
+
+
+# ---------------------------------------------------------------------------------------------
+# the tokenizer: vLLM's routes (lm-evaluation-harness's `tokenizer_backend=remote` calls them)
+
+
+class TokenizeRequest(_Body):
+    model: str | None = Field(None, max_length=512)
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    add_special_tokens: bool | None = None  # vLLM's defaults: true for a prompt, false for messages
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(_Body):
+    model: str | None = Field(None, max_length=512)
+    tokens: list[int]
+
+
+def _token_or_none(model, token: int) -> str | None:
+    return model.llama.token_text(token) if 0 <= token < model.llama.n_vocab else None
+
+
+@router.post("/tokenize")
+async def tokenize(body: TokenizeRequest, request: Request):
+    """{"count", "max_model_len", "tokens"} as vLLM answers. Special tokens written in the text
+    (`<s>`, `<|im_end|>`) are read as those tokens, as Hugging Face tokenizers read them."""
+    if (body.prompt is None) == (body.messages is None):
+        raise APIError(400, "give either 'prompt' or 'messages'", param="prompt")
+    messages = conversation.normalize_messages(body.messages) if body.messages is not None else None
+    lease = await state(request).models.acquire(body.model)
+    try:
+        model = lease.model
+
+        def tokens() -> list[int]:
+            if messages is None:
+                add = True if body.add_special_tokens is None else body.add_special_tokens
+                return model.tokenize(body.prompt, add_special=add, parse_special=True)
+            text = model.template.render(messages, add_generation_prompt=body.add_generation_prompt)
+            return model.tokenize(text, add_special=bool(body.add_special_tokens), parse_special=True)
+
+        toks = await off_loop(tokens)
+        return {"count": len(toks), "max_model_len": model.n_ctx, "tokens": toks, "token_strs": None}
+    finally:
+        lease.release()
+
+
+@router.post("/detokenize")
+async def detokenize(body: DetokenizeRequest, request: Request):
+    """{"prompt"}: the text of token ids, special tokens written out (vLLM's shape)."""
+    lease = await state(request).models.acquire(body.model)
+    try:
+        model = lease.model
+        if any(not 0 <= t < model.llama.n_vocab for t in body.tokens):
+            raise APIError(400, f"token ids in 'tokens' must be between 0 and {model.llama.n_vocab - 1}",
+                           param="tokens")
+        return {"prompt": await off_loop(model.detokenize, body.tokens, special=True)}
+    finally:
+        lease.release()
+
+
+@router.get("/tokenizer_info")
+async def tokenizer_info(request: Request, model: str | None = None):
+    """The tokenizer's special tokens, context and chat template (vLLM's shape; `?model=` picks
+    a model, else the default one)."""
+    lease = await state(request).models.acquire(model)
+    try:
+        m = lease.model
+        return {"tokenizer_class": f"llama.cpp {m.info.tokenizer_model or ''}".strip(),
+                "bos_token": _token_or_none(m, m.llama.bos), "eos_token": _token_or_none(m, m.llama.eos),
+                "pad_token": None, "add_bos_token": m.llama.add_bos, "model_max_length": m.n_ctx,
+                "chat_template": m.llama.chat_template()}
+    finally:
+        lease.release()
