@@ -347,7 +347,8 @@ def test_few_shot_is_deterministic_and_never_the_item_itself(tmp_path):
     write_jsonl(tmp_path / "validation.jsonl", truthfulqa_rows(12))
     task = load_task("truthfulqa_mc1", data=tmp_path)
     a = task.items(shots=3, seed=7)
-    assert [i.context for i in a] == [i.context for i in load_task("truthfulqa_mc1", data=tmp_path).items(shots=3, seed=7)]
+    again = load_task("truthfulqa_mc1", data=tmp_path).items(shots=3, seed=7)
+    assert [i.context for i in a] == [i.context for i in again]
     assert [i.context for i in a] != [i.context for i in task.items(shots=3, seed=8)]
     for item in a:
         asked = item.context.rsplit("Q: ", 1)[1]
@@ -461,6 +462,16 @@ def test_bad_rows_are_one_line_with_file_and_row(tmp_path):
     msg = one_line_error(lambda: load_task("arc_easy", data=folder).items())
     assert "test.jsonl line 2: not JSON" in msg
 
+    # JSON: a list of rows (or {"data": [...]}), or JSON Lines under a .json name
+    (folder / "test.jsonl").unlink()
+    (folder / "test.json").write_text(json.dumps({"data": [arc[0], {**arc[0], "answerKey": "Z"}]}))
+    msg = one_line_error(lambda: load_task("arc_easy", data=folder).items())
+    assert "test.json row 2" in msg and "'Z' is not in list" in msg
+    (folder / "test.json").write_text(json.dumps(arc[0]) + "\n" + json.dumps(arc[0]) + "\n")
+    assert len(load_task("arc_easy", data=folder).items()) == 2
+    (folder / "test.json").write_text(json.dumps(arc[0]))
+    assert "is a list of rows" in one_line_error(lambda: load_task("arc_easy", data=folder).items())
+
 
 
 def test_bad_csv_parquet_and_labels(tmp_path, monkeypatch):
@@ -514,5 +525,6 @@ def test_bad_specs_are_one_line(tmp_path):
     assert "no preprocess named 'mine'" in one_line_error(lambda: load_task(spec(base + "text: a\npreprocess: mine\n")))
     assert "unknown task 'mmlu_cooking'" in one_line_error(lambda: load_task("mmlu_cooking"))
     assert "task file" in one_line_error(lambda: load_task(tmp_path / "missing.yaml"))
-    msg = one_line_error(lambda: load_task(spec("kind: generate\ntext: a\ntarget: q\ndata: {files: {test: no.jsonl}}\n")))
+    missing = "kind: generate\ntext: a\ntarget: q\ndata: {files: {test: no.jsonl}}\n"
+    msg = one_line_error(lambda: load_task(spec(missing)))
     assert "data.files.test" in msg and "no.jsonl not found" in msg

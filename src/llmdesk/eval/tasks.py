@@ -305,12 +305,13 @@ class _Template:
     done: dict[tuple, str] = field(default_factory=dict)
 
     def render(self, doc: dict) -> str:
-        values = tuple(doc.get(name, _Template) for name in self.reads)
-        if all(isinstance(v, (str, int, float, type(None), type)) for v in values):
-            if values not in self.done:
-                self.done[values] = self.template.render({n: doc[n] for n in self.reads if n in doc})
-            return self.done[values]
-        return self.template.render({n: doc[n] for n in self.reads if n in doc})
+        given = {n: doc[n] for n in self.reads if n in doc}  # names it reads that are not columns: globals
+        key = tuple((n in given, given.get(n)) for n in self.reads)
+        if not all(isinstance(v, (str, int, float, type(None))) for _, v in key):  # lists, dicts: render
+            return self.template.render(given)
+        if key not in self.done:
+            self.done[key] = self.template.render(given)
+        return self.done[key]
 
 
 def _compile(spec_label: str, key: str, source: str) -> _Template:
@@ -334,10 +335,11 @@ def _render(task: Task, key: str, source: str, row: _Row) -> str:
         raise row.error(f"the task {task.name}'s {key!r} template failed: {_one_line(e)} (a column missing "
                         f"or of another shape): fix the row or the spec") from None
     except SecurityError as e:
-        raise TaskError(f"{_spec_label(task)}: the {key!r} template was refused: {_one_line(e)}") from None
+        raise TaskError(f"{_spec_label(task)}: the {key!r} template was refused by the sandbox: {_one_line(e)}; "
+                        f"templates read the row's columns, not Python's internals") from None
     except Exception as e:  # the template's own error on this row: 'E' is not in list, ...
-        raise row.error(f"the task {task.name}'s {key!r} template failed: {type(e).__name__}: "
-                        f"{_one_line(e)}") from None
+        raise row.error(f"the task {task.name}'s {key!r} template failed on this row: {type(e).__name__}: "
+                        f"{_one_line(e)}: fix the row or remove it") from None
 
 
 def _value(task: Task, key: str, template: Any, row: _Row) -> Any:
@@ -540,18 +542,10 @@ def _check_rule(label: str, key: str, rule: Any) -> Any:
 # ---------------------------------------------------------------------------------------------
 # Specs
 
-# key -> what it is, for the unknown-key message and docs/eval-tasks.md
-SPEC_KEYS = {
-    "name": "the task's name", "kind": "multiple_choice or generate", "description": "template put first",
-    "data": "where the rows are (hf, config, files, columns, csv_columns)", "split": "the evaluated split",
-    "fewshot": "split, sampler (random | first_n), shots, group_by, exclude_self", "preprocess": "a registered preprocess",
-    "subsets": "column and names: <name>_<subset> evaluates one", "text": "template: the question",
-    "choices": "template giving a list, or a list of templates", "target": "template: the answer",
-    "labels": "template: a 0/1 label per choice (mc2)", "target_delimiter": "between question and answer",
-    "fewshot_delimiter": "after each example", "metrics": "what the scorer reports",
-    "until": "generate: stop strings", "max_tokens": "generate: answer length bound",
-    "answer": "generate: extract, reference, ignore, ignore_case",
-}
+# the keys of a spec (docs/eval-tasks.md says what each is)
+SPEC_KEYS = ("name", "kind", "description", "data", "split", "fewshot", "preprocess", "subsets", "text",
+             "choices", "target", "labels", "target_delimiter", "fewshot_delimiter", "metrics", "until",
+             "max_tokens", "answer")
 DATA_KEYS = ("hf", "config", "files", "columns", "csv_columns")
 
 
@@ -907,18 +901,20 @@ def _read_jsonl(path: Path) -> list[_Row]:
 
 
 def _read_json(path: Path) -> list[_Row]:
+    """A list of rows, or an object holding one ({"data": [...]}); JSON Lines under a .json name
+    (what `datasets`' to_json writes) are read as such."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise TaskError(f"{paths.display(path)} line {e.lineno}: not JSON ({e.msg})") from None
-    if isinstance(data, dict):  # {"data": [...]} or {"rows": [...]}: its one list
-        lists = [v for v in data.values() if isinstance(v, list)]
-        if len(lists) != 1:
-            raise TaskError(f"{paths.display(path)}: a JSON data file is a list of rows (or an object "
-                            f"holding one list)")
-        data = lists[0]
+        if e.msg == "Extra data":
+            return _read_jsonl(path)
+        raise TaskError(f"{paths.display(path)} line {e.lineno}: not JSON ({e.msg} at column {e.colno})") from None
+    if isinstance(data, dict):
+        lists = [v for v in data.values() if isinstance(v, list) and v and all(isinstance(r, dict) for r in v)]
+        data = lists[0] if len(lists) == 1 else data
     if not isinstance(data, list):
-        raise TaskError(f"{paths.display(path)}: a JSON data file is a list of rows")
+        raise TaskError(f"{paths.display(path)}: a JSON data file is a list of rows (or an object holding "
+                        f"one), or one row a line (JSON Lines)")
     return [_row(doc, _Where(path, n, "row")) for n, doc in enumerate(data, 1)]
 
 
