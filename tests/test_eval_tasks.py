@@ -232,6 +232,10 @@ def test_truthfulqa_matches_lm_eval(tmp_path, which):
     assert [i.context for i in items] == [e[0] for e in expected]
     assert [i.choices for i in items] == [[" " + c for c in e[1]] for e in expected]
     assert items[0].context.startswith("Q: What is human life expectancy in the United States?\n")
+    # examples drawn from the asked split itself, minus the asked row, as lm-eval draws them
+    val8 = write_jsonl(tmp_path / "eight" / "validation.jsonl", truthfulqa_rows(8))
+    shown = lm_eval_prompts(LM_TASKS / "truthfulqa" / f"truthfulqa_{which}.yaml", {"validation": val8}, 3, tmp_path)
+    assert [i.context for i in load_task(f"truthfulqa_{which}", data=val8).items(shots=3)] == [e[0] for e in shown]
     if which == "mc1":
         assert task.metrics == ["acc", "acc_norm"]
         assert [i.gold for i in items] == [e[2] for e in expected]

@@ -67,7 +67,7 @@ class Item:
     gold: int | None  # multiple_choice: index of the right choice (mc2: None)
     labels: list[int] | None  # mc2: 1 for each true choice, 0 for each false one (else None)
     target: str | None  # generate: the reference answer, extracted and normalised ("72")
-    doc: dict  # the raw row
+    doc: dict  # the row as read (with what the spec's preprocess adds: hellaswag's query, ...)
 
 
 @dataclass
