@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import math
 import random
-from dataclasses import dataclass, field
+import re
 from pathlib import Path
 
 import numpy as np
@@ -15,18 +15,19 @@ import pytest
 import torch  # noqa: F401  (the train extra: missing, this fails)
 import transformers
 
-from llmdesk.cli.main import main
 from llmdesk.demo import default_model_path
 from llmdesk.errors import LlmdeskError
 from llmdesk.eval import harness
 from llmdesk.eval.compare import compare, plot
 from llmdesk.eval.harness import Identity, evaluate, record
+from llmdesk.eval.tasks import load_task
 from llmdesk.runtime.engine import Engine
 from llmdesk.runtime.model import Model
 from llmdesk.store import results
 from llmdesk.store.db import connect
 
 from test_engine_scoring import PARITY, hf, hf_logprobs  # noqa: F401  (hf: the checkpoint and its f32 GGUF)
+from test_eval import one_error, run  # the CLI in-process, and its one-line errors
 
 DEMO = default_model_path()
 
@@ -40,116 +41,74 @@ def one_thread(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
-# tasks in the public layouts, built here (a stand-in for eval.tasks until its specs land)
-
-
-@dataclass
-class Item:
-    index: int
-    context: str
-    choices: list[str]
-    gold: int | None
-    labels: list[int] | None = None
-    target: str | None = None
-    doc: dict = field(default_factory=dict)
-
-
-@dataclass
-class Task:
-    name: str
-    kind: str
-    metrics: list[str]
-    docs: list[dict]
-    render: object  # (doc, shots: list[dict]) -> Item fields
-    until: list[str] = field(default_factory=list)
-    max_tokens: int = 16
-    shots: int = 1
-    target_delimiter: str = " "
-
-    @property
-    def sha256(self) -> str:
-        import hashlib
-
-        return hashlib.sha256(json.dumps([self.name, self.docs]).encode()).hexdigest()
-
-    def items(self, *, limit=None, shots=None, seed=1234):
-        k = self.shots if shots is None else shots
-        rng = random.Random(seed)
-        out = []
-        for i, d in enumerate(self.docs[:limit]):
-            pool = [x for j, x in enumerate(self.docs) if j != i]
-            out.append(Item(i, doc=d, **self.render(d, rng.sample(pool, k))))
-        return out
-
-    def extract(self, text: str) -> str:
-        nums = [t.strip(".,") for t in text.split() if t.strip(".,").isdigit()]
-        return nums[-1] if nums else ""
+# tasks: the built-in specs over data written here in the public releases' layouts
 
 
 WORDS = "the fox dog cache keys values tokens speed bits weights quick lazy brown capital".split()
 
 
-def mmlu_task(n: int, seed: int = 0) -> Task:
-    """cais/mmlu's columns (question, subject, choices, answer) and lm-eval's MMLU prompt."""
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def mmlu_task(folder: Path, n: int, seed: int = 0):
+    """cais/mmlu's columns (question, subject, choices, answer): the built-in `mmlu`."""
     rng = random.Random(seed)
-    docs = [{"question": " ".join(rng.choices(WORDS, k=4)) + "?", "subject": "toy",
-             "choices": [" ".join(rng.choices(WORDS, k=rng.randint(1, 2))) for _ in range(4)],
-             "answer": rng.randrange(4)} for _ in range(n)]
 
-    def q(d):
-        return d["question"] + "".join(f"\n{L}. {c}" for L, c in zip("ABCD", d["choices"])) + "\nAnswer:"
+    def rows(k):
+        return [{"question": " ".join(rng.choices(WORDS, k=4)) + "?", "subject": "toy",
+                 "choices": [" ".join(rng.choices(WORDS, k=rng.randint(1, 2))) for _ in range(4)],
+                 "answer": rng.randrange(4)} for _ in range(k)]
 
-    def render(d, shots):
-        head = "The following are multiple choice questions (with answers) about toy.\n\n"
-        ctx = head + "".join(q(s) + " " + "ABCD"[s["answer"]] + "\n\n" for s in shots) + q(d)
-        return dict(context=ctx, choices=[" A", " B", " C", " D"], gold=d["answer"])
-
-    return Task("mmlu_toy", "multiple_choice", ["acc", "acc_norm"], docs, render, shots=0)
+    write_jsonl(folder / "test.jsonl", rows(n))
+    write_jsonl(folder / "dev.jsonl", rows(2))
+    return load_task("mmlu", data=folder)
 
 
-def hellaswag_task(n: int, seed: int = 1) -> Task:
-    """Rowan/hellaswag's columns (activity_label, ctx_a, ctx_b, endings, label) and lm-eval's prompt:
-    endings of different lengths, so acc_norm differs from acc."""
+def hellaswag_task(folder: Path, n: int, seed: int = 1):
+    """Rowan/hellaswag's columns: the built-in `hellaswag` (endings of different lengths, so
+    acc_norm differs from acc)."""
     rng = random.Random(seed)
-    docs = [{"activity_label": rng.choice(WORDS).title(), "ctx_a": " ".join(rng.choices(WORDS, k=5)) + ".",
-             "ctx_b": " ".join(rng.choices(WORDS, k=2)),
-             "endings": [" ".join(rng.choices(WORDS, k=rng.randint(1, 6))) + "." for _ in range(4)],
-             "label": str(rng.randrange(4))} for _ in range(n)]
-
-    def render(d, shots):
-        ctx = f"{d['activity_label']}: {d['ctx_a']} {d['ctx_b'].capitalize()}"
-        return dict(context=ctx, choices=[" " + e for e in d["endings"]], gold=int(d["label"]))
-
-    return Task("hellaswag_toy", "multiple_choice", ["acc", "acc_norm"], docs, render, shots=0)
+    rows = []
+    for i in range(n):
+        a, b = " ".join(rng.choices(WORDS, k=5)) + ".", " ".join(rng.choices(WORDS, k=2))
+        rows.append({"ind": i, "activity_label": rng.choice(WORDS).title(), "ctx_a": a, "ctx_b": b, "ctx": f"{a} {b}",
+                     "endings": [" ".join(rng.choices(WORDS, k=rng.randint(1, 6))) + "." for _ in range(4)],
+                     "source_id": f"toy~{i}", "split": "val", "split_type": "indomain", "label": str(rng.randrange(4))})
+    write_jsonl(folder / "validation.jsonl", rows)
+    return load_task("hellaswag", data=folder)
 
 
-def truthfulqa_task(n: int, seed: int = 2) -> Task:
-    """truthful_qa multiple_choice's mc2_targets (choices, labels): several true answers."""
+def truthfulqa_task(folder: Path, n: int, seed: int = 2):
+    """truthful_qa multiple_choice's columns (question, mc2_targets: several true answers), in a
+    task file of the user's with a short prompt (the built-in's six examples outgrow these models)."""
     rng = random.Random(seed)
-    docs = []
+    rows = []
     for _ in range(n):
         k = rng.randint(3, 5)
         labels = [1] * rng.randint(1, k - 1)
-        docs.append({"question": " ".join(rng.choices(WORDS, k=4)) + "?",
+        rows.append({"question": " ".join(rng.choices(WORDS, k=4)) + "?",
+                     "mc1_targets": {"choices": ["x"], "labels": [1]},
                      "mc2_targets": {"choices": [" ".join(rng.choices(WORDS, k=3)) + "." for _ in range(k)],
                                      "labels": labels + [0] * (k - len(labels))}})
+    write_jsonl(folder / "validation.jsonl", rows)
+    spec = folder / "tqa.yaml"
+    spec.write_text("name: tqa\nkind: multiple_choice\ndata:\n  files: {validation: validation.jsonl}\n"
+                    "split: validation\nfewshot:\n  shots: 0\ntext: \"Q: {{question}}\\nA:\"\n"
+                    "choices: \"{{mc2_targets.choices}}\"\nlabels: \"{{mc2_targets.labels}}\"\nmetrics: [mc2]\n")
+    return load_task(spec)
 
-    def render(d, shots):
-        return dict(context=f"Q: {d['question']}\nA:", choices=[" " + c for c in d["mc2_targets"]["choices"]],
-                    gold=None, labels=d["mc2_targets"]["labels"])
 
-    return Task("truthfulqa_toy", "multiple_choice", ["mc2"], docs, render, shots=0)
-
-
-def gsm_task(n: int) -> Task:
-    docs = [{"question": f"What is {i} plus {i + 1}?", "answer": f"#### {2 * i + 1}"} for i in range(n)]
-
-    def render(d, shots):
-        return dict(context=f"Question: {d['question']}\nAnswer:", choices=[], gold=None,
-                    target=d["answer"].split("####")[-1].strip())
-
-    return Task("gsm_toy", "generate", ["exact_match"], docs, render, until=["\n", "Question:"], max_tokens=12,
-                shots=0)
+def gsm_task(folder: Path, n: int):
+    """openai/gsm8k's columns (question, answer with "#### N"): the built-in `gsm8k`, 0-shot."""
+    write_jsonl(folder / "test.jsonl", [{"question": f"What is {i} plus {i + 1}?",
+                                         "answer": f"{i} + {i + 1} = {2 * i + 1}\n#### {2 * i + 1}"} for i in range(n)])
+    write_jsonl(folder / "train.jsonl", [{"question": "What is 1 plus 1?", "answer": "1 + 1 = 2\n#### 2"}])
+    task = load_task("gsm8k", data=folder)
+    task.max_tokens = 24  # the demo model's context is 128 tokens; its answers are short anyway
+    return task
 
 
 def exact_model(path: Path, *, slots: int = 4, unified: bool = True) -> Model:
@@ -171,14 +130,14 @@ def one_at_a_time(m: Model, item: Item) -> list[float]:
 
 
 @pytest.mark.parametrize("make", [mmlu_task, hellaswag_task], ids=["mmlu-layout", "hellaswag-layout"])
-def test_acc_and_acc_norm_equal_an_independent_computation(make, hf):
-    task = make(24)
+def test_acc_and_acc_norm_equal_an_independent_computation(make, hf, tmp_path):
+    task = make(tmp_path, 24)
     with exact_model(hf["gguf"]) as m, exact_model(hf["gguf"], slots=1, unified=False) as alone:
-        r = evaluate(m, task)
+        r = evaluate(m, task, shots=0)
         assert r.n == 24 and set(r.metrics) == {"acc", "acc_norm"}
         assert r.stats["context_tokens_reused"] > 0  # choices shared their question's context
         acc, acc_norm = [], []
-        for it in task.items():
+        for it in task.items(shots=0):
             lls = one_at_a_time(alone, it)
             np.testing.assert_allclose(r.items[it.index]["ll"], lls, rtol=0, atol=1e-4)
             # lm-eval: argmax of ll, and of ll / len(choice) without the target delimiter
@@ -191,8 +150,8 @@ def test_acc_and_acc_norm_equal_an_independent_computation(make, hf):
         assert acc != acc_norm  # the normalisation mattered on some item
 
 
-def test_mc2_is_the_true_choices_probability_mass(hf):
-    task = truthfulqa_task(10)
+def test_mc2_is_the_true_choices_probability_mass(hf, tmp_path):
+    task = truthfulqa_task(tmp_path, 10)
     with exact_model(hf["gguf"]) as m:
         r = evaluate(m, task)
         want = []
@@ -203,11 +162,11 @@ def test_mc2_is_the_true_choices_probability_mass(hf):
     assert 0 < r.metrics["mc2"].value < 1 and r.metrics["mc2"].stderr > 0
 
 
-def test_loglikelihoods_match_transformers(hf):
+def test_loglikelihoods_match_transformers(hf, tmp_path):
     """Per item and choice: llmdesk's log-likelihood against transformers' on the checkpoint the
     GGUF was converted from, the pair split by the HF tokenizer as lm-eval's HFLM splits it."""
     tok = transformers.AutoTokenizer.from_pretrained(hf["ckpt"])
-    task = mmlu_task(6)
+    task = mmlu_task(tmp_path, 6)
     with exact_model(hf["gguf"]) as m:
         r = evaluate(m, task, shots=1)
     assert r.shots == 1
@@ -223,12 +182,12 @@ def test_loglikelihoods_match_transformers(hf):
     assert worst < PARITY
 
 
-def test_generation_exact_match(hf):
-    task = gsm_task(6)
+def test_generation_exact_match(tmp_path):
+    task = gsm_task(tmp_path, 6)
     with Model(DEMO, slots=3) as m:
-        r = evaluate(m, task)
-        for it in task.items():
-            text = m.generate(it.context, max_tokens=12, temperature=0, stop=["\n", "Question:"])
+        r = evaluate(m, task, shots=0)
+        for it in task.items(shots=0):
+            text = m.generate(it.context, max_tokens=task.max_tokens, temperature=0, stop=task.until)
             got = r.items[it.index]
             assert got["output"] == text and got["answer"] == task.extract(text)
             assert got["exact_match"] == float(task.extract(text) == it.target)
@@ -243,9 +202,9 @@ class Stop(Exception):
     pass
 
 
-def test_an_interrupted_run_resumes_where_it_stopped(hf, monkeypatch):
+def test_an_interrupted_run_resumes_where_it_stopped(hf, monkeypatch, tmp_path):
     monkeypatch.setattr(harness, "CHUNK_PAIRS", 16)  # 4 items a chunk
-    task = hellaswag_task(20)
+    task = hellaswag_task(tmp_path, 20)
     ident = Identity("tiny", "0" * 64)
     said: list[str] = []
 
@@ -255,13 +214,14 @@ def test_an_interrupted_run_resumes_where_it_stopped(hf, monkeypatch):
 
     with exact_model(hf["gguf"]) as m:
         with pytest.raises(Stop):
-            evaluate(m, task, identity=ident, progress=stop_after_two_chunks)
+            evaluate(m, task, identity=ident, limit=12, progress=stop_after_two_chunks)
+        r = evaluate(m, task, identity=ident, limit=12, say=said.append)
+        assert said == ["resuming: 8 of 12 items of hellaswag already scored"]
+        assert r.resumed == 8 and r.stats["pairs"] == 4 * 4  # only the rest was scored
+        # the limit is not in the run key: a larger one reuses every item scored so far
         r = evaluate(m, task, identity=ident, say=said.append)
-        assert said == ["resuming: 8 of 20 items of hellaswag_toy already scored"]
-        assert r.resumed == 8 and r.stats["pairs"] == 12 * 4  # only the rest was scored
-        # a larger limit reuses every item scored so far
-        r2 = evaluate(m, hellaswag_task(20), identity=ident, limit=20)
-        assert r2.resumed == 20 and not r2.stats
+        assert said[-1] == "resuming: 12 of 20 items of hellaswag already scored"
+        assert r.resumed == 12 and r.stats["pairs"] == 8 * 4 and r.n == 20
         fresh = evaluate(m, task, identity=ident, fresh=True)
         assert fresh.resumed == 0 and fresh.stats["pairs"] == 80
     for k in ("acc", "acc_norm"):
@@ -270,8 +230,8 @@ def test_an_interrupted_run_resumes_where_it_stopped(hf, monkeypatch):
         np.testing.assert_allclose(r.items[i]["ll"], fresh.items[i]["ll"], atol=1e-4)
 
 
-def test_another_seed_or_shot_count_is_another_run(hf):
-    task = mmlu_task(4)
+def test_another_seed_or_shot_count_is_another_run(hf, tmp_path):
+    task = mmlu_task(tmp_path, 4)
     with exact_model(hf["gguf"]) as m:
         evaluate(m, task, shots=1)
         assert evaluate(m, task, shots=1).resumed == 4
@@ -279,8 +239,8 @@ def test_another_seed_or_shot_count_is_another_run(hf):
         assert evaluate(m, task, shots=0).resumed == 0
 
 
-def test_a_generation_stopped_midway_keeps_what_finished(monkeypatch):
-    task = gsm_task(9)
+def test_a_generation_stopped_midway_keeps_what_finished(tmp_path):
+    task = gsm_task(tmp_path, 9)
 
     def stop(done, total):
         if done >= 3:
@@ -288,10 +248,10 @@ def test_a_generation_stopped_midway_keeps_what_finished(monkeypatch):
 
     with Model(DEMO, slots=3) as m:
         with pytest.raises(Stop):
-            evaluate(m, task, progress=stop)
+            evaluate(m, task, shots=0, progress=stop)
         said: list[str] = []
-        r = evaluate(m, task, say=said.append)
-    assert said == ["resuming: 3 of 9 items of gsm_toy already scored"] and r.resumed == 3
+        r = evaluate(m, task, shots=0, say=said.append)
+    assert said == ["resuming: 3 of 9 items of gsm8k already scored"] and r.resumed == 3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,7 +259,7 @@ def test_a_generation_stopped_midway_keeps_what_finished(monkeypatch):
 
 
 def test_compare_pairs_the_items_of_two_runs(hf, tmp_path):
-    task = hellaswag_task(30)
+    task = hellaswag_task(tmp_path, 30)
     a, b = Identity("a", "a" * 64), Identity("b", "b" * 64)
     with exact_model(hf["gguf"]) as m:
         ra = evaluate(m, task, identity=a)
@@ -307,7 +267,7 @@ def test_compare_pairs_the_items_of_two_runs(hf, tmp_path):
     with Model(DEMO, slots=4, kv_unified=True) as m:
         rb = evaluate(m, task, identity=b)
         record(rb)
-    c = compare([a, b], "hellaswag_toy")
+    c = compare([a, b], "hellaswag")
     assert [e.model for e in c.entries] == ["a", "b"] and c.metrics == ["acc", "acc_norm"]
     d = c.entries[1].diff["acc"]
     per = np.array([rb.items[i]["acc"] - ra.items[i]["acc"] for i in ra.items])
@@ -320,22 +280,168 @@ def test_compare_pairs_the_items_of_two_runs(hf, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in png.parent.iterdir()] == ["cmp.png"]  # no temporary file left
     # the per-item results gone: the difference falls back to the unpaired one
-    with connect() as db:
-        db.execute("DELETE FROM eval_items WHERE run_key = ?", (rb.run_key,))
-        db.commit()
-    d = compare([a, b], "hellaswag_toy").entries[1].diff["acc"]
+    db = connect()
+    db.execute("DELETE FROM eval_items WHERE run_key = ?", (rb.run_key,))
+    db.commit()
+    db.close()
+    d = compare([a, b], "hellaswag").entries[1].diff["acc"]
     assert not d.paired
     assert d.stderr == pytest.approx(math.hypot(ra.metrics["acc"].stderr, rb.metrics["acc"].stderr))
 
 
-def test_compare_needs_matching_results(hf):
+def test_compare_needs_matching_results(hf, tmp_path):
     a, b = Identity("a", "a" * 64), Identity("b", "b" * 64)
     with pytest.raises(LlmdeskError, match="no stored result of a"):
-        compare([a, b], "mmlu_toy")
+        compare([a, b], "mmlu")
     with exact_model(hf["gguf"]) as m:
-        record(evaluate(m, mmlu_task(4), identity=a, shots=1))
-        record(evaluate(m, mmlu_task(4), identity=b, shots=0))
+        task = mmlu_task(tmp_path, 4)
+        record(evaluate(m, task, identity=a, shots=1))
+        record(evaluate(m, task, identity=b, shots=0))
     with pytest.raises(LlmdeskError, match="no stored result of b .*shots 1"):
-        compare([a, b], "mmlu_toy")
+        compare([a, b], "mmlu")
     rows = results.query("eval")
-    assert rows[0]["settings"]["task_sha256"] == mmlu_task(4).sha256 and rows[0]["model_sha256"] == "b" * 64
+    assert rows[0]["settings"]["task_sha256"] == task.sha256 and rows[0]["model_sha256"] == "b" * 64
+
+
+# ---------------------------------------------------------------------------------------------
+# a remote endpoint, and one that fails in the middle of a run
+
+
+def demo_server(port: int = 0):
+    from llmdesk.serve import BackgroundServer, ServeConfig, create_app
+
+    return BackgroundServer(create_app(ServeConfig(models=[str(DEMO)], parallel=2, ctx=512, threads=1)),
+                            port=port).start()
+
+
+def test_a_remote_model_scores_the_same_items(tmp_path):
+    from llmdesk.runtime.remote import RemoteModel
+
+    task = mmlu_task(tmp_path, 8)
+    with Model(DEMO, slots=2, kv_unified=True) as m:
+        local = evaluate(m, task, shots=1)
+    server = demo_server()
+    try:
+        with RemoteModel(f"openai:{server.url}/v1#{DEMO.name}") as remote:
+            r = evaluate(remote, task, shots=1)
+    finally:
+        server.stop()
+    assert r.model == f"openai:{server.url}/v1#{DEMO.name}" and r.model_sha256 is None
+    assert set(r.items) == set(local.items) == set(range(8))
+    for i in local.items:  # llama.cpp's f16 cache and flash attention: ~1e-2 between batch layouts
+        np.testing.assert_allclose(r.items[i]["ll"], local.items[i]["ll"], rtol=1e-2, atol=2e-2)
+
+
+def test_an_endpoint_that_fails_midway_keeps_what_was_scored(tmp_path):
+    from llmdesk.runtime.remote import RemoteModel
+
+    task = gsm_task(tmp_path, 12)
+    server = demo_server()
+    port = server.port
+
+    stopped: list[bool] = []
+
+    def stop_the_server(done, total):
+        if done >= 4 and not stopped:
+            server.stop()
+            stopped.append(True)
+
+    remote = RemoteModel(f"openai:{server.url}/v1#{DEMO.name}", max_retries=1, max_retry_s=2)
+    try:
+        with pytest.raises(LlmdeskError) as e:
+            evaluate(remote, task, shots=0, progress=stop_the_server)
+        kept = int(re.search(r"\((\d+) of 12 items of gsm8k are stored: run it again to resume\)$", str(e.value))[1])
+        assert kept >= 4 and "\n" not in str(e.value)
+        server = demo_server(port)  # the endpoint is back
+        said: list[str] = []
+        r = evaluate(remote, task, shots=0, say=said.append)
+        assert said == [f"resuming: {kept} of 12 items of gsm8k already scored"] and r.resumed == kept
+        assert r.n == 12 and set(r.items) == set(range(12))
+    finally:
+        remote.close()
+        server.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# the CLI
+
+
+def test_cli_run_compare_and_results(hf, tmp_path, capsys):
+    mmlu_task(tmp_path / "mmlu", 12)
+    args = ("--task", "mmlu", "--data", tmp_path / "mmlu", "--shots", "1", "--slots", "2")
+    code, o, e = run(capsys, "eval", "run", DEMO, hf["gguf"], *args, "--limit", "8", "--json")
+    assert code == 0, e
+    first = json.loads(o)
+    assert [(r["model"], r["task"], r["n"], r["shots"]) for r in first] == \
+        [(DEMO.name, "mmlu", 8, 1), (hf["gguf"].name, "mmlu", 8, 1)]
+    assert set(first[0]["metrics"]) == {"acc", "acc_norm"} and first[0]["metrics"]["acc"]["stderr"] > 0
+    code, o, e = run(capsys, "eval", "run", DEMO, hf["gguf"], *args)
+    assert code == 0, e
+    assert e.count("resuming: 8 of 12 items of mmlu already scored") == 2
+    lines = o.splitlines()
+    assert lines[0] == "mmlu (1-shot, seed 1234)" and lines[1].split() == ["MODEL", "METRIC", "SCORE", "±", "STDERR", "N"]
+    assert [ln.split()[:2] + ln.split()[-1:] for ln in lines[2:]] == [
+        [DEMO.name, "acc", "12"], [DEMO.name, "acc_norm", "12"],
+        [hf["gguf"].name, "acc", "12"], [hf["gguf"].name, "acc_norm", "12"]]
+
+    plot_file = tmp_path / "cmp.png"
+    code, o, e = run(capsys, "eval", "compare", DEMO, hf["gguf"], "--task", "mmlu", "--plot", plot_file)
+    assert code == 0, e
+    assert plot_file.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and e.strip() == f"plot: {plot_file}"
+    lines = o.splitlines()
+    assert lines[0].startswith(f"mmlu (1-shot, seed 1234, task ") and lines[0].endswith(f"differences to {DEMO.name}")
+    rows = [ln.split() for ln in lines[2:]]
+    assert [r[0] for r in rows] == [DEMO.name, DEMO.name, hf["gguf"].name, hf["gguf"].name]
+    assert rows[2][-1] == "(paired)" and rows[2][-2] in ("yes", "no")
+    code, o, e = run(capsys, "eval", "compare", DEMO, hf["gguf"], "--task", "mmlu", "--json")
+    c = json.loads(o)
+    d = c["models"][1]["difference"]["acc"]
+    assert d["paired"] and d["n"] == 12 and c["models"][0]["difference"] == {}
+    want = c["models"][1]["metrics"]["acc"]["value"] - c["models"][0]["metrics"]["acc"]["value"]
+    assert d["value"] == pytest.approx(want)
+
+    code, o, e = run(capsys, "results", "--kind", "eval")
+    assert code == 0 and o.count("mmlu, acc") == 4 and "n 12" in o and "n 8" in o
+
+
+def test_cli_bad_input(tmp_path, capsys):
+    mmlu_task(tmp_path / "mmlu", 4)
+    data = ("--data", tmp_path / "mmlu")
+    fake = tmp_path / "notes.gguf"
+    fake.write_text("not a model")
+    line = one_error(*run(capsys, "eval", "run", fake, "--task", "mmlu", *data)[::2])
+    assert "notes.gguf" in line
+    line = one_error(*run(capsys, "eval", "run", DEMO, "--task", "nosuch")[::2])
+    assert "unknown task 'nosuch'" in line
+    line = one_error(*run(capsys, "eval", "run", DEMO, "--task", "mmlu", "--data", tmp_path / "none")[::2])
+    assert "no such file or folder" in line
+    line = one_error(*run(capsys, "eval", "run", DEMO, "--task", "mmlu", *data, "--limit", "0")[::2])
+    assert "--limit must be at least 1" in line
+    line = one_error(*run(capsys, "eval", "run", DEMO, "--task", "mmlu", *data, "--shots", "5")[::2])
+    assert "5-shot needs 5 examples" in line
+    line = one_error(*run(capsys, "eval", "compare", DEMO, fake, "--task", "mmlu")[::2])
+    assert "no stored result of llmdesk-demo.gguf on task 'mmlu'" in line
+    line = one_error(*run(capsys, "eval", "compare", DEMO, "--task", "mmlu")[::2])
+    assert "at least two models" in line
+    assert results.query("eval") == []
+
+
+def test_cli_subprocess_one_line_errors(tmp_path):
+    """As a user runs it: the installed command, a file that is not a model, an endpoint that is down."""
+    import socket
+    import subprocess
+
+    from conftest import llmdesk_exe
+
+    mmlu_task(tmp_path / "mmlu", 4)
+    fake = tmp_path / "notes.gguf"
+    fake.write_text("not a model")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for model, says in ((fake, "notes.gguf"), (f"openai:http://127.0.0.1:{port}/v1#m", "connection refused")):
+        p = subprocess.run([llmdesk_exe(), "eval", "run", str(model), "--task", "mmlu", "--data",
+                            str(tmp_path / "mmlu"), "--threads", "1"], capture_output=True, text=True, timeout=120,
+                           stdin=subprocess.DEVNULL)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], p.stderr

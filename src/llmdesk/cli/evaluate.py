@@ -1,7 +1,9 @@
-"""`llmdesk eval ppl|kld` (perplexity, KL divergence from a base) and `llmdesk results`.
+"""`llmdesk eval run|compare|ppl|kld` (benchmark tasks, models side by side, perplexity, KL
+divergence from a base) and `llmdesk results`.
 
-Thin wrappers over llmdesk.eval.ppl.perplexity and llmdesk.eval.kld.kl_divergence; every result
-is recorded in the results store, which `llmdesk results` lists.
+Thin wrappers over llmdesk.eval.harness.evaluate, eval.compare.compare, eval.ppl.perplexity and
+eval.kld.kl_divergence; every result is recorded in the results store, which `llmdesk results`
+lists.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Iterator, Optional
+from typing import Annotated, Iterator, List, Optional
 
 import typer
 from rich.table import Table
@@ -30,20 +32,26 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON.
 
 
 @contextmanager
-def window_progress(enabled: bool) -> Iterator:
+def progress_bar(enabled: bool, unit: str) -> Iterator:
+    """Progress bars on stderr, one per label: done / total UNIT, and UNIT per second."""
     if not (enabled and err.is_terminal):
         yield None
         return
+    import time
+
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("windows"),
-                  TimeElapsedColumn(), console=err, transient=True) as bar:
-        tasks: dict[str, int] = {}
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit),
+                  TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=err, transient=True) as bar:
+        tasks: dict[str, tuple[int, float, int]] = {}  # label -> (bar task, start time, done at start)
 
         def update(label: str, done: int, total: int) -> None:
             if label not in tasks:
-                tasks[label] = bar.add_task(label, total=total)
-            bar.update(tasks[label], completed=done, total=total)
+                tasks[label] = (bar.add_task(label, total=total, rate=""), time.perf_counter(), done)
+            t, t0, d0 = tasks[label]
+            dt = time.perf_counter() - t0
+            rate = f"{(done - d0) / dt:.1f} {unit}/s" if done > d0 and dt > 0 else ""
+            bar.update(t, completed=done, total=total, rate=rate)
 
         yield update
 
@@ -58,6 +66,106 @@ def _say(m: str) -> None:
     err.print(m, markup=False)
 
 
+def _stderr(se: float | None) -> str:
+    return "n/a" if se is None else f"{se:.4f}"
+
+
+@eval_app.command("run")
+def run_cmd(
+    models: Annotated[List[str], typer.Argument(help="Models: .gguf files, NAME[:TAG], hf:..., HF checkpoint folders, openai:URL#MODEL.")],
+    task: Annotated[str, typer.Option("--task", help="Task names or spec files (.yaml), comma-separated.")],
+    data: Annotated[Optional[Path], typer.Option("--data", help="The task's data (a file or folder) when it is not where the spec says.")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Only the first N items of each task.")] = None,
+    shots: Annotated[Optional[int], typer.Option("--shots", help="Few-shot examples per item (default: the task's).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for choosing the few-shot examples.")] = 1234,
+    slots: Annotated[int, typer.Option("--slots", help="Sequences a local model scores at once.")] = 4,
+    ctx: Annotated[Optional[int], typer.Option("--ctx", help="Context per slot in tokens (default: the model's, at most 4096).")] = None,
+    threads: ThreadsOpt = None,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Score every item again instead of resuming.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Score MODELs on benchmark tasks (multiple choice by log-likelihood as lm-evaluation-harness
+    does, or generation with answer extraction); an interrupted run resumes where it stopped."""
+    from ..eval.harness import evaluate, open_model, record
+    from ..eval.tasks import load_task
+
+    for flag, v, low in (("--limit", limit, 1), ("--shots", shots, 0), ("--slots", slots, 1), ("--ctx", ctx, 16),
+                         ("--threads", threads, 1)):
+        if v is not None and v < low:
+            raise LlmdeskError(f"{flag} must be at least {low}, got {v}")
+    names = [t.strip() for t in task.split(",") if t.strip()]
+    if not names:
+        raise LlmdeskError("--task names no task; give a task name or a spec file, e.g. --task mmlu")
+    tasks = [(name, load_task(name, data=data)) for name in names]  # every task loads before any model
+    done = []
+    for ref in models:
+        model, ident = open_model(ref, slots=slots, ctx=ctx, threads=threads, say=_say)
+        try:
+            for name, t in tasks:
+                with progress_bar(not as_json, "items") as update:
+                    label = f"{ident.name} · {t.name}"
+                    r = evaluate(model, t, limit=limit, shots=shots, seed=seed, identity=ident, fresh=fresh,
+                                 progress=(lambda d, n: update(label, d, n)) if update else None, say=_say)
+                record(r, task_ref=name)
+                done.append(r)
+                if not as_json:
+                    _say(f"{ident.name} on {t.name}: {r.n - r.resumed} items scored in {r.seconds:.1f} s "
+                         f"({r.items_per_second:.1f} items/s), {r.resumed} resumed")
+        finally:
+            model.close()
+    if as_json:
+        out.print_json(data=[r.to_dict() for r in done])
+        return
+    for name, t in tasks:
+        rows = [r for r in done if r.task == t.name]
+        shot_s = "default shots" if shots is None else f"{shots}-shot"
+        out.print(f"{t.name} ({shot_s}, seed {seed})", markup=False)
+        table = Table(box=None, pad_edge=False, header_style="bold")
+        for col in ("MODEL", "METRIC", "SCORE ± STDERR", "N"):
+            table.add_column(col, justify="left" if col in ("MODEL", "METRIC") else "right", overflow="fold")
+        for r in rows:
+            for k, m in r.metrics.items():
+                table.add_row(r.model, k, f"{m.value:.4f} ± {_stderr(m.stderr)}", str(r.n))
+        out.print(table)
+
+
+@eval_app.command("compare")
+def compare_cmd(
+    models: Annotated[List[str], typer.Argument(help="Two or more models, as given to 'llmdesk eval run'; the first is the reference.")],
+    task: Annotated[str, typer.Option("--task", help="The task, as given to 'llmdesk eval run'.")],
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Also draw the scores with 95% error bars (.png, .svg or .pdf).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """MODELs side by side on TASK (their latest stored 'eval run' results): each metric with its
+    standard error, the difference to the first model and whether it exceeds the noise."""
+    from ..eval import compare as cmp
+    from ..eval.harness import identify
+
+    c = cmp.compare([identify(ref, say=_say)[0] for ref in models], task)
+    if plot is not None:
+        _say(f"plot: {cmp.plot(c, plot)}")
+    if as_json:
+        out.print_json(data=c.to_dict())
+        return
+    shot_s = "default shots" if c.shots is None else f"{c.shots}-shot"
+    out.print(f"{c.task} ({shot_s}, seed {c.seed}, task {c.task_sha256[:8]}); differences to {c.entries[0].model}",
+              markup=False)
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for col in ("MODEL", "METRIC", "SCORE ± STDERR", "N", "DIFF ± STDERR", "BEYOND NOISE"):
+        table.add_column(col, justify="right" if col in ("N", "SCORE ± STDERR", "DIFF ± STDERR") else "left",
+                         overflow="fold")
+    for e in c.entries:
+        for k in c.metrics:
+            m, d = e.metrics[k], e.diff.get(k)
+            if d is None:
+                diff = ("", "")
+            else:
+                noise = ("yes" if d.significant else "no") + (" (paired)" if d.paired else "")
+                diff = (f"{d.value:+.4f} ± {_stderr(d.stderr)}", noise)
+            table.add_row(e.model, k, f"{m.value:.4f} ± {_stderr(m.stderr)}", str(e.n), *diff)
+    out.print(table)
+
+
 @eval_app.command("ppl")
 def ppl_cmd(model: ModelArg, text: TextArg, ctx: CtxOpt = None, stride: StrideOpt = None,
             threads: ThreadsOpt = None, as_json: JsonOpt = False) -> None:
@@ -68,7 +176,7 @@ def ppl_cmd(model: ModelArg, text: TextArg, ctx: CtxOpt = None, stride: StrideOp
     _check(ctx, stride, threads)
     body = read_text(text)
     m = resolve_model(model, say=_say)
-    with window_progress(not as_json) as update:
+    with progress_bar(not as_json, "windows") as update:
         r = perplexity(m.path, body, ctx=ctx, stride=stride, threads=threads,
                        progress=(lambda d, n: update("perplexity", d, n)) if update else None)
     r.model = m.name
@@ -103,7 +211,7 @@ def kld_cmd(
     saved = Path(base).suffix == ".npz"
     b = None if saved else resolve_model(base, say=_say)
     m = resolve_model(model, say=_say)
-    with window_progress(not as_json) as update:
+    with progress_bar(not as_json, "windows") as update:
         r = kl_divergence(Path(base).expanduser() if saved else b.path, m.path, body, ctx=ctx, stride=stride,
                           top_k=top_k, save_base=save_base, threads=threads, progress=update)
     r.model = m.name
@@ -144,12 +252,12 @@ def kld_cmd(
 
 @app.command()
 def results(
-    kind: Annotated[Optional[str], typer.Option("--kind", help="Only this kind: ppl, kld, quantize, sweep, bench, ...")] = None,
+    kind: Annotated[Optional[str], typer.Option("--kind", help="Only this kind: eval, ppl, kld, quantize, sweep, bench, ...")] = None,
     model: Annotated[Optional[str], typer.Option("--model", help="Only this model (its name as listed).")] = None,
     limit: Annotated[int, typer.Option("-n", "--limit", help="At most this many, newest first.")] = 50,
     as_json: JsonOpt = False,
 ) -> None:
-    """List stored results (perplexity, KL divergence, quantizations, sweeps, benchmarks)."""
+    """List stored results (benchmark tasks, perplexity, KL divergence, quantizations, sweeps, benchmarks)."""
     from ..store.results import query
 
     if limit < 1:
@@ -165,7 +273,8 @@ def results(
     for col in ("ID", "TIME", "KIND", "MODEL", "RESULT", "DATA"):
         table.add_column(col, no_wrap=col not in ("RESULT",))
     for r in rows:
-        table.add_row(str(r["id"]), _local(r["time"]), r["kind"], r["model"], summarize(r["kind"], r["metrics"]),
+        table.add_row(str(r["id"]), _local(r["time"]), r["kind"], r["model"],
+                      summarize(r["kind"], r["metrics"], r["settings"]),
                       (r["data_sha256"] or "")[:8])
     out.print(table)
 
@@ -175,7 +284,7 @@ def num(x: float) -> str:
     return f"{x:.4f}" if abs(x) < 1e6 else f"{x:.4e}"
 
 
-def summarize(kind: str, m: dict) -> str:
+def summarize(kind: str, m: dict, settings: dict | None = None) -> str:
     """The few numbers that matter for a result of this kind, on one line."""
     def f(key: str, fmt: str = "{:.4g}") -> str | None:
         v = m.get(key)
@@ -192,6 +301,11 @@ def summarize(kind: str, m: dict) -> str:
     elif kind == "sweep":
         parts = [m.get("type"), f"{f('bits_per_weight', '{:.2f}')} bpw", f"ppl {f('ppl')}",
                  f"KLD {f('mean_kld', '{:.5f}')}", f"{f('tokens_per_second', '{:.1f}')} tok/s"]
+    elif kind == "eval":
+        names = [k for k in m if f"{k}_stderr" in m]
+        se = [f(f"{k}_stderr", "{:.3f}") or "n/a" for k in names]
+        parts = [(settings or {}).get("task")] + [f"{k} {f(k, '{:.4f}')} ± {s}" for k, s in zip(names, se)] + \
+            [f"n {m.get('n')}"]
     else:  # another team's kind: its first few numbers
         parts = [f"{k} {f(k)}" for k in list(m)[:4] if f(k) is not None]
     return ", ".join(p for p in parts if p and "None" not in p)

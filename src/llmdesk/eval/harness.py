@@ -352,7 +352,7 @@ def _score_multiple_choice(model, task, items: list, stats: dict) -> Iterator[li
                                                          delimiter)))
             stats["pairs"] = stats.get("pairs", 0) + len(rs)
             stats["tokens_scored"] = stats.get("tokens_scored", 0) + sum(r.n_tokens for r in rs)
-            stats["context_tokens_reused"] = stats.get("context_tokens_reused", 0) + sum(r.n_cached for r in rs)
+            stats["context_tokens_reused"] = stats.get("context_tokens_reused", 0) + sum(getattr(r, "n_cached", 0) for r in rs)
         return out
 
     engine = getattr(model, "engine", None)
