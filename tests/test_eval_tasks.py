@@ -322,7 +322,8 @@ def test_user_dir_is_looked_in_before_the_hub_cache(tmp_path, user_dir, monkeypa
     write_jsonl(user_dir / "eval-data" / "gsm8k" / "test.jsonl", gsm8k_rows(3, "mine"))
     task = load_task("gsm8k")
     assert "mine" in task.items(shots=0)[0].context
-    with pytest.raises(LlmdeskError, match=r"5-shot needs the 'train' split .* --shots 0"):
+    with pytest.raises(LlmdeskError, match=r"5-shot needs the 'train' split for its examples, which is not in .*"
+                                           r"gsm8k: give --data a folder with the 'test' and 'train' files, or use --shots 0"):
         task.items()
     # --data a single file: the evaluated split
     one = write_jsonl(tmp_path / "x.jsonl", gsm8k_rows(1, "file"))
@@ -523,7 +524,11 @@ def test_bad_specs_are_one_line(tmp_path):
     assert "t.yaml line" in one_line_error(lambda: load_task(spec("kind: [\n")))
     assert "t.toml" in one_line_error(lambda: load_task(spec("kind = \n", "t.toml")))
     msg = one_line_error(lambda: load_task(spec(base + "text: '{{ q.__class__ }}'\n")).items())
-    assert "refused" in msg
+    assert "refused by the sandbox" in msg
+    for huge in ("q * 10 ** 9", "2 ** 10000000", "[1] * 10 ** 9"):
+        msg = one_line_error(lambda: load_task(spec(base + f"text: '{{{{ {huge} }}}}'\n")).items())
+        assert "refused by the sandbox" in msg and "more than 1,000,000" in msg
+    assert load_task(spec(base + "text: \"{{ '-' * 3 }}{{ 2 ** 3 }}{{ q * 2 }}\"\n")).items()[0].context == "---8xx"
     msg = one_line_error(lambda: load_task(spec(base + "text: '{{ nope }}'\n")).items())
     assert "test.jsonl line 1" in msg and "'nope' is undefined" in msg
     assert "no preprocess named 'mine'" in one_line_error(lambda: load_task(spec(base + "text: a\npreprocess: mine\n")))

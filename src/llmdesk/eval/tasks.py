@@ -163,8 +163,9 @@ class Task:
         fs = self._spec["fewshot"]
         split = fs.get("split") or self.split
         if split not in self.files:
-            raise TaskError(f"{self.name}: {shots}-shot needs the {split!r} split (few-shot examples), not "
-                            f"found in {self.data_origin}: add it there, or use --shots 0")
+            raise TaskError(f"{self.name}: {shots}-shot needs the {split!r} split for its examples, which is not "
+                            f"in {self.data_origin}: give --data a folder with the {self.split!r} and {split!r} "
+                            f"files, or use --shots 0")
         pool_rows = self._split_rows(split)
         group_by = fs.get("group_by")
         pools: dict[Any, list[_Row]] = {}
@@ -278,15 +279,35 @@ class _RowProblem(Exception):
 
 # ---------------------------------------------------------------------------------------------
 # Templates: Jinja2 with lm-eval's settings (StrictUndefined, trailing newlines kept), in an
-# immutable sandbox that refuses `_` attributes at once. A task file is chosen and run by its
-# user, like a script; it cannot reach Python's internals through the sandbox.
+# immutable sandbox that refuses `_` attributes at once, and `*` / `**` that would build a value
+# of more than MAX_VALUE characters or digits in one step. A task file is chosen and run by its
+# user, like a script; through the sandbox it cannot reach Python's internals. (The chat-template
+# sandbox in runtime/templates.py also meters loops and time, for templates that come inside
+# downloaded models and run for remote clients.)
+
+MAX_VALUE = 1_000_000
 
 
 class _Sandbox(ImmutableSandboxedEnvironment):
+    intercepted_binops = frozenset({"*", "**"})
+
     def getattr(self, obj: Any, attribute: str) -> Any:
         if isinstance(attribute, str) and attribute.startswith("_"):
             raise SecurityError(f"access to attribute {attribute!r} is unsafe")
         return super().getattr(obj, attribute)
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        ints = isinstance(left, int) and isinstance(right, int)
+        if operator == "**" and ints and abs(left) > 1 and right > 0:
+            big = right * abs(left).bit_length() > MAX_VALUE
+        elif operator == "*" and not ints:
+            times, value = (right, left) if isinstance(right, int) else (left, right)
+            big = isinstance(times, int) and hasattr(value, "__len__") and times * len(value) > MAX_VALUE
+        else:
+            big = False
+        if big:
+            raise SecurityError(f"{operator} would build a value of more than {MAX_VALUE:,} characters or digits")
+        return super().call_binop(context, operator, left, right)
 
 
 _ENV = _Sandbox(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
