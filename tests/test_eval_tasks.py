@@ -322,8 +322,9 @@ def test_user_dir_is_looked_in_before_the_hub_cache(tmp_path, user_dir, monkeypa
     write_jsonl(user_dir / "eval-data" / "gsm8k" / "test.jsonl", gsm8k_rows(3, "mine"))
     task = load_task("gsm8k")
     assert "mine" in task.items(shots=0)[0].context
-    with pytest.raises(LlmdeskError, match=r"5-shot needs the 'train' split for its examples, which is not in .*"
-                                           r"gsm8k: give --data a folder with the 'test' and 'train' files, or use --shots 0"):
+    with pytest.raises(LlmdeskError, match=r"5-shot needs the 'train' split for its examples, which is not in "
+                                           r".*gsm8k: give --data a folder with the 'test' and 'train' files, "
+                                           r"or use --shots 0"):
         task.items()
     # --data a single file: the evaluated split
     one = write_jsonl(tmp_path / "x.jsonl", gsm8k_rows(1, "file"))
@@ -531,6 +532,10 @@ def test_bad_specs_are_one_line(tmp_path):
     assert load_task(spec(base + "text: \"{{ '-' * 3 }}{{ 2 ** 3 }}{{ q * 2 }}\"\n")).items()[0].context == "---8xx"
     msg = one_line_error(lambda: load_task(spec(base + "text: '{{ nope }}'\n")).items())
     assert "test.jsonl line 1" in msg and "'nope' is undefined" in msg
+    assert "until must be a list of stop strings" in one_line_error(
+        lambda: load_task(spec(base + "text: a\nuntil: 'Question:'\n")))
+    assert "max_tokens must be a whole number above 0" in one_line_error(
+        lambda: load_task(spec(base + "text: a\nmax_tokens: many\n")))
     assert "no preprocess named 'mine'" in one_line_error(lambda: load_task(spec(base + "text: a\npreprocess: mine\n")))
     assert "unknown task 'mmlu_cooking'" in one_line_error(lambda: load_task("mmlu_cooking"))
     assert "task file" in one_line_error(lambda: load_task(tmp_path / "missing.yaml"))

@@ -652,11 +652,32 @@ def _checked(spec: dict, label: str, stem: str) -> dict:
     for pattern in answer["ignore"]:
         _check_rule(label, "answer.ignore", {"regex": pattern})
     spec["answer"] = answer
+    _check_types(spec, label)
     subsets = spec.get("subsets")
     if subsets is not None and not (isinstance(subsets, dict) and isinstance(subsets.get("column"), str)
                                     and isinstance(subsets.get("names"), list)):
         raise TaskError(f"{label}: subsets needs a column and a list of names")
     return spec
+
+
+def _check_types(spec: dict, label: str) -> None:
+    def texts(value: Any) -> bool:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+    wrong = [
+        ("name", isinstance(spec["name"], str) and spec["name"], "a name (text)"),
+        ("metrics", texts(spec["metrics"]) and spec["metrics"], "a list of metric names"),
+        ("until", texts(spec["until"]), "a list of stop strings"),
+        ("max_tokens", type(spec["max_tokens"]) is int and spec["max_tokens"] > 0, "a whole number above 0"),
+        ("target_delimiter", isinstance(spec["target_delimiter"], str), "text"),
+        ("fewshot_delimiter", isinstance(spec["fewshot_delimiter"], str), "text"),
+        ("data.columns", texts(spec["data"].get("columns", [])), "a list of column names"),
+        ("data.csv_columns", texts(spec["data"].get("csv_columns", [])), "a list of column names"),
+        ("answer.ignore", texts(spec["answer"]["ignore"]), "a list of regexes"),
+    ]
+    for key, ok, what in wrong:
+        if not ok:
+            raise TaskError(f"{label}: {key} must be {what}")
 
 
 def _builtin_names() -> list[str]:
@@ -689,9 +710,8 @@ def load_task(name_or_path: str | os.PathLike, *, data: str | os.PathLike | None
     found = _builtin(ref) if not ref.endswith((".yaml", ".yml", ".toml")) else None
     if found is not None:
         spec_path, subset = found
-        builtin = True
     else:
-        spec_path, subset, builtin = Path(ref).expanduser(), None, False
+        spec_path, subset = Path(ref).expanduser(), None
         if not spec_path.is_file() and "/" not in ref and not spec_path.suffix:
             raise TaskError(f"unknown task {ref!r}: use a built-in ({', '.join(_builtin_names())}, "
                             f"mmlu_<subject>) or a path to a .yaml or .toml task file")
@@ -699,7 +719,7 @@ def load_task(name_or_path: str | os.PathLike, *, data: str | os.PathLike | None
     label = paths.display(spec_path)
     spec = _checked(raw, label, spec_path.stem)
     name = f"{spec['name']}_{subset}" if subset else spec["name"]
-    files, origin = _find_data(spec, name, subset, spec_path, builtin, data)
+    files, origin = _find_data(spec, name, subset, spec_path, data)
     task = Task(
         name=name, kind=spec["kind"], metrics=list(spec["metrics"]), sha256="",
         until=list(spec["until"]), max_tokens=int(spec["max_tokens"]), spec_path=spec_path,
@@ -726,7 +746,7 @@ def list_tasks() -> list[dict]:
         path = BUILTIN_DIR / f"{name}.yaml"
         spec = _checked(_read_spec(path)[1], paths.display(path), name)
         try:
-            files, origin = _find_data(spec, name, None, path, True, None)
+            files, origin = _find_data(spec, name, None, path, None)
             found, where = True, origin
         except TaskError:
             found, where = False, None
@@ -817,7 +837,7 @@ def _places(name: str, data: dict) -> str:
     return f"--data PATH; {paths.display(eval_data_dir() / name)}/{hub}"
 
 
-def _find_data(spec: dict, name: str, subset: str | None, spec_path: Path, builtin: bool,
+def _find_data(spec: dict, name: str, subset: str | None, spec_path: Path,
                data: str | os.PathLike | None) -> tuple[dict[str, list[Path]], str]:
     """split -> files, and where they were found. The evaluated split decides the place; the
     few-shot split is taken from the same place."""
