@@ -313,6 +313,34 @@ def test_hub_cache_layouts_are_found_without_network(tmp_path, monkeypatch):
     assert load_task("arc_easy").sha256 == load_task("arc_easy").sha256
 
 
+def test_mmlu_from_a_cache_that_lm_eval_filled_subject_by_subject(tmp_path, monkeypatch):
+    """lm-eval loads cais/mmlu one subject config at a time: the cache has no all/ folder."""
+    names = next(t for t in list_tasks() if t["name"] == "mmlu")["subsets"]
+    files = {}
+    for subject in names[:3]:
+        files[f"{subject}/test-00000-of-00001.parquet"] = write_parquet(
+            tmp_path / "src" / f"{subject}-t.parquet", mmlu_rows(subject, 2))
+        files[f"{subject}/dev-00000-of-00001.parquet"] = write_parquet(
+            tmp_path / "src" / f"{subject}-d.parquet", mmlu_rows(subject, 5, "d"))
+    hub_snapshot(tmp_path / "hub", "cais/mmlu", files)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    msg = one_line_error(lambda: load_task("mmlu"))
+    assert "has 3 of the 57 subsets" in msg and f"{names[3]}" in msg and f"mmlu_{names[0]}" in msg
+    assert len(load_task(f"mmlu_{names[1]}").items()) == 2
+
+    for subject in names[3:]:  # all 57: mmlu asks them all, in order, each with its own examples
+        files[f"{subject}/test-00000-of-00001.parquet"] = write_parquet(
+            tmp_path / "src" / f"{subject}-t.parquet", mmlu_rows(subject, 1))
+        files[f"{subject}/dev-00000-of-00001.parquet"] = write_parquet(
+            tmp_path / "src" / f"{subject}-d.parquet", mmlu_rows(subject, 5, "d"))
+    shutil.rmtree(tmp_path / "hub")
+    hub_snapshot(tmp_path / "hub", "cais/mmlu", files)
+    items = load_task("mmlu").items()
+    assert len(items) == 3 * 2 + 54
+    assert [i.doc["subject"] for i in items] == [n for n in names[:3] for _ in range(2)] + names[3:]
+    assert all(f"about {i.doc['subject'].replace('_', ' ')}." in i.context for i in items)
+
+
 def test_user_dir_is_looked_in_before_the_hub_cache(tmp_path, user_dir, monkeypatch):
     hub = tmp_path / "hub"
     hub_snapshot(hub, "openai/gsm8k", {"main/test-00000-of-00001.parquet":

@@ -848,6 +848,8 @@ def _find_data(spec: dict, name: str, subset: str | None, spec_path: Path,
 
     def from_folder(folder: Path) -> dict[str, list[Path]]:
         got = {s: _split_files(folder, s, subs) for s in wanted}
+        if not got[split] and subset is None and spec.get("subsets"):
+            got = _from_subset_folders(folder, spec, name, wanted)
         return {s: f for s, f in got.items() if f}
 
     looked: list[str] = []
@@ -892,6 +894,23 @@ def _find_data(spec: dict, name: str, subset: str | None, spec_path: Path,
     how = (f"download it once with `hf download {repo} --repo-type dataset`, " if repo else "")
     raise TaskError(f"{name}: no data for the {split!r} split: looked for {_patterns(split, subs)} in "
                     f"{' and '.join(looked)}; {how}put the files in {paths.display(user / name)}/, or give --data PATH")
+
+
+def _from_subset_folders(folder: Path, spec: dict, name: str, wanted: list[str]) -> dict[str, list[Path]]:
+    """A task with subsets from one folder per subset (lm-eval loads cais/mmlu subject by
+    subject, so its cache holds `abstract_algebra/`, `anatomy/`, ... and no `all/`): all of
+    them, or a TaskError saying which are missing."""
+    names = spec["subsets"]["names"]
+    got = {s: [_split_files(folder, s, [n]) for n in names] for s in wanted}
+    have = [n for n, files in zip(names, got[wanted[0]]) if files]
+    if not have:
+        return {s: [] for s in wanted}
+    if len(have) < len(names):
+        missing = [n for n in names if n not in have]
+        raise TaskError(f"{name}: {paths.display(folder)} has {len(have)} of the {len(names)} subsets "
+                        f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''} missing): add them, "
+                        f"or ask for one at a time ({name}_{have[0]})")
+    return {s: [f for files in per_subset for f in files] for s, per_subset in got.items()}
 
 
 def _patterns(split: str, subs: list[str]) -> str:
