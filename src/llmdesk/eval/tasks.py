@@ -40,7 +40,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 from ..errors import LlmdeskError
 from ..store import paths
 
-__all__ = ["Item", "Task", "TaskError", "list_tasks", "load_task", "preprocess", "BUILTIN_DIR"]
+__all__ = ["BUILTIN_DIR", "Item", "Task", "TaskError", "eval_data_dir", "hub_cache_dir", "list_tasks", "load_task",
+           "preprocess"]
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
