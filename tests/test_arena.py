@@ -6,13 +6,21 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
+import shutil
+import subprocess
 from contextlib import redirect_stderr, redirect_stdout
 
 import numpy as np
 import pytest
 
 from llmdesk.errors import LlmdeskError
+from conftest import llmdesk_exe
+from test_serve_util import start_server
+
+import llmdesk
 from llmdesk.cli.main import main
+from llmdesk.demo import default_model_path
 from llmdesk.eval import arena
 
 
@@ -166,7 +174,7 @@ def test_export_writes_prompt_chosen_rejected_pairs(tmp_path):
 # the commands
 
 
-def llmdesk(*args: str) -> tuple[int, str, str]:
+def run_cli(*args: str) -> tuple[int, str, str]:
     """Run `llmdesk ARGS` in-process, as the console script does: (exit code, stdout, stderr)."""
     out, err = io.StringIO(), io.StringIO()
     with redirect_stdout(out), redirect_stderr(err):  # the consoles write to sys.stdout/stderr of the moment
@@ -183,19 +191,19 @@ def one_line_error(rc: int, stderr: str, says: str) -> None:
 def test_leaderboard_export_and_votes_commands(tmp_path):
     for row in simulate(200, np.random.default_rng(11)):
         arena.record_vote("q", row["model_a"], row["model_b"], row["winner"], answer_a="A", answer_b="B")
-    rc, out, err = llmdesk("arena", "leaderboard", "--bootstrap", "100", "--plot", str(tmp_path / "lb.png"))
+    rc, out, err = run_cli("arena", "leaderboard", "--bootstrap", "100", "--plot", str(tmp_path / "lb.png"))
     assert rc == 0, err
     lines = [line.split() for line in out.splitlines() if line.strip() and not line.startswith("─")]
     assert lines[0][:3] == ["rank", "model", "rating"]
     assert [row[1] for row in lines[1:]] == ["strong", "good", "fair", "weak"]
     assert (tmp_path / "lb.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    rc, out, err = llmdesk("arena", "leaderboard", "--json", "--bootstrap", "50")
+    rc, out, err = run_cli("arena", "leaderboard", "--json", "--bootstrap", "50")
     data = json.loads(out)
     assert rc == 0 and data["votes"] == 200 and len(data["models"]) == 4
     assert set(data["models"][0]) == {"model", "rating", "low", "high", "rank", "battles", "wins", "ties", "losses"}
-    rc, out, err = llmdesk("arena", "export", "-o", str(tmp_path / "p.jsonl"))
+    rc, out, err = run_cli("arena", "export", "-o", str(tmp_path / "p.jsonl"))
     assert rc == 0 and "200 preference pairs written" in err
-    rc, out, err = llmdesk("arena", "votes", "-n", "3", "--json")
+    rc, out, err = run_cli("arena", "votes", "-n", "3", "--json")
     assert rc == 0 and [v["id"] for v in json.loads(out)] == [200, 199, 198]
 
 
@@ -207,10 +215,118 @@ def test_leaderboard_export_and_votes_commands(tmp_path):
     (("arena", "export", "-o", "pairs.jsonl"), "no arena votes yet"),
 ])
 def test_commands_with_nothing_to_work_on_say_so_in_one_line(args, says):
-    one_line_error(*llmdesk(*args)[::2], says)
+    one_line_error(*run_cli(*args)[::2], says)
 
 
 def test_export_of_only_ties_says_there_is_nothing_to_pair(tmp_path):
     arena.record_vote("q", "m1", "m2", "tie")
-    one_line_error(*llmdesk("arena", "export", "-o", str(tmp_path / "p.jsonl"))[::2], "no votes with a winner")
+    one_line_error(*run_cli("arena", "export", "-o", str(tmp_path / "p.jsonl"))[::2], "no votes with a winner")
     assert not (tmp_path / "p.jsonl").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# `arena auto`: battles judged by a model, end to end with the bundled demo model
+
+
+DEMO = default_model_path()
+QUESTIONS = [{"id": "what", "question": "What is llmdesk?"},
+             {"id": "list", "question": "How do I list my models?"}]
+
+
+def write_questions(path, rows=QUESTIONS):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_arena_auto_end_to_end_with_the_demo_model(tmp_path, tiny_gguf):
+    """The demo model against a random-weight model, the demo model judging (a context large
+    enough for the judge's prompt): every verdict is a vote or a counted malformed verdict, votes
+    carry the models' real answers, a rerun fights nothing again and answers nothing again."""
+    questions = write_questions(tmp_path / "q.jsonl", QUESTIONS[:1])
+    p = subprocess.run([llmdesk_exe(), "arena", "auto", str(DEMO), str(tiny_gguf), "--judge", str(DEMO),
+                        "--questions", str(questions), "--ctx", "2048", "--max-tokens", "48", "--json"],
+                       capture_output=True, text=True, env=dict(os.environ), timeout=900, stdin=subprocess.DEVNULL)
+    assert p.returncode == 0, p.stderr
+    report = json.loads(p.stdout)
+    assert report["battles"] == 1 and report["answered"] == 2 and report["failed"] == {}
+    assert report["votes"] == 1  # a local judge is held to a JSON schema: its verdict is always readable
+    with llmdesk.load(DEMO, ctx=2048) as demo:  # the demo model's answer at temperature 0, as the vote holds it
+        expected = demo.respond([{"role": "user", "content": QUESTIONS[0]["question"]}], temperature=0,
+                                max_tokens=48, truncate=True).text
+    for v in arena.votes():
+        assert (v["source"], v["judge"], v["prompt"]) == ("auto", DEMO.name, QUESTIONS[0]["question"])
+        assert {v["model_a"], v["model_b"]} == {DEMO.name, tiny_gguf.name}
+        assert (v["answer_a"] if v["model_a"] == DEMO.name else v["answer_b"]) == expected
+        assert v["winner"] in ("a", "b", "tie") and v["details"]["question_id"] == "what"
+    # a rerun: the battle was decided (or its verdict was malformed: asked again, answers cached)
+    again = arena.auto([str(DEMO), str(tiny_gguf)], str(DEMO), questions, ctx=2048, max_tokens=48)
+    assert again.answered == 0
+    assert again.done_before == report["votes"] and again.cached == 2 * report["malformed"]
+    assert len(arena.votes()) == report["votes"] + again.votes
+
+
+def test_arena_auto_two_names_of_one_model_and_the_leaderboard(tmp_path):
+    # the same file under another name: the answers come from the cache (same bytes, same answers)
+    twin = tmp_path / "demo-twin.gguf"
+    shutil.copyfile(DEMO, twin)
+    questions = write_questions(tmp_path / "q.jsonl")
+    report = arena.auto([str(DEMO), str(twin)], str(DEMO), questions, ctx=2048, max_tokens=48, rounds=1, seed=3)
+    assert (report.battles, report.answered, report.cached) == (1, 1, 1)
+    assert report.votes + report.malformed == 1
+    if report.votes:
+        [v] = arena.votes(source="auto")
+        assert v["answer_a"] == v["answer_b"]  # one model, two names
+        rc, out, err = run_cli("arena", "leaderboard", "--source", "auto", "--json")
+        assert rc == 0 and {m["model"] for m in json.loads(out)["models"]} == {DEMO.name, twin.name}
+
+
+def test_a_model_that_fails_mid_run_keeps_what_was_done(tmp_path):
+    """A remote model (a real `llmdesk serve`) whose server goes away after its first answer: one
+    line says so, the battle it could fight is judged, the other is not fought."""
+    questions = write_questions(tmp_path / "q.jsonl")
+    server = start_server(DEMO, ctx=512)
+    remote = f"openai:{server.url}/v1"
+    stopped = []
+
+    def progress(what: str, done: int, total: int) -> None:
+        if what.startswith("openai:") and done == 1 and not stopped:
+            server.stop()  # the endpoint goes down between its first and second answer
+            stopped.append(what)
+
+    try:
+        report = arena.auto([str(DEMO), remote], str(DEMO), questions, ctx=2048, max_tokens=32, constrain=False,
+                            progress=progress)
+    finally:
+        if not stopped:
+            server.stop()
+    assert stopped and list(report.failed) == [remote]
+    assert "\n" not in report.failed[remote] and "after 1 of 2 answers" in report.failed[remote]
+    assert report.battles == 2 and report.unanswered == 1
+    assert report.votes + report.malformed == 1  # the battle on the question it did answer
+    assert len(arena.votes(source="auto")) == report.votes
+
+
+@pytest.mark.parametrize("args, says", [
+    (("--questions", "missing.jsonl"), "the questions file missing.jsonl does not exist"),
+    (("--questions", "{q}", "--rounds", "0"), "--rounds"),
+])
+def test_arena_auto_bad_inputs_are_one_line(tmp_path, args, says):
+    q = write_questions(tmp_path / "q.jsonl")
+    args = [a.format(q=q) for a in args]
+    one_line_error(*run_cli("arena", "auto", str(DEMO), str(DEMO), "--judge", str(DEMO), *args)[::2], says)
+
+
+def test_arena_auto_refuses_questions_and_models_it_cannot_use(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": 1, "question": "fine"}\n{"id": 2}\n', encoding="utf-8")
+    q = write_questions(tmp_path / "q.jsonl")
+    cases = [
+        ((str(DEMO), str(tmp_path / "twin.gguf")), str(bad), "bad.jsonl:2: no question text"),
+        ((str(DEMO), str(tmp_path / "nope.gguf")), str(q), "no such file"),
+        ((str(DEMO), str(DEMO)), str(q), f"two models are named '{DEMO.name}'"),
+        ((str(DEMO),), str(q), "at least two models"),
+    ]
+    shutil.copyfile(DEMO, tmp_path / "twin.gguf")
+    for models, questions, says in cases:
+        one_line_error(*run_cli("arena", "auto", *models, "--judge", str(DEMO), "--questions", questions)[::2], says)
+    assert arena.votes() == []

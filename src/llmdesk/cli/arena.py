@@ -3,6 +3,8 @@ people in the web chat's Arena mode), Bradley-Terry ratings and exported prefere
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -105,13 +107,84 @@ def votes(
     if not rows:
         out.print("no arena votes yet" + (f" from '{source}'" if source else ""), markup=False)
         return
-    table = Table(box=box.SIMPLE_HEAD, show_edge=False)
-    for col in ("id", "time", "source", "model a", "model b", "winner", "prompt"):
-        table.add_column(col, overflow="ellipsis", no_wrap=True, min_width=12 if col == "prompt" else None)
     for v in rows:
-        said = {"a": f"a ({v['model_a']})", "b": f"b ({v['model_b']})"}.get(v["winner"], v["winner"])
-        src = v["source"] + (f" ({v['judge']})" if v["judge"] else "")
+        said = {"a": f"a won ({v['model_a']})", "b": f"b won ({v['model_b']})"}.get(v["winner"], v["winner"])
+        by = v["source"] + (f", judge {v['judge']}" if v["judge"] else "")
         prompt = " ".join(v["prompt"].split())
-        table.add_row(str(v["id"]), local_time(v["time"]), src, v["model_a"], v["model_b"], said,
-                      prompt[:60] + ("..." if len(prompt) > 60 else ""))
-    out.print(table)
+        prompt = prompt[:70] + ("..." if len(prompt) > 70 else "")
+        out.print(f"#{v['id']}  {local_time(v['time'])}  {by}\n  a: {v['model_a']}  b: {v['model_b']}  -> {said}\n"
+                  f"  prompt: {prompt}", markup=False)
+
+
+@arena_app.command("auto")
+def auto(
+    models: Annotated[list[str], typer.Argument(help="Two or more models: .gguf paths, NAME[:TAG] or openai:URL#MODEL.")],
+    judge: Annotated[str, typer.Option("--judge", help="The model that decides each battle (local or openai:URL#MODEL).")],
+    questions: Annotated[Path, typer.Option("--questions", help="JSONL questions: MT-Bench's layout (question_id, turns) or id/question.")],
+    rounds: Annotated[Optional[int], typer.Option("--rounds", min=1, help="Fight this many random battles (question, pair) instead of every pair on every question.")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the random battles and sides.")] = 0,
+    max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", min=1, help="Longest answer, in tokens (default 512).")] = None,
+    ctx: Annotated[Optional[int], typer.Option("--ctx", min=16, help="Context size of the local models and the judge.")] = None,
+    threads: Annotated[Optional[int], typer.Option("-t", "--threads", min=1, help="CPU threads of the local models.")] = None,
+    constrain: Annotated[Optional[bool], typer.Option("--constrain/--no-constrain", help="Hold the judge's reply to a JSON schema. Default: on for a local judge, off for a remote one.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print what was done as JSON.")] = False,
+) -> None:
+    """Battles judged by a model: each model answers each question (temperature 0; answers are
+    cached, so a rerun does not answer again), the judge compares two answers in both orders (a
+    verdict that flips with the order is a tie), and every verdict is stored as a vote (source
+    auto). A battle this judge has decided before is skipped: a rerun resumes. Then see
+    'llmdesk arena leaderboard --source auto'."""
+    from ..eval import arena
+
+    if not questions.is_file():
+        what = "is a folder; give a JSONL file" if questions.is_dir() else "does not exist"
+        raise LlmdeskError(f"the questions file {questions} {what}")
+    with _progress(not as_json) as update:
+        report = arena.auto(models, judge, questions, rounds=rounds, seed=seed, max_tokens=max_tokens, ctx=ctx,
+                            threads=threads, constrain=constrain, progress=update,
+                            say=None if as_json else (lambda m: err.print(m, markup=False)))
+    if as_json:
+        out.print_json(data=report.to_dict())
+    else:
+        o = report.outcomes
+        out.print(f"{report.battles} battles on {report.questions} questions, judged by {report.judge}: "
+                  f"{report.votes} new votes (a {o['a']}, b {o['b']}, tie {o['tie']})", markup=False)
+        for label, n in (("answers from the cache (not generated again)", report.cached),
+                         ("decided before, skipped", report.done_before),
+                         ("malformed verdicts, not recorded", report.malformed),
+                         ("not fought (a model failed)", report.unanswered)):
+            if n:
+                out.print(f"  {n} {label}", markup=False)
+        if report.votes or report.done_before:
+            err.print("ratings: llmdesk arena leaderboard --source auto", markup=False)
+    if report.failed:
+        name, why = next(iter(report.failed.items()))
+        more = f" (and {len(report.failed) - 1} more models)" if len(report.failed) > 1 else ""
+        raise LlmdeskError(f"{name} failed{more}: {why}; the {report.votes} new votes are kept and a rerun resumes")
+
+
+@contextmanager
+def _progress(enabled: bool) -> Iterator:
+    """A progress bar per stage (each model's answers, then the verdicts), on stderr; it appears
+    with the first stage, so errors found before any work are one line alone."""
+    if not enabled:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=err)
+    tasks: dict[str, int] = {}
+
+    def update(what: str, done: int, total: int) -> None:
+        if not tasks:
+            bar.start()
+        if what not in tasks:
+            tasks[what] = bar.add_task(what, total=total)
+        bar.update(tasks[what], completed=done, total=total)
+
+    try:
+        yield update
+    finally:
+        if tasks:
+            bar.stop()

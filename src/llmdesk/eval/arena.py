@@ -8,9 +8,12 @@ ratings with bootstrap intervals, and preference pairs for preference tuning.
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import sqlite3
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,7 @@ import numpy as np
 
 from ..atomic import atomic_path, write_text
 from ..errors import LlmdeskError
+from ..store import paths
 from ..store.db import now, transaction, using
 
 WINNERS = ("a", "b", "tie", "both_bad")
@@ -257,3 +261,193 @@ def plot_leaderboard(ratings: list[Rating], path: str | Path, *, title: str = "a
     finally:
         plt.close(fig)
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Battles judged by a model: `llmdesk arena auto`
+#
+# Every model answers the questions first (temperature 0, one model loaded at a time), the
+# answers cached by the model's identity (its file's sha256, or its endpoint) and the question's
+# text, so a rerun, another questions file holding the same question, or the same file under
+# another name never answers twice. Then the judge compares each battle's two answers in both
+# orders (eval.judge.pairwise) and the verdict is stored at once as a vote (source "auto"). A
+# battle already voted on by this judge is not fought again: a rerun resumes.
+
+
+@dataclass
+class AutoReport:
+    """What `arena auto` did. `battles` planned; `done_before` skipped as already voted by this
+    judge; `answered`/`cached`: answers generated now / taken from the cache; `malformed`:
+    verdicts the judge gave that could not be read (not recorded);
+    `unanswered`: battles a failed model could not fight; `failed`: model -> its one-line error."""
+
+    judge: str
+    models: list[str]
+    questions: int
+    battles: int
+    votes: int = 0
+    done_before: int = 0
+    answered: int = 0
+    cached: int = 0
+    malformed: int = 0
+    unanswered: int = 0
+    outcomes: dict[str, int] = field(default_factory=lambda: {"a": 0, "b": 0, "tie": 0})
+    failed: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+Progress = Callable[[str, int, int], None]  # (what, done, total)
+Say = Callable[[str], None]
+
+
+def _text_key(*parts: str) -> str:
+    return hashlib.sha256("\x1f".join(parts).encode("utf-8")).hexdigest()[:20]
+
+
+def _identity(found) -> str:
+    """What makes two references the same model to the answer cache: the file's bytes, or the endpoint."""
+    if found.is_remote:
+        return found.name
+    if found.entry is not None:
+        return found.entry.sha256
+    from ..store.catalog import sha256_file
+
+    return sha256_file(found.path)
+
+
+def _cached_answers(path: Path) -> dict[str, list[str]]:
+    """The answers a cache file holds, by question key, in the layout eval.judge.generate_answers
+    writes (MT-Bench's: question_id, choices[0].turns). Nothing when it is missing or unreadable:
+    the cache is only a cache."""
+    try:
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return {str(r["question_id"]): list(r["choices"][0]["turns"]) for r in rows}
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return {}
+
+
+def plan_battles(n_questions: int, models: list[str], *, rounds: int | None = None,
+                 seed: int = 0) -> list[tuple[int, str, str]]:
+    """(question index, model a, model b): every pair on every question, or `rounds` of those
+    drawn at random without repeats; which model is "a" is drawn too (seeded)."""
+    rng = np.random.default_rng(seed)
+    pairs = list(itertools.combinations(models, 2))
+    every = [(q, *pair) for q in range(n_questions) for pair in pairs]
+    if rounds is not None:
+        if rounds < 1:
+            raise LlmdeskError(f"--rounds must be 1 or more, not {rounds}")
+        if rounds < len(every):
+            every = [every[i] for i in sorted(rng.choice(len(every), rounds, replace=False))]
+    return [(q, a, b) if rng.random() < 0.5 else (q, b, a) for q, a, b in every]
+
+
+def auto(models: list[str], judge: str, questions: str | Path, *, rounds: int | None = None, seed: int = 0,
+         max_tokens: int | None = None, ctx: int | None = None, threads: int | None = None,
+         constrain: bool | None = None, progress: Progress | None = None, say: Say | None = None) -> AutoReport:
+    """Battles between `models` (references: a .gguf path, NAME[:TAG], openai:URL#MODEL) on the
+    questions of a JSONL file (MT-Bench's layout or {"id", "question"}), judged by `judge`, each
+    verdict stored as a vote (source "auto", the judge's name). A model that fails is reported
+    in `failed` and its battles skipped; the votes already stored stay. `constrain`: hold the
+    judge's replies to a JSON schema (default: a local judge is, a remote one is not)."""
+    from ..runtime.model import load
+    from ..store.refs import resolve
+    from . import judge as J
+
+    qs = J.read_questions(questions)
+    found = [resolve(m, allow_remote=True) for m in models]
+    names = [f.name for f in found]
+    if len(found) < 2:
+        raise LlmdeskError("an arena needs at least two models")
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup is not None:
+        raise LlmdeskError(f"two models are named '{dup}'; give each a name of its own (e.g. 'llmdesk import FILE "
+                           "--name NAME')")
+    judge_ref = resolve(judge, allow_remote=True)
+    battles = plan_battles(len(qs), names, rounds=rounds, seed=seed)
+    report = AutoReport(judge=judge_ref.name, models=names, questions=len(qs), battles=len(battles))
+    max_tokens = J.MAX_ANSWER_TOKENS if max_tokens is None else max_tokens
+
+    # a battle is this question's text, these two models (either side) and this judge
+    def battle_key(q, a: str, b: str) -> str:
+        return _text_key(json.dumps(q.turns), *sorted((a, b)), judge_ref.name)
+
+    done = {v["details"].get("battle") for v in votes(source="auto") if v["judge"] == judge_ref.name}
+    todo = [bt for bt in battles if battle_key(qs[bt[0]], bt[1], bt[2]) not in done]
+    report.done_before = len(battles) - len(todo)
+
+    # 1. answers, one model loaded at a time, cached by (model, question text, max_tokens)
+    answers: dict[str, dict[str, list[str]]] = {}
+    for f in found:
+        need = sorted({q for q, a, b in todo if f.name in (a, b)})
+        if not need:
+            continue
+        asked = [J.Question(_text_key(*qs[i].turns), qs[i].turns, qs[i].references, qs[i].line) for i in need]
+        cache = paths.cache_dir() / "arena" / f"{_text_key(_identity(f), str(max_tokens))}.jsonl"
+        before = _cached_answers(cache).keys()
+        report.cached += sum(q.id in before for q in asked)
+        step = [0]
+
+        def tick(step=step, name=f.name, total=len(asked)) -> None:
+            step[0] += 1
+            if progress:
+                progress(f"{name} answers", step[0], total)
+
+        if progress:
+            progress(f"{f.name} answers", 0, len(asked))
+        try:
+            with load(f, ctx=ctx, threads=threads) as m:
+                answers[f.name] = J.generate_answers(m, asked, cache, max_tokens=max_tokens, progress=tick)
+        except LlmdeskError as e:
+            report.failed[f.name] = f"{e} (after {step[0]} of {len(asked)} answers)"
+            # the answers it gave before failing are in the cache: its battles on those are fought
+            answers[f.name] = _cached_answers(cache)
+        report.answered += sum(q.id in answers[f.name] and q.id not in before for q in asked)
+
+    def answer(name: str, q) -> list[str] | None:
+        got = answers.get(name, {}).get(_text_key(*q.turns))
+        return got if got is not None and len(got) >= len(q.turns) else None
+
+    # 2. verdicts: each stored as a vote at once, so a judge that fails mid-run loses nothing done
+    ready = []
+    for q_i, a, b in todo:
+        q = qs[q_i]
+        if answer(a, q) is None or answer(b, q) is None:
+            report.unanswered += 1
+        else:
+            ready.append((q, a, b))
+    if not ready:
+        return report
+    if progress:
+        progress("verdicts", 0, len(ready))
+    try:
+        jm = load(judge_ref, ctx=ctx, threads=threads)
+    except LlmdeskError as e:
+        raise LlmdeskError(f"the judge {judge_ref.name} could not be loaded: {e}") from None
+    with jm:
+        for i, (q, a, b) in enumerate(ready, 1):
+            ans_a, ans_b = answer(a, q), answer(b, q)
+            last = len(q.turns) - 1  # the judge reads the whole conversation and decides on its last turn
+            try:
+                v = J.pairwise(jm, q.turns[last], ans_a[last], ans_b[last], reference=q.references[last],
+                               history_a=list(zip(q.turns[:last], ans_a[:last])) or None,
+                               history_b=list(zip(q.turns[:last], ans_b[:last])) or None, constrain=constrain,
+                               say=say)
+            except LlmdeskError as e:
+                raise LlmdeskError(f"the judge {judge_ref.name} failed on question {q.id} after {report.votes} "
+                                   f"new votes (kept; a rerun resumes): {e}") from None
+            if v.winner is None:
+                report.malformed += 1
+            else:
+                details = {"battle": battle_key(q, a, b), "question_id": q.id, "consistent": v.consistent,
+                           "verdicts": v.verdicts, "reasoning": v.reasoning[:2000]}
+                if last:
+                    details["turns"] = q.turns
+                record_vote(q.turns[last], a, b, v.winner, answer_a=ans_a[last], answer_b=ans_b[last], source="auto",
+                            judge=judge_ref.name, details=details)
+                report.votes += 1
+                report.outcomes[v.winner] += 1
+            if progress:
+                progress("verdicts", i, len(ready))
+    return report
