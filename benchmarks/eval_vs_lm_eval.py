@@ -1,0 +1,227 @@
+"""`llmdesk eval run` against lm-evaluation-harness's transformers backend, same items, one run.
+
+    .venv/bin/python benchmarks/eval_vs_lm_eval.py [--items 200] [--shots 5] [--peer-items N]
+        [--dtype float32|bfloat16] [--batch 8] [--slots 4]
+
+The model is a TinyLlama-1.1B-shape Llama checkpoint (22 layers, 2048 wide, 32 heads, 4 KV heads,
+5632 FFN, 32,000 vocabulary) with random weights, written with transformers: its answers are
+meaningless, its speed is real. Its weights are rounded to values that f16 holds exactly before
+they are saved, so the GGUF F16 that `llmdesk convert` makes of it holds the very same weights
+as the checkpoint lm-eval loads. The tokenizer is a byte-level BPE trained on the task's own
+text (no hub here). Everything is cached in ~/.cache/llmdesk-bench-models/eval-tinyllama/.
+
+The task is MMLU's layout (the public cais/mmlu columns: question, subject, choices, answer),
+one subject, questions of random words; `--shots` examples from its dev split, lm-eval's MMLU
+prompt. llmdesk runs its built-in `mmlu` task on the GGUF F16; lm-eval runs the same prompt as a
+task file (dataset_path json) on the checkpoint with `--model hf`. Both are timed from the start
+of scoring to the last item (model loading excluded on both sides: lm-eval's load is taken from
+its own log line), and the chosen answer of every item is compared.
+
+`--peer-items N` times lm-eval on the first N items only (it costs a full forward pass of the
+few-shot prompt per question: on 2 cores about 10 s an item at fp32), and compares agreement on
+those N; llmdesk always scores all `--items`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+WORK = Path.home() / ".cache" / "llmdesk-bench-models" / "eval-tinyllama"
+SUBJECT = "abstract_algebra"
+WORDS = ("the of and to in is was for on are with as by at from that this be or an which it not have one "
+         "all were they their there more can had has would about what when will some into other time if "
+         "than only its two like then first been who now people may over after most made also did many "
+         "before must through back years where much your way well down should because each just those "
+         "how too little state good very make world still own see men work long get here between both "
+         "life being under never day same another know while last might us great old year off come since "
+         "against go came right used take three group ring field prime order element subgroup kernel").split()
+
+
+def sentence(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+def make_rows(n: int, seed: int) -> list[dict]:
+    """Rows in cais/mmlu's layout."""
+    rng = random.Random(seed)
+    return [{"question": sentence(rng, rng.randint(18, 40)).capitalize() + "?", "subject": SUBJECT,
+             "choices": [sentence(rng, rng.randint(2, 8)) for _ in range(4)], "answer": rng.randrange(4)}
+            for _ in range(n)]
+
+
+def write_data(items: int) -> Path:
+    d = WORK / f"mmlu-{items}"
+    if not (d / "test.jsonl").is_file():
+        d.mkdir(parents=True, exist_ok=True)
+        for split, rows in (("dev", make_rows(5, 1)), ("test", make_rows(items, 2))):
+            tmp = d / f"{split}.jsonl.part"
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            tmp.rename(d / f"{split}.jsonl")
+    return d
+
+
+def make_checkpoint() -> Path:
+    """The HF checkpoint (TinyLlama-1.1B shapes, random weights exact in f16) with its tokenizer."""
+    ckpt = WORK / "hf"
+    if (ckpt / "model.safetensors").is_file() or (ckpt / "model.safetensors.index.json").is_file():
+        return ckpt
+    import torch
+    import transformers
+
+    from llmdesk.train.tokenizer import save_hf_tokenizer, train_bpe
+
+    rows = make_rows(2000, 3)
+    texts = [r["question"] + " " + " ".join(r["choices"]) for r in rows]
+    tok = train_bpe(texts, 2000, pre="llama-bpe")
+    eos = tok.token_to_id("<|endoftext|>")
+    cfg = transformers.LlamaConfig(  # TinyLlama/TinyLlama-1.1B-Chat-v1.0's config.json
+        vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+        num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048, rms_norm_eps=1e-5,
+        rope_theta=10000.0, bos_token_id=eos, eos_token_id=eos, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.half().float())  # every weight exact in f16: the GGUF F16 holds the same model
+    tmp = WORK / "hf.part"
+    model.save_pretrained(tmp)
+    save_hf_tokenizer(tok, tmp)
+    (tmp / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}))
+    tmp.rename(ckpt)
+    return ckpt
+
+
+def make_gguf(ckpt: Path) -> Path:
+    out = WORK / "tinyllama-shape-f16.gguf"
+    if not out.is_file():
+        from llmdesk.formats.convert import convert
+        from llmdesk.runtime.llama import LlamaModel
+
+        tmp = out.with_suffix(".part")
+        convert(ckpt, tmp, out_type="f16", name="tinyllama-shape", check_with=LlamaModel)
+        tmp.rename(out)
+    return out
+
+
+# lm-eval's MMLU prompt (lm_eval/tasks/mmlu/default/_default_template_yaml), over local JSONL
+LM_EVAL_TASK = """task: bench_mmlu
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {test}
+    dev: {dev}
+test_split: test
+fewshot_split: dev
+fewshot_config:
+  sampler: first_n
+output_type: multiple_choice
+description: "The following are multiple choice questions (with answers) about {subject}.\\n\\n"
+doc_to_text: "{{{{question.strip()}}}}\\nA. {{{{choices[0]}}}}\\nB. {{{{choices[1]}}}}\\nC. {{{{choices[2]}}}}\\nD. {{{{choices[3]}}}}\\nAnswer:"
+doc_to_choice: ["A", "B", "C", "D"]
+doc_to_target: answer
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def run_lm_eval(ckpt: Path, data: Path, shots: int, limit: int, dtype: str, batch: int) -> dict:
+    """lm-eval's `hf` model on the task; returns seconds scoring and the choice per item."""
+    tasks = WORK / "lm-eval-tasks"
+    tasks.mkdir(exist_ok=True)
+    (tasks / "bench_mmlu.yaml").write_text(LM_EVAL_TASK.format(
+        test=data / "test.jsonl", dev=data / "dev.jsonl", subject=SUBJECT.replace("_", " ")))
+    out = WORK / "lm-eval-out"
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "lm_eval", "--model", "hf",
+           "--model_args", f"pretrained={ckpt},dtype={dtype}", "--tasks", "bench_mmlu",
+           "--include_path", str(tasks), "--num_fewshot", str(shots), "--limit", str(limit),
+           "--batch_size", str(batch), "--device", "cpu", "--log_samples", "--output_path", str(out)]
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if p.returncode != 0:
+        sys.exit(f"lm-eval failed:\n{p.stderr[-3000:]}")
+    samples = sorted(out.rglob("samples_bench_mmlu_*.jsonl"), key=lambda f: f.stat().st_mtime)[-1]
+    chosen, lls = {}, {}
+    for line in samples.read_text().splitlines():
+        s = json.loads(line)
+        ll = [float(r[0][0]) for r in s["resps"]]
+        chosen[int(s["doc_id"])] = max(range(len(ll)), key=ll.__getitem__)
+        lls[int(s["doc_id"])] = ll
+    # the time spent scoring: lm-eval logs when it starts running the requests
+    scoring = _scoring_seconds(p.stderr) or wall
+    return {"seconds": scoring, "wall": wall, "chosen": chosen, "loglikelihoods": lls}
+
+
+def _scoring_seconds(log: str) -> float | None:
+    """Seconds from lm-eval's 'Running loglikelihood requests' log line to the end of the run."""
+    import re
+    from datetime import datetime
+
+    stamps = [(m.group(1), m.group(2)) for m in re.finditer(r"(\d{4}-\d\d-\d\d:\d\d:\d\d:\d\d)[^\n]*?(Running loglikelihood|$)", log, re.M)]
+    start = next((datetime.strptime(s, "%Y-%m-%d:%H:%M:%S") for s, what in stamps if what), None)
+    end = datetime.strptime(stamps[-1][0], "%Y-%m-%d:%H:%M:%S") if stamps else None
+    return (end - start).total_seconds() if start and end and end > start else None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--items", type=int, default=200)
+    ap.add_argument("--shots", type=int, default=5)
+    ap.add_argument("--peer-items", type=int, default=None, help="lm-eval on the first N items only")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--batch", type=int, default=8, help="lm-eval's --batch_size")
+    ap.add_argument("--slots", type=int, default=4, help="llmdesk's slots")
+    ap.add_argument("--skip-peer", action="store_true")
+    a = ap.parse_args()
+    WORK.mkdir(parents=True, exist_ok=True)
+    ckpt = make_checkpoint()
+    gguf = make_gguf(ckpt)
+    data = write_data(a.items)
+    mine = run_llmdesk(gguf, data, a.shots, a.items, a.slots)
+    print(f"llmdesk  : {a.items} items in {mine['seconds']:.1f} s = {a.items / mine['seconds']:.3f} items/s "
+          f"(GGUF F16, {a.slots} slots, unified KV cache)", flush=True)
+    if a.skip_peer:
+        return
+    n_peer = a.peer_items or a.items
+    peer = run_lm_eval(ckpt, data, a.shots, n_peer, a.dtype, a.batch)
+    print(f"lm-eval  : {n_peer} items in {peer['seconds']:.1f} s = {n_peer / peer['seconds']:.3f} items/s "
+          f"(transformers {a.dtype}, batch {a.batch}; {peer['wall']:.0f} s with loading)")
+    same = sum(mine["chosen"][i] == c for i, c in peer["chosen"].items())
+    diffs = [abs(x - y) for i, ll in peer["loglikelihoods"].items() for x, y in zip(ll, mine["loglikelihoods"][i])]
+    print(f"speed    : {(a.items / mine['seconds']) / (n_peer / peer['seconds']):.1f}x lm-eval's items/s")
+    print(f"agreement: same choice on {same}/{len(peer['chosen'])} items ({100 * same / len(peer['chosen']):.1f}%); "
+          f"loglikelihoods differ by {max(diffs):.4f} at most, {sum(diffs) / len(diffs):.4f} on average")
+
+
+def run_llmdesk(gguf: Path, data: Path, shots: int, items: int, slots: int) -> dict:
+    """llmdesk's built-in mmlu task on the GGUF, as `llmdesk eval run` runs it; returns seconds
+    scoring (the model loaded first, results computed afresh) and the choice per item."""
+    from llmdesk.eval.harness import evaluate, open_model
+    from llmdesk.eval.tasks import load_task
+
+    model, ident = open_model(str(gguf), slots=slots)
+    try:
+        task = load_task(f"mmlu_{SUBJECT}", data=data)
+        t0 = time.perf_counter()
+        r = evaluate(model, task, limit=items, shots=shots, identity=ident, fresh=True)
+        seconds = time.perf_counter() - t0
+        stats = {"engine_seq_copies": model.engine.seq_copies}
+    finally:
+        model.close()
+    lls = {i: x["ll"] for i, x in r.items.items()}
+    chosen = {i: max(range(len(ll)), key=ll.__getitem__) for i, ll in lls.items()}
+    return {"seconds": seconds, "chosen": chosen, "loglikelihoods": lls, "acc": r.metrics["acc"].value, **stats}
+
+
+if __name__ == "__main__":
+    main()
