@@ -138,14 +138,22 @@ def _print(r) -> None:
     table = Table(box=None, pad_edge=False, header_style="bold")
     if r.mode == "single":
         for col in ("MODEL", "SCORE", "± STDERR", "N", "MALFORMED"):
-            table.add_column(col, justify="left" if col == "MODEL" else "right")
+            _column(table, col)
         for s in r.scores:
             table.add_row(s.model, "-" if s.mean is None else f"{s.mean:.2f}",
                           "-" if s.stderr is None else f"{s.stderr:.2f}", str(s.n), str(s.malformed))
     else:
         for col in ("MODEL A", "MODEL B", "WINS", "TIES", "LOSSES", "WIN RATE", "INCONSISTENT", "MALFORMED"):
-            table.add_column(col, justify="left" if col.startswith("MODEL") else "right")
+            _column(table, col)
         for p in r.pairs:
             table.add_row(p.model_a, p.model_b, str(p.wins), str(p.ties), str(p.losses),
                           "-" if p.win_rate is None else f"{p.win_rate:.1%}", str(p.inconsistent), str(p.malformed))
     out.print(table)
+
+
+def _column(table: Table, name: str) -> None:
+    """Numbers keep their whole header; a long model name folds onto a second line."""
+    if name.startswith("MODEL"):
+        table.add_column(name, overflow="fold")
+    else:
+        table.add_column(name, justify="right", no_wrap=True, min_width=len(name))
