@@ -21,16 +21,20 @@ TOL = 1e-4
 TEXT = "The quick brown fox jumps over the lazy dog. The KV cache"
 
 
-@pytest.fixture(scope="module")
-def bos_gguf(tiny_gguf, tmp_path_factory):
-    """The tiny model with `tokenizer.ggml.add_bos_token` set: its texts are read after a BOS."""
-    path = tmp_path_factory.mktemp("bos") / "tiny_bos.gguf"
-    shutil.copy(tiny_gguf, path)
+def with_bos(src, path):
+    """A copy of the GGUF `src` with `tokenizer.ggml.add_bos_token` set: llama.cpp then reads its
+    texts after a BOS, as it reads Llama 2's or Gemma's."""
+    shutil.copy(src, path)
     reader = gguf.GGUFReader(path, "r+")
     field = reader.fields["tokenizer.ggml.add_bos_token"]
     field.parts[field.data[0]][0] = 1
     del reader  # flushes the memory map
     return path
+
+
+@pytest.fixture(scope="module")
+def bos_gguf(tiny_gguf, tmp_path_factory):
+    return with_bos(tiny_gguf, tmp_path_factory.mktemp("bos") / "tiny_bos.gguf")
 
 
 @pytest.fixture(scope="module")
