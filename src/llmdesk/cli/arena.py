@@ -87,7 +87,8 @@ def export(
     if not rows:
         raise LlmdeskError("no arena votes yet: vote in the web chat's Arena mode or run 'llmdesk arena auto'")
     written, skipped = arena.export_pairs(output, rows)
-    err.print(f"{written} preference pairs written to {output}; {skipped} ties or both-bad votes skipped",
+    err.print(f"{written} preference pairs written to {output}; {skipped} votes without a winner "
+              f"(tie, both bad) skipped",
               markup=False)
 
 
