@@ -445,3 +445,44 @@ def test_cli_subprocess_one_line_errors(tmp_path):
                            stdin=subprocess.DEVNULL)
         lines = p.stderr.strip().splitlines()
         assert p.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], p.stderr
+
+
+def test_ctrl_c_keeps_whole_chunks_and_the_rerun_resumes(tmp_path, user_dir):
+    """As a user: Ctrl-C in the middle of `llmdesk eval run`; the items stored are whole chunks,
+    the command says one line, and the rerun scores only the rest."""
+    import signal
+    import subprocess
+
+    from conftest import llmdesk_exe
+    from test_serve_util import wait_until
+
+    mmlu_task(tmp_path / "mmlu", 300)
+    cmd = [llmdesk_exe(), "eval", "run", str(DEMO), "--task", "mmlu", "--data", str(tmp_path / "mmlu"),
+           "--shots", "0", "--threads", "1", "--slots", "2"]
+
+    def stored() -> int:
+        if not (user_dir / "llmdesk.db").exists():
+            return 0
+        db = connect()
+        try:
+            return db.execute("SELECT count(*) FROM eval_items").fetchone()[0]
+        finally:
+            db.close()
+
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    try:
+        wait_until(stored, timeout=120)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130 and err.strip().splitlines()[-1] == "interrupted", err
+    kept = stored()
+    assert 0 < kept < 300 and kept % (harness.CHUNK_PAIRS // 4) == 0  # whole chunks of 64 items
+    assert results.query("eval") == []  # no result for an unfinished run
+    p = subprocess.run(cmd + ["--json"], capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    assert p.returncode == 0, p.stderr
+    assert p.stderr.strip() == f"resuming: {kept} of 300 items of mmlu already scored"
+    r = json.loads(p.stdout)[0]
+    assert r["resumed"] == kept and r["n"] == 300 and r["stats"]["pairs"] == (300 - kept) * 4
