@@ -255,6 +255,16 @@ def test_pairwise_asks_both_orders(demo, files, tmp_path):
     assert p.win_rate == pytest.approx((p.wins + p.ties / 2) / 4)
 
 
+def test_pairwise_compares_every_two_models(demo, tmp_path):
+    qs = J.read_questions(write_jsonl(tmp_path / "q.jsonl", [{"id": "only", "question": "What is quantization?"}]))
+    answers = {name: {"only": [text]} for name, text in (("x", "Fewer bits per weight."), ("y", "A kind of cake."),
+                                                          ("z", "I do not know."))}
+    report = J.judge_run(demo, qs, answers, mode="pairwise", run="three")
+    assert [(p.model_a, p.model_b) for p in report.pairs] == [("x", "y"), ("x", "z"), ("y", "z")]
+    assert all(p.wins + p.ties + p.losses + p.malformed == 1 for p in report.pairs)
+    assert len(J.stored("three")) == 3
+
+
 def test_judge_must_be_a_model():
     with pytest.raises(LlmdeskError, match="must be a model loaded with llmdesk.load"):
         J.grade("my-judge", "Q?", "A")
@@ -291,6 +301,14 @@ def test_remote_judge_read_from_text_by_default(server, files):
         assert g.raw and g.parsed == (g.score is not None)
         report = J.judge_run(judge, qs, {"other": J.read_answers(files[1], qs)}, run="remote")
     assert not report.constrained and report.scores[0].n + report.scores[0].malformed == 4
+
+
+def test_remote_model_answers(server, tmp_path, files):
+    qs = J.read_questions(files[0])
+    with llmdesk.load(f"openai:{server.url}/v1#{DEMO.name}") as model:
+        answers = J.generate_answers(model, qs, tmp_path / "remote.jsonl", max_tokens=32)
+    assert [len(answers[q.id]) for q in qs] == [1, 2, 1] and all(t for a in answers.values() for t in a)
+    assert J.read_answers(tmp_path / "remote.jsonl", qs) == answers
 
 
 def test_remote_judge_down_keeps_verdicts_and_resumes(files):
