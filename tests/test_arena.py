@@ -330,3 +330,11 @@ def test_arena_auto_refuses_questions_and_models_it_cannot_use(tmp_path):
     for models, questions, says in cases:
         one_line_error(*run_cli("arena", "auto", *models, "--judge", str(DEMO), "--questions", questions)[::2], says)
     assert arena.votes() == []
+
+
+def test_models_that_never_met_are_said_to_be_apart():
+    for a, b in (("x", "y"), ("y", "z"), ("p", "q")):
+        arena.record_vote("q", a, b, "a")
+    assert arena.groups(arena.votes()) == [["x", "y", "z"], ["p", "q"]]
+    rc, out, err = run_cli("arena", "leaderboard", "--bootstrap", "10")
+    assert rc == 0 and "note: these models never met" in err and "x, y, z | p, q" in err

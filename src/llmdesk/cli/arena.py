@@ -69,6 +69,11 @@ def leaderboard(
         where = f" from {source}" if source else ""
         err.print(f"{len(rows)} votes{where}; ties and both-bad count half a win each way; "
                   f"{bootstrap} bootstrap rounds", markup=False)
+        parts = arena.groups(rows)
+        if len(parts) > 1:
+            err.print(f"note: these models never met those of the other groups, directly or through others, "
+                      f"so ratings across groups are not comparable: {' | '.join(', '.join(g) for g in parts)}",
+                      markup=False)
     if plot is not None:
         err.print(f"plot: {arena.plot_leaderboard(board, plot)}", markup=False)
 
@@ -137,9 +142,6 @@ def auto(
     'llmdesk arena leaderboard --source auto'."""
     from ..eval import arena
 
-    if not questions.is_file():
-        what = "is a folder; give a JSONL file" if questions.is_dir() else "does not exist"
-        raise LlmdeskError(f"the questions file {questions} {what}")
     with _progress(not as_json) as update:
         report = arena.auto(models, judge, questions, rounds=rounds, seed=seed, max_tokens=max_tokens, ctx=ctx,
                             threads=threads, constrain=constrain, progress=update,

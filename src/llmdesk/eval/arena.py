@@ -115,14 +115,18 @@ def _battles(rows: list[dict]) -> tuple[list[str], np.ndarray, np.ndarray, np.nd
     return models, a, b, score
 
 
-def _fit(k: int, a: np.ndarray, b: np.ndarray, score: np.ndarray, weight: np.ndarray | None = None) -> np.ndarray:
-    """Maximum-likelihood log-strengths (natural log, k of them) from battles a vs b."""
-    w = np.ones(len(a)) if weight is None else weight
-    # W[i, j]: points i took from j (ties half each); N = W + W.T: battles between i and j
+def _points(k: int, a: np.ndarray, b: np.ndarray, score: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """W[i, j]: the points model i took from model j (a tie half each), `weight` times per battle."""
     W = np.zeros((k, k))
-    np.add.at(W, (a, b), w * score)
-    np.add.at(W, (b, a), w * (1.0 - score))
-    N = W + W.T
+    np.add.at(W, (a, b), weight * score)
+    np.add.at(W, (b, a), weight * (1.0 - score))
+    return W
+
+
+def _fit(W: np.ndarray) -> np.ndarray:
+    """Maximum-likelihood log-strengths (natural log, one per model) from the points matrix W."""
+    k = len(W)
+    N = W + W.T  # battles between i and j
 
     def objective(t: np.ndarray) -> float:
         d = t[:, None] - t[None, :]
@@ -167,11 +171,15 @@ def leaderboard(rows: list[dict], *, bootstrap: int = 1000, seed: int = 0, ancho
         raise LlmdeskError(f"anchor model '{anchor}' has no votes; models with votes: {', '.join(models)}")
     k, n = len(models), len(rows)
     ai = models.index(anchor) if anchor is not None else None
-    rating = _to_elo(_fit(k, a, b, score), ai)
+    rating = _to_elo(_fit(_points(k, a, b, score, np.ones(n))), ai)
     if bootstrap:
         rng = np.random.default_rng(seed)
-        # a resample is the count of times each battle is drawn: the same as drawing with replacement
-        boots = np.array([_fit(k, a, b, score, rng.multinomial(n, np.full(n, 1.0 / n)).astype(float))
+        # Drawing n battles with replacement draws each kind of battle (a, b, outcome) a
+        # multinomial number of times, with its share of the votes as probability: resample
+        # those counts, a few cells instead of every vote.
+        cells, count = np.unique(np.stack([a, b, score]), axis=1, return_counts=True)
+        ca, cb, cs = cells[0].astype(np.int64), cells[1].astype(np.int64), cells[2]
+        boots = np.array([_fit(_points(k, ca, cb, cs, rng.multinomial(n, count / n).astype(float)))
                           for _ in range(bootstrap)])
         low, high = np.percentile(_to_elo(boots, ai), [2.5, 97.5], axis=0)
     else:
@@ -187,6 +195,25 @@ def leaderboard(rows: list[dict], *, bootstrap: int = 1000, seed: int = 0, ancho
     out = [Rating(m, float(rating[i]), float(low[i]), float(high[i]), ranks[i], int(wins[i] + ties[i] + losses[i]),
                   int(wins[i]), int(ties[i]), int(losses[i])) for i, m in enumerate(models)]
     return sorted(out, key=lambda r: (r.rank, -r.rating, r.model))
+
+
+def groups(rows: list[dict]) -> list[list[str]]:
+    """The models that are compared with each other, directly or through others (the connected
+    parts of the battle graph), largest first. Ratings in different groups share no votes: only
+    the weak prior and the anchoring put them on one scale."""
+    parent: dict[str, str] = {}
+
+    def root(m: str) -> str:
+        while parent.setdefault(m, m) != m:
+            m = parent[m]
+        return m
+
+    for r in rows:
+        parent[root(r["model_a"])] = root(r["model_b"])
+    out: dict[str, list[str]] = {}
+    for m in sorted(parent):
+        out.setdefault(root(m), []).append(m)
+    return sorted(out.values(), key=lambda g: (-len(g), g))
 
 
 def ranks_from_intervals(low: np.ndarray | list[float], high: np.ndarray | list[float]) -> list[int]:
