@@ -43,17 +43,17 @@ def _file_label(name: str) -> str:
 
 @eval_app.command("judge")
 def judge_cmd(
-    judge: Annotated[str, typer.Option("--judge", "-j", help="The judge: a .gguf, NAME[:TAG], hf:..., or openai:URL#MODEL.")],
-    questions: Annotated[Path, typer.Option("--questions", "-q", help="Questions, JSONL: MT-Bench's layout (question_id, turns, reference) or rows with id and question.", dir_okay=False)],
-    answers: Annotated[Optional[list[str]], typer.Option("--answers", help="MODEL=FILE: MODEL's answers, JSONL (question_id with answer, turns or MT-Bench's choices). Repeatable.")] = None,
-    models: Annotated[Optional[list[str]], typer.Option("--models", "-m", help="A model that answers the questions first (temperature 0); repeatable.")] = None,
-    mode: Annotated[str, typer.Option("--mode", help="single: grade each answer 1-10; pairwise: compare every two models, both orders.")] = "single",
-    reference_column: Annotated[Optional[str], typer.Option("--reference-column", help="The questions' column with reference answers (default: 'reference' where a row has it).")] = None,
-    run: Annotated[Optional[str], typer.Option("--run", help="Store the verdicts under this name; a rerun with the same name skips stored verdicts.")] = None,
+    judge: Annotated[str, typer.Option("--judge", "-j", metavar="REF", help="The judge: a .gguf, NAME[:TAG], hf:..., or openai:URL#MODEL.")],
+    questions: Annotated[Path, typer.Option("--questions", "-q", metavar="FILE", help="Questions, JSONL: MT-Bench's layout (question_id, turns, reference) or rows with id and question.", dir_okay=False)],
+    answers: Annotated[Optional[list[str]], typer.Option("--answers", metavar="MODEL=FILE", help="MODEL=FILE: MODEL's answers, JSONL (question_id with answer, turns or MT-Bench's choices). Repeatable.")] = None,
+    models: Annotated[Optional[list[str]], typer.Option("--models", "-m", metavar="REF", help="A model that answers the questions first (temperature 0; its answers are saved under the user dir); repeatable.")] = None,
+    mode: Annotated[str, typer.Option("--mode", metavar="single|pairwise", help="single: grade each answer 1-10; pairwise: compare every two models, both orders.")] = "single",
+    reference_column: Annotated[Optional[str], typer.Option("--reference-column", metavar="COL", help="The questions' column with reference answers (default: 'reference' where a row has it).")] = None,
+    run: Annotated[Optional[str], typer.Option("--run", metavar="NAME", help="Store the verdicts under this name; a rerun with the same name skips stored verdicts.")] = None,
     constrain: Annotated[Optional[bool], typer.Option("--constrain/--no-constrain", help="Hold the judge's reply to a JSON schema (reasoning, then the verdict). Default: on for a local judge, off for a remote one.")] = None,
-    ctx: Annotated[Optional[int], typer.Option("--ctx", help="Context length of local models in tokens (default: the model's, at most 4096).")] = None,
-    threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads of local models (default: all cores).")] = None,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Most tokens per generated answer.")] = 512,
+    ctx: Annotated[Optional[int], typer.Option("--ctx", metavar="N", help="Context length of local models in tokens (default: the model's, at most 4096).")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", metavar="N", help="CPU threads of local models (default: all cores).")] = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", metavar="N", help="Most tokens per generated answer.")] = 512,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """A model judges answers to a questions file: single grades (1-10) or pairwise comparisons."""

@@ -259,28 +259,21 @@ def check_judge(judge) -> None:
         raise LlmdeskError(f"the judge must be a model loaded with llmdesk.load, not {type(judge).__name__}")
 
 
-def _ask(judge, messages: list[dict], response_format: dict, *, constrain: bool | None,
-         say: Say | None) -> tuple[str, bool]:
-    """(the judge's text, whether it was constrained). `constrain` None: a local judge is, a
-    remote one is not."""
-    check_judge(judge)
-    remote = is_remote(judge)
-    if constrain is None:
-        constrain = not remote
-    if constrain and remote and judge in _NO_SCHEMA:
-        constrain = False
+def _ask(judge, messages: list[dict], response_format: dict, *, constrained: bool, say: Say | None) -> str:
+    """The judge's text, held to `response_format` when `constrained` (a remote judge that
+    refuses it is asked again, and from then on, without)."""
     kw = dict(temperature=0, max_tokens=MAX_JUDGE_TOKENS)
-    if constrain:
+    if constrained:
         try:
-            return judge.respond(messages, response_format=response_format, **kw).text, True
+            return judge.respond(messages, response_format=response_format, **kw).text
         except LlmdeskError as e:
-            if not remote or "refused the request" not in str(e):
+            if not is_remote(judge) or "refused the request" not in str(e):
                 raise
             _NO_SCHEMA.add(judge)
             if say:
                 say(f"{judge.name} refused response_format ({e}); reading its verdicts from text instead")
             messages = [*messages[:-1], {**messages[-1], "content": _text_instructions(messages[-1]["content"])}]
-    return judge.respond(messages, **kw).text, False
+    return judge.respond(messages, **kw).text
 
 
 def _text_instructions(content: str) -> str:
@@ -292,8 +285,8 @@ def grade(judge, question: str, answer: str, *, reference: str | None = None,
           say: Say | None = None) -> Grade:
     """The judge's 1-10 grade of `answer` (its reasoning first). Temperature 0."""
     constrained = _will_constrain(judge, constrain)
-    raw, _ = _ask(judge, single_messages(question, answer, reference=reference, history=history,
-                                         constrained=constrained), RATING_FORMAT, constrain=constrain, say=say)
+    messages = single_messages(question, answer, reference=reference, history=history, constrained=constrained)
+    raw = _ask(judge, messages, RATING_FORMAT, constrained=constrained, say=say)
     score = parse_rating(raw)
     return Grade(score=score, reasoning=_reasoning(raw), raw=raw, parsed=score is not None)
 
@@ -304,11 +297,10 @@ def pairwise(judge, question: str, answer_a: str, answer_b: str, *, reference: s
     """Which answer the judge prefers, asked in both orders (A-B, then B-A). Temperature 0."""
     raws = []
     for first, second, h1, h2 in ((answer_a, answer_b, history_a, history_b), (answer_b, answer_a, history_b, history_a)):
-        constrained = _will_constrain(judge, constrain)
-        raw, _ = _ask(judge, pair_messages(question, first, second, reference=reference, history_a=h1,
-                                           history_b=h2, constrained=constrained),
-                      VERDICT_FORMAT, constrain=constrain, say=say)
-        raws.append(raw)
+        constrained = _will_constrain(judge, constrain)  # (a refusal in the first order holds for the second)
+        messages = pair_messages(question, first, second, reference=reference, history_a=h1, history_b=h2,
+                                 constrained=constrained)
+        raws.append(_ask(judge, messages, VERDICT_FORMAT, constrained=constrained, say=say))
     return combine(raws[0], raws[1])
 
 
@@ -332,6 +324,9 @@ def combine(raw_ab: str, raw_ba: str) -> PairVerdict:
 
 
 def _will_constrain(judge, constrain: bool | None) -> bool:
+    """Whether to hold this judge's replies to a schema: `constrain`, or by default a local judge
+    is and a remote one is not; never a remote one that refused it."""
+    check_judge(judge)
     remote = is_remote(judge)
     want = (not remote) if constrain is None else constrain
     return want and not (remote and judge in _NO_SCHEMA)
@@ -457,9 +452,7 @@ def generate_answers(model, questions: list[Question], path: Path, *, max_tokens
     question; answers already there are kept, so a rerun does not answer again."""
     from .. import atomic
 
-    have: dict[str, list[str]] = {}
-    if path.is_file():
-        have = {k: v for k, v in _stored_answers(path).items()}
+    have = _stored_answers(path) if path.is_file() else {}
     name = getattr(model, "name", str(model))
     for q in questions:
         if q.id in have and len(have[q.id]) >= len(q.turns):
