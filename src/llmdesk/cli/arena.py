@@ -163,7 +163,7 @@ def auto(
     if report.failed:
         name, why = next(iter(report.failed.items()))
         more = f" (and {len(report.failed) - 1} more models)" if len(report.failed) > 1 else ""
-        raise LlmdeskError(f"{name} failed{more}: {why}; the {report.votes} new votes are kept and a rerun resumes")
+        raise LlmdeskError(f"{name} failed{more} {why}; the {report.votes} new votes are kept and a rerun resumes")
 
 
 @contextmanager

@@ -404,7 +404,67 @@ def auto(models: list[str], judge: str, questions: str | Path, *, rounds: int | 
     todo = [bt for bt in battles if battle_key(qs[bt[0]], bt[1], bt[2]) not in done]
     report.done_before = len(battles) - len(todo)
 
-    # 1. answers, one model loaded at a time, cached by (model, question text, max_tokens)
+    def load_judge():
+        try:
+            return load(judge_ref, ctx=ctx, threads=threads)
+        except LlmdeskError as e:
+            raise LlmdeskError(f"the judge {judge_ref.name} could not be loaded: {e}") from None
+
+    # a remote judge costs nothing to hold: reach it before the models answer, not after
+    jm = load_judge() if judge_ref.is_remote and todo else None
+    try:
+        answers = _answers(found, qs, todo, report, max_tokens=max_tokens, ctx=ctx, threads=threads,
+                           progress=progress)
+
+        def answer(name: str, q) -> list[str] | None:
+            got = answers.get(name, {}).get(_text_key(*q.turns))
+            return got if got is not None and len(got) >= len(q.turns) else None
+
+        # 2. verdicts: each stored as a vote at once, so a judge that fails mid-run loses nothing done
+        ready = [(qs[i], a, b) for i, a, b in todo if answer(a, qs[i]) is not None and answer(b, qs[i]) is not None]
+        report.unanswered = len(todo) - len(ready)
+        if ready and progress:
+            progress("verdicts", 0, len(ready))
+        if ready and jm is None:
+            jm = load_judge()
+        for i, (q, a, b) in enumerate(ready, 1):
+            ans_a, ans_b = answer(a, q), answer(b, q)
+            last = len(q.turns) - 1  # the judge reads the whole conversation and decides on its last turn
+            try:
+                v = J.pairwise(jm, q.turns[last], ans_a[last], ans_b[last], reference=q.references[last],
+                               history_a=list(zip(q.turns[:last], ans_a[:last])) or None,
+                               history_b=list(zip(q.turns[:last], ans_b[:last])) or None, constrain=constrain,
+                               say=say)
+            except LlmdeskError as e:
+                raise LlmdeskError(f"the judge {judge_ref.name} failed on question {q.id} after {report.votes} "
+                                   f"new votes (kept; a rerun resumes): {e}") from None
+            if v.winner is None:
+                report.malformed += 1
+            else:
+                details = {"battle": battle_key(q, a, b), "question_id": q.id, "consistent": v.consistent,
+                           "verdicts": v.verdicts, "reasoning": v.reasoning[:2000]}
+                if last:
+                    details["turns"] = q.turns
+                record_vote(q.turns[last], a, b, v.winner, answer_a=ans_a[last], answer_b=ans_b[last], source="auto",
+                            judge=judge_ref.name, details=details)
+                report.votes += 1
+                report.outcomes[v.winner] += 1
+            if progress:
+                progress("verdicts", i, len(ready))
+    finally:
+        if jm is not None:
+            jm.close()
+    return report
+
+
+def _answers(found: list, qs: list, todo: list[tuple[int, str, str]], report: AutoReport, *, max_tokens: int,
+             ctx: int | None, threads: int | None, progress: Progress | None) -> dict[str, dict[str, list[str]]]:
+    """Each model's answers to the questions of its battles ({model: {question key: turns}}), one
+    model loaded at a time, cached by (model identity, max_tokens) and the question's text. A model
+    that fails is noted in `report.failed`; what it answered before is still used."""
+    from ..runtime.model import load
+    from . import judge as J
+
     answers: dict[str, dict[str, list[str]]] = {}
     for f in found:
         need = sorted({q for q, a, b in todo if f.name in (a, b)})
@@ -427,31 +487,14 @@ def auto(models: list[str], judge: str, questions: str | Path, *, rounds: int | 
             with load(f, ctx=ctx, threads=threads) as m:
                 answers[f.name] = J.generate_answers(m, asked, cache, max_tokens=max_tokens, progress=tick)
         except LlmdeskError as e:
-            report.failed[f.name] = f"{e} (after {step[0]} of {len(asked)} answers)"
+            report.failed[f.name] = f"after {step[0]} of {len(asked)} answers: {e}"
             # the answers it gave before failing are in the cache: its battles on those are fought
             answers[f.name] = _cached_answers(cache)
         report.answered += sum(q.id in answers[f.name] and q.id not in before for q in asked)
-
-    def answer(name: str, q) -> list[str] | None:
-        got = answers.get(name, {}).get(_text_key(*q.turns))
-        return got if got is not None and len(got) >= len(q.turns) else None
-
-    # 2. verdicts: each stored as a vote at once, so a judge that fails mid-run loses nothing done
-    ready = []
-    for q_i, a, b in todo:
-        q = qs[q_i]
-        if answer(a, q) is None or answer(b, q) is None:
-            report.unanswered += 1
-        else:
-            ready.append((q, a, b))
-    if not ready:
-        return report
+    return answers
     if progress:
         progress("verdicts", 0, len(ready))
-    try:
-        jm = load(judge_ref, ctx=ctx, threads=threads)
-    except LlmdeskError as e:
-        raise LlmdeskError(f"the judge {judge_ref.name} could not be loaded: {e}") from None
+    jm = jm or load_judge()
     with jm:
         for i, (q, a, b) in enumerate(ready, 1):
             ans_a, ans_b = answer(a, q), answer(b, q)
