@@ -303,6 +303,20 @@ def test_remote_judge_read_from_text_by_default(server, files):
     assert not report.constrained and report.scores[0].n + report.scores[0].malformed == 4
 
 
+def test_remote_judge_that_refuses_the_schema_is_read_from_text(server, monkeypatch):
+    # a schema the server refuses (a pattern whose parses explode): the endpoint answers 400, as
+    # one without response_format would, and the judge is asked again for text
+    refused = {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {"rating": {"type": "string", "pattern": "(a+)+"}}}}}
+    monkeypatch.setattr(J, "RATING_FORMAT", refused)
+    notices = []
+    with llmdesk.load(f"openai:{server.url}/v1#{DEMO.name}") as judge:
+        g = J.grade(judge, "Q?", "A.", constrain=True, say=notices.append)
+        J.grade(judge, "Q?", "A.", constrain=True, say=notices.append)  # not offered the schema again
+    assert len(notices) == 1 and "refused response_format" in notices[0] and "reading its verdicts from text" in notices[0]
+    assert not g.raw.lstrip().startswith("{") and g.parsed == (g.score is not None)
+
+
 def test_remote_model_answers(server, tmp_path, files):
     qs = J.read_questions(files[0])
     with llmdesk.load(f"openai:{server.url}/v1#{DEMO.name}") as model:
