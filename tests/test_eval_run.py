@@ -279,6 +279,13 @@ def test_compare_pairs_the_items_of_two_runs(hf, tmp_path):
     png = plot(c, tmp_path / "plots" / "cmp.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in png.parent.iterdir()] == ["cmp.png"]  # no temporary file left
+    # the first model on fewer items: the other is compared on those, from its stored items
+    with exact_model(hf["gguf"]) as m:
+        record(evaluate(m, task, identity=a, limit=10))
+    e = compare([a, b], "hellaswag").entries[1]
+    assert e.n == 10 and e.diff["acc"].paired and e.diff["acc"].n == 10
+    assert e.metrics["acc"].value == pytest.approx(np.mean([rb.items[i]["acc"] for i in range(10)]))
+    record(ra)
     # the per-item results gone: the difference falls back to the unpaired one
     db = connect()
     db.execute("DELETE FROM eval_items WHERE run_key = ?", (rb.run_key,))

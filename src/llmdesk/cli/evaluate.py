@@ -66,6 +66,10 @@ def _say(m: str) -> None:
     err.print(m, markup=False)
 
 
+def _shots(n: int | None) -> str:
+    return "the task's default shots" if n is None else f"{n}-shot"
+
+
 def _stderr(se: float | None) -> str:
     return "n/a" if se is None else f"{se:.4f}"
 
@@ -118,8 +122,7 @@ def run_cmd(
         return
     for name, t in tasks:
         rows = [r for r in done if r.task == t.name]
-        shot_s = "default shots" if shots is None else f"{shots}-shot"
-        out.print(f"{t.name} ({shot_s}, seed {seed})", markup=False)
+        out.print(f"{t.name} ({_shots(rows[0].shots)}, seed {seed})", markup=False)
         table = Table(box=None, pad_edge=False, header_style="bold")
         for col in ("MODEL", "METRIC", "SCORE ± STDERR", "N"):
             table.add_column(col, justify="left" if col in ("MODEL", "METRIC") else "right", overflow="fold")
@@ -147,8 +150,7 @@ def compare_cmd(
     if as_json:
         out.print_json(data=c.to_dict())
         return
-    shot_s = "default shots" if c.shots is None else f"{c.shots}-shot"
-    out.print(f"{c.task} ({shot_s}, seed {c.seed}, task {c.task_sha256[:8]}); differences to {c.entries[0].model}",
+    out.print(f"{c.task} ({_shots(c.shots)}, seed {c.seed}, task {c.task_sha256[:8]}); differences to {c.entries[0].model}",
               markup=False)
     table = Table(box=None, pad_edge=False, header_style="bold")
     for col in ("MODEL", "METRIC", "SCORE ± STDERR", "N", "DIFF ± STDERR", "BEYOND NOISE"):

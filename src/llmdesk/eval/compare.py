@@ -1,11 +1,13 @@
 """Models side by side on one task (`llmdesk eval compare`): each model's latest stored result,
 the difference to the first model and whether it exceeds the noise.
 
-The difference is paired when both runs scored the same items (their per-item results are in
-`eval_items`): the mean of the per-item differences, with standard error std(d) / sqrt(n). Two
-models' errors on the same items are correlated, so this is much tighter than treating the runs
-as independent. Otherwise it is unpaired: se = sqrt(se1^2 + se2^2). A difference is significant
-when |diff| > 1.96 se (a two-sided 95% normal interval that excludes zero).
+The others are compared on the first model's items: when a run scored more (a larger limit),
+its scores are recomputed from its stored per-item results over the first's items. The
+difference is then paired (the per-item results are in `eval_items`): the mean of the per-item
+differences, with standard error std(d) / sqrt(n). Two models' errors on the same items are
+correlated, so this is much tighter than treating the runs as independent. Without per-item
+results it is unpaired: se = sqrt(se1^2 + se2^2). A difference is significant when
+|diff| > 1.96 se (a two-sided 95% normal interval that excludes zero).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import LlmdeskError
-from .harness import Identity, Metric, expand_ranges, stored_items
+from .harness import Identity, Metric, aggregate, expand_ranges, stored_items
 
 Z95 = 1.96
 
@@ -76,7 +78,8 @@ class Comparison:
 
 def compare(models: list[Identity], task: str, *, conn: sqlite3.Connection | None = None) -> Comparison:
     """The latest stored result of each model on `task` (its name, or the spec path it was run
-    with), all with the first model's task file (sha256), shots and seed."""
+    with), all with the first model's task file (sha256), shots and seed; for the others the
+    latest over the same items as the first's, when there is one (then the difference pairs)."""
     from ..store.db import using
 
     if len(models) < 2:
@@ -101,7 +104,12 @@ def compare(models: list[Identity], task: str, *, conn: sqlite3.Connection | Non
         entries = [_entry(r, names) for r in rows]
         base_items = _items(db, rows[0])
         for r, e in zip(rows[1:], entries[1:]):
-            items = _items(db, r)
+            items = _items(db, r, like=base_items)
+            if items is not None and base_items is not None and items.keys() == base_items.keys() \
+                    and e.n != len(items):
+                # its run scored more items than the first's: its scores on the first's items
+                e.metrics = {k: aggregate([v[k] for v in items.values()]) for k in names}
+                e.n = len(items)
             for k in names:
                 e.diff[k] = _difference(entries[0].metrics[k], e.metrics[k], base_items, items, k)
     return Comparison(task=s.get("task", task), task_sha256=s["task_sha256"], shots=s.get("shots"),
@@ -113,14 +121,18 @@ def _latest(db: sqlite3.Connection, model: Identity, task: str, like: dict | Non
 
     found = query("eval", model_sha256=model.sha256, limit=100_000, conn=db) if model.sha256 else \
         query("eval", model=model.name, limit=100_000, conn=db)
+    matching = []
     for r in found:  # newest first
         s = r["settings"]
         if task not in (s.get("task"), s.get("task_ref")):
             continue
         if like is not None and any(s.get(k) != like.get(k) for k in ("task_sha256", "shots", "seed")):
             continue
-        return r
-    return None
+        matching.append(r)
+    if like is not None:  # the newest run over the same items as the first model's, so they pair
+        same = [r for r in matching if r["settings"].get("items") == like.get("items")]
+        matching = same or matching
+    return matching[0] if matching else None
 
 
 def _entry(r: dict, names: list[str]) -> Entry:
@@ -131,13 +143,17 @@ def _entry(r: dict, names: list[str]) -> Entry:
                           for k in names})
 
 
-def _items(db: sqlite3.Connection, r: dict) -> dict[int, dict] | None:
-    """The run's per-item results, when all of its items are still stored."""
+def _items(db: sqlite3.Connection, r: dict, like: dict | None = None) -> dict[int, dict] | None:
+    """The run's per-item results, when all of its items are still stored; with `like`, the
+    results of like's items instead, when its run key holds them all (a run with a larger
+    limit, or the first items of one resumed further)."""
     s = r["settings"]
     if not s.get("run_key") or s.get("items") is None:
         return None
-    wanted = expand_ranges(s["items"])
     have = stored_items(db, s["run_key"])
+    if like is not None and all(i in have for i in like):
+        return {i: have[i] for i in like}
+    wanted = expand_ranges(s["items"])
     if any(i not in have for i in wanted):
         return None
     return {i: have[i] for i in wanted}
@@ -153,8 +169,10 @@ def _difference(a: Metric, b: Metric, items_a: dict | None, items_b: dict | None
 
 
 def plot(c: Comparison, path: str | Path) -> Path:
-    """Bars per metric, one per model, with 95% error bars (1.96 standard errors). PNG, SVG or
-    PDF by the file name; written atomically."""
+    """Left: each model's scores with 95% error bars (1.96 standard errors). Right: each
+    model's difference to the first with its 95% interval (paired where it could be): a
+    difference whose interval misses zero is beyond the noise, even where the scores' own bars
+    overlap. PNG, SVG or PDF by the file name; written atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -168,26 +186,38 @@ def plot(c: Comparison, path: str | Path) -> Path:
     if not path.parent.is_dir():
         raise LlmdeskError(f"--plot: no such folder {path.parent}; create it first")
     n_models, n_metrics = len(c.entries), len(c.metrics)
-    width = 0.8 / n_models
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * n_metrics * max(n_models, 2) / 2), 4.2))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, (ax, dx) = plt.subplots(1, 2, figsize=(11, 4.4), gridspec_kw={"width_ratios": [1.2, 1]})
     x = np.arange(n_metrics)
+    width = 0.8 / n_models
     for j, e in enumerate(c.entries):
-        vals = [e.metrics[k].value for k in c.metrics]
-        errs = [Z95 * (e.metrics[k].stderr or 0.0) for k in c.metrics]
-        bars = ax.bar(x + (j - (n_models - 1) / 2) * width, vals, width, yerr=errs, capsize=4, label=e.model)
-        for k, b in zip(c.metrics, bars):
-            d = e.diff.get(k)
-            if d is not None and d.significant:
-                ax.annotate("*", (b.get_x() + b.get_width() / 2, b.get_height()), textcoords="offset points",
-                            xytext=(0, 8), ha="center")
+        ax.bar(x + (j - (n_models - 1) / 2) * width, [e.metrics[k].value for k in c.metrics], width,
+               yerr=[Z95 * (e.metrics[k].stderr or 0.0) for k in c.metrics], capsize=4, label=e.model,
+               color=colors[j % len(colors)])
     ax.set_xticks(x, c.metrics)
     ax.set_ylabel("score (95% interval)")
     ax.set_ylim(0, max(1.0, ax.get_ylim()[1]))
-    shots = "default shots" if c.shots is None else f"{c.shots}-shot"
-    ax.set_title(f"{c.task} ({shots}, n={c.entries[0].n}); * differs from {c.entries[0].model} beyond the noise",
-                 fontsize=9)
+    ax.set_title("scores", fontsize=10)
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=8)
+    # the differences: one row per (metric, model), the first model's zero line
+    labels, y = [], 0
+    for k in c.metrics:
+        for j, e in enumerate(c.entries[1:], start=1):
+            d = e.diff[k]
+            err = Z95 * d.stderr if d.stderr is not None else 0.0
+            dx.errorbar([d.value], [y], xerr=[err], fmt="o", capsize=4,
+                        color=colors[j % len(colors)], mfc=colors[j % len(colors)] if d.significant else "white")
+            labels.append(f"{k}: {e.model}" + ("" if d.paired else " (unpaired)"))
+            y += 1
+    dx.axvline(0, color="black", lw=1)
+    dx.set_yticks(range(len(labels)), labels, fontsize=8)
+    dx.invert_yaxis()
+    dx.set_xlabel(f"difference to {c.entries[0].model} (95% interval)")
+    dx.set_title("differences (filled: beyond the noise)", fontsize=10)
+    dx.grid(True, axis="x", alpha=0.3)
+    fig.suptitle(f"{c.task} ({'default shots' if c.shots is None else f'{c.shots}-shot'}, "
+                 f"n={c.entries[0].n})", fontsize=11)
     fig.tight_layout()
     with atomic_path(path, suffix=path.suffix) as tmp:
         fig.savefig(tmp, dpi=120)
