@@ -492,32 +492,3 @@ def _answers(found: list, qs: list, todo: list[tuple[int, str, str]], report: Au
             answers[f.name] = _cached_answers(cache)
         report.answered += sum(q.id in answers[f.name] and q.id not in before for q in asked)
     return answers
-    if progress:
-        progress("verdicts", 0, len(ready))
-    jm = jm or load_judge()
-    with jm:
-        for i, (q, a, b) in enumerate(ready, 1):
-            ans_a, ans_b = answer(a, q), answer(b, q)
-            last = len(q.turns) - 1  # the judge reads the whole conversation and decides on its last turn
-            try:
-                v = J.pairwise(jm, q.turns[last], ans_a[last], ans_b[last], reference=q.references[last],
-                               history_a=list(zip(q.turns[:last], ans_a[:last])) or None,
-                               history_b=list(zip(q.turns[:last], ans_b[:last])) or None, constrain=constrain,
-                               say=say)
-            except LlmdeskError as e:
-                raise LlmdeskError(f"the judge {judge_ref.name} failed on question {q.id} after {report.votes} "
-                                   f"new votes (kept; a rerun resumes): {e}") from None
-            if v.winner is None:
-                report.malformed += 1
-            else:
-                details = {"battle": battle_key(q, a, b), "question_id": q.id, "consistent": v.consistent,
-                           "verdicts": v.verdicts, "reasoning": v.reasoning[:2000]}
-                if last:
-                    details["turns"] = q.turns
-                record_vote(q.turns[last], a, b, v.winner, answer_a=ans_a[last], answer_b=ans_b[last], source="auto",
-                            judge=judge_ref.name, details=details)
-                report.votes += 1
-                report.outcomes[v.winner] += 1
-            if progress:
-                progress("verdicts", i, len(ready))
-    return report
