@@ -317,6 +317,17 @@ def test_remote_judge_that_refuses_the_schema_is_read_from_text(server, monkeypa
     assert not g.raw.lstrip().startswith("{") and g.parsed == (g.score is not None)
 
 
+def test_remote_judge_in_parallel(server, files):
+    qs = J.read_questions(files[0])
+    answers = {"other": J.read_answers(files[1], qs), "same": J.read_answers(files[1], qs)}
+    with llmdesk.load(f"openai:{server.url}/v1#{DEMO.name}") as judge:
+        report = J.judge_run(judge, qs, answers, mode="single", run="together", constrain=True, parallel=3)
+    assert report.judged == 8 and [(s.n, s.malformed) for s in report.scores] == [(4, 0), (4, 0)]
+    rows = J.stored("together")
+    assert sorted((r["question_id"], r["model_a"]) for r in rows) == sorted(
+        (k, m) for k in ("1", "2", "2#2", "q3") for m in ("other", "same"))
+
+
 def test_remote_model_answers(server, tmp_path, files):
     qs = J.read_questions(files[0])
     with llmdesk.load(f"openai:{server.url}/v1#{DEMO.name}") as model:
@@ -373,7 +384,8 @@ def cli(*args, home):
 def test_cli_pairwise_generates_answers_and_records(files, user_dir):
     q, other = files
     p = cli("eval", "judge", "--judge", DEMO, "--questions", q, "--models", DEMO, "--answers", f"other={other}",
-            "--mode", "pairwise", "--ctx", CTX, "--threads", 1, "--run", "cli-1", "--json", home=user_dir)
+            "--mode", "pairwise", "--ctx", CTX, "--threads", 1, "--parallel", 2, "--run", "cli-1", "--json",
+            home=user_dir)
     assert p.returncode == 0, p.stderr
     d = json.loads(p.stdout)
     assert d["run"] == "cli-1" and d["mode"] == "pairwise" and d["judge"] == DEMO.name

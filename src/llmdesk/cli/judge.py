@@ -53,6 +53,7 @@ def judge_cmd(
     constrain: Annotated[Optional[bool], typer.Option("--constrain/--no-constrain", help="Hold the judge's reply to a JSON schema (reasoning, then the verdict). Default: on for a local judge, off for a remote one.")] = None,
     ctx: Annotated[Optional[int], typer.Option("--ctx", metavar="N", help="Context length of local models in tokens (default: the model's, at most 4096).")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", metavar="N", help="CPU threads of local models (default: all cores).")] = None,
+    parallel: Annotated[int, typer.Option("--parallel", "-p", metavar="N", help="Verdicts asked for at once (a local judge gets N slots and decodes them together).")] = 1,
     max_tokens: Annotated[int, typer.Option("--max-tokens", metavar="N", help="Most tokens per generated answer.")] = 512,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
@@ -65,7 +66,7 @@ def judge_cmd(
 
     if mode not in ("single", "pairwise"):
         raise LlmdeskError(f"--mode must be single or pairwise, got {mode!r}")
-    for flag, v in (("--ctx", ctx), ("--threads", threads), ("--max-tokens", max_tokens)):
+    for flag, v in (("--ctx", ctx), ("--threads", threads), ("--max-tokens", max_tokens), ("--parallel", parallel)):
         if v is not None and v < 1:
             raise LlmdeskError(f"{flag} must be at least 1, got {v}")
     given = []
@@ -88,7 +89,7 @@ def judge_cmd(
     loaded = []
     try:
         with err.status(f"loading the judge {judge} ...", spinner="dots"):
-            jm = load(judge, ctx=ctx, threads=threads)
+            jm = load(judge, ctx=ctx, threads=threads, slots=parallel)
         loaded.append(jm)
         files: dict[str, str] = {}
         sha: dict[str, str] = {}
@@ -116,8 +117,8 @@ def judge_cmd(
             if not as_json:
                 _say(f"{found.name}'s answers: {paths.display(dest)}")
         with _progress(not as_json, "verdicts") as update:
-            report = J.judge_run(jm, qs, answer_sets, mode=mode, run=run, constrain=constrain, say=_say,
-                                 progress=update)
+            report = J.judge_run(jm, qs, answer_sets, mode=mode, run=run, constrain=constrain, parallel=parallel,
+                                 say=_say, progress=update)
     finally:
         for m in loaded:
             m.close()

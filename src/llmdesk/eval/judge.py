@@ -577,15 +577,19 @@ def _check_run(run: str, judge: str, mode: str, conn) -> list[dict]:
 
 
 def judge_run(judge, questions: list[Question], answers: dict[str, dict[str, list[str]]], *, mode: str = "single",
-              run: str | None = None, constrain: bool | None = None, say: Say | None = None,
+              run: str | None = None, constrain: bool | None = None, parallel: int = 1, say: Say | None = None,
               progress: Callable[[int, int], None] | None = None) -> JudgeReport:
     """Judge `answers` ({model: {question_id: [answer per turn]}}) to `questions`: every model's
     answers graded (mode "single"), or every pair of models compared (mode "pairwise"). Each
-    verdict is stored under `run` as it comes; verdicts already stored under `run` are skipped."""
+    verdict is stored under `run` as it comes; verdicts already stored under `run` are skipped.
+    `parallel`: verdicts asked for at once (a local judge decodes them together when it was
+    loaded with as many slots; a remote one gets as many requests)."""
     from ..store.db import connect
 
     if mode not in ("single", "pairwise"):
         raise LlmdeskError(f"mode must be single or pairwise, got {mode!r}")
+    if parallel < 1:
+        raise LlmdeskError(f"parallel must be at least 1, got {parallel}")
     check_judge(judge)
     models = list(answers)
     if mode == "pairwise" and len(models) < 2:
@@ -601,27 +605,20 @@ def judge_run(judge, questions: list[Question], answers: dict[str, dict[str, lis
                 for a, b in (((m, None) for m in models) if mode == "single" else
                              ((models[i], models[j]) for i in range(len(models)) for j in range(i + 1, len(models))))]
         todo = [j for j in jobs if (_key(j[0].id, j[1]), j[2], j[3]) not in done]
-        stored_now = 0
-        for k, (q, turn, a, b) in enumerate(todo):
-            if progress:
-                progress(k, len(todo))
-            try:
-                _judge_one(judge, run, mode, q, turn, a, b, answers, constrain, say, conn)
-            except LlmdeskError as e:
-                from ..runtime.engine import ContextOverflow
 
-                if isinstance(e, ContextOverflow):
-                    e = LlmdeskError(f"question {q.id} (line {q.line}): the judge's prompt does not fit in "
-                                     f"{judge.name}'s context of {judge.n_ctx} tokens; give the judge a larger "
-                                     "context (--ctx 4096)")
-                kept = len(done) + stored_now
-                if kept:
-                    e = LlmdeskError(f"{e} ({kept} verdicts of run '{run}' are stored; rerun with --run {run} "
-                                     "to continue)")
-                raise e from None
-            stored_now += 1
+        def work(job):
+            return _verdict(judge, run, mode, *job, answers, constrain, say)
+
+        stored_now = 0
         if progress:
-            progress(len(todo), len(todo))
+            progress(0, len(todo))
+        for (q, *_), row, error in _each(work, todo, parallel):
+            if error is not None:
+                raise _stopped(error, judge, q, run, len(done) + stored_now) from None
+            store_verdict(**row, conn=conn)
+            stored_now += 1
+            if progress:
+                progress(stored_now, len(todo))
         report = JudgeReport(run=run, judge=judge.name, mode=mode, questions=len(questions), judged=len(todo),
                              skipped=len(jobs) - len(todo), constrained=constrained)
         summarize(report, stored(run, conn), models)
@@ -630,23 +627,73 @@ def judge_run(judge, questions: list[Question], answers: dict[str, dict[str, lis
     return report
 
 
-def _judge_one(judge, run, mode, q: Question, turn: int, a: str, b: str | None, answers, constrain, say, conn) -> None:
+def _each(work, jobs: list, parallel: int) -> Iterator[tuple[Any, Any, LlmdeskError | None]]:
+    """(job, work(job), None) for every job, or (job, None, error) and no more after a failure;
+    `parallel` jobs at once, in threads (one: in this thread, so Ctrl-C stops it at once)."""
+    if parallel == 1:
+        for job in jobs:
+            try:
+                yield job, work(job), None
+            except LlmdeskError as e:
+                yield job, None, e
+                return
+        return
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    pool = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="llmdesk-judge")
+    try:
+        pending = list(jobs)
+        running: dict = {}
+        while pending or running:
+            while pending and len(running) < parallel:
+                job = pending.pop(0)
+                running[pool.submit(work, job)] = job
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                job = running.pop(fut)
+                e = fut.exception()
+                if e is None:
+                    yield job, fut.result(), None
+                elif isinstance(e, LlmdeskError):
+                    yield job, None, e
+                    return
+                else:
+                    raise e
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # the verdicts in flight finish, unstored
+
+
+def _stopped(e: LlmdeskError, judge, q: Question, run: str, kept: int) -> LlmdeskError:
+    """The one line for a run that stopped: what failed, and what is kept."""
+    from ..runtime.engine import ContextOverflow
+
+    if isinstance(e, ContextOverflow):
+        e = LlmdeskError(f"question {q.id} (line {q.line}): the judge's prompt does not fit in {judge.name}'s "
+                         f"context of {judge.n_ctx} tokens; give the judge a larger context (--ctx 4096)")
+    if kept:
+        e = LlmdeskError(f"{e} ({kept} verdicts of run '{run}' are stored; rerun with --run {run} to continue)")
+    return e
+
+
+def _verdict(judge, run: str, mode: str, q: Question, turn: int, a: str, b: str | None, answers, constrain,
+             say) -> dict[str, Any]:
+    """One verdict, as store_verdict's arguments."""
     i = turn - 1
     question, reference = q.turns[i], q.references[i]
     history = lambda m: [(q.turns[j], answers[m][q.id][j]) for j in range(i)]  # noqa: E731
+    row = dict(run=run, kind=mode, judge=judge.name, question_id=_key(q.id, turn), question=question, model_a=a,
+               answer_a=answers[a][q.id][i])
     details: dict[str, Any] = {"turn": turn, "question_id": q.id, "reference": reference}
     if mode == "single":
         g = grade(judge, question, answers[a][q.id][i], reference=reference, history=history(a),
                   constrain=constrain, say=say)
-        store_verdict(run, "single", judge.name, _key(q.id, turn), question, a, answers[a][q.id][i], g.raw,
-                      g.parsed, score=g.score, details={**details, "reasoning": g.reasoning}, conn=conn)
-        return
+        return {**row, "raw": g.raw, "parsed": g.parsed, "score": g.score,
+                "details": {**details, "reasoning": g.reasoning}}
     v = pairwise(judge, question, answers[a][q.id][i], answers[b][q.id][i], reference=reference,
                  history_a=history(a), history_b=history(b), constrain=constrain, say=say)
-    store_verdict(run, "pairwise", judge.name, _key(q.id, turn), question, a, answers[a][q.id][i], json.dumps(v.raw),
-                  v.parsed, model_b=b, answer_b=answers[b][q.id][i], winner=v.winner,
-                  details={**details, "consistent": v.consistent, "verdicts": v.verdicts, "reasoning": v.reasoning},
-                  conn=conn)
+    return {**row, "raw": json.dumps(v.raw), "parsed": v.parsed, "model_b": b, "answer_b": answers[b][q.id][i],
+            "winner": v.winner,
+            "details": {**details, "consistent": v.consistent, "verdicts": v.verdicts, "reasoning": v.reasoning}}
 
 
 def summarize(report: JudgeReport, rows: list[dict], models: list[str]) -> JudgeReport:
