@@ -338,3 +338,23 @@ def test_models_that_never_met_are_said_to_be_apart():
     assert arena.groups(arena.votes()) == [["x", "y", "z"], ["p", "q"]]
     rc, out, err = run_cli("arena", "leaderboard", "--bootstrap", "10")
     assert rc == 0 and "note: these models never met" in err and "x, y, z | p, q" in err
+
+
+def test_the_docs_show_the_commands_as_they_are():
+    """docs/arena.md's synopsis names every arena command, and only options each one has."""
+    import re
+    from pathlib import Path
+
+    import typer
+
+    from llmdesk.cli.arena import arena_app
+
+    group = typer.main.get_group(arena_app)
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "arena.md").read_text(encoding="utf-8")
+    synopsis = [line for line in doc.split("```")[1].splitlines() if line.startswith("llmdesk arena ")]
+    assert sorted(line.split()[2] for line in synopsis) == sorted(group.commands)
+    for line in synopsis:
+        command = group.commands[line.split()[2]]
+        options = {o for p in command.params for o in (*p.opts, *p.secondary_opts)}
+        for opt in re.findall(r"(?<![\w-])(--?[a-z][\w-]*)", line):
+            assert opt in options, f"docs/arena.md shows {opt} for 'arena {command.name}', which has no such option"
