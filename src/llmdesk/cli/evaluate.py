@@ -66,8 +66,11 @@ def _say(m: str) -> None:
     err.print(m, markup=False)
 
 
-def _shots(n: int | None) -> str:
-    return "the task's default shots" if n is None else f"{n}-shot"
+def _shots(n: int | None, seed: int | None) -> str:
+    """How the few-shot examples were chosen: "5-shot, seed 1234", "0-shot"."""
+    if n == 0:
+        return "0-shot"
+    return ("the task's default shots" if n is None else f"{n}-shot") + f", seed {seed}"
 
 
 def _stderr(se: float | None) -> str:
@@ -122,10 +125,11 @@ def run_cmd(
         return
     for name, t in tasks:
         rows = [r for r in done if r.task == t.name]
-        out.print(f"{t.name} ({_shots(rows[0].shots)}, seed {seed})", markup=False)
+        out.print(f"{t.name} ({_shots(rows[0].shots, seed)})", markup=False)
         table = Table(box=None, pad_edge=False, header_style="bold")
         for col in ("MODEL", "METRIC", "SCORE ± STDERR", "N"):
-            table.add_column(col, justify="left" if col in ("MODEL", "METRIC") else "right", overflow="fold")
+            table.add_column(col, justify="left" if col in ("MODEL", "METRIC") else "right", overflow="fold",
+                             no_wrap=col != "MODEL")
         for r in rows:
             for k, m in r.metrics.items():
                 table.add_row(r.model, k, f"{m.value:.4f} ± {_stderr(m.stderr)}", str(r.n))
@@ -150,12 +154,12 @@ def compare_cmd(
     if as_json:
         out.print_json(data=c.to_dict())
         return
-    out.print(f"{c.task} ({_shots(c.shots)}, seed {c.seed}, task {c.task_sha256[:8]}); differences to {c.entries[0].model}",
+    out.print(f"{c.task} ({_shots(c.shots, c.seed)}, task {c.task_sha256[:8]}); differences to {c.entries[0].model}",
               markup=False)
     table = Table(box=None, pad_edge=False, header_style="bold")
     for col in ("MODEL", "METRIC", "SCORE ± STDERR", "N", "DIFF ± STDERR", "BEYOND NOISE"):
         table.add_column(col, justify="right" if col in ("N", "SCORE ± STDERR", "DIFF ± STDERR") else "left",
-                         overflow="fold")
+                         overflow="fold", no_wrap=col != "MODEL")
     for e in c.entries:
         for k in c.metrics:
             m, d = e.metrics[k], e.diff.get(k)

@@ -94,11 +94,14 @@ def compare(models: list[Identity], task: str, *, conn: sqlite3.Connection | Non
         for m in models[1:]:
             r = _latest(db, m, task, s)
             if r is None:
-                shots = "" if s.get("shots") is None else f" --shots {s['shots']}"
+                how = "" if s.get("shots") is None else f" --shots {s['shots']}"
+                what = f"shots {s.get('shots', 'default')}"
+                if s.get("shots") != 0:  # the seed draws the few-shot examples
+                    how += f" --seed {s.get('seed')}"
+                    what += f", seed {s.get('seed')}"
                 raise LlmdeskError(
                     f"no stored result of {m.name} on task '{task}' with the same task file and settings as "
-                    f"{models[0].name}'s (shots {s.get('shots', 'default')}, seed {s.get('seed')}); run "
-                    f"'llmdesk eval run {m.name} --task {task}{shots} --seed {s.get('seed')}' first")
+                    f"{models[0].name}'s ({what}); run 'llmdesk eval run {m.name} --task {task}{how}' first")
             rows.append(r)
         names = [k for k in rows[0]["metrics"] if f"{k}_stderr" in rows[0]["metrics"]]
         entries = [_entry(r, names) for r in rows]
@@ -126,7 +129,8 @@ def _latest(db: sqlite3.Connection, model: Identity, task: str, like: dict | Non
         s = r["settings"]
         if task not in (s.get("task"), s.get("task_ref")):
             continue
-        if like is not None and any(s.get(k) != like.get(k) for k in ("task_sha256", "shots", "seed")):
+        keys = ("task_sha256", "shots") + (("seed",) if like is not None and like.get("shots") != 0 else ())
+        if like is not None and any(s.get(k) != like.get(k) for k in keys):
             continue
         matching.append(r)
     if like is not None:  # the newest run over the same items as the first model's, so they pair

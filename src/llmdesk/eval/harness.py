@@ -19,8 +19,9 @@ last one ends, so the slots never drain between them. Generation keeps one strea
 
 Resumable: each item's result goes into the `eval_items` table as soon as its chunk is done (one
 transaction per chunk), under a run key that hashes what changes the scores: the model's sha256
-(a remote model's name), the task's sha256, the number of shots and the seed. The limit is not
-in it, so a larger limit reuses the first items. A rerun after a crash, Ctrl-C or a failing
+(a remote model's name), the task's sha256, the number of shots and the seed (which draws the
+few-shot examples: not with 0 shots). The limit is not in it, so a larger limit reuses the
+first items. A rerun after a crash, Ctrl-C or a failing
 endpoint scores only the items not stored yet; `fresh=True` forgets them first.
 """
 
@@ -136,7 +137,7 @@ def aggregate(values: Sequence[float]) -> Metric:
 # the run key and the stored items
 
 
-def run_key(model_id: str, task_sha256: str, *, shots: int | None, seed: int) -> str:
+def run_key(model_id: str, task_sha256: str, *, shots: int | None, seed: int | None) -> str:
     """What the per-item results of a run are stored under: everything that changes a score."""
     key = json.dumps({"v": RUN_KEY_VERSION, "model": model_id, "task": task_sha256, "shots": shots, "seed": seed},
                      sort_keys=True)
@@ -247,7 +248,8 @@ def evaluate(model, task, *, limit: int | None = None, shots: int | None = None,
     items = task.items(limit=limit, shots=shots, seed=seed)
     if not items:
         raise LlmdeskError(f"task '{task.name}' has no items to evaluate")
-    key = run_key(identity.key, task.sha256, shots=shots, seed=seed)
+    # the seed draws the few-shot examples: without any, it changes nothing
+    key = run_key(identity.key, task.sha256, shots=shots, seed=seed if shots != 0 else None)
     with using(conn) as db:
         if fresh:
             from ..store.db import transaction
