@@ -94,6 +94,8 @@ def create_app(config: ServeConfig) -> FastAPI:
 
     app.include_router(openai.router)
     app.include_router(ollama.router)
+    from . import arena  # the web chat's Arena mode: battles between two anonymous models
+    app.include_router(arena.router)
     # same routes without the /v1 prefix, as llama.cpp's server and vLLM also answer them
     for path, endpoint in (("/chat/completions", openai.chat_completions), ("/completions", openai.completions),
                            ("/embeddings", openai.embeddings)):

@@ -50,6 +50,21 @@
     return Number.isFinite(n) ? n : undefined;
   }
 
+  // the settings panel, as request fields: the chat and the Arena send the same ones
+  function samplingOptions() {
+    const out = {};
+    const t = number(els.temperature, parseFloat); if (t !== undefined) out.temperature = t;
+    const p = number(els.top_p, parseFloat); if (p !== undefined) out.top_p = p;
+    const k = number(els.top_k, (v) => parseInt(v, 10)); if (k !== undefined) out.top_k = k;
+    const mt = number(els.max_tokens, (v) => parseInt(v, 10)); if (mt !== undefined) out.max_tokens = mt;
+    const seed = number(els.seed, (v) => parseInt(v, 10)); if (seed !== undefined) out.seed = seed;
+    return out;
+  }
+  function withSystem(messages) {
+    const system = els.system.value.trim();
+    return (system ? [{ role: "system", content: system }] : []).concat(messages);
+  }
+
   // -- the server ---------------------------------------------------------------------------
   function headers() {
     const h = { "Content-Type": "application/json" };
@@ -86,6 +101,12 @@
     }
     if (wanted && [...els.model.options].some((o) => o.value === wanted)) els.model.value = wanted;
     setStatus(els.model.options.length ? "" : "this server has no models", !els.model.options.length);
+  }
+
+  // the one line of an error answer: OpenAI's {"error": {"message"}} or {"error": "..."}
+  async function errorText(resp) {
+    const err = await resp.json().catch(() => null);
+    return (err && err.error && (err.error.message || err.error)) || `the server answered ${resp.status}`;
   }
 
   // server-sent events from a fetch response: yields each `data:` payload parsed as JSON
@@ -265,21 +286,16 @@
     fillBubble(bubble, answer, true);
 
     const history = current.messages.slice(0, -1).filter((m) => !m.error).map((m) => ({ role: m.role, content: m.content }));
-    const system = els.system.value.trim();
     const body = {
       model: current.model,
-      messages: (system ? [{ role: "system", content: system }] : []).concat(history),
+      messages: withSystem(history),
       stream: true,
       stream_options: { include_usage: true },
       // a long conversation drops its oldest turns to fit the model's context: asked for
       // explicitly, and shown under the answer
       truncate: true,
+      ...samplingOptions(),
     };
-    const t = number(els.temperature, parseFloat); if (t !== undefined) body.temperature = t;
-    const p = number(els.top_p, parseFloat); if (p !== undefined) body.top_p = p;
-    const k = number(els.top_k, (v) => parseInt(v, 10)); if (k !== undefined) body.top_k = k;
-    const mt = number(els.max_tokens, (v) => parseInt(v, 10)); if (mt !== undefined) body.max_tokens = mt;
-    const seed = number(els.seed, (v) => parseInt(v, 10)); if (seed !== undefined) body.seed = seed;
 
     controller = new AbortController();
     busy(true);
@@ -298,10 +314,7 @@
       const resp = await fetch("/v1/chat/completions", { method: "POST", headers: headers(), body: JSON.stringify(body),
                                                           signal: controller.signal });
       if (resp.status === 401) { askKey(); throw new Error("an API key is needed"); }
-      if (!resp.ok) {
-        const err = await resp.json().catch(() => null);
-        throw new Error((err && err.error && (err.error.message || err.error)) || `the server answered ${resp.status}`);
-      }
+      if (!resp.ok) throw new Error(await errorText(resp));
       for await (const chunk of events(resp)) {
         if (chunk.error) throw new Error(chunk.error.message || "generation failed");
         if (chunk.usage) usage = chunk.usage;
@@ -342,24 +355,29 @@
   }
 
   // -- wiring -------------------------------------------------------------------------------
-  els.form.addEventListener("submit", (ev) => {
-    ev.preventDefault();
-    const text = els.input.value.trim();
-    if (!text || controller) return;
-    els.input.value = "";
-    els.input.style.height = "";
-    send(text);
-  });
-  els.input.addEventListener("keydown", (ev) => {
-    if (ev.key === "Enter" && !ev.shiftKey && !ev.isComposing) {
+  // a prompt box: Enter sends (Shift+Enter starts a line), it grows with its text, and
+  // `onText(text)` gets what was typed unless `isBusy()` (the chat's and the Arena's)
+  function promptBox(form, input, onText, isBusy) {
+    form.addEventListener("submit", (ev) => {
       ev.preventDefault();
-      els.form.requestSubmit();
-    }
-  });
-  els.input.addEventListener("input", () => {
-    els.input.style.height = "auto";
-    els.input.style.height = Math.min(els.input.scrollHeight, window.innerHeight * 0.4) + "px";
-  });
+      const text = input.value.trim();
+      if (!text || isBusy()) return;
+      input.value = "";
+      input.style.height = "";
+      onText(text);
+    });
+    input.addEventListener("keydown", (ev) => {
+      if (ev.key === "Enter" && !ev.shiftKey && !ev.isComposing) {
+        ev.preventDefault();
+        form.requestSubmit();
+      }
+    });
+    input.addEventListener("input", () => {
+      input.style.height = "auto";
+      input.style.height = Math.min(input.scrollHeight, window.innerHeight * 0.4) + "px";
+    });
+  }
+  promptBox(els.form, els.input, send, () => controller !== null);
   els.stop.addEventListener("click", () => { if (controller) controller.abort(); });
   els.newChat.addEventListener("click", () => { if (!controller) newConversation(); });
   els.toggleSettings.addEventListener("click", () => {
@@ -388,6 +406,10 @@
     loadModels();
   });
   els.keyInput.addEventListener("keydown", (ev) => { if (ev.key === "Enter") els.keySave.click(); });
+
+  // for arena.js, the Arena mode, which talks to the same server with the same settings
+  window.llmdeskChat = { headers, events, errorText, setStatus, askKey, describe, copyText, samplingOptions, withSystem,
+                        promptBox };
 
   loadSettings();
   renderAll();
