@@ -296,7 +296,8 @@ def pairwise(judge, question: str, answer_a: str, answer_b: str, *, reference: s
              constrain: bool | None = None, say: Say | None = None) -> PairVerdict:
     """Which answer the judge prefers, asked in both orders (A-B, then B-A). Temperature 0."""
     raws = []
-    for first, second, h1, h2 in ((answer_a, answer_b, history_a, history_b), (answer_b, answer_a, history_b, history_a)):
+    orders = ((answer_a, answer_b, history_a, history_b), (answer_b, answer_a, history_b, history_a))
+    for first, second, h1, h2 in orders:
         constrained = _will_constrain(judge, constrain)  # (a refusal in the first order holds for the second)
         messages = pair_messages(question, first, second, reference=reference, history_a=h1, history_b=h2,
                                  constrained=constrained)
@@ -318,7 +319,7 @@ def combine(raw_ab: str, raw_ba: str) -> PairVerdict:
     parsed = None not in verdicts
     consistent = parsed and verdicts[0] == verdicts[1]
     winner = (verdicts[0] if consistent else "tie") if parsed else None
-    reasoning = "\n\n".join(f"({order}) {_reasoning(r)}" for order, r in zip(("A-B order", "B-A order"), (raw_ab, raw_ba)))
+    reasoning = f"(A-B order) {_reasoning(raw_ab)}\n\n(B-A order) {_reasoning(raw_ba)}"
     return PairVerdict(winner=winner, consistent=consistent, raw=[raw_ab, raw_ba], parsed=parsed, reasoning=reasoning,
                        verdicts=verdicts)
 
@@ -426,7 +427,8 @@ def read_answers(path: str | Path, questions: list[Question]) -> dict[str, list[
             try:
                 value = row["choices"][0]["turns"]
             except (TypeError, KeyError, IndexError):
-                raise LlmdeskError(f"{path}:{n}: 'choices' must be [{{\"turns\": [...]}}] (MT-Bench's layout)") from None
+                raise LlmdeskError(f"{path}:{n}: 'choices' must be [{{\"turns\": [...]}}] (MT-Bench's "
+                                   "layout)") from None
         else:
             value = row.get("turns", row.get("answer"))
         if value is None:
@@ -468,8 +470,8 @@ def generate_answers(model, questions: list[Question], path: Path, *, max_tokens
             turns.append(reply.text)
         have[q.id] = turns
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic.write_text(path, "".join(json.dumps({"question_id": k, "model_id": name, "choices": [{"index": 0, "turns": v}]},
-                                                   ensure_ascii=False) + "\n" for k, v in have.items()))
+        rows = ({"question_id": k, "model_id": name, "choices": [{"index": 0, "turns": v}]} for k, v in have.items())
+        atomic.write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         if progress:
             progress()
     return have
