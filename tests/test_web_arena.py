@@ -195,10 +195,21 @@ def test_a_busy_model_is_named_by_its_side_only(contenders):
         c.assert_no_names()
 
 
-def test_a_server_of_one_model_has_no_arena(tiny_gguf):
+def test_a_server_of_one_model_has_no_arena(tiny_gguf, browser):
     with running(tiny_gguf) as s:
         r = httpx.post(s.url + "/api/arena/battles", json={"prompt": "hi"})
         assert "two models" in one_line_error(r, 400)
+        # the page says so, in that line
+        page = browser.new_page()
+        page.goto(s.url + "/#arena")
+        expect = sync_api.expect
+        expect(page.locator("#arena")).to_be_visible()
+        page.fill("#arena-input", "hi")
+        page.press("#arena-input", "Enter")
+        expect(page.locator("#arena-result")).to_contain_text("The battle could not start: an arena battle needs two models")
+        expect(page.locator("#arena-panes")).to_be_hidden()
+        expect(page.locator("#arena-send")).to_be_visible()
+        page.close()
 
 
 # ---------------------------------------------------------------------------------------------

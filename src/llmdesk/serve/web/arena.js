@@ -180,7 +180,7 @@
       }
       for (const b of voteButtons()) b.setAttribute("aria-pressed", String(b.dataset.winner === winner));
       els.result.textContent = `You voted “${LABELS[winner]}”: model A was ${names.a}, model B was ${names.b}. ` +
-                               "Votes add up in `llmdesk arena leaderboard`.";
+                               "The votes add up in “llmdesk arena leaderboard”.";
       els.newBattle.hidden = false;
       els.newBattle.focus();
     } catch (e) {
