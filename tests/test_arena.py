@@ -265,19 +265,31 @@ def test_arena_auto_end_to_end_with_the_demo_model(tmp_path, tiny_gguf):
     assert len(arena.votes()) == report["votes"] + again.votes
 
 
-def test_arena_auto_two_names_of_one_model_and_the_leaderboard(tmp_path):
-    # the same file under another name: the answers come from the cache (same bytes, same answers)
+def test_arena_auto_two_names_of_one_model_on_a_two_turn_question(tmp_path):
+    # the same file under another name: the answers come from the cache (same bytes, same answers);
+    # a question of two turns (MT-Bench's layout) is one battle over the whole conversation
     twin = tmp_path / "demo-twin.gguf"
     shutil.copyfile(DEMO, twin)
-    questions = write_questions(tmp_path / "q.jsonl")
-    report = arena.auto([str(DEMO), str(twin)], str(DEMO), questions, ctx=2048, max_tokens=48, rounds=1, seed=3)
-    assert (report.battles, report.answered, report.cached) == (1, 1, 1)
-    assert report.votes + report.malformed == 1
-    if report.votes:
-        [v] = arena.votes(source="auto")
-        assert v["answer_a"] == v["answer_b"]  # one model, two names
-        rc, out, err = run_cli("arena", "leaderboard", "--source", "auto", "--json")
-        assert rc == 0 and {m["model"] for m in json.loads(out)["models"]} == {DEMO.name, twin.name}
+    turns = ["What does llmdesk quantize do?", "And how do I list my models?"]
+    questions = write_questions(tmp_path / "q.jsonl", [{"question_id": 7, "turns": turns}])
+    report = arena.auto([str(DEMO), str(twin)], str(DEMO), questions, ctx=2048, max_tokens=48)
+    assert (report.battles, report.answered, report.cached, report.votes) == (1, 1, 1, 1)
+    [v] = arena.votes(source="auto")
+    assert v["prompt"] == turns[1] and v["details"]["turns"] == turns and v["details"]["question_id"] == "7"
+    assert v["answer_a"] == v["answer_b"]  # one model, two names
+    rc, out, err = run_cli("arena", "leaderboard", "--source", "auto", "--json")
+    assert rc == 0 and {m["model"] for m in json.loads(out)["models"]} == {DEMO.name, twin.name}
+
+
+def test_battles_are_every_pair_on_every_question_or_a_seeded_draw():
+    every = arena.plan_battles(3, ["x", "y", "z"])
+    assert len(every) == 9 and {(q, frozenset((a, b))) for q, a, b in every} == {
+        (q, frozenset(p)) for q in range(3) for p in (("x", "y"), ("x", "z"), ("y", "z"))}
+    assert {a for _, a, _ in every} == {"x", "y", "z"}  # sides are drawn, not always the first-named
+    some = arena.plan_battles(3, ["x", "y", "z"], rounds=4, seed=1)
+    assert len(some) == 4 and len({(q, frozenset((a, b))) for q, a, b in some}) == 4  # no repeats
+    assert some == arena.plan_battles(3, ["x", "y", "z"], rounds=4, seed=1)
+    assert len(arena.plan_battles(3, ["x", "y", "z"], rounds=50)) == 9  # no more than there are
 
 
 def test_a_model_that_fails_mid_run_keeps_what_was_done(tmp_path):
