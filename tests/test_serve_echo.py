@@ -244,3 +244,27 @@ def test_remote_score_equals_local_score(server, local):
             assert close(g.logprobs, w.logprobs) and g.greedy == w.greedy
         lp, greedy = remote.loglikelihood(*pairs[0])
         assert math.isclose(lp, local.loglikelihood(*pairs[0])[0], abs_tol=TOL)
+
+
+def test_one_token_generated_by_sampling_or_greedily(client, local):
+    """lm-eval's request (greedy, one token) takes the token from the scores; anything else
+    (a stop string, sampling, streaming) generates it: the same token and numbers when greedy."""
+    ids = local.tokenize(TEXT)
+    kw = dict(model="tiny.gguf", prompt=ids, echo=True, logprobs=2, max_tokens=1, temperature=0)
+    from_scores = client.completions.create(**kw).choices[0]
+    generated = client.completions.create(**kw, stop=["never in this text"]).choices[0]
+    assert from_scores.text == generated.text and from_scores.logprobs.tokens == generated.logprobs.tokens
+    assert close(from_scores.logprobs.token_logprobs[1:], generated.logprobs.token_logprobs[1:])
+    assert from_scores.logprobs.text_offset == generated.logprobs.text_offset
+    assert set(from_scores.logprobs.top_logprobs[-1]) == set(generated.logprobs.top_logprobs[-1])
+    streamed = [c.choices[0] for c in client.completions.create(**kw, stream=True) if c.choices]
+    assert "".join(c.text for c in streamed) == from_scores.text
+    # sampled (temperature, top-k, min-p): the token drawn, reported with its log-probability there
+    after = direct_logprobs(local, ids)[-1]
+    for seed in range(3):
+        c = client.completions.create(**{**kw, "temperature": 1.5, "seed": seed}).choices[0]
+        token = c.logprobs.tokens[-1]
+        drawn = [t for t in range(local.llama.n_vocab)
+                 if local.llama.piece(t, special=True).decode("utf-8", "replace") == token]
+        assert any(abs(after[t] - c.logprobs.token_logprobs[-1]) <= TOL for t in drawn)
+        assert len(c.logprobs.tokens) == len(ids) + 1 and c.logprobs.text_offset[-1] == len(local.detokenize(ids))

@@ -470,8 +470,10 @@ class _ScoredPrompt:
     tokens: list[int]  # what the model reads: the client's tokens, after a BOS the model's rule added
     lead: int  # 1 when that BOS was added (it is not reported), else 0
     echo: str  # the text echoed: the prompt, or the token ids as text (special tokens written out)
-    logprobs: dict | None = None  # the legacy shape over tokens[lead:]
+    logprobs: dict | None = None  # the legacy shape over tokens[lead:] (and the greedy next token)
     n_cached: int = 0
+    next_text: str = ""  # the greedy next token's text, when it was taken from the scores
+    next_eog: bool = False  # that token ends the text
 
 
 def _scored_prompt(model, i: int, prompt, room: int) -> _ScoredPrompt:
@@ -489,11 +491,12 @@ def _scored_prompt(model, i: int, prompt, room: int) -> _ScoredPrompt:
     return _ScoredPrompt(tokens, lead, echo)
 
 
-def _prompt_logprobs(model, p: _ScoredPrompt, r) -> dict:
-    """The legacy logprobs object of a scored prompt (`r`: its ScoreResult, None for one token)."""
+def _prompt_logprobs(model, p: _ScoredPrompt, values: list[float], tops: list | None, n_top: int) -> dict:
+    """The legacy logprobs object of a scored prompt: `values[i]` (and `tops[i]`, the most likely
+    tokens there) for p.tokens[i + 1]."""
     shown = p.tokens[p.lead:]
-    values: list = ([None] if p.lead == 0 else []) + (r.logprobs if r is not None else [])
-    tops: list = ([None] if p.lead == 0 else []) + ((r.top or [None] * len(r.tokens)) if r is not None else [])
+    values = ([None] if p.lead == 0 else []) + list(values)
+    tops = ([None] if p.lead == 0 else []) + (list(tops) if tops is not None else [None] * (len(values) - 1 + p.lead))
     pieces = [model.llama.piece(t, special=True) for t in shown]
     offsets = _offsets(pieces)
     written = b"".join(pieces).decode("utf-8", "replace")
@@ -501,23 +504,30 @@ def _prompt_logprobs(model, p: _ScoredPrompt, r) -> dict:
         offsets = [max(0, o - 1) for o in offsets]  # a SentencePiece space prefix the text does not have
     return {"tokens": [x.decode("utf-8", "replace") for x in pieces],
             "token_logprobs": values,
-            "top_logprobs": [None if v is None else _top(model, t, v, top) for t, v, top in zip(shown, values, tops)],
+            "top_logprobs": [None if v is None else _top(model, t, v, (top or [])[:n_top])
+                             for t, v, top in zip(shown, values, tops)],
             "text_offset": offsets}
 
 
-async def _score_prompts(lease, prompts: list, body: CompletionRequest, st) -> list[_ScoredPrompt]:
+async def _score_prompts(lease, prompts: list, body: CompletionRequest, st, *, next_token: bool = False
+                         ) -> list[_ScoredPrompt]:
     """Every prompt's log-probabilities, in one Engine job: the prompts are batched over the slots
-    and share llama_decode calls with the other requests (docs/scoring.md)."""
+    and share llama_decode calls with the other requests (docs/scoring.md). `next_token`: also
+    the most likely token after each prompt (greedy decoding's one token), from the same job: a
+    placeholder token after the prompt makes the Engine compute the logits after its last token
+    (the last continuation token is never fed, so the placeholder costs nothing)."""
     model = lease.model
     room = 1 if body.max_tokens else 0
     scored = await off_loop(lambda: [_scored_prompt(model, i, p, room) for i, p in enumerate(prompts)])
-    todo = [p for p in scored if len(p.tokens) >= 2]
+    extra = [0] if next_token else []
+    todo = [p for p in scored if len(p.tokens) + len(extra) >= 2]
+    top_k = max(body.logprobs, 1) if next_token else body.logprobs
     results = []
     if todo:
         gate = admit(lease, 1, st.metrics)
         t0 = time.perf_counter()
         try:
-            job = model.engine.score([ScoreRequest(p.tokens[:1], p.tokens[1:], top_k=body.logprobs) for p in todo],
+            job = model.engine.score([ScoreRequest(p.tokens[:1], p.tokens[1:] + extra, top_k=top_k) for p in todo],
                                      time_limit=st.config.request_timeout)
             results = await engine_job(job)
         finally:
@@ -527,7 +537,18 @@ async def _score_prompts(lease, prompts: list, body: CompletionRequest, st) -> l
     def describe() -> None:
         for p in scored:
             r = by_prompt.get(id(p))
-            p.logprobs = _prompt_logprobs(model, p, r)
+            values, tops = (r.logprobs, r.top) if r is not None else ([], None)
+            if next_token:  # the placeholder's position: the greedy token and its neighbours
+                token, logprob = r.top[-1][0]
+                values, tops = values[:-1], tops[:-1]
+                p.next_text = model.llama.piece(token).decode("utf-8", "replace")
+                p.next_eog = model.llama.is_eog(token)
+            p.logprobs = _prompt_logprobs(model, p, values, tops, body.logprobs)
+            if next_token:
+                after = {"tokens": [_piece_text(model, token)], "token_logprobs": [logprob],
+                         "top_logprobs": [_top(model, token, logprob, r.top[-1][: body.logprobs])],
+                         "text_offset": [len(p.echo)]}
+                p.logprobs = _joined(p.logprobs, after)
             p.n_cached = r.n_cached if r is not None else 0
 
     await off_loop(describe)
@@ -557,14 +578,18 @@ async def _scored_completions(body: CompletionRequest, request: Request, prompts
     lease = await st.models.acquire(body.model)
     try:
         lm, model = lease.loaded, lease.model
-        scored = await _score_prompts(lease, prompts, body, st)
+        # lm-eval's request (one greedy token after each prompt, no stop, penalty or grammar):
+        # that token is the most likely one after the prompt, taken from the same scoring job
+        greedy_one = (body.max_tokens == 1 and not body.stream and sampling.temperature <= 0 and grammar is None
+                      and not stop and not sampling.has_penalties)
+        scored = await _score_prompts(lease, prompts, body, st, next_token=greedy_one)
         n_prompt = sum(len(p.tokens) for p in scored)
         cached = sum(p.n_cached for p in scored)
         note(request, model=lm.name, prompt=n_prompt, cached=cached)
         base = {"id": _id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": lm.name,
                 "system_fingerprint": FINGERPRINT}
         gens = None
-        if body.max_tokens:
+        if body.max_tokens and not greedy_one:
             left = st.config.request_timeout
             if left is not None:
                 left = max(1e-3, left - (time.monotonic() - t_start))
@@ -588,8 +613,8 @@ async def _scored_completions(body: CompletionRequest, request: Request, prompts
                                  media_type="text/event-stream", headers=STREAM_HEADERS)
     try:
         if gens is None:
-            choices = [{"index": i, "text": p.echo, "logprobs": p.logprobs, "finish_reason": "length"}
-                       for i, p in enumerate(echoes)]
+            choices = [{"index": i, "text": p.echo + p.next_text, "logprobs": p.logprobs,
+                        "finish_reason": "stop" if p.next_eog else "length"} for i, p in enumerate(echoes)]
             results = []
         else:
             events = await collect(request, gens)
@@ -604,7 +629,10 @@ async def _scored_completions(body: CompletionRequest, request: Request, prompts
             note(request, gen=sum(r.n_gen for r in results))
             record(request, lease.loaded.name, prompts[0] if isinstance(prompts[0], str) else "(token ids)", None,
                    results)
-        return JSONResponse({**base, "choices": choices, "usage": _usage(results, n_prompt, cached)})
+        usage = _usage(results, n_prompt, cached)
+        if greedy_one:
+            usage.update(completion_tokens=len(echoes), total_tokens=n_prompt + len(echoes))
+        return JSONResponse({**base, "choices": choices, "usage": usage})
     except ClientGone:
         return Response(status_code=499)
     finally:
