@@ -36,6 +36,77 @@ def _votes(source: str | None) -> list[dict]:
     return rows
 
 
+@arena_app.command("auto")
+def auto(
+    models: Annotated[list[str], typer.Argument(help="Two or more models: .gguf paths, NAME[:TAG] or openai:URL#MODEL.")],
+    judge: Annotated[str, typer.Option("--judge", help="The model that decides each battle (local or openai:URL#MODEL).")],
+    questions: Annotated[Path, typer.Option("--questions", help="JSONL questions: MT-Bench's layout (question_id, turns) or id/question.")],
+    rounds: Annotated[Optional[int], typer.Option("--rounds", min=1, help="Fight this many random battles (question, pair) instead of every pair on every question.")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the random battles and sides.")] = 0,
+    max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", min=1, help="Longest answer, in tokens (default 512).")] = None,
+    ctx: Annotated[Optional[int], typer.Option("--ctx", min=16, help="Context size of the local models and the judge.")] = None,
+    threads: Annotated[Optional[int], typer.Option("-t", "--threads", min=1, help="CPU threads of the local models.")] = None,
+    constrain: Annotated[Optional[bool], typer.Option("--constrain/--no-constrain", help="Hold the judge's reply to a JSON schema. Default: on for a local judge, off for a remote one.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print what was done as JSON.")] = False,
+) -> None:
+    """Battles judged by a model: each model answers each question (temperature 0; answers are
+    cached, so a rerun does not answer again), the judge compares two answers in both orders (a
+    verdict that flips with the order is a tie), and every verdict is stored as a vote (source
+    auto). A battle this judge has decided before is skipped: a rerun resumes. Then see
+    'llmdesk arena leaderboard --source auto'."""
+    from ..eval import arena
+
+    with _progress(not as_json) as update:
+        report = arena.auto(models, judge, questions, rounds=rounds, seed=seed, max_tokens=max_tokens, ctx=ctx,
+                            threads=threads, constrain=constrain, progress=update,
+                            say=None if as_json else (lambda m: err.print(m, markup=False)))
+    if as_json:
+        out.print_json(data=report.to_dict())
+    else:
+        o = report.outcomes
+        out.print(f"{report.battles} battles on {report.questions} questions, judged by {report.judge}: "
+                  f"{report.votes} new votes (a {o['a']}, b {o['b']}, tie {o['tie']})", markup=False)
+        for label, n in (("answers from the cache (not generated again)", report.cached),
+                         ("decided before, skipped", report.done_before),
+                         ("malformed verdicts, not recorded", report.malformed),
+                         ("not fought (a model failed)", report.unanswered)):
+            if n:
+                out.print(f"  {n} {label}", markup=False)
+        if report.votes or report.done_before:
+            err.print("ratings: llmdesk arena leaderboard --source auto", markup=False)
+    if report.failed:
+        name, why = next(iter(report.failed.items()))
+        more = f" (and {len(report.failed) - 1} more models)" if len(report.failed) > 1 else ""
+        raise LlmdeskError(f"{name} failed{more} {why}; the {report.votes} new votes are kept and a rerun resumes")
+
+
+@contextmanager
+def _progress(enabled: bool) -> Iterator:
+    """A progress bar per stage (each model's answers, then the verdicts), on stderr; it appears
+    with the first stage, so errors found before any work are one line alone."""
+    if not enabled:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=err)
+    tasks: dict[str, int] = {}
+
+    def update(what: str, done: int, total: int) -> None:
+        if not tasks:
+            bar.start()
+        if what not in tasks:
+            tasks[what] = bar.add_task(what, total=total)
+        bar.update(tasks[what], completed=done, total=total)
+
+    try:
+        yield update
+    finally:
+        if tasks:
+            bar.stop()
+
+
 @arena_app.command("leaderboard")
 def leaderboard(
     source: SourceOpt = None,
@@ -120,74 +191,3 @@ def votes(
         prompt = prompt[:70] + ("..." if len(prompt) > 70 else "")
         out.print(f"#{v['id']}  {local_time(v['time'])}  {by}\n  a: {v['model_a']}  b: {v['model_b']}  -> {said}\n"
                   f"  prompt: {prompt}", markup=False)
-
-
-@arena_app.command("auto")
-def auto(
-    models: Annotated[list[str], typer.Argument(help="Two or more models: .gguf paths, NAME[:TAG] or openai:URL#MODEL.")],
-    judge: Annotated[str, typer.Option("--judge", help="The model that decides each battle (local or openai:URL#MODEL).")],
-    questions: Annotated[Path, typer.Option("--questions", help="JSONL questions: MT-Bench's layout (question_id, turns) or id/question.")],
-    rounds: Annotated[Optional[int], typer.Option("--rounds", min=1, help="Fight this many random battles (question, pair) instead of every pair on every question.")] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the random battles and sides.")] = 0,
-    max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", min=1, help="Longest answer, in tokens (default 512).")] = None,
-    ctx: Annotated[Optional[int], typer.Option("--ctx", min=16, help="Context size of the local models and the judge.")] = None,
-    threads: Annotated[Optional[int], typer.Option("-t", "--threads", min=1, help="CPU threads of the local models.")] = None,
-    constrain: Annotated[Optional[bool], typer.Option("--constrain/--no-constrain", help="Hold the judge's reply to a JSON schema. Default: on for a local judge, off for a remote one.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print what was done as JSON.")] = False,
-) -> None:
-    """Battles judged by a model: each model answers each question (temperature 0; answers are
-    cached, so a rerun does not answer again), the judge compares two answers in both orders (a
-    verdict that flips with the order is a tie), and every verdict is stored as a vote (source
-    auto). A battle this judge has decided before is skipped: a rerun resumes. Then see
-    'llmdesk arena leaderboard --source auto'."""
-    from ..eval import arena
-
-    with _progress(not as_json) as update:
-        report = arena.auto(models, judge, questions, rounds=rounds, seed=seed, max_tokens=max_tokens, ctx=ctx,
-                            threads=threads, constrain=constrain, progress=update,
-                            say=None if as_json else (lambda m: err.print(m, markup=False)))
-    if as_json:
-        out.print_json(data=report.to_dict())
-    else:
-        o = report.outcomes
-        out.print(f"{report.battles} battles on {report.questions} questions, judged by {report.judge}: "
-                  f"{report.votes} new votes (a {o['a']}, b {o['b']}, tie {o['tie']})", markup=False)
-        for label, n in (("answers from the cache (not generated again)", report.cached),
-                         ("decided before, skipped", report.done_before),
-                         ("malformed verdicts, not recorded", report.malformed),
-                         ("not fought (a model failed)", report.unanswered)):
-            if n:
-                out.print(f"  {n} {label}", markup=False)
-        if report.votes or report.done_before:
-            err.print("ratings: llmdesk arena leaderboard --source auto", markup=False)
-    if report.failed:
-        name, why = next(iter(report.failed.items()))
-        more = f" (and {len(report.failed) - 1} more models)" if len(report.failed) > 1 else ""
-        raise LlmdeskError(f"{name} failed{more} {why}; the {report.votes} new votes are kept and a rerun resumes")
-
-
-@contextmanager
-def _progress(enabled: bool) -> Iterator:
-    """A progress bar per stage (each model's answers, then the verdicts), on stderr; it appears
-    with the first stage, so errors found before any work are one line alone."""
-    if not enabled:
-        yield None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   console=err)
-    tasks: dict[str, int] = {}
-
-    def update(what: str, done: int, total: int) -> None:
-        if not tasks:
-            bar.start()
-        if what not in tasks:
-            tasks[what] = bar.add_task(what, total=total)
-        bar.update(tasks[what], completed=done, total=total)
-
-    try:
-        yield update
-    finally:
-        if tasks:
-            bar.stop()
