@@ -2,8 +2,13 @@
 person in the web chat's Arena mode, or a judge model in `llmdesk arena auto`), Bradley-Terry
 ratings with bootstrap intervals, and preference pairs for preference tuning.
 
-    record_vote("2+2?", "qwen:q4", "qwen:q8", "b", source="web")
-    votes(source="web")            # oldest first, as dicts
+    record_vote("2+2?", "qwen:q4", "qwen:q8", "b", source="web")   # -> the vote's id
+    rows = votes(source="web")                   # oldest first, as dicts
+    board = leaderboard(rows, bootstrap=1000)     # [Rating(model, rating, low, high, rank, ...)]
+    export_pairs("pairs.jsonl", rows)            # prompt/chosen/rejected for DPO
+    auto(["a.gguf", "b.gguf"], "judge.gguf", "questions.jsonl")   # battles judged by a model
+
+docs/arena.md says how the ratings are computed.
 """
 
 from __future__ import annotations
