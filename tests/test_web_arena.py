@@ -16,6 +16,7 @@ from test_web import browser  # noqa: F401 (the fixture: Debian's chromium, laun
 
 from llmdesk.demo import default_model_path
 from llmdesk.eval.arena import votes
+from llmdesk.store import catalog
 from llmdesk.store.db import connect
 
 from playwright import sync_api  # noqa: E402  (the test extra: missing, this fails)
@@ -195,6 +196,25 @@ def test_a_busy_model_is_named_by_its_side_only(contenders):
         c.assert_no_names()
 
 
+def fight(c: Client, **body) -> set[str]:
+    """A battle, answered and voted a tie: the two names."""
+    battle = c.call("POST", "/api/arena/battles", json={"prompt": "Hi", **QUICK, **body}).json()["id"]
+    for side in "ab":
+        c.answer(battle, side)
+    out = c.call("POST", f"/api/arena/battles/{battle}/vote", json={"winner": "tie"}).json()
+    return {out["model_a"], out["model_b"]}
+
+
+def test_battles_draw_from_the_models_the_server_was_started_with(server, tiny_gguf, contenders):
+    catalog.add_file(tiny_gguf, "walrus", "latest", progress=False)  # in the store, not given with -m
+    c = Client(server.url)
+    for _ in range(3):
+        assert fight(c) == set(NAMES)
+    # a server started with one model draws from the store too
+    with running(None, models=contenders[:1], ctx=1024) as s:
+        assert fight(Client(s.url)) == {NAMES[0], "walrus:latest"}
+
+
 def test_a_server_of_one_model_has_no_arena(tiny_gguf, browser):
     with running(tiny_gguf) as s:
         r = httpx.post(s.url + "/api/arena/battles", json={"prompt": "hi"})
@@ -256,8 +276,9 @@ def test_arena_mode_in_the_browser(page, server, tmp_path):
         expect(pane.locator(".stats")).to_contain_text("40 tokens")
         assert pane.locator(".bubble").inner_text().strip()
         expect(pane.locator(".reveal")).to_be_hidden()
-    board = page.locator("#arena").inner_text().lower()
-    assert not any(secret in board for secret in SECRETS), board
+    # (the pool's list of names, closed, is the user's choice, not which side is which)
+    board = " ".join(page.locator(sel).inner_text() for sel in ("#arena-panes", "#arena-vote", "#arena-result", "#status"))
+    assert not any(secret in board.lower() for secret in SECRETS), board
     page.screenshot(path=str(tmp_path / "arena-before-vote.png"))
 
     # by keyboard: the first vote button has the focus once both answers are in
@@ -321,3 +342,30 @@ def test_a_stopped_battle_cannot_be_voted_on(page, server):
         expect(b).to_be_disabled()
     wait_until(lambda: busy_slots(server.url) == 0, timeout=30)
     assert votes(source="web") == []
+
+
+def test_the_user_picks_the_models_to_draw_from(page, tiny_gguf):
+    expect = sync_api.expect
+    catalog.add_file(tiny_gguf, "walrus", "latest", progress=False)
+    page.route("**/api/arena/battles", quick_answers)
+    page.click("#mode-arena")
+    page.click("#arena-pool summary")
+    boxes = page.locator("#arena-pool-list input[type=checkbox]")
+    expect(boxes).to_have_count(3)
+    assert [b.get_attribute("value") for b in boxes.all()] == [*NAMES, "walrus:latest"]
+    expect(page.locator("#arena-pool-summary")).to_have_text("the server's choice")
+    page.check(f'#arena-pool-list input[value="{NAMES[1]}"]')
+    page.fill("#arena-input", "Hi")
+    page.press("#arena-input", "Enter")
+    expect(page.locator("#arena-result")).to_contain_text("Check at least two models")
+    expect(page.locator("#arena-panes")).to_be_hidden()
+    page.check('#arena-pool-list input[value="walrus:latest"]')
+    expect(page.locator("#arena-pool-summary")).to_have_text(f"{NAMES[1]}, walrus:latest")
+    page.press("#arena-input", "Enter")
+    expect(page.locator('#arena-vote button[data-winner="tie"]')).to_be_enabled(timeout=60_000)
+    page.click('#arena-vote button[data-winner="tie"]')
+    expect(page.locator(".pane .reveal strong")).to_have_count(2)
+    assert set(page.locator(".pane .reveal strong").all_inner_texts()) == {NAMES[1], "walrus:latest"}
+    # the choice is kept
+    page.reload()
+    expect(page.locator("#arena-pool-summary")).to_have_text(f"{NAMES[1]}, walrus:latest")

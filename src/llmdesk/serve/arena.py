@@ -1,7 +1,8 @@
 """Arena battles for the web chat: one prompt, two anonymous models, a person's vote.
 
     POST /api/arena/battles              {"prompt": "..."} or {"messages": [...]}, optional sampling
-                                         -> {"id", "sides": ["a", "b"]}: two models drawn at random
+                                         and "models" (the names to draw from; default: the -m
+                                         models, or all) -> {"id", "sides": ["a", "b"]}
     POST /api/arena/battles/{id}/{a|b}   that side's answer, streamed as server-sent events:
                                          {"content": "..."} ..., {"finish_reason", "timings"}, [DONE]
     GET  /api/arena/battles/{id}         where the battle stands (names only once voted)
@@ -143,6 +144,14 @@ def hidden(err: APIError, battle: "Battle") -> APIError:
     return APIError(err.status, battle.hide(err.message), code=err.code, headers=err.headers, type=err.type)
 
 
+def draw_from(models) -> list[str]:
+    """The models a battle draws from when the request names none: those the server was started
+    with (`-m`), when there are two or more (the ones its user meant to compare); else every
+    model it can serve, the store's too."""
+    started = list(dict.fromkeys(ref.name for ref in models.started))
+    return started if len(started) >= 2 else list(dict.fromkeys(ref.name for ref in models.available()))
+
+
 # ---------------------------------------------------------------------------------------------
 # routes
 
@@ -151,7 +160,7 @@ class BattleRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)  # strict: "5" is not a number
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
-    models: list[str] | None = Field(None, min_length=2, max_length=64)  # draw from these; default: all
+    models: list[str] | None = Field(None, min_length=2, max_length=64)  # draw from these; default: draw_from
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
@@ -182,7 +191,7 @@ async def create_battle(body: BattleRequest, request: Request):
     if body.models is not None:
         names = list(dict.fromkeys(st.models.find(m).name for m in body.models))
     else:
-        names = [ref.name for ref in st.models.available()]
+        names = draw_from(st.models)
     if len(names) < 2:
         raise APIError(400, f"an arena battle needs two models, and this server has {len(names)}: serve more "
                             "(llmdesk serve -m MODEL -m MODEL, or llmdesk pull)", param="models",

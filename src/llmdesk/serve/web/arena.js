@@ -11,10 +11,12 @@
     messages: $("messages"), composer: $("composer"), chatInput: $("input"),
     empty: $("arena-empty"), prompt: $("arena-prompt"), panes: $("arena-panes"), vote: $("arena-vote"),
     result: $("arena-result"), form: $("arena-form"), input: $("arena-input"), send: $("arena-send"),
-    stop: $("arena-stop"), newBattle: $("new-battle"),
+    stop: $("arena-stop"), newBattle: $("new-battle"), pool: $("arena-pool"), poolList: $("arena-pool-list"),
+    poolSummary: $("arena-pool-summary"),
   };
   const SIDES = ["a", "b"];
   const MODE_KEY = "llmdesk.mode";
+  const POOL_KEY = "llmdesk.arenaPool";
   const LABELS = { a: "A is better", b: "B is better", tie: "Tie", both_bad: "Both are bad" };
   let battle = null; // {id, sides: {a: {text, done, error, stats}, b: ...}, voted}
   let controller = null; // aborts both answers
@@ -35,7 +37,44 @@
     const url = location.pathname + location.search + (arena ? "#arena" : "");
     if (location.pathname + location.search + location.hash !== url) history.replaceState(null, "", url);
     chat.setStatus("");
+    if (arena) loadPool();
     if (focus) (arena ? els.input : els.chatInput).focus();
+  }
+
+  // -- the models to draw from (names of the pool, never which side is which) ---------------
+  function savedPool() {
+    try { return JSON.parse(localStorage.getItem(POOL_KEY)) || []; } catch (e) { return []; }
+  }
+  function pool() {
+    return [...els.poolList.querySelectorAll("input:checked")].map((box) => box.value);
+  }
+  function showPool() {
+    const names = pool();
+    els.poolSummary.textContent = names.length ? names.join(", ") : "the server's choice";
+    try { localStorage.setItem(POOL_KEY, JSON.stringify(names)); } catch (e) { /* private mode */ }
+  }
+  async function loadPool() {
+    let data;
+    try {
+      const resp = await fetch("/v1/models", { headers: chat.headers() });
+      if (!resp.ok) return;
+      data = await resp.json();
+    } catch (e) {
+      return;
+    }
+    const wanted = new Set(savedPool());
+    els.poolList.textContent = "";
+    for (const m of data.data || []) {
+      const label = document.createElement("label");
+      const box = document.createElement("input");
+      box.type = "checkbox";
+      box.value = m.id;
+      box.checked = wanted.has(m.id);
+      box.addEventListener("change", showPool);
+      label.append(box, " " + m.id);
+      els.poolList.appendChild(label);
+    }
+    showPool();
   }
 
   // -- the board ----------------------------------------------------------------------------
@@ -85,6 +124,13 @@
   }
 
   async function start(text) {
+    const names = pool();
+    if (names.length === 1) {
+      els.result.textContent = "Check at least two models in the draw, or none for the server's choice.";
+      els.pool.open = true;
+      els.input.value = text; // kept, to send once the draw is fixed
+      return;
+    }
     reset();
     busy(true);
     els.empty.hidden = true;
@@ -93,7 +139,8 @@
     controller = new AbortController();
     try {
       const resp = await post("/api/arena/battles",
-                              { messages: chat.withSystem([{ role: "user", content: text }]), ...chat.samplingOptions() },
+                              { messages: chat.withSystem([{ role: "user", content: text }]), ...chat.samplingOptions(),
+                                ...(names.length ? { models: names } : {}) },
                               controller.signal);
       const created = await resp.json();
       battle = { id: created.id, voted: false, sides: {} };
