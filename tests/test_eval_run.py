@@ -418,6 +418,8 @@ def test_cli_bad_input(tmp_path, capsys):
     fake.write_text("not a model")
     line = one_error(*run(capsys, "eval", "run", fake, "--task", "mmlu", *data)[::2])
     assert "notes.gguf" in line
+    line = one_error(*run(capsys, "eval", "run", DEMO, "nosuchmodel:q4", "--task", "mmlu", *data)[::2])
+    assert "model 'nosuchmodel:q4' not found" in line  # before the first model is scored
     line = one_error(*run(capsys, "eval", "run", DEMO, "--task", "nosuch")[::2])
     assert "unknown task 'nosuch'" in line
     line = one_error(*run(capsys, "eval", "run", DEMO, "--task", "mmlu", "--data", tmp_path / "none")[::2])

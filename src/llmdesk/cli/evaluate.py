@@ -93,7 +93,7 @@ def run_cmd(
 ) -> None:
     """Score MODELs on benchmark tasks (multiple choice by log-likelihood as lm-evaluation-harness
     does, or generation with answer extraction); an interrupted run resumes where it stopped."""
-    from ..eval.harness import evaluate, open_model, record
+    from ..eval.harness import evaluate, identify, open_model, record
     from ..eval.tasks import load_task
 
     for flag, v, low in (("--limit", limit, 1), ("--shots", shots, 0), ("--slots", slots, 1), ("--ctx", ctx, 16),
@@ -104,9 +104,10 @@ def run_cmd(
     if not names:
         raise LlmdeskError("--task names no task; give a task name or a spec file, e.g. --task mmlu")
     tasks = [(name, load_task(name, data=data)) for name in names]  # every task loads before any model
+    found = [identify(ref, say=_say) for ref in models]  # and every model is found before any runs
     done = []
-    for ref in models:
-        model, ident = open_model(ref, slots=slots, ctx=ctx, threads=threads, say=_say)
+    for ref, f in zip(models, found):
+        model, ident = open_model(ref, slots=slots, ctx=ctx, threads=threads, found=f, say=_say)
         try:
             for name, t in tasks:
                 with progress_bar(not as_json, "items") as update:

@@ -206,17 +206,16 @@ def identify(ref: str, *, say: Callable[[str], None] | None = None):
 
 
 def open_model(ref: str, *, slots: int = 4, ctx: int | None = None, threads: int | None = None,
-               say: Callable[[str], None] | None = None):
+               found=None, say: Callable[[str], None] | None = None):
     """Load a model for evaluation: (the model, its Identity). A local model gets `slots`
     sequences sharing one KV cache (kv_unified: the choices of a question share their context's
-    cells instead of copying them)."""
+    cells instead of copying them). `found`: what `identify(ref)` gave, if it was asked before."""
     from ..runtime.model import load
-    from ..store.refs import REMOTE_PREFIX
 
-    ident, local = identify(ref, say=say)
+    ident, local = found if found is not None else identify(ref, say=say)
     if local is None:
         model = load(str(ref))
-        return model, Identity(model.name, None) if str(ref).startswith(REMOTE_PREFIX) else ident
+        return model, Identity(model.name, None)  # (openai:NAME learns its model id when loaded)
     model = load(str(local.path), slots=slots, ctx=ctx, threads=threads, kv_unified=True)
     model.name = local.name
     return model, ident
@@ -412,12 +411,13 @@ def _generate(model, task, items: list, stats: dict) -> Iterator[list[tuple[int,
     until = list(task.until or []) or None
 
     def start(it):
+        prompt = it.context
         if engine is not None:
-            n = len(model.tokenize(it.context))
-            if n >= engine.n_ctx:
-                raise LlmdeskError(f"task '{task.name}' item {it.index} has a {n}-token prompt but the model's "
-                                   f"context holds {engine.n_ctx}; use fewer --shots or a larger --ctx")
-        return it, model.start(it.context, max_tokens=task.max_tokens, temperature=0.0, stop=until)
+            prompt = model.tokenize(it.context)
+            if len(prompt) >= engine.n_ctx:
+                raise LlmdeskError(f"task '{task.name}' item {it.index} has a {len(prompt)}-token prompt but the "
+                                   f"model's context holds {engine.n_ctx}; use fewer --shots or a larger --ctx")
+        return it, model.start(prompt, max_tokens=task.max_tokens, temperature=0.0, stop=until)
 
     flying: list = []
     finished: list[tuple[int, dict]] = []
