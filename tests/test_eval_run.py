@@ -495,3 +495,16 @@ def test_ctrl_c_keeps_whole_chunks_and_the_rerun_resumes(tmp_path, user_dir):
     assert p.stderr.strip() == f"resuming: {kept} of 300 items of mmlu already scored"
     r = json.loads(p.stdout)[0]
     assert r["resumed"] == kept and r["n"] == 300 and r["stats"]["pairs"] == (300 - kept) * 4
+
+
+def test_cli_runs_a_hugging_face_checkpoint_folder(hf, tmp_path, capsys):
+    """A checkpoint folder is converted to GGUF (f16) once and scored; its identity is the GGUF's."""
+    mmlu_task(tmp_path / "mmlu", 4)
+    args = ("eval", "run", hf["ckpt"], "--task", "mmlu", "--data", tmp_path / "mmlu", "--shots", "0", "--json")
+    code, o, e = run(capsys, *args)
+    assert code == 0, e
+    assert e.strip() == f"converting {hf['ckpt']} to GGUF (f16) first"
+    r = json.loads(o)[0]
+    assert r["model"] == "ckpt:f16" and len(r["model_sha256"]) == 64 and r["n"] == 4
+    code, o, e = run(capsys, *args)
+    assert code == 0 and e.strip() == "resuming: 4 of 4 items of mmlu already scored"  # no second conversion
