@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import secrets
 import time
 from collections import OrderedDict
@@ -40,13 +39,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..errors import LlmdeskError
 from ..eval.arena import record_vote
 from ..runtime import conversation
-from ..runtime.conversation import finish_reason, sampling_params
+from ..runtime.conversation import SamplingParams, finish_reason, sampling_params
 from .chat import off_loop, timings
 from .errors import APIError, from_library
 from .openai import STREAM_HEADERS, note, record, state
 from .scheduler import start
 
-log = logging.getLogger("llmdesk.serve")
 router = APIRouter()
 
 MAX_BATTLES = 256  # kept at once; the oldest goes first
@@ -71,7 +69,7 @@ class Side:
 class Battle:
     id: str
     messages: list[dict]
-    sampling: Any  # SamplingParams, the same for both sides
+    sampling: SamplingParams  # the same for both sides
     max_tokens: int | None
     ignore_eos: bool
     sides: dict[str, Side]
@@ -244,30 +242,32 @@ async def stream_side(battle_id: str, side: Literal["a", "b"], request: Request)
                        code="side_started")
     s.state, s.text, s.finish_reason = "running", "", None  # claimed: a second stream is a 409
     try:
-        try:
-            lease = await st.models.acquire(s.model)
-        except APIError as e:
-            raise hidden(e, battle) from None
-        try:
-            turn = await off_loop(conversation.prepare, lease.model, battle.messages, sampling=battle.sampling,
-                                  max_tokens=battle.max_tokens, ignore_eos=battle.ignore_eos,
-                                  time_limit=st.config.request_timeout)
-            gens = start(lease, turn.requests, st.metrics)
-        except LlmdeskError as e:
-            lease.release()
-            raise hidden(from_library(e), battle) from None
-        except APIError as e:
-            lease.release()
-            raise hidden(e, battle) from None
-        except BaseException:
-            lease.release()
-            raise
+        lease, turn, gens = await _begin(st, battle, s)
     except BaseException:
         s.state = "failed"
         raise
     note(request, model=s.model, prompt=len(turn.prompt.tokens))
     return StreamingResponse(_answer(request, battle, side, lease, gens), media_type="text/event-stream",
                              headers=STREAM_HEADERS)
+
+
+async def _begin(st, battle: Battle, s: Side):
+    """Lease the side's model and start its answer: (lease, turn, generations). Errors name the
+    models by their sides."""
+    try:
+        lease = await st.models.acquire(s.model)
+        try:
+            turn = await off_loop(conversation.prepare, lease.model, battle.messages, sampling=battle.sampling,
+                                  max_tokens=battle.max_tokens, ignore_eos=battle.ignore_eos,
+                                  time_limit=st.config.request_timeout)
+            return lease, turn, start(lease, turn.requests, st.metrics)
+        except BaseException:
+            lease.release()
+            raise
+    except LlmdeskError as e:
+        raise hidden(from_library(e), battle) from None
+    except APIError as e:
+        raise hidden(e, battle) from None
 
 
 def _event(obj) -> str:
