@@ -434,3 +434,22 @@ def test_cli_bad_inputs_are_one_line(files, tmp_path, user_dir):
     for args, says in cases:
         line = one_error_line(cli("eval", "judge", *args, "--threads", 1, home=user_dir))
         assert says in line, (args, line)
+
+
+def test_the_docs_show_the_command_as_it_is():
+    """docs/judge.md's synopsis shows every option of `eval judge`, and only those."""
+    import re
+    from pathlib import Path
+
+    import typer
+
+    import llmdesk.cli.judge  # noqa: F401 (registers the command)
+    from llmdesk.cli.evaluate import eval_app
+
+    command = typer.main.get_group(eval_app).commands["judge"]
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "judge.md").read_text(encoding="utf-8")
+    synopsis = doc.split("```")[1]
+    assert synopsis.lstrip().startswith("llmdesk eval judge ")
+    shown = set(re.findall(r"(?<![\w-])(--[a-z][\w-]*)", synopsis))
+    options = {o for p in command.params for o in (*p.opts, *p.secondary_opts) if o.startswith("--")} - {"--help"}
+    assert shown == options, (sorted(shown - options), sorted(options - shown))
