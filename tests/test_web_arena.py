@@ -16,6 +16,9 @@ from test_web import browser  # noqa: F401 (the fixture: Debian's chromium, laun
 
 from llmdesk.demo import default_model_path
 from llmdesk.eval.arena import votes
+from llmdesk.runtime.conversation import sampling_params
+from llmdesk.serve.arena import Battle, Battles, Side
+from llmdesk.serve.errors import APIError
 from llmdesk.store import catalog
 from llmdesk.store.db import connect
 
@@ -194,6 +197,24 @@ def test_a_busy_model_is_named_by_its_side_only(contenders):
                 message = one_line_error(r, 429)
                 assert f"model {side.upper()} is busy" in message and r.headers["retry-after"]
         c.assert_no_names()
+
+
+def test_the_server_holds_a_bounded_number_of_battles_for_a_bounded_time():
+    def battle(i: int) -> Battle:
+        return Battle(id=f"b{i}", messages=[], sampling=sampling_params(), max_tokens=None, ignore_eos=False,
+                      sides={"a": Side("x"), "b": Side("y")})
+
+    kept = Battles(max_battles=2)
+    for i in range(3):
+        kept.add(battle(i))
+    with pytest.raises(APIError) as e:
+        kept.get("b0")  # the oldest went first
+    assert e.value.status == 404 and "b0" in e.value.message
+    assert kept.get("b1").id == "b1" and kept.get("b2").id == "b2"
+    gone = Battles(ttl_s=0)  # kept for no time at all
+    gone.add(battle(0))
+    with pytest.raises(APIError):
+        gone.get("b0")
 
 
 def fight(c: Client, **body) -> set[str]:

@@ -108,16 +108,17 @@ class Battles:
         self.ttl_s = ttl_s
         self._items: OrderedDict[str, Battle] = OrderedDict()
 
-    def _expire(self) -> None:
+    def _expire(self, room: int = 0) -> None:
+        """Forget the battles past their time, and the oldest until `room` more fit."""
         now = time.monotonic()
         while self._items:
             oldest = next(iter(self._items.values()))
-            if now - oldest.created < self.ttl_s and len(self._items) < self.max_battles:
+            if now - oldest.created < self.ttl_s and len(self._items) + room <= self.max_battles:
                 break
             self._items.popitem(last=False)
 
     def add(self, battle: Battle) -> Battle:
-        self._expire()
+        self._expire(room=1)
         self._items[battle.id] = battle
         return battle
 
