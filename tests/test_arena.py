@@ -213,6 +213,7 @@ def test_leaderboard_export_and_votes_commands(tmp_path):
     (("arena", "leaderboard", "--source", "auto"), "no arena votes from 'auto' yet"),
     (("arena", "leaderboard", "--plot", "board.txt"), "--plot writes .png, .svg or .pdf files"),
     (("arena", "export", "-o", "pairs.jsonl"), "no arena votes yet"),
+    (("arena", "votes", "--source", "robots"), "unknown vote source 'robots'"),
 ])
 def test_commands_with_nothing_to_work_on_say_so_in_one_line(args, says):
     one_line_error(*run_cli(*args)[::2], says)

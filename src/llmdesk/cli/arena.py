@@ -24,14 +24,20 @@ app.add_typer(arena_app, name="arena")
 SourceOpt = Annotated[Optional[str], typer.Option("--source", help="Only the votes of one source: web (people) or auto (a judge).")]
 
 
+def _check_source(source: str | None) -> None:
+    from ..eval import arena
+
+    if source is not None and source not in arena.SOURCES and not arena.votes(source=source, limit=1):
+        known = sorted(set(arena.SOURCES) | {v["source"] for v in arena.votes()})
+        raise LlmdeskError(f"unknown vote source '{source}': use {' or '.join(known)}")
+
+
 def _votes(source: str | None) -> list[dict]:
     from ..eval import arena
 
+    _check_source(source)
     rows = arena.votes(source=source)
     if source is not None and not rows:
-        known = sorted(set(arena.SOURCES) | {v["source"] for v in arena.votes()})
-        if source not in known:
-            raise LlmdeskError(f"unknown vote source '{source}': use {' or '.join(known)}")
         raise LlmdeskError(f"no arena votes from '{source}' yet")
     return rows
 
@@ -177,6 +183,7 @@ def votes(
     """The most recent votes, newest first."""
     from ..eval import arena
 
+    _check_source(source)
     rows = list(reversed(arena.votes(source=source, limit=count)))
     if as_json:
         out.print_json(data=rows)
