@@ -366,6 +366,17 @@ def test_negated_classes_and_dot_never_end_the_json_string(llama):
 
 
 @pytest.mark.timeout(120)
+def test_json_strings_hold_no_raw_control_characters(llama):
+    # a plain string property: the converter's own `char` rule let a raw newline in, and the
+    # reply was then not JSON (json.loads refuses control characters inside strings)
+    g = schema_grammar({"type": "object", "properties": {"note": {"type": "string", "maxLength": 24}},
+                        "required": ["note"]})
+    for seed in range(6):
+        value = json.loads(generate(llama, g, seed=seed, max_tokens=80).text)["note"]
+        assert not any(ord(c) < 0x20 or c == "\x7f" for c in value), repr(value)
+
+
+@pytest.mark.timeout(120)
 def test_enum_tries_are_enforced(llama):
     values = ["Paris", "Parma", "Porto", "Rome", 'say "hi"', "back\\slash", 7, None, True]
     g = schema_grammar({"enum": values})

@@ -974,6 +974,13 @@ def _converter_class():
                 text = f"({text})"
             return self._add_rule(name, '"\\"" ' + text + ' "\\"" space')
 
+        def _add_primitive(self, name, rule):
+            # JSON strings hold no raw control characters (RFC 8259): the shipped `char` rule
+            # lets a newline through, and the reply is then not JSON
+            if name == "char":
+                return self._add_rule(name, r'[^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F])')
+            return super()._add_primitive(name, rule)
+
         def resolve_refs(self, schema, url):
             """Local $refs only (the checks refuse others). The shipped one does not look inside a
             node that has a $ref, so {"$ref": "#/$defs/T", "$defs": {...}} left T's own refs out."""
