@@ -15,6 +15,7 @@ import pytest
 from test_serve_util import running
 
 import llmdesk
+from llmdesk.errors import LlmdeskError
 from llmdesk.runtime import llama as L
 
 TOL = 1e-4
@@ -244,6 +245,12 @@ def test_remote_score_equals_local_score(server, local):
             assert close(g.logprobs, w.logprobs) and g.greedy == w.greedy
         lp, greedy = remote.loglikelihood(*pairs[0])
         assert math.isclose(lp, local.loglikelihood(*pairs[0])[0], abs_tol=TOL)
+        # what the endpoint refuses is one line naming the problem
+        with pytest.raises(LlmdeskError) as e:
+            remote.score([("Hello", " fox" * 300)])
+        assert "more than the context holds (256)" in str(e.value) and "\n" not in str(e.value)
+        with pytest.raises(LlmdeskError, match="pair 0: a remote model scores"):
+            remote.score([([1, 2], [3])])
 
 
 def test_one_token_generated_by_sampling_or_greedily(client, local):
