@@ -41,8 +41,8 @@ import numpy as np
 from ..errors import LlmdeskError
 
 RUN_KEY_VERSION = 1  # bump when a per-item result would be computed differently
-CHUNK_PAIRS = 256  # score pairs per Engine job: a chunk of items is stored in one transaction
-IN_FLIGHT = 2  # score jobs queued at once, so the slots are refilled while a chunk is stored
+CHUNK_PAIRS = 64  # score pairs per Engine job: a chunk of items is stored in one transaction
+IN_FLIGHT = 4  # score jobs queued at once, so the slots are refilled while a chunk is stored
 REMOTE_STREAMS = 4  # generations in flight against a remote endpoint
 
 Progress = Callable[[int, int], None]  # (items done, items in all)
