@@ -305,6 +305,17 @@ def test_model_score_splits_text_like_lm_eval(llama):
             m.score([("context", [1, 2])])
 
 
+def test_score_reads_special_tokens_like_the_hf_tokenizer(hf):
+    # a chat-formatted context: lm-eval's Hugging Face tokenizer reads <|im_start|> as one token
+    tok = transformers.AutoTokenizer.from_pretrained(hf["ckpt"])
+    context, continuation = "<|im_start|>user\nwhat is two plus two?<|im_end|>\n<|im_start|>assistant\n", "four"
+    with Model(hf["gguf"], ctx=256, threads=1) as m:
+        ctx, cont = m.score_tokens(context, continuation)
+    # (the context's trailing newline moves to the continuation, as lm-eval's _encode_pair moves it)
+    assert ctx == tok.encode(context.rstrip()) and tok.convert_ids_to_tokens(ctx[:1]) == ["<|im_start|>"]
+    assert ctx + cont == tok.encode(context + continuation)
+
+
 def test_bad_score_requests(llama):
     with Engine(llama, n_ctx=32, n_slots=1) as eng:
         with pytest.raises(InvalidRequest, match="empty context"):

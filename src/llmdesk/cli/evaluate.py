@@ -313,6 +313,12 @@ def summarize(kind: str, m: dict, settings: dict | None = None) -> str:
         se = [f(f"{k}_stderr", "{:.3f}") or "n/a" for k in names]
         parts = [(settings or {}).get("task")] + [f"{k} {f(k, '{:.4f}')} ± {s}" for k, s in zip(names, se)] + \
             [f"n {m.get('n')}"]
+    elif kind == "judge" and "win_rate" in m:  # pairwise, against settings["against"]
+        parts = [f"vs {(settings or {}).get('against')}", f"win rate {f('win_rate', '{:.1%}')}",
+                 f"W/T/L {m.get('wins')}/{m.get('ties')}/{m.get('losses')}", f"{m.get('malformed')} malformed"]
+    elif kind == "judge":
+        parts = [f"score {f('mean', '{:.2f}')} ± {f('stderr', '{:.2f}')}", f"n {m.get('n')}",
+                 f"{m.get('malformed')} malformed"]
     else:  # another team's kind: its first few numbers
         parts = [f"{k} {f(k)}" for k in list(m)[:4] if f(k) is not None]
     return ", ".join(p for p in parts if p and "None" not in p)

@@ -338,7 +338,7 @@ def _chunks(items: list, size: Callable[[Any], int], budget: int) -> Iterator[li
 def _score_multiple_choice(model, task, items: list, stats: dict) -> Iterator[list[tuple[int, dict]]]:
     """Yield each chunk's (index, result) rows, in order. A local model's chunks are queued on
     its Engine IN_FLIGHT at a time; any other model with `score` is asked chunk by chunk."""
-    delimiter = getattr(task, "target_delimiter", " ")
+    delimiter = task.target_delimiter
     for it in items:
         if not it.choices:
             raise LlmdeskError(f"task '{task.name}' item {it.index} has no choices to score")

@@ -91,6 +91,12 @@ class Task:
     _rows: dict[str, list[_Row]] = field(default_factory=dict, repr=False)
     _templates: dict[str, _Template] = field(default_factory=dict, repr=False)  # by source
 
+    @property
+    def target_delimiter(self) -> str:
+        """What each choice starts with after the context (" " unless the spec says otherwise):
+        acc_norm divides by a choice's length without it, as lm-eval does."""
+        return self._spec.get("target_delimiter", " ")
+
     # -- items --
 
     def items(self, *, limit: int | None = None, shots: int | None = None, seed: int = 1234) -> list[Item]:

@@ -221,15 +221,18 @@ class Model:
         context has: tokens(context + continuation)[len(tokens(context)):]. Where a token spans
         the boundary, the continuation's first tokens are the whole text's, scored after the
         context's own tokens, as lm-eval does. An empty context is the BOS token (or EOS when
-        the model has none), lm-eval's prefix token."""
+        the model has none), lm-eval's prefix token. Special tokens written in the text are read
+        as special tokens, as lm-eval's Hugging Face tokenizer reads them."""
         n_spaces = len(context) - len(context.rstrip())
         if n_spaces:
             context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
-        ctx = self.tokenize(context) if context else []
+        # special tokens written in the text (<|im_start|>, ...) are read as such, as a Hugging
+        # Face tokenizer and the server's text prompts read them
+        ctx = self.tokenize(context, parse_special=True) if context else []
         if not ctx:
             prefix = self.llama.bos if self.llama.bos >= 0 else self.llama.eos
-            return [prefix], self.tokenize(continuation, add_special=False)
-        whole = self.tokenize(context + continuation)
+            return [prefix], self.tokenize(continuation, add_special=False, parse_special=True)
+        whole = self.tokenize(context + continuation, parse_special=True)
         return ctx, whole[len(ctx):]
 
     def score(self, pairs: list[tuple[str, str]] | list[tuple[list[int], list[int]]], *, top_k: int = 0,
