@@ -2,4 +2,139 @@
 
 from __future__ import annotations
 
-from .app import app  # noqa: F401 (the command registers on the app)
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..errors import LlmdeskError
+from .app import app, err, out
+
+
+@app.command()
+def tune(
+    args: Annotated[list[str], typer.Argument(metavar="BASE DATA...", help="The base model (an HF folder, a 'llmdesk train' output folder, a .gguf or NAME[:TAG]) then the data files (.jsonl, .json, .csv, .parquet); with --base, only data files.")],
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output folder: adapter/, merged/, checkpoint.pt, loss.png, metrics.json.")] = None,
+    base: Annotated[Optional[str], typer.Option("--base", help="The base model, when not given first (as with --inspect).")] = None,
+    method: Annotated[str, typer.Option("--method", help="lora, qlora (4-bit base: bitsandbytes and CUDA) or full (all weights).")] = "lora",
+    rank: Annotated[int, typer.Option("--rank", help="LoRA rank.")] = 16,
+    alpha: Annotated[float, typer.Option("--alpha", help="LoRA alpha (the update is scaled by alpha/rank).")] = 32.0,
+    dropout: Annotated[float, typer.Option("--dropout", help="LoRA dropout.")] = 0.05,
+    targets: Annotated[str, typer.Option("--targets", help="Modules LoRA adapts: q_proj,v_proj,... or all-linear.")] = "all-linear",
+    epochs: Annotated[Optional[float], typer.Option("--epochs", help="Passes over the data (default 1).")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps (instead of --epochs).")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (default 2e-4 for LoRA, 2e-5 for full).")] = None,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Longest example in tokens; longer rows are counted and left out (or --truncate).")] = 1024,
+    batch: Annotated[int, typer.Option("--batch", help="Examples per micro-batch.")] = 4,
+    grad_accum: Annotated[int, typer.Option("--grad-accum", help="Micro-batches per optimizer step.")] = 1,
+    val: Annotated[Optional[Path], typer.Option("--val", help="Validation data file (default: --val-split of the rows).")] = None,
+    val_split: Annotated[float, typer.Option("--val-split", help="Share of the rows held out for validation.")] = 0.1,
+    eval_every: Annotated[Optional[int], typer.Option("--eval-every", help="Validation loss (and a checkpoint) every N steps (default: 10 times a run).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed: the same seed gives the same run.")] = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUTPUT/checkpoint.pt, exactly.")] = False,
+    merge: Annotated[bool, typer.Option("--merge", help="Also write the merged model (OUTPUT/merged/).")] = False,
+    gguf: Annotated[Optional[str], typer.Option("--gguf", help="Convert the merged model to GGUF of this type (f16, q8_0, q4_k_m, ...) and add it to the store as NAME:TYPE.")] = None,
+    name: Annotated[Optional[str], typer.Option("--name", help="With --gguf: the store NAME (default: the output folder's name).")] = None,
+    train_on: Annotated[str, typer.Option("--train-on", help="assistant (only the assistant turns and their end tokens) or all.")] = "assistant",
+    truncate: Annotated[bool, typer.Option("--truncate", help="Cut rows longer than --seq-len instead of leaving them out.")] = False,
+    inspect: Annotated[bool, typer.Option("--inspect", help="Show the token lengths and a few rendered rows with the trained tokens marked; no training.")] = False,
+    html: Annotated[Optional[Path], typer.Option("--html", help="With --inspect: also write the rendered rows to this HTML file.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Fine-tune a model on your data: LoRA (default), QLoRA or all weights.
+
+    'llmdesk tune BASE chats.jsonl -o out --merge --gguf q4_k_m' trains, writes the adapter
+    (out/adapter/, PEFT format), the merged model (out/merged/) and a GGUF in the store.
+    'llmdesk tune chats.jsonl --base BASE --inspect' shows what would be trained.
+    """
+    base_ref, data = (base, list(args)) if base is not None else (args[0], list(args[1:]))
+    if not data:
+        raise LlmdeskError("give the data files after BASE (or BASE with --base)")
+    if inspect:
+        _inspect(base_ref, data, seq_len, html)
+        return
+    if html is not None:
+        raise LlmdeskError("--html goes with --inspect")
+    if output is None:
+        raise LlmdeskError("give the output folder with -o DIR")
+    if epochs is not None and steps is not None:
+        raise LlmdeskError("give --epochs or --steps, not both")
+    if name is not None and gguf is None:
+        raise LlmdeskError("--name goes with --gguf TYPE")
+
+    from ..train.tune import TuneConfig, tune as run_tune
+
+    cfg = TuneConfig(method=method, rank=rank, alpha=alpha, dropout=dropout, targets=targets, seq_len=seq_len,
+                     train_on=train_on, truncate=truncate, val_split=val_split, epochs=epochs, steps=steps or 0,
+                     lr=lr or 0.0, batch=batch, grad_accum=grad_accum, eval_every=eval_every or 0, seed=seed)
+    if steps is not None and steps < 1:
+        raise LlmdeskError(f"--steps must be at least 1, got {steps}")
+    quantizer = None
+    if gguf is not None:
+        from ..quantize.core import quant_type
+        from ..quantize.workflow import quantize_model
+
+        quant_type(gguf) if gguf.lower() not in ("f32", "f16", "bf16", "q8_0") else None  # unknown: one line now
+        quantizer = quantize_model
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from ..runtime.llama import LlamaModel
+
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=err, transient=False,
+                        disable=as_json or not err.is_terminal)
+    task = None
+
+    def say(text: str) -> None:
+        if not as_json:
+            progress.console.print(text, markup=False)
+
+    def on_event(kind: str, d: dict) -> None:
+        nonlocal task
+        if kind == "data":
+            long = f", {d['too_long']} too long for --seq-len {seq_len}" + ("" if truncate else " (left out)") \
+                if d["too_long"] else ""
+            say(f"data: {d['train_examples']} training examples, {d['val_examples']} validation, "
+                f"{d['trained_tokens']:,} of {d['total_tokens']:,} tokens trained{long}; {d['steps']} steps")
+        elif kind == "start":
+            say(f"model: {d['trainable'] / 1e6:.3g}M of {d['total'] / 1e6:.3g}M parameters trained "
+                f"({d['method']}) on {d['device']}" + (f", resuming at step {d['start']}" if d["start"] else ""))
+            task = progress.add_task("tuning", total=d["steps"], completed=d["start"], info="")
+        elif kind == "step" and task is not None:
+            progress.update(task, completed=d["step"],
+                            info=f"loss {d['loss']:.3f} · {d['tokens_per_second']:,.0f} tokens/s")
+        elif kind == "eval":
+            say(f"step {d['step']}: validation loss {d['val_loss']:.4f}")
+        elif kind == "interrupted":
+            say(f"interrupted at step {d['step']}: checkpoint {d['checkpoint']}; continue with --resume")
+        elif kind == "status" and d["text"] not in ("tokenizer",):
+            say(d["text"] + " ...")
+
+    with progress:
+        res = run_tune(base_ref, data, output, cfg, val=val, resume=resume, merge=merge, gguf=gguf, name=name,
+                       quantize_with=quantizer, check_with=LlamaModel, on_event=on_event)
+    if as_json:
+        out.print(json.dumps(res.to_dict()), markup=False)
+        return
+    vl = (f", validation loss {res.first_val_loss:.4f} -> {res.val_loss:.4f}"
+          if res.val_loss is not None and res.first_val_loss is not None else "")
+    out.print(f"tuned {res.trainable_params / 1e6:.3g}M parameters for {res.steps} steps ({res.tokens_seen:,} tokens, "
+              f"{res.tokens_per_second:,.0f} tokens/s, {res.seconds:.0f} s){vl}", markup=False)
+    wrote = [str(p) for p in (res.adapter, res.merged, res.gguf, res.loss_png) if p is not None]
+    out.print("wrote " + " · ".join(wrote), markup=False)
+    if res.registered:
+        out.print(f"run it: llmdesk run -m {res.registered}", markup=False)
+
+
+def _inspect(base_ref: str, data: list[str], seq_len: int, html: Optional[Path]) -> None:
+    from ..train import sft_data
+    from ..train.tune import find_base, load_tokenizer
+
+    b = find_base(base_ref)
+    rows = sft_data.read_rows([Path(p) for p in data])
+    tok = load_tokenizer(b)
+    text = sft_data.inspect(rows, tok, n=3, html=html, seq_len=seq_len)
+    out.print(text, markup=False, highlight=False)
+    if html is not None:
+        err.print(f"wrote {html}", markup=False)

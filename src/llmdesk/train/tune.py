@@ -1,0 +1,757 @@
+"""Fine-tuning a model on your own data: LoRA, QLoRA or all weights, then adapter, merged model, GGUF.
+
+The whole story in one file:
+  1. the base: an HF folder, a `llmdesk train` output folder (its hf/), a .gguf file or a store
+     name (loaded by transformers from the GGUF, dequantized); its architecture is checked against
+     what the converter and llama.cpp run before anything is loaded;
+  2. the data (train/sft_data.py): rows validated, rendered with the base's own chat template,
+     tokenized, with labels masking everything but the assistant turns and their terminators;
+     a validation set (--val FILE, or whole rows held out by the seed);
+  3. the model: transformers' AutoModelForCausalLM in 32 bits (CPU) or bf16 (CUDA); peft's LoRA on
+     the target modules; QLoRA: the base in 4-bit NF4 with bitsandbytes (CUDA only);
+  4. a plain loop (not TRL's SFTTrainer, see docs/tune.md): micro-batches grouped by length
+     (little padding), the loss summed over trained tokens and divided by their count in the
+     whole optimizer step (gradient accumulation weighs every token alike), AdamW, warm-up then
+     cosine decay (train/loop.py's `lr_at`). The batches and the dropout of step s are a pure
+     function of (seed, s), so `resume` replays exactly the losses of an uninterrupted run;
+  5. validation loss every `eval_every` steps, an atomic checkpoint (trainable weights, optimizer,
+     history) at the same times, and on Ctrl-C after the step in flight finishes;
+  6. outputs, each written under a temporary name and renamed: the adapter in PEFT format
+     (DIR/adapter/), the merged HF model (DIR/merged/: the adapter merged into the base reloaded at
+     full precision, never into 4-bit weights; with the base's tokenizer, chat template and
+     generation config), a GGUF (`convert`, then the caller's quantizer for k-quants), registered
+     in the store; loss.png, metrics.json, and a "tune" row in the results store.
+
+torch, transformers and peft are imported when `tune` is called, never at import time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from llmdesk.atomic import atomic_path, write_text
+from llmdesk.errors import LlmdeskError
+from llmdesk.formats.hf import require_train_extra
+from llmdesk.train.loop import lr_at, plot_loss
+
+CHECKPOINT = "checkpoint.pt"
+METHODS = ("lora", "qlora", "full")
+# the GGUF types the converter writes itself; others are quantized from f16 by the caller's quantizer
+CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")
+# tokenizer files copied from an HF base into merged/ as they are (the converter reads them)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json")
+# the settings a checkpoint must share with the run that resumes it
+SHAPING = ("method", "rank", "alpha", "dropout", "targets", "seq_len", "batch", "grad_accum", "seed",
+           "train_on", "truncate", "steps")
+
+
+@dataclass
+class TuneConfig:
+    # -- the method --
+    method: str = "lora"  # lora | qlora | full
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    targets: str = "all-linear"  # "all-linear" or "q_proj,v_proj,..."
+    # -- the data --
+    seq_len: int = 1024
+    train_on: str = "assistant"  # assistant | all
+    truncate: bool = False
+    val_split: float = 0.1  # of the rows, when no validation file is given (0: none)
+    # -- the optimisation --
+    epochs: float | None = None  # None with steps None: 1 epoch
+    steps: int = 0  # optimizer steps; 0: from epochs
+    lr: float = 0.0  # 0: 2e-4 for (q)lora, 2e-5 for full
+    batch: int = 4
+    grad_accum: int = 1
+    warmup: int = 0  # 0: 5% of the steps
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    # -- bookkeeping --
+    eval_every: int = 0  # 0: 10 evaluations over the run
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise LlmdeskError(f"unknown --method {self.method!r} (choose lora, qlora or full)")
+        if self.train_on not in ("assistant", "all"):
+            raise LlmdeskError(f"unknown --train-on {self.train_on!r} (choose assistant or all)")
+        for name in ("rank", "seq_len", "batch", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise LlmdeskError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.steps < 0:
+            raise LlmdeskError(f"--steps must be at least 1, got {self.steps}")
+        if self.epochs is not None and self.epochs <= 0:
+            raise LlmdeskError(f"--epochs must be more than 0, got {self.epochs}")
+        if not 0 <= self.dropout < 1:
+            raise LlmdeskError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if not 0 <= self.val_split < 1:
+            raise LlmdeskError(f"--val-split must be in [0, 1), got {self.val_split}")
+        if self.alpha <= 0:
+            raise LlmdeskError(f"--alpha must be more than 0, got {self.alpha}")
+        if self.lr == 0:
+            self.lr = 2e-5 if self.method == "full" else 2e-4
+        if not 0 < self.lr < 1:
+            raise LlmdeskError(f"--lr must be between 0 and 1, got {self.lr}")
+        if self.eval_every < 0:
+            raise LlmdeskError(f"--eval-every must be at least 1, got {self.eval_every}")
+
+    def target_modules(self) -> str | list[str]:
+        if self.targets.strip() == "all-linear":
+            return "all-linear"
+        names = [t.strip() for t in self.targets.split(",") if t.strip()]
+        if not names:
+            raise LlmdeskError("--targets names no modules (give q_proj,v_proj,... or all-linear)")
+        return names
+
+    def recipe(self) -> dict[str, Any]:
+        """What a user needs to redo this run (the metadata of the result)."""
+        keys = ["method", "seq_len", "train_on", "truncate", "epochs", "steps", "lr", "batch", "grad_accum",
+                "warmup", "seed"]
+        if self.method != "full":
+            keys[1:1] = ["rank", "alpha", "dropout", "targets"]
+        return {k: getattr(self, k) for k in keys}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TuneConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class TuneResult:
+    out_dir: Path
+    base: str
+    method: str
+    steps: int
+    trainable_params: int
+    total_params: int
+    train_examples: int
+    val_examples: int
+    trained_tokens: int  # tokens whose loss was trained, over the whole run
+    tokens_seen: int  # non-padding tokens through the model, over the whole run
+    tokens_per_second: float  # non-padding tokens per second of training
+    first_val_loss: float | None
+    val_loss: float | None
+    final_loss: float
+    seconds: float
+    adapter: Path | None
+    merged: Path | None
+    gguf: Path | None
+    registered: str | None
+    loss_png: Path
+    history: list[dict[str, Any]] = field(default_factory=list, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items() if k != "history"}
+
+
+# =============================================================================================
+# 1. the base
+
+
+@dataclass
+class Base:
+    """A base model as transformers loads it: `folder` (+ `gguf_file` in it, for a GGUF)."""
+
+    ref: str  # what the user typed
+    name: str  # for display and store names
+    folder: Path
+    gguf_file: str | None
+    architecture: str  # llama.cpp's name: llama, qwen2, ...
+
+    def load_kwargs(self) -> dict[str, Any]:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+
+def find_base(ref: str | os.PathLike) -> Base:
+    """What BASE names, checked (exists, an architecture llama.cpp runs) without loading weights."""
+    from llmdesk.formats.convert import ARCHITECTURES
+
+    text = str(ref)
+    p = Path(text).expanduser()
+    if p.is_dir():
+        folder = p / "hf" if not (p / "config.json").is_file() and (p / "hf" / "config.json").is_file() else p
+        cfg_path = folder / "config.json"
+        if not cfg_path.is_file():
+            raise LlmdeskError(f"{p}: not a model folder (no config.json, nor hf/config.json from 'llmdesk train')")
+        try:
+            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise LlmdeskError(f"{cfg_path}: cannot read it ({e})") from None
+        arch = (cfg.get("architectures") or ["?"])[0]
+        if arch not in ARCHITECTURES:
+            raise LlmdeskError(f"{folder}: architecture {arch!r} cannot be converted for llama.cpp "
+                               f"(supported: {', '.join(ARCHITECTURES)})")
+        name = p.resolve().name if folder != p else folder.resolve().name
+        return Base(text, _store_safe(name), folder, None, ARCHITECTURES[arch])
+    from llmdesk.formats.gguf import read_gguf
+    from llmdesk.store import refs
+
+    r = refs.resolve(text)  # ModelNotFound: one line
+    info = read_gguf(r.path)
+    arch = info.architecture or "?"
+    supported = sorted(set(ARCHITECTURES.values()) & _transformers_gguf_archs())
+    if arch not in supported:
+        raise LlmdeskError(f"{r.name}: a {arch!r} GGUF cannot be fine-tuned here (transformers reads "
+                           f"{', '.join(supported)} GGUFs); give its Hugging Face folder instead")
+    name = r.entry.name if r.entry is not None else Path(r.path).name.rsplit(".", 1)[0]
+    return Base(text, _store_safe(name), Path(r.path).parent, Path(r.path).name, arch)
+
+
+def _transformers_gguf_archs() -> set[str]:
+    try:
+        from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+    except ImportError:  # pragma: no cover (older transformers)
+        return {"llama", "qwen2", "mistral", "phi3", "gemma", "gemma2"}
+    return set(GGUF_CONFIG_MAPPING)
+
+
+def _store_safe(name: str) -> str:
+    from llmdesk.store import catalog
+
+    return catalog.names_from_filename(name + ".gguf")[0]
+
+
+def check_qlora() -> None:
+    """QLoRA needs bitsandbytes and a CUDA device; say so in one line before loading anything."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise LlmdeskError("--method qlora needs bitsandbytes (pip install bitsandbytes) and a CUDA GPU; "
+                           "use --method lora here")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise LlmdeskError("--method qlora loads the base in 4 bits with bitsandbytes, which needs a CUDA GPU "
+                           "(none here); use --method lora")
+
+
+def load_tokenizer(base: Base):
+    import transformers
+
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(str(base.folder), **base.load_kwargs())
+    except Exception as e:  # noqa: BLE001 (transformers raises many kinds)
+        raise LlmdeskError(f"{base.ref}: cannot load its tokenizer ({_first_line(e)})") from None
+    return tok
+
+
+def _load_model(base: Base, *, four_bit: bool = False, dtype=None):
+    import torch
+    import transformers
+
+    kwargs: dict[str, Any] = dict(base.load_kwargs())
+    if four_bit:
+        kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16)
+        kwargs["device_map"] = {"": 0}
+    try:
+        return transformers.AutoModelForCausalLM.from_pretrained(str(base.folder), dtype=dtype or torch.float32,
+                                                                 **kwargs)
+    except Exception as e:  # noqa: BLE001
+        raise LlmdeskError(f"{base.ref}: cannot load it with transformers ({_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return s[0][:300] if s else type(e).__name__
+
+
+@contextmanager
+def _quiet_hf() -> Iterator[None]:
+    """transformers' own progress bars ("Loading weights") would cut into llmdesk's output."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+# =============================================================================================
+# 2. the data
+
+
+@dataclass
+class Data:
+    train: list  # sft_data.Example
+    val: list
+    report: Any  # sft_data.DatasetReport of the training rows
+    fingerprint: str  # sha256 of the training and validation token ids and labels
+
+
+def prepare_data(data: list[str | os.PathLike], tokenizer, cfg: TuneConfig, *,
+                 val: str | os.PathLike | None = None) -> Data:
+    from llmdesk.train import sft_data
+
+    rows = sft_data.read_rows([Path(p) for p in data])
+    if val is not None:
+        val_rows = sft_data.read_rows([Path(val)])
+    elif cfg.val_split > 0 and len(rows) >= 2:
+        n_val = max(1, int(round(len(rows) * cfg.val_split)))
+        order = np.random.default_rng(cfg.seed).permutation(len(rows))
+        held = set(order[:n_val].tolist())
+        val_rows = [r for i, r in enumerate(rows) if i in held]
+        rows = [r for i, r in enumerate(rows) if i not in held]
+    else:
+        val_rows = []
+    kw = dict(seq_len=cfg.seq_len, train_on=cfg.train_on, truncate=cfg.truncate)
+    report = sft_data.build_dataset(rows, tokenizer, **kw)
+    train = [e for e in report.examples if any(t != -100 for t in e.labels)]
+    if not train:
+        raise LlmdeskError("no training example has a token to train (every row too long for --seq-len "
+                           f"{cfg.seq_len}, or no assistant turns); raise --seq-len or pass --truncate")
+    val_ex = []
+    if val_rows:
+        val_ex = [e for e in sft_data.build_dataset(val_rows, tokenizer, **kw).examples
+                  if any(t != -100 for t in e.labels)]
+    h = hashlib.sha256()
+    for part in (train, val_ex):
+        for e in part:
+            h.update(np.asarray(e.input_ids, dtype=np.int64).tobytes())
+            h.update(np.asarray(e.labels, dtype=np.int64).tobytes())
+        h.update(b"|")
+    return Data(train, val_ex, report, h.hexdigest())
+
+
+# =============================================================================================
+# 4. the batches: a pure function of (seed, step)
+
+
+class Batches:
+    """Micro-batches of example indices, grouped by length, epoch after epoch.
+
+    Each epoch is a permutation of the examples seeded by (seed, epoch); consecutive windows of
+    `GROUP` micro-batches' worth of examples are sorted by length and cut into micro-batches
+    (little padding), and the epoch's micro-batches are shuffled. Step s takes the micro-batches
+    s*grad_accum ... (s+1)*grad_accum - 1 of the endless stream."""
+
+    GROUP = 16
+
+    def __init__(self, lengths: list[int], cfg: TuneConfig):
+        self.lengths = np.asarray(lengths)
+        self.cfg = cfg
+        self.per_epoch = math.ceil(len(lengths) / cfg.batch)
+        self._cache: dict[int, list[np.ndarray]] = {}
+
+    def epoch(self, e: int) -> list[np.ndarray]:
+        if e not in self._cache:
+            rng = np.random.default_rng([self.cfg.seed, e])
+            order = rng.permutation(len(self.lengths))
+            window = self.GROUP * self.cfg.batch
+            mbs: list[np.ndarray] = []
+            for i in range(0, len(order), window):
+                w = order[i: i + window]
+                w = w[np.argsort(-self.lengths[w], kind="stable")]
+                mbs += [w[j: j + self.cfg.batch] for j in range(0, len(w), self.cfg.batch)]
+            self._cache = {e: [mbs[k] for k in rng.permutation(len(mbs))]}
+        return self._cache[e]
+
+    def step(self, s: int) -> list[np.ndarray]:
+        out = []
+        for k in range(s * self.cfg.grad_accum, (s + 1) * self.cfg.grad_accum):
+            e, i = divmod(k, self.per_epoch)
+            out.append(self.epoch(e)[i])
+        return out
+
+
+def total_steps(n_examples: int, cfg: TuneConfig) -> int:
+    if cfg.steps:
+        return cfg.steps
+    per_epoch = math.ceil(n_examples / cfg.batch)
+    return max(1, math.ceil((cfg.epochs or 1.0) * per_epoch / cfg.grad_accum))
+
+
+def collate(examples: list, pad_id: int):
+    """(input_ids, attention_mask, labels) tensors, padded on the right; labels are the next tokens
+    (shifted here, -100 where not trained and on padding)."""
+    import torch
+
+    T = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), T), dtype=torch.long)
+    labels = torch.full((len(examples), T), -100, dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        mask[i, :n] = 1
+        labels[i, : n - 1] = torch.tensor(e.labels[1:n])  # position t predicts token t+1
+    return ids, mask, labels
+
+
+# =============================================================================================
+# the run
+
+
+class _Interrupt:
+    """Ctrl-C during training is taken when the step in flight ends (the weights are then whole and
+    a checkpoint can be written); a second Ctrl-C stops at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old = None
+
+    def __enter__(self) -> "_Interrupt":
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.getsignal(signal.SIGINT)
+
+            def handler(signum, frame):
+                if self.requested:
+                    raise KeyboardInterrupt
+                self.requested = True
+
+            signal.signal(signal.SIGINT, handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+def tune(base_ref: str | os.PathLike, data: list[str | os.PathLike], out_dir: str | os.PathLike,
+         cfg: TuneConfig | None = None, *, val: str | os.PathLike | None = None, resume: bool = False,
+         merge: bool = False, gguf: str | None = None, name: str | None = None,
+         quantize_with: Callable[..., Any] | None = None, check_with: Callable[[Path], Any] | None = None,
+         on_event: Callable[[str, dict[str, Any]], None] | None = None) -> TuneResult:
+    """Fine-tune `base_ref` on `data`; everything lands in `out_dir` (see the module docstring).
+
+    `gguf` (a type: f16, q8_0, q4_k_m, ...) converts the merged model and registers it in the store
+    as NAME:TYPE (NAME: `name`, else the output folder's name); types the converter does not write
+    are quantized from f16 with `quantize_with(f16_path, type, out=..., name=...)` (pass
+    `llmdesk.quantize.workflow.quantize_model`). `check_with` opens a GGUF with llama.cpp's tokenizer
+    for the converter's self-check (pass `llmdesk.runtime.llama.LlamaModel`)."""
+    cfg = cfg or TuneConfig()
+    if cfg.epochs is not None and cfg.steps:
+        raise LlmdeskError("give --epochs or --steps, not both")
+    emit = on_event or (lambda _kind, _data: None)
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise LlmdeskError(f"{out}: is a file; -o names the output folder")
+    ckpt_path = out / CHECKPOINT
+    if resume and not ckpt_path.is_file():
+        raise LlmdeskError(f"{out}: nothing to resume (no {CHECKPOINT}); run without --resume")
+    if not resume and ckpt_path.is_file():
+        raise LlmdeskError(f"{out}: holds a checkpoint of another run; pass --resume to continue it, "
+                           "or choose another -o")
+    want_merge = merge or gguf is not None
+    reg_name = reg_tag = None
+    if gguf is not None:
+        from llmdesk.store import catalog
+
+        gguf = gguf.lower()
+        if gguf not in CONVERTER_TYPES and quantize_with is None:
+            raise LlmdeskError(f"--gguf {gguf}: pass a quantizer (quantize_with) for types other than "
+                               f"{', '.join(CONVERTER_TYPES)}")
+        reg_name = name or _store_safe(out.resolve().name)
+        reg_tag = gguf
+        catalog.check_name(reg_name, reg_tag)
+    base = find_base(base_ref)  # missing, unsupported: one line before any work
+    require_train_extra("torch", "transformers", "peft")
+    if cfg.method == "qlora":
+        check_qlora()
+    import torch
+
+    with _quiet_hf():
+        emit("status", {"text": "tokenizer"})
+        tok = load_tokenizer(base)
+        d = prepare_data(data, tok, cfg, val=val)
+        steps = total_steps(len(d.train), cfg)
+        cfg = replace(cfg, steps=steps, epochs=cfg.epochs if cfg.epochs is not None or cfg.steps else 1.0)
+        cfg.warmup = cfg.warmup or max(1, steps // 20)
+        cfg.eval_every = cfg.eval_every or max(1, steps // 10)
+        emit("data", {"train_examples": len(d.train), "val_examples": len(d.val),
+                      "too_long": d.report.too_long, "trained_tokens": d.report.trained_tokens,
+                      "total_tokens": d.report.total_tokens, "steps": steps})
+
+        state = None
+        if resume:
+            state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+            saved = state["config"]
+            for k in SHAPING:
+                if saved.get(k) != getattr(cfg, k):
+                    raise LlmdeskError(f"{ckpt_path}: was trained with {k} {saved.get(k)!r}, not "
+                                       f"{getattr(cfg, k)!r}; resume with the same settings")
+            if state["data"] != d.fingerprint:
+                raise LlmdeskError(f"{ckpt_path}: was trained on other data; resume with the same files")
+            if state["base"] != base.ref:
+                raise LlmdeskError(f"{ckpt_path}: was trained on base {state['base']}, not {base.ref}")
+
+        emit("status", {"text": "loading the base"})
+        model, device = _make_model(base, cfg)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        n_trainable = sum(p.numel() for p in trainable)
+        n_total = sum(p.numel() for p in model.parameters())
+        opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+        start, history, seen, trained, elapsed = 0, [], 0, 0, 0.0
+        if state is not None:
+            model.load_state_dict(state["weights"], strict=False)
+            opt.load_state_dict(state["optimizer"])
+            start, history, seen = state["step"], state["history"], state["tokens_seen"]
+            trained, elapsed = state["trained_tokens"], state["seconds"]
+        out.mkdir(parents=True, exist_ok=True)
+        emit("start", {"trainable": n_trainable, "total": n_total, "start": start, "steps": steps,
+                       "device": device, "method": cfg.method})
+
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        batches = Batches([len(e.input_ids) for e in d.train], cfg)
+
+        def loss_sum(exs: list) -> tuple[Any, int, int]:
+            ids, mask, labels = (t.to(device) for t in collate(exs, pad_id))
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            n_vocab = logits.shape[-1]
+            s = torch.nn.functional.cross_entropy(logits.reshape(-1, n_vocab).float(), labels.reshape(-1),
+                                                  ignore_index=-100, reduction="sum")
+            return s, int((labels != -100).sum()), int(mask.sum())
+
+        def evaluate() -> float | None:
+            if not d.val:
+                return None
+            model.eval()
+            total, count = 0.0, 0
+            order = sorted(range(len(d.val)), key=lambda i: len(d.val[i].input_ids))
+            with torch.no_grad():
+                for i in range(0, len(order), cfg.batch):
+                    s, n, _ = loss_sum([d.val[j] for j in order[i: i + cfg.batch]])
+                    total += s.item()
+                    count += n
+            model.train()
+            return total / max(1, count)
+
+        def save_checkpoint(step: int) -> None:
+            weights = {k: v.detach().cpu() for k, v in model.named_parameters() if v.requires_grad}
+            with atomic_path(ckpt_path) as tmp:
+                torch.save({"weights": weights, "optimizer": opt.state_dict(), "step": step,
+                            "history": history, "tokens_seen": seen, "trained_tokens": trained,
+                            "seconds": elapsed, "config": cfg.to_dict(), "data": d.fingerprint,
+                            "base": base.ref}, tmp)
+
+        # -- 4. the loop -----------------------------------------------------------------------
+        if start == 0 and d.val and not history:
+            v0 = evaluate()
+            history.append({"step": 0, "loss": float("nan"), "val_loss": v0})
+            emit("eval", history[-1])
+            save_checkpoint(0)
+        model.train()
+        done = start
+        with _Interrupt() as interrupt:
+            try:
+                t_last = time.perf_counter()
+                for step in range(start, steps):
+                    lr = lr_at(step, cfg)
+                    for g in opt.param_groups:
+                        g["lr"] = lr
+                    torch.manual_seed(cfg.seed * 1_000_003 + step)  # this step's dropout, resumed or not
+                    mbs = [[d.train[i] for i in mb] for mb in batches.step(step)]
+                    n_step = sum(sum(1 for t in e.labels[1:] if t != -100) for mb in mbs for e in mb)
+                    opt.zero_grad(set_to_none=True)
+                    total, toks = 0.0, 0
+                    for mb in mbs:
+                        s, _n, n_tok = loss_sum(mb)
+                        (s / max(1, n_step)).backward()
+                        total += s.item()
+                        toks += n_tok
+                    if cfg.grad_clip:
+                        torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+                    opt.step()
+                    now = time.perf_counter()
+                    dt, t_last = now - t_last, now
+                    elapsed += dt
+                    seen += toks
+                    trained += n_step
+                    rec: dict[str, Any] = {"step": step + 1, "loss": total / max(1, n_step), "lr": lr,
+                                           "tokens": toks, "tokens_per_second": toks / dt if dt > 0 else 0.0}
+                    last = step + 1 == steps
+                    evaluating = (step + 1) % cfg.eval_every == 0 or last
+                    if evaluating:
+                        vl = evaluate()
+                        if vl is not None:
+                            rec["val_loss"] = vl
+                            emit("eval", rec)
+                    history.append(rec)
+                    done = step + 1
+                    if evaluating:
+                        save_checkpoint(done)
+                    t_last = time.perf_counter()  # evaluation and checkpoints are not training speed
+                    emit("step", rec)
+                    if interrupt.requested:
+                        raise KeyboardInterrupt
+            except KeyboardInterrupt:
+                if done > start:
+                    save_checkpoint(done)
+                emit("interrupted", {"step": done, "checkpoint": str(ckpt_path)})
+                raise
+
+        # -- 6. outputs ------------------------------------------------------------------------
+        emit("status", {"text": "saving"})
+        adapter_dir = merged_dir = gguf_path = None
+        if cfg.method == "full":
+            merged_dir = out / "merged"
+            with _atomic_dir(merged_dir) as tmp:
+                model.save_pretrained(tmp)
+                _copy_tokenizer(base, tok, tmp)
+        else:
+            adapter_dir = out / "adapter"
+            with _atomic_dir(adapter_dir) as tmp:
+                model.save_pretrained(tmp)
+                _copy_tokenizer(base, tok, tmp)
+                cfg_file = tmp / "adapter_config.json"
+                ac = json.loads(cfg_file.read_text())
+                ac["base_model_name_or_path"] = str(base.folder / base.gguf_file if base.gguf_file else base.folder)
+                cfg_file.write_text(json.dumps(ac, indent=2) + "\n")
+            if want_merge:
+                emit("status", {"text": "merging"})
+                del model, opt
+                merged_dir = out / "merged"
+                _merge(base, adapter_dir, merged_dir, tok)
+        if gguf is not None:
+            emit("status", {"text": f"converting to GGUF ({gguf})"})
+            gguf_path = _export_gguf(merged_dir, out, gguf, reg_name, reg_tag, quantize_with, check_with,
+                                     source=f"tune:{out.resolve()}")
+
+    history_evals = [h for h in history if "val_loss" in h]
+    with atomic_path(out / "loss.png", suffix=".png") as tmp:
+        plot_loss(history, tmp, title=f"llmdesk tune {base.name} ({cfg.method}, {n_trainable / 1e6:.3g}M trained)")
+    losses = [h["loss"] for h in history if not math.isnan(h["loss"])]
+    result = TuneResult(
+        out_dir=out, base=base.ref, method=cfg.method, steps=steps, trainable_params=n_trainable,
+        total_params=n_total, train_examples=len(d.train), val_examples=len(d.val), trained_tokens=trained,
+        tokens_seen=seen, tokens_per_second=seen / elapsed if elapsed > 0 else 0.0,
+        first_val_loss=history_evals[0]["val_loss"] if history_evals else None,
+        val_loss=history_evals[-1]["val_loss"] if history_evals else None,
+        final_loss=losses[-1] if losses else float("nan"), seconds=elapsed, adapter=adapter_dir,
+        merged=merged_dir, gguf=gguf_path, registered=f"{reg_name}:{reg_tag}" if gguf_path else None,
+        loss_png=out / "loss.png", history=history)
+    write_text(out / "metrics.json", json.dumps({"result": result.to_dict(), "recipe": cfg.recipe(),
+                                                "config": cfg.to_dict(), "history": history}, indent=1) + "\n")
+    _record(result, cfg, d)
+    return result
+
+
+def _make_model(base: Base, cfg: TuneConfig):
+    import torch
+
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() and cfg.method != "full" else torch.float32
+    torch.manual_seed(cfg.seed)  # LoRA's A matrices start from the seed
+    model = _load_model(base, four_bit=cfg.method == "qlora", dtype=dtype)
+    if cfg.method == "full":
+        model.to(device)
+        model.config.use_cache = False
+        return model, device
+    import peft
+
+    if cfg.method == "qlora":
+        model = peft.prepare_model_for_kbit_training(model)
+    lora = peft.LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                           target_modules=cfg.target_modules(), task_type="CAUSAL_LM", bias="none")
+    try:
+        model = peft.get_peft_model(model, lora)
+    except ValueError as e:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise LlmdeskError(f"--targets {cfg.targets}: {_first_line(e)} (this model's linear modules: "
+                           f"{', '.join(linear)}, or all-linear)") from None
+    if cfg.method != "qlora":
+        model.to(device)
+    model.config.use_cache = False
+    return model, device
+
+
+def _merge(base: Base, adapter_dir: Path, merged_dir: Path, tok) -> None:
+    """The adapter merged into the base reloaded at full precision (32 bits; never 4-bit weights)."""
+    import peft
+    import torch
+
+    model = _load_model(base, dtype=torch.float32)
+    model = peft.PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    with _atomic_dir(merged_dir) as tmp:
+        model.save_pretrained(tmp)
+        _copy_tokenizer(base, tok, tmp)
+
+
+def _copy_tokenizer(base: Base, tok, dest: Path) -> None:
+    """The base's tokenizer, chat template and generation config, byte for byte from an HF folder
+    (the converter reads them back: BOS/EOS settings, pre-tokenizer, template); from a GGUF, as
+    transformers rebuilt them."""
+    if base.gguf_file is None:
+        for f in TOKENIZER_FILES:
+            if (base.folder / f).is_file():
+                shutil.copy2(base.folder / f, dest / f)
+    else:
+        tok.save_pretrained(str(dest))
+
+
+@contextmanager
+def _atomic_dir(dest: Path) -> Iterator[Path]:
+    """A folder written under `.NAME.PID.part` and renamed onto `dest` (replacing an older one)."""
+    from llmdesk.atomic import part_path
+
+    tmp = part_path(dest)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        old = dest.with_name(f".{dest.name}.{os.getpid()}.old")
+        if dest.exists():
+            os.replace(dest, old)
+        os.replace(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _export_gguf(merged: Path, out: Path, type_: str, reg_name: str, reg_tag: str,
+                 quantize_with: Callable[..., Any] | None, check_with: Callable[[Path], Any] | None,
+                 source: str) -> Path:
+    from llmdesk.formats.convert import convert
+    from llmdesk.store import catalog
+
+    if type_ in CONVERTER_TYPES:
+        path = convert(merged, out / f"model-{type_}.gguf", out_type=type_, name=reg_name,
+                       check_with=check_with).path
+        catalog.add_file(path, reg_name, reg_tag, source=source, progress=False)
+        return path
+    f16 = convert(merged, out / "model-f16.gguf", out_type="f16", name=reg_name, check_with=check_with).path
+    assert quantize_with is not None
+    r = quantize_with(f16, type_, out=out / f"model-{type_}.gguf", name=f"{reg_name}:{reg_tag}")
+    return Path(r.path)
+
+
+def _record(result: TuneResult, cfg: TuneConfig, d: Data) -> None:
+    """A "tune" row in the results store: the recipe in settings (the catalog has no metadata
+    column for it), losses and speed in metrics, the GGUF's sha256 when one was made."""
+    from llmdesk.store import catalog, results
+
+    sha = catalog.sha256_file(result.gguf, progress=False) if result.gguf else None
+    results.record(
+        "tune", model=result.registered or str(result.out_dir), model_sha256=sha, data_sha256=d.fingerprint,
+        settings={"base": result.base, **cfg.recipe(), "out_dir": str(result.out_dir)},
+        metrics={k: v for k, v in result.to_dict().items()
+                 if k in ("steps", "trainable_params", "total_params", "train_examples", "val_examples",
+                          "trained_tokens", "tokens_seen", "tokens_per_second", "first_val_loss", "val_loss",
+                          "final_loss", "seconds")})
