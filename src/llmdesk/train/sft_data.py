@@ -16,8 +16,9 @@ each assistant turn the conversation up to it is rendered again with the turn's 
 a sentinel; the text before the sentinel is what the template writes ahead of the content (the
 prompt and the turn's header), the text after it is what the template writes after the content:
 its end-of-turn text. Trained: the content and that end-of-turn text up to and including its first
-special token (`<|im_end|>`, `<|eot_id|>`, `</s>`, `<end_of_turn>`, `<|end|>`); what follows the
-terminator (a newline, the next turn's header) is formatting the next turn writes, not trained.
+special token (`<|im_end|>`, `<|eot_id|>`, `</s>`, `<end_of_turn>`, `<|end|>`), and whitespace the
+turn writes before its content beyond the generation prompt (Llama 2's `' ' + content`); what
+follows the terminator (a newline, the next turn's header) is formatting the next turn writes.
 Character spans become tokens through the fast tokenizer's offsets: a token is trained when it
 covers any trained character.
 
@@ -109,6 +110,8 @@ class _Problems:
         if not self.lines:
             return
         n = len(self.lines)
+        if n == 1:  # one problem: one line
+            raise LlmdeskError(self.lines[0])
         shown = self.lines[:MAX_LISTED]
         more = [f"... and {n - len(shown)} more"] if n > len(shown) else []
         head = f"{n} problem{'s' if n != 1 else ''} in {what}; fix {'them' if n != 1 else 'it'} and run again:"
@@ -534,6 +537,7 @@ def _assistant_spans(row: Row, prep: _Prepared, full: str) -> list[tuple[int, in
             raise LlmdeskError(f"{row.source}: the chat template does not write assistant turn {n_turn}'s content "
                                f"as it is given, so its tokens cannot be found: train_on='all', or another template")
         start, end = len(before), len(upto) - len(after)
+        start -= len(_lead(before, prep, messages[:i], row.source))
         end += len(prep.terminator(after))
         piece = upto[start:end]
         if full[start:end] != piece or not full.startswith(upto[:start]):
@@ -547,6 +551,20 @@ def _assistant_spans(row: Row, prep: _Prepared, full: str) -> list[tuple[int, in
         spans.append((start, end))
         cursor = end
     return spans
+
+
+def _lead(before: str, prep: _Prepared, prompt: list[dict], source: str) -> str:
+    """Whitespace the assistant turn itself writes before its content, beyond the generation
+    prompt (Llama 2's and Mistral's `' ' + content`): the model writes it, so it is trained."""
+    space = before[len(before.rstrip()):]
+    if not space:
+        return ""
+    try:
+        generation = prep.render(prompt, source, add_generation_prompt=True)
+    except LlmdeskError:
+        return ""
+    given = generation[len(generation.rstrip()):]
+    return space[len(given):] if len(space) > len(given) else ""
 
 
 def _covered(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[bool]:
