@@ -553,6 +553,10 @@ def test_rows_longer_than_seq_len_are_an_error_unless_truncated(tmp_path):
     assert full.lengths == [n_long, full.lengths[1], n_long] and full.lengths[1] < 40 < n_long
     assert full.too_long == [] and full.total_tokens == sum(full.lengths)
     assert full.trained_tokens == sum(len([x for x in e.labels if x != IGNORE]) for e in full.examples)
+    share = round(100 * full.trained_tokens / full.total_tokens)
+    assert full.summary() == (f"3 rows, {full.total_tokens} tokens, {full.trained_tokens} trained ({share}%); "
+                              f"tokens a row as read: min {full.lengths[1]} / median {n_long} / p95 {n_long} / "
+                              f"max {n_long}")
     first = next(i for i, x in enumerate(full.examples[0].labels) if x != IGNORE)  # the first answer's start
     assert full.lengths[1] <= first
     with pytest.raises(LlmdeskError) as e:

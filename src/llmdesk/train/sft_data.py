@@ -88,8 +88,8 @@ class DatasetReport:
     def summary(self) -> str:
         """One line: rows, tokens, the trained share and the length distribution."""
         share = self.trained_tokens / self.total_tokens if self.total_tokens else 0.0
-        return (f"{len(self.examples):,} rows, {self.total_tokens:,} tokens ({self.trained_tokens:,} trained, "
-                f"{share:.0%}); tokens a row {length_stats(self.lengths)}")
+        return (f"{len(self.examples):,} rows, {self.total_tokens:,} tokens, {self.trained_tokens:,} trained "
+                f"({share:.0%}); tokens a row as read: {length_stats(self.lengths)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -596,16 +596,7 @@ def build_dataset(rows: list[Row], tokenizer: Any, *, seq_len: int, train_on: st
     unless `truncate` (then they are cut, and a notice says how many)."""
     if seq_len < 2:
         raise LlmdeskError(f"--seq-len is {seq_len}: give at least 2 tokens")
-    prep = _Prepared(tokenizer, chat_template)
-    problems = _Problems()
-    encoded = []
-    for row in rows:
-        try:
-            encoded.append(_encode(row, prep, train_on))
-        except LlmdeskError as e:  # a template that refuses the row, a turn that cannot be found
-            text = str(e)
-            problems.lines.append(text if text.startswith(f"{row.source}: ") else f"{row.source}: {text}")
-    problems.raise_if_any("the training data")
+    encoded = _encode_all(rows, _Prepared(tokenizer, chat_template), train_on)
     lengths = [len(e.ids) for e in encoded]
     too_long = [(e.source, len(e.ids)) for e in encoded if len(e.ids) > seq_len]
     notices = []
@@ -628,6 +619,22 @@ def build_dataset(rows: list[Row], tokenizer: Any, *, seq_len: int, train_on: st
                        f"{', ...' if len(empty) > 3 else ''})")
     return DatasetReport(examples, too_long, lengths, sum(e.trained for e in examples),
                          sum(len(e.input_ids) for e in examples), notices)
+
+
+def _encode_all(rows: list[Row], prep: _Prepared, train_on: str) -> list[_Encoded]:
+    """Every row encoded, or one error listing every row that could not be (with its file:line)."""
+    if train_on not in TRAIN_ON:
+        raise LlmdeskError(f"train_on is {train_on!r}: use 'assistant' or 'all'")
+    problems = _Problems()
+    encoded = []
+    for row in rows:
+        try:
+            encoded.append(_encode(row, prep, train_on))
+        except LlmdeskError as e:  # a template that refuses the row, a turn that cannot be found
+            text = str(e)
+            problems.lines.append(text if text.startswith(f"{row.source}: ") else f"{row.source}: {text}")
+    problems.raise_if_any("the training data")
+    return encoded
 
 
 def _too_long_line(too_long: list[tuple[str, int]], seq_len: int, todo: str) -> str:
@@ -680,7 +687,7 @@ def inspect(rows: list[Row], tokenizer: Any, *, n: int = 3, html: Path | None = 
     from rich.markup import escape
 
     prep = _Prepared(tokenizer, chat_template)
-    encoded = [_encode(row, prep, train_on) for row in rows]
+    encoded = _encode_all(rows, prep, train_on)
     lengths = [len(e.ids) for e in encoded]
     trained = sum(sum(e.trained) for e in encoded)
     total = sum(lengths)
@@ -695,7 +702,7 @@ def inspect(rows: list[Row], tokenizer: Any, *, n: int = 3, html: Path | None = 
     bars = histogram(lengths)
     out = [*head, "", "[bold]token lengths[/bold]", *(escape(b) for b in bars)]
     shown = encoded[:n]
-    legend = "[reverse green]trained[/reverse green] [dim]not trained[/dim]"
+    legend = "[reverse green]trained tokens[/reverse green] in green, [dim]the rest dim[/dim]"
     if shown:
         out += ["", f"[bold]first {len(shown)} row{'s' if len(shown) != 1 else ''}[/bold] ({legend})"]
     for enc in shown:
