@@ -52,7 +52,7 @@ def tune(
     if not data:
         raise LlmdeskError("give the data files after BASE (or BASE with --base)")
     if inspect:
-        _inspect(base_ref, data, seq_len, html)
+        _inspect(base_ref, data, seq_len, html, train_on)
         return
     if html is not None:
         raise LlmdeskError("--html goes with --inspect")
@@ -93,10 +93,10 @@ def tune(
     def on_event(kind: str, d: dict) -> None:
         nonlocal task
         if kind == "data":
-            long = f", {d['too_long']} too long for --seq-len {seq_len}" + ("" if truncate else " (left out)") \
-                if d["too_long"] else ""
             say(f"data: {d['train_examples']} training examples, {d['val_examples']} validation, "
-                f"{d['trained_tokens']:,} of {d['total_tokens']:,} tokens trained{long}; {d['steps']} steps")
+                f"{d['trained_tokens']:,} of {d['total_tokens']:,} tokens trained; {d['steps']} steps")
+            for notice in d["notices"]:
+                say(f"note: {notice}")
         elif kind == "start":
             say(f"model: {d['trainable'] / 1e6:.3g}M of {d['total'] / 1e6:.3g}M parameters trained "
                 f"({d['method']}) on {d['device']}" + (f", resuming at step {d['start']}" if d["start"] else ""))
@@ -127,14 +127,11 @@ def tune(
         out.print(f"run it: llmdesk run -m {res.registered}", markup=False)
 
 
-def _inspect(base_ref: str, data: list[str], seq_len: int, html: Optional[Path]) -> None:
+def _inspect(base_ref: str, data: list[str], seq_len: int, html: Optional[Path], train_on: str) -> None:
     from ..train import sft_data
     from ..train.tune import find_base, load_tokenizer
 
     b = find_base(base_ref)
     rows = sft_data.read_rows([Path(p) for p in data])
     tok = load_tokenizer(b)
-    text = sft_data.inspect(rows, tok, n=3, html=html, seq_len=seq_len)
-    out.print(text, markup=False, highlight=False)
-    if html is not None:
-        err.print(f"wrote {html}", markup=False)
+    out.print(sft_data.inspect(rows, tok, n=3, html=html, seq_len=seq_len, train_on=train_on), highlight=False)

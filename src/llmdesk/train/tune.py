@@ -35,6 +35,7 @@ import shutil
 import signal
 import threading
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -321,14 +322,13 @@ def prepare_data(data: list[str | os.PathLike], tokenizer, cfg: TuneConfig, *,
         val_rows = []
     kw = dict(seq_len=cfg.seq_len, train_on=cfg.train_on, truncate=cfg.truncate)
     report = sft_data.build_dataset(rows, tokenizer, **kw)
-    train = [e for e in report.examples if any(t != -100 for t in e.labels)]
+    train = [e for e in report.examples if e.trained]
     if not train:
-        raise LlmdeskError("no training example has a token to train (every row too long for --seq-len "
-                           f"{cfg.seq_len}, or no assistant turns); raise --seq-len or pass --truncate")
+        raise LlmdeskError("no row has a token to train (no assistant turns?); see them with --inspect")
     val_ex = []
     if val_rows:
         val_ex = [e for e in sft_data.build_dataset(val_rows, tokenizer, **kw).examples
-                  if any(t != -100 for t in e.labels)]
+                  if e.trained]
     h = hashlib.sha256()
     for part in (train, val_ex):
         for e in part:
@@ -484,8 +484,8 @@ def tune(base_ref: str | os.PathLike, data: list[str | os.PathLike], out_dir: st
         cfg.warmup = cfg.warmup or max(1, steps // 20)
         cfg.eval_every = cfg.eval_every or max(1, steps // 10)
         emit("data", {"train_examples": len(d.train), "val_examples": len(d.val),
-                      "too_long": d.report.too_long, "trained_tokens": d.report.trained_tokens,
-                      "total_tokens": d.report.total_tokens, "steps": steps})
+                      "too_long": len(d.report.too_long), "notices": list(d.report.notices),
+                      "trained_tokens": d.report.trained_tokens, "total_tokens": d.report.total_tokens, "steps": steps})
 
         state = None
         if resume:
@@ -615,7 +615,8 @@ def tune(base_ref: str | os.PathLike, data: list[str | os.PathLike], out_dir: st
                 _copy_tokenizer(base, tok, tmp)
         else:
             adapter_dir = out / "adapter"
-            with _atomic_dir(adapter_dir) as tmp:
+            with _atomic_dir(adapter_dir) as tmp, warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # peft finds no config.json beside a GGUF base
                 model.save_pretrained(tmp)
                 _copy_tokenizer(base, tok, tmp)
                 cfg_file = tmp / "adapter_config.json"
@@ -670,11 +671,13 @@ def _make_model(base: Base, cfg: TuneConfig):
     lora = peft.LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                            target_modules=cfg.target_modules(), task_type="CAUSAL_LM", bias="none")
     try:
-        model = peft.get_peft_model(model, lora)
-    except ValueError as e:
+        with warnings.catch_warnings():  # transformers' deprecation notices about peft's calls
+            warnings.simplefilter("ignore", FutureWarning)
+            model = peft.get_peft_model(model, lora)
+    except ValueError:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-        raise LlmdeskError(f"--targets {cfg.targets}: {_first_line(e)} (this model's linear modules: "
-                           f"{', '.join(linear)}, or all-linear)") from None
+        raise LlmdeskError(f"--targets {cfg.targets}: not all are modules of {base.name} (its linear modules: "
+                           f"{', '.join(linear)}; or all-linear)") from None
     if cfg.method != "qlora":
         model.to(device)
     model.config.use_cache = False
@@ -687,7 +690,9 @@ def _merge(base: Base, adapter_dir: Path, merged_dir: Path, tok) -> None:
     import torch
 
     model = _load_model(base, dtype=torch.float32)
-    model = peft.PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        model = peft.PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     with _atomic_dir(merged_dir) as tmp:
         model.save_pretrained(tmp)
         _copy_tokenizer(base, tok, tmp)
