@@ -13,9 +13,10 @@ text (no hub here). Everything is cached in ~/.cache/llmdesk-bench-models/eval-t
 The task is MMLU's layout (the public cais/mmlu columns: question, subject, choices, answer),
 one subject, questions of random words; `--shots` examples from its dev split, lm-eval's MMLU
 prompt. llmdesk runs its built-in `mmlu` task on the GGUF F16; lm-eval runs the same prompt as a
-task file (dataset_path json) on the checkpoint with `--model hf`. Both are timed from the start
-of scoring to the last item (model loading excluded on both sides: lm-eval's load is taken from
-its own log line), and the chosen answer of every item is compared.
+task file (dataset_path json) on the checkpoint with its `hf` model. Both run in this process,
+each with its model loaded before the clock starts, and are timed by the wall clock and by this
+process's CPU time (all threads): on a machine shared with other work the wall clock swings, CPU
+time much less. The chosen answer of every item is compared, and the log-likelihoods.
 
 `--peer-items N` times lm-eval on the first N items only (it costs a full forward pass of the
 few-shot prompt per question: on 2 cores about 10 s an item at fp32), and compares agreement on
@@ -28,8 +29,6 @@ import argparse
 import json
 import os
 import random
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -134,43 +133,29 @@ metric_list:
 
 
 def run_lm_eval(ckpt: Path, data: Path, shots: int, limit: int, dtype: str, batch: int) -> dict:
-    """lm-eval's `hf` model on the task; returns seconds scoring and the choice per item."""
+    """lm-eval's `hf` model on the task, in this process (its model loaded and its task index
+    built before the clock starts); returns seconds scoring and the choice per item."""
+    os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
     tasks = WORK / "lm-eval-tasks"
     tasks.mkdir(exist_ok=True)
     (tasks / "bench_mmlu.yaml").write_text(LM_EVAL_TASK.format(
         test=data / "test.jsonl", dev=data / "dev.jsonl", subject=SUBJECT.replace("_", " ")))
-    out = WORK / "lm-eval-out"
-    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "lm_eval", "--model", "hf",
-           "--model_args", f"pretrained={ckpt},dtype={dtype}", "--tasks", "bench_mmlu",
-           "--include_path", str(tasks), "--num_fewshot", str(shots), "--limit", str(limit),
-           "--batch_size", str(batch), "--device", "cpu", "--log_samples", "--output_path", str(out)]
-    t0 = time.perf_counter()
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if p.returncode != 0:
-        sys.exit(f"lm-eval failed:\n{p.stderr[-3000:]}")
-    samples = sorted(out.rglob("samples_bench_mmlu_*.jsonl"), key=lambda f: f.stat().st_mtime)[-1]
+    lm = HFLM(pretrained=str(ckpt), dtype=dtype, batch_size=batch, device="cpu")
+    manager = TaskManager(include_path=str(tasks))
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = simple_evaluate(model=lm, tasks=["bench_mmlu"], num_fewshot=shots, limit=limit, task_manager=manager,
+                          log_samples=True, bootstrap_iters=0)
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     chosen, lls = {}, {}
-    for line in samples.read_text().splitlines():
-        s = json.loads(line)
+    for s in out["samples"]["bench_mmlu"]:
         ll = [float(r[0][0]) for r in s["resps"]]
         chosen[int(s["doc_id"])] = max(range(len(ll)), key=ll.__getitem__)
         lls[int(s["doc_id"])] = ll
-    # the time spent scoring: lm-eval logs when it starts running the requests
-    scoring = _scoring_seconds(p.stderr) or wall
-    return {"seconds": scoring, "wall": wall, "chosen": chosen, "loglikelihoods": lls}
-
-
-def _scoring_seconds(log: str) -> float | None:
-    """Seconds from lm-eval's 'Running loglikelihood requests' log line to the end of the run."""
-    import re
-    from datetime import datetime
-
-    stamps = [(m.group(1), m.group(2)) for m in re.finditer(r"(\d{4}-\d\d-\d\d:\d\d:\d\d:\d\d)[^\n]*?(Running loglikelihood|$)", log, re.M)]
-    start = next((datetime.strptime(s, "%Y-%m-%d:%H:%M:%S") for s, what in stamps if what), None)
-    end = datetime.strptime(stamps[-1][0], "%Y-%m-%d:%H:%M:%S") if stamps else None
-    return (end - start).total_seconds() if start and end and end > start else None
+    return {"seconds": seconds, "cpu": cpu, "chosen": chosen, "loglikelihoods": lls}
 
 
 def main() -> None:
@@ -188,17 +173,18 @@ def main() -> None:
     gguf = make_gguf(ckpt)
     data = write_data(a.items)
     mine = run_llmdesk(gguf, data, a.shots, a.items, a.slots)
-    print(f"llmdesk  : {a.items} items in {mine['seconds']:.1f} s = {a.items / mine['seconds']:.3f} items/s "
-          f"(GGUF F16, {a.slots} slots, unified KV cache)", flush=True)
+    print(f"llmdesk  : {a.items} items in {mine['seconds']:.1f} s = {a.items / mine['seconds']:.3f} items/s, "
+          f"{mine['cpu'] / a.items:.2f} CPU-s an item (GGUF F16, {a.slots} slots, unified KV cache)", flush=True)
     if a.skip_peer:
         return
     n_peer = a.peer_items or a.items
     peer = run_lm_eval(ckpt, data, a.shots, n_peer, a.dtype, a.batch)
-    print(f"lm-eval  : {n_peer} items in {peer['seconds']:.1f} s = {n_peer / peer['seconds']:.3f} items/s "
-          f"(transformers {a.dtype}, batch {a.batch}; {peer['wall']:.0f} s with loading)")
+    print(f"lm-eval  : {n_peer} items in {peer['seconds']:.1f} s = {n_peer / peer['seconds']:.3f} items/s, "
+          f"{peer['cpu'] / n_peer:.2f} CPU-s an item (transformers {a.dtype}, batch {a.batch})")
     same = sum(mine["chosen"][i] == c for i, c in peer["chosen"].items())
     diffs = [abs(x - y) for i, ll in peer["loglikelihoods"].items() for x, y in zip(ll, mine["loglikelihoods"][i])]
-    print(f"speed    : {(a.items / mine['seconds']) / (n_peer / peer['seconds']):.1f}x lm-eval's items/s")
+    print(f"speed    : {(a.items / mine['seconds']) / (n_peer / peer['seconds']):.1f}x lm-eval's items/s "
+          f"(wall clock), {(peer['cpu'] / n_peer) / (mine['cpu'] / a.items):.1f}x by CPU time an item")
     print(f"agreement: same choice on {same}/{len(peer['chosen'])} items ({100 * same / len(peer['chosen']):.1f}%); "
           f"loglikelihoods differ by {max(diffs):.4f} at most, {sum(diffs) / len(diffs):.4f} on average")
 
@@ -212,15 +198,16 @@ def run_llmdesk(gguf: Path, data: Path, shots: int, items: int, slots: int) -> d
     model, ident = open_model(str(gguf), slots=slots)
     try:
         task = load_task(f"mmlu_{SUBJECT}", data=data)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         r = evaluate(model, task, limit=items, shots=shots, identity=ident, fresh=True)
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         stats = {"engine_seq_copies": model.engine.seq_copies}
     finally:
         model.close()
     lls = {i: x["ll"] for i, x in r.items.items()}
     chosen = {i: max(range(len(ll)), key=ll.__getitem__) for i, ll in lls.items()}
-    return {"seconds": seconds, "chosen": chosen, "loglikelihoods": lls, "acc": r.metrics["acc"].value, **stats}
+    return {"seconds": seconds, "cpu": cpu, "chosen": chosen, "loglikelihoods": lls, "acc": r.metrics["acc"].value,
+            **stats}
 
 
 if __name__ == "__main__":
