@@ -32,6 +32,7 @@ GpuLayersOpt = Annotated[Optional[str], typer.Option(
     "-ngl", "--gpu-layers", help="Layers to offload to a GPU: a number or 'all' (needs a GPU build of llama.cpp; default 0, the CPU).")]
 TemplateOpt = Annotated[Optional[str], typer.Option("--template", help="Chat template: a built-in name (chatml, llama-3, ...) or a .jinja file.")]
 NoLogOpt = Annotated[bool, typer.Option("--no-log", help="Do not record this conversation in 'llmdesk logs'.")]
+LoraOpt = Annotated[Optional[list[str]], typer.Option("--lora", help="Apply a LoRA adapter: ADAPTER.gguf[:SCALE], a llama.cpp LoRA GGUF made for this model ('llmdesk convert --lora'); repeatable, scale 1 by default.")]
 
 
 def default_model_ref(model: str | None) -> str:
@@ -51,15 +52,18 @@ def default_model_ref(model: str | None) -> str:
     return str(bundled)
 
 
-def _load(model: str | None, ctx: int | None, threads: int | None, template: str | None, gpu_layers: str | None):
+def _load(model: str | None, ctx: int | None, threads: int | None, template: str | None, gpu_layers: str | None,
+          lora: list[str] | None = None):
     from ..runtime.llama import parse_gpu_layers
-    from ..runtime.model import load
+    from ..runtime.model import load, lora_spec
 
     if threads is not None and threads < 1:
         raise LlmdeskError(f"--threads must be at least 1, got {threads}")
+    adapters = [lora_spec(x) for x in lora or []]  # a bad --lora fails before the model loads
     ref = default_model_ref(model)
     with err.status(f"loading {ref} ...", spinner="dots"):
-        return load(ref, ctx=ctx, threads=threads, template=template, gpu_layers=parse_gpu_layers(gpu_layers))
+        return load(ref, ctx=ctx, threads=threads, template=template, gpu_layers=parse_gpu_layers(gpu_layers),
+                    lora=adapters)
 
 
 def _log(no_log: bool, **kw) -> None:
@@ -131,6 +135,7 @@ def run(
     json_: Annotated[bool, typer.Option("--json", help="Print one JSON object: text, token counts, speed.")] = False,
     format_: Annotated[Optional[str], typer.Option("--format", help="'json': the answer is a JSON object (enforced by a grammar).")] = None,
     schema: SchemaOpt = None,
+    lora: LoraOpt = None,
     no_log: NoLogOpt = False,
 ) -> None:
     """Answer one prompt, streaming the answer to stdout."""
@@ -146,7 +151,7 @@ def run(
     fmt = _response_format(format_ == "json", schema)
     if raw and fmt:
         raise LlmdeskError("--schema and --format json need the chat template; they cannot be used with --raw")
-    m = _load(model, ctx, threads, template, gpu_layers)
+    m = _load(model, ctx, threads, template, gpu_layers, lora)
     kw = dict(max_tokens=None if max_tokens < 0 else max_tokens, temperature=temperature, top_k=top_k,
               top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed, stop=stop)
     show = None if json_ else _write
@@ -238,6 +243,7 @@ def chat(
     schema: SchemaOpt = None,
     tool: Annotated[Optional[list[Path]], typer.Option("--tool", help="A Python file whose public functions the model may call (repeatable); their schemas come from type hints and docstrings.", dir_okay=False)] = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Run the model's tool calls without asking first.")] = False,
+    lora: LoraOpt = None,
     no_log: NoLogOpt = False,
 ) -> None:
     """Chat with a model in the terminal. Type /? for commands.
@@ -250,12 +256,13 @@ def chat(
         pass
     fmt = _response_format(json_mode, schema)
     functions = _load_tools(tool or [])
-    m = _load(model, ctx, threads, template, gpu_layers)
+    m = _load(model, ctx, threads, template, gpu_layers, lora)
     settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                     repeat_penalty=repeat_penalty, seed=seed, max_tokens=max_tokens)
     messages: list[dict] = []
     origin = getattr(getattr(m, "template", None), "origin", "the server's")
-    err.print(f"{m.name} · context {m.n_ctx or '?'} tokens · template: {origin}", style="dim")
+    adapters = "".join(f" · LoRA {p.name} x{scale:g}" for p, scale in getattr(m, "lora", []))
+    err.print(f"{m.name} · context {m.n_ctx or '?'} tokens · template: {origin}{adapters}", style="dim", markup=False)
     if functions:
         err.print(f"tools: {', '.join(functions)}" + ("" if yes else " (each call is shown and asked for)"),
                   style="dim")
@@ -298,6 +305,7 @@ def chat(
                 elif cmd == "/show":
                     err.print(json.dumps({**settings, "system": system, "template": origin,
                                           "context": m.n_ctx, "tools": list(functions),
+                                          "lora": [[str(p), scale] for p, scale in getattr(m, "lora", [])],
                                           "response_format": fmt}, indent=2), markup=False)
                 elif cmd == "/save":
                     if not arg:

@@ -21,6 +21,7 @@ Qwen2Model, Phi3MiniModel, GemmaModel, Gemma2Model).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -509,17 +510,14 @@ class _Planned:
 
 def _plan(ck: Checkpoint, hp: Hparams, extra: list[tuple[str, np.ndarray]]) -> list[_Planned]:
     """Every output tensor, checked against the config by name and shape before any data is read."""
-    import gguf
-
     s = hp.shape
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[s.arch.upper()], s.n_layer)
     out: dict[str, _Planned] = {}
     src = ck.path / ck.weight_files[0].name if len(ck.weight_files) == 1 else ck.path
     for t in ck.tensors():
         hf_name = t.name
         if hf_name.endswith((".rotary_emb.inv_freq", "attn.masked_bias", "attn.bias")):
             continue  # buffers, recomputed by llama.cpp
-        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        name, heads = gguf_tensor(hf_name, s)
         if name is None:
             raise ConversionError(f"{src}: unexpected tensor {hf_name!r} for {ck.architecture} "
                                   "(is config.json's architecture right?)")
@@ -532,11 +530,6 @@ def _plan(ck: Checkpoint, hp: Hparams, extra: list[tuple[str, np.ndarray]]) -> l
         if want is not None and t.shape != want:
             raise ConversionError(f"{src}: tensor {hf_name!r} has shape {t.shape} but config.json "
                                   f"implies {want} (the config and the weights disagree)")
-        heads = 0
-        if s.arch == "llama" and base in ("attn_q.weight", "attn_q.bias"):
-            heads = s.n_head
-        elif s.arch == "llama" and base in ("attn_k.weight", "attn_k.bias"):
-            heads = s.n_head_kv
         add_one = s.arch in ("gemma", "gemma2") and name.endswith("norm.weight")
         out[name] = _Planned(name, t.shape, src=t, permute_heads=heads, add_one=add_one)
     for name, data in extra:
@@ -551,6 +544,54 @@ def _plan(ck: Checkpoint, hp: Hparams, extra: list[tuple[str, np.ndarray]]) -> l
         raise ConversionError(f"{src}: missing tensor {missing[0]} (config.json says {s.n_layer} layers; "
                               "the weights and the config disagree)")
     return list(out.values())
+
+
+# what other writers (formats/lora_gguf.py: LoRA adapters) share with this one: the shape read
+# from config.json, and each checkpoint tensor's GGUF name and layout
+
+
+def config_shape(config: dict[str, Any], where: str | os.PathLike) -> ModelShape:
+    """The shape of the model `config` (a config.json, from the folder `where`) describes, as
+    this converter reads it; one-line errors for an unsupported architecture or a bad config."""
+    ck = Checkpoint(Path(where), config, [])
+    arch = ARCHITECTURES.get(ck.architecture)
+    if arch is None:
+        raise ConversionError(f"{ck.path}: architecture {ck.architecture!r} is not supported "
+                              f"(supported: {', '.join(ARCHITECTURES)})")
+    return _hparams(ck, arch).shape
+
+
+@functools.lru_cache(maxsize=8)
+def _name_map(arch: str, n_layer: int) -> Any:
+    """gguf's map of checkpoint tensor names to GGUF names for `arch` (built once per model)."""
+    import gguf
+
+    return gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], n_layer)
+
+
+def gguf_tensor(hf_name: str, s: ModelShape) -> tuple[str | None, int]:
+    """(the GGUF name of the checkpoint tensor `hf_name` in a model of shape `s`, or None when the
+    architecture has no such tensor; the heads its rows are permuted by for llama.cpp's RoPE, 0
+    for none: llama's q and k, see `_permute_rope`)."""
+    name = _name_map(s.arch, s.n_layer).get_name(hf_name, try_suffixes=(".weight", ".bias"))
+    base = re.sub(r"^blk\.\d+\.", "", name or "")
+    heads = 0
+    if s.arch == "llama" and base in ("attn_q.weight", "attn_q.bias"):
+        heads = s.n_head
+    elif s.arch == "llama" and base in ("attn_k.weight", "attn_k.bias"):
+        heads = s.n_head_kv
+    return name, heads
+
+
+def permute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
+    """The rows of `w` (out, ...) in llama.cpp's RoPE order (`gguf_tensor` says when, and how many heads)."""
+    return _permute_rope(w, n_head)
+
+
+def expected_shape(gguf_name: str, s: ModelShape) -> tuple[int, ...] | None:
+    """numpy (out, in) shape of the GGUF tensor `gguf_name` ("blk.3.attn_q.weight") in a model of
+    shape `s` (None: not one the converter checks)."""
+    return _expected_shape(re.sub(r"^blk\.\d+\.", "", gguf_name), s)
 
 
 class GGUFTokenizer(Protocol):

@@ -41,8 +41,8 @@ import numpy as np
 
 from ..errors import LlmdeskError
 from . import limits
-from .llama import (AbortFlag, Batch, LlamaModel, clear_memory, decode, free_context, new_context, output_logits,
-                    pooling_of, sequence_embedding)
+from .llama import (AbortFlag, Batch, LlamaModel, LoraAdapter, clear_memory, decode, free_context, new_context,
+                    output_logits, pooling_of, sequence_embedding, set_adapters)
 
 log = logging.getLogger("llmdesk.engine")
 
@@ -490,7 +490,11 @@ class Engine:
     of consecutive slots only (llama_batch_allocr::split_equal), which costs scoring (choices of
     different lengths) most of what batching gains on a CPU. But every token then attends over
     every slot's cells (masked), so for unrelated chats the default is faster: unified suits
-    evaluation, where the slots share long prefixes."""
+    evaluation, where the slots share long prefixes.
+
+    `lora`: LoRA adapters loaded for `model` (llama.LoraAdapter) and their scales, applied to
+    every request: llama.cpp sets adapters on a whole context (llama_set_adapters_lora), not per
+    sequence, so one Engine serves one adapter set (docs/lora.md)."""
 
     # one token's sampling may take this long before the request is stopped (a grammar that is
     # slow for this vocabulary); the grammar checks keep accepted grammars far below it
@@ -516,6 +520,7 @@ class Engine:
         cache_type: str = "f16",
         flash_attn: bool | None = None,
         kv_unified: bool = False,
+        lora: list[tuple[LoraAdapter, float]] | None = None,
     ):
         if n_slots < 1:
             raise LlmdeskError(f"--parallel must be at least 1, got {n_slots}")
@@ -531,6 +536,13 @@ class Engine:
         self.ctx = new_context(model, n_ctx=n_ctx * n_slots, n_seq=n_slots, n_batch=self.n_batch,
                                n_threads=n_threads, cache_type=cache_type, flash_attn=flash_attn,
                                unified=kv_unified)
+        self.lora = list(lora or [])
+        if self.lora:
+            try:
+                set_adapters(self.ctx, self.lora)
+            except BaseException:
+                free_context(self.ctx)
+                raise
         self.abort = AbortFlag()  # read by llama.cpp during a decode: set, the decode returns early
         self.abort.attach(self.ctx)
         # per slot; llama.cpp rounds its cache up (to 256 cells), the limit is what was asked for
@@ -1103,6 +1115,8 @@ class Engine:
                                       n_ubatch=self._embed_room, n_threads=self.n_threads, embeddings=True,
                                       pooling=self.pooling if self.pooling in ("mean", "cls", "last") else "mean",
                                       unified=True, cache_type=self.cache_type, flash_attn=self.flash_attn)
+        if self.lora:  # embeddings come from the same adapted model as generations
+            set_adapters(self._embed_ctx, self.lora)
         self.abort.attach(self._embed_ctx)
         self._embed_batch = Batch(self._embed_room)
         got = pooling_of(self._embed_ctx)

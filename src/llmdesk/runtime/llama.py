@@ -120,9 +120,13 @@ class LlamaModel:
         self.add_bos = bool(C.llama_vocab_get_add_bos(self.vocab))
         self.arch = self.meta("general.architecture") or ""
         self._piece_cache: dict[int, bytes] = {}
+        self.adapters: list[LoraAdapter] = []  # loaded for this model: llama.cpp frees them with it
 
     def close(self) -> None:
         if getattr(self, "ptr", None):
+            for a in self.adapters:  # llama_model_free frees the adapters still loaded
+                a.ptr = None
+            self.adapters.clear()
             C.llama_model_free(self.ptr)
             self.ptr = None
 
@@ -207,6 +211,55 @@ class LlamaModel:
 
     def token_text(self, token: int) -> str:
         return (C.llama_vocab_get_text(self.vocab, token) or b"").decode("utf-8", "replace")
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA adapters
+
+
+class LoraAdapter:
+    """A llama.cpp LoRA GGUF loaded for one model (llama_adapter_lora_init): its A/B tensors in
+    memory beside the model's weights, applied to a context by `set_adapters`. Free it (`close`)
+    only once no context uses it; llama.cpp frees what is left with the model."""
+
+    def __init__(self, model: LlamaModel, path: str | os.PathLike):
+        init_backend()
+        self.path = Path(path)
+        self.model = model
+        if not self.path.is_file():
+            raise LlmdeskError(f"{self.path}: no such LoRA adapter file")
+        _recent_errors.clear()
+        ptr = C.llama_adapter_lora_init(model.ptr, str(self.path).encode())
+        if not ptr:
+            why = last_error().removeprefix("llama_adapter_lora_init: failed to apply lora adapter: ")
+            raise LlmdeskError(f"{self.path}: llama.cpp refused it as a LoRA adapter for {model.path.name}: "
+                               f"{why or 'not a LoRA GGUF'}")
+        self.ptr = ptr
+        model.adapters.append(self)
+        self.alpha = float(self.meta("adapter.lora.alpha") or 0.0)
+
+    def meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(1024)
+        n = C.llama_adapter_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        return None if n < 0 else buf.value.decode("utf-8", "replace")
+
+    def close(self) -> None:
+        if self.ptr:
+            C.llama_adapter_lora_free(self.ptr)
+            self.ptr = None
+            self.model.adapters.remove(self)
+
+
+def set_adapters(ctx, adapters: list[tuple[LoraAdapter, float]]) -> None:
+    """Apply these adapters at these scales to every sequence of `ctx` (llama_set_adapters_lora:
+    a context has one adapter set; an empty list clears it). llama.cpp adds
+    scale * alpha / rank * B(A x) to each adapted matmul."""
+    n = len(adapters)
+    ptrs = (C.llama_adapter_lora_p_ctypes * n)(*(a.ptr for a, _ in adapters)) if n else None
+    scales = (ctypes.c_float * n)(*(float(s) for _, s in adapters)) if n else None
+    rc = C.llama_set_adapters_lora(ctx, ptrs, n, scales)
+    if rc != 0:
+        raise LlmdeskError(f"llama.cpp could not apply the LoRA adapters ({last_error() or f'error {rc}'})")
 
 
 class AbortFlag:

@@ -7,6 +7,7 @@ same calls.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ from ..errors import LlmdeskError
 from ..formats.gguf import GGUFInfo, read_gguf
 from . import limits
 from .engine import Engine, Request, Result, ScoreRequest, ScoreResult, Stream, sampling_params
-from .llama import LlamaModel
+from .llama import LlamaModel, LoraAdapter
 from .templates import ChatTemplate, resolve_template
 
 from ..formats.shape import DEFAULT_CTX  # one default for fit, the Engine and the server
@@ -56,24 +57,60 @@ class Completion:
         return d
 
 
+def lora_spec(item: Any) -> tuple[Path, float]:
+    """(path, scale) of one adapter: a (path, scale) pair, or a path with an optional ":SCALE"
+    ("style.gguf:0.5", what `--lora` takes; the scale defaults to 1)."""
+    if isinstance(item, (tuple, list)):
+        if len(item) != 2:
+            raise LlmdeskError(f"a LoRA adapter is a path or a (path, scale) pair, not {item!r}")
+        path, scale = item
+    else:
+        path, scale = str(item), 1.0
+        head, sep, tail = path.rpartition(":")
+        if sep and head and not tail.startswith(("/", "\\")):  # "a.gguf:0.5" (not "C:\\x.gguf")
+            try:
+                path, scale = head, float(tail)
+            except ValueError:
+                if not Path(path).exists():
+                    raise LlmdeskError(f"LoRA adapter '{item}': the scale after the last colon must be a number, "
+                                       f"not {tail!r} (write ADAPTER.gguf or ADAPTER.gguf:SCALE)") from None
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise LlmdeskError(f"LoRA adapter {path}: the scale must be a finite number, not {scale!r}")
+    return Path(path).expanduser(), float(scale)
+
+
 class Model:
-    """A GGUF model loaded into llama.cpp, with `slots` requests served at once."""
+    """A GGUF model loaded into llama.cpp, with `slots` requests served at once.
+
+    `lora`: LoRA adapters (llama.cpp LoRA GGUFs for this model) applied to everything it
+    computes: paths, "path:scale" strings or (path, scale) pairs; several add up."""
 
     def __init__(self, path: str | Path, *, name: str | None = None, ctx: int | None = None,
                  threads: int | None = None, slots: int = 1, batch: int = 512,
-                 template: str | None = None, gpu_layers: int = 0, kv_unified: bool = False):
+                 template: str | None = None, gpu_layers: int = 0, kv_unified: bool = False,
+                 lora: list | None = None):
         self.path = Path(path)
         self.name = name or self.path.stem
+        self.lora = [lora_spec(x) for x in lora or []]  # (path, scale), as asked
         # our own validation runs first: llama.cpp never sees a malformed file
         self.info: GGUFInfo = read_gguf(self.path)
         # layers offloaded to a GPU (llama.cpp keeps them all on the CPU when it has no GPU backend)
         self.llama = LlamaModel(self.path, n_gpu_layers=gpu_layers)
         n_ctx = ctx or min(self.llama.n_ctx_train or DEFAULT_CTX, DEFAULT_CTX)
         self.threads = threads
-        # kv_unified: the slots share one KV cache (suits evaluation, where they share long
-        # prefixes; see Engine and docs/scoring.md)
-        self.engine = Engine(self.llama, n_ctx=n_ctx, n_slots=slots, n_batch=batch, n_threads=threads,
-                             kv_unified=kv_unified)
+        self.adapters: list[LoraAdapter] = []
+        try:
+            for p, _scale in self.lora:
+                self.adapters.append(LoraAdapter(self.llama, p))
+            # kv_unified: the slots share one KV cache (suits evaluation, where they share long
+            # prefixes; see Engine and docs/scoring.md)
+            self.engine = Engine(self.llama, n_ctx=n_ctx, n_slots=slots, n_batch=batch, n_threads=threads,
+                                 kv_unified=kv_unified,
+                                 lora=[(a, scale) for a, (_p, scale) in zip(self.adapters, self.lora)])
+        except BaseException:
+            if self.lora:  # the adapters' failures free what was loaded (the model's memory too)
+                self.llama.close()
+            raise
         self.n_ctx = self.engine.n_ctx
         specials = self.info.special_tokens or {}
         self.template: ChatTemplate = resolve_template(
@@ -83,6 +120,9 @@ class Model:
     # -- lifecycle ----------------------------------------------------------------------------
     def close(self) -> None:
         self.engine.close()
+        if self.engine.ctx is None:  # no context uses the adapters any more
+            for a in self.adapters:
+                a.close()
         if self.engine.ctx is not None:  # the engine closed cleanly (no step left running)
             self.llama.close()
 
@@ -274,12 +314,12 @@ class Model:
                 for t, lp, top in zip(r.tokens, r.logprobs, r.top or [[] for _ in r.tokens])]
 
 def load(ref, *, ctx: int | None = None, threads: int | None = None, slots: int = 1,
-         template: str | None = None, gpu_layers: int = 0, kv_unified: bool = False):
+         template: str | None = None, gpu_layers: int = 0, kv_unified: bool = False, lora: list | None = None):
     """Load a model by reference (a string, a Path or a store.refs.ModelRef): a .gguf path,
     NAME[:TAG] in the store or hf:OWNER/REPO/FILE.gguf gives a Model; openai:URL#MODEL or
     openai:NAME (an endpoint in endpoints.toml) gives a runtime.remote.RemoteModel, with the same
     calls. For a remote model ctx, threads, slots, gpu_layers and kv_unified are its server's
-    business."""
+    business. `lora`: LoRA adapters to apply (see `Model`), local models only."""
     from ..store.refs import ModelRef, resolve
 
     found = ref if isinstance(ref, ModelRef) else resolve(str(ref), allow_remote=True)
@@ -289,6 +329,8 @@ def load(ref, *, ctx: int | None = None, threads: int | None = None, slots: int 
         if template is not None:
             raise LlmdeskError(f"{found.name} answers with its server's chat template; a template can only be "
                                "chosen for a local model")
+        if lora:
+            raise LlmdeskError(f"{found.name} is a remote model: LoRA adapters can only be applied to a local GGUF")
         return RemoteModel(found)
     return Model(found.path, name=found.name, ctx=ctx, threads=threads, slots=slots, template=template,
-                 gpu_layers=gpu_layers, kv_unified=kv_unified)
+                 gpu_layers=gpu_layers, kv_unified=kv_unified, lora=lora)
