@@ -218,6 +218,95 @@ PHI3 = (r"{% for message in messages %}{% if message['role'] == 'system' %}{{'<|
         r"{% endif %}")
 
 
+# Qwen/Qwen3-0.6B (as llama.cpp keeps it, models/templates/Qwen-Qwen3-0.6B.jinja): the last answer after
+# the last user turn gets a <think> block (empty, or the reasoning given in the content between
+# <think> and </think>); earlier answers lose their reasoning
+QWEN3 = r"""{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0].role == 'system' %}
+        {{- messages[0].content + '\n\n' }}
+    {%- endif %}
+    {{- "# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
+{%- else %}
+    {%- if messages[0].role == 'system' %}
+        {{- '<|im_start|>system\n' + messages[0].content + '<|im_end|>\n' }}
+    {%- endif %}
+{%- endif %}
+{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}
+{%- for message in messages[::-1] %}
+    {%- set index = (messages|length - 1) - loop.index0 %}
+    {%- if ns.multi_step_tool and message.role == "user" and not(message.content.startswith('<tool_response>') and message.content.endswith('</tool_response>')) %}
+        {%- set ns.multi_step_tool = false %}
+        {%- set ns.last_query_index = index %}
+    {%- endif %}
+{%- endfor %}
+{%- for message in messages %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) %}
+        {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}
+    {%- elif message.role == "assistant" %}
+        {%- set content = message.content %}
+        {%- set reasoning_content = '' %}
+        {%- if message.reasoning_content is defined and message.reasoning_content is not none %}
+            {%- set reasoning_content = message.reasoning_content %}
+        {%- else %}
+            {%- if '</think>' in message.content %}
+                {%- set content = message.content.split('</think>')[-1].lstrip('\n') %}
+                {%- set reasoning_content = message.content.split('</think>')[0].rstrip('\n').split('<think>')[-1].lstrip('\n') %}
+            {%- endif %}
+        {%- endif %}
+        {%- if loop.index0 > ns.last_query_index %}
+            {%- if loop.last or (not loop.last and reasoning_content) %}
+                {{- '<|im_start|>' + message.role + '\n<think>\n' + reasoning_content.strip('\n') + '\n</think>\n\n' + content.lstrip('\n') }}
+            {%- else %}
+                {{- '<|im_start|>' + message.role + '\n' + content }}
+            {%- endif %}
+        {%- else %}
+            {{- '<|im_start|>' + message.role + '\n' + content }}
+        {%- endif %}
+        {%- if message.tool_calls %}
+            {%- for tool_call in message.tool_calls %}
+                {%- if (loop.first and content) or (not loop.first) %}
+                    {{- '\n' }}
+                {%- endif %}
+                {%- if tool_call.function %}
+                    {%- set tool_call = tool_call.function %}
+                {%- endif %}
+                {{- '<tool_call>\n{"name": "' }}
+                {{- tool_call.name }}
+                {{- '", "arguments": ' }}
+                {%- if tool_call.arguments is string %}
+                    {{- tool_call.arguments }}
+                {%- else %}
+                    {{- tool_call.arguments | tojson }}
+                {%- endif %}
+                {{- '}\n</tool_call>' }}
+            {%- endfor %}
+        {%- endif %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if loop.first or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' }}
+        {{- message.content }}
+        {{- '\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+    {%- if enable_thinking is defined and enable_thinking is false %}
+        {{- '<think>\n\n</think>\n\n' }}
+    {%- endif %}
+{%- endif %}"""
+
 @dataclass(frozen=True)
 class Family:
     template: str
@@ -241,6 +330,8 @@ FAMILIES = {
                     "<end_of_turn>"),
     "gemma-2": Family(GEMMA2, ("<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"), "<bos>", "<eos>", True, "",
                       "<end_of_turn>"),
+    "qwen3": Family(QWEN3, ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"), None,
+                    "<|im_end|>", False, "", "<|im_end|>"),
     "phi-3": Family(PHI3, ("<s>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"), "<s>",
                     "<|endoftext|>", False, "", "<|end|>"),
 }
@@ -299,7 +390,7 @@ def one_line(e: pytest.ExceptionInfo) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["chatml", "llama-2", "llama-3", "mistral", "gemma", "phi-3"])
+@pytest.mark.parametrize("name", ["chatml", "llama-2", "llama-3", "mistral", "gemma", "phi-3", "qwen3"])
 def test_trained_tokens_are_the_answers_and_their_terminators(name):
     fam, tok = FAMILIES[name], make_tokenizer(name)
     ex = build_example(Row("chat.jsonl:1", CHAT), tok)
@@ -309,10 +400,29 @@ def test_trained_tokens_are_the_answers_and_their_terminators(name):
     # with one BOS in front (the template's own, or the tokenizer's when the template writes none)
     rendered = tok.apply_chat_template(CHAT, tokenize=False)
     own = tok(rendered, add_special_tokens=False)["input_ids"]
-    bos = tok.convert_tokens_to_ids(fam.bos)
+    bos = tok.convert_tokens_to_ids(fam.bos) if fam.bos else None
     assert ex.input_ids == (own if own[0] == bos or not fam.adds_bos else [bos, *own])
     assert ex.input_ids[0] == bos if fam.adds_bos else ex.input_ids[0] != bos
     assert ex.input_ids[1] != bos
+
+
+def test_reasoning_is_trained_where_the_template_keeps_it():
+    """Qwen 3 keeps the reasoning of the answer after the last user turn (trained with it, as the
+    model writes it) and drops the reasoning of earlier answers (only their answer is there to
+    train); the empty <think></think> block it puts before a plain last answer is not trained."""
+    tok = make_tokenizer("qwen3")
+    think = "<think>\nTwo and two make four.\n</think>\n\n"
+    chat = [*CHAT[:2], {"role": "assistant", "content": think + "I am a small model."}, *CHAT[3:6],
+            {"role": "assistant", "content": think + "Seven (7)."}]
+    text = tok.apply_chat_template(chat, tokenize=False)
+    assert text.count("<think>") == 1  # the first answer's reasoning is not rendered
+    ex = build_example(Row("chat.jsonl:1", chat), tok)
+    assert trained_spans(tok, ex) == ["I am a small model.<|im_end|>",
+                                      "Four. And two plus two is four, always.<|im_end|>",
+                                      think + "Seven (7).<|im_end|>"]
+    plain = build_example(Row("chat.jsonl:2", CHAT), tok)
+    assert "<think>\n\n</think>\n\n" in tok.decode(plain.input_ids)
+    assert trained_spans(tok, plain)[-1] == "Seven (7).<|im_end|>"
 
 
 def test_eos_after_each_answer_is_trained_not_the_space_after_it():
@@ -562,7 +672,8 @@ def test_rows_longer_than_seq_len_are_an_error_unless_truncated(tmp_path):
     with pytest.raises(LlmdeskError) as e:
         build_dataset(rows, tok, seq_len=first + 3)
     assert one_line(e) == (f"2 rows are longer than --seq-len {first + 3} (the longest {n_long} tokens): {data}:1 "
-                           f"({n_long} tokens), {data}:3 ({n_long} tokens); raise --seq-len, or cut them with --truncate")
+                           f"({n_long} tokens), {data}:3 ({n_long} tokens); raise --seq-len, or cut them with "
+                           f"--truncate")
     cut = build_dataset(rows, tok, seq_len=first + 3, truncate=True)
     assert [len(e.input_ids) for e in cut.examples] == [first + 3, full.lengths[1], first + 3]
     assert cut.examples[0].input_ids == full.examples[0].input_ids[:first + 3]

@@ -12,15 +12,14 @@ The shapes read (JSONL, JSON, CSV, Parquet; docs/tune-data.md has one example of
 
 Which tokens are trained, for any chat template (no `{% generation %}` markers needed): the
 conversation is rendered once with the model's own template and tokenized once (offsets on). For
-each assistant turn the conversation up to it is rendered again with the turn's content replaced by
-a sentinel; the text before the sentinel is what the template writes ahead of the content (the
-prompt and the turn's header), the text after it is what the template writes after the content:
-its end-of-turn text. Trained: the content and that end-of-turn text up to and including its first
-special token (`<|im_end|>`, `<|eot_id|>`, `</s>`, `<end_of_turn>`, `<|end|>`), and whitespace the
-turn writes before its content beyond the generation prompt (Llama 2's `' ' + content`); what
-follows the terminator (a newline, the next turn's header) is formatting the next turn writes.
-Character spans become tokens through the fast tokenizer's offsets: a token is trained when it
-covers any trained character.
+each assistant turn the conversation is rendered again with the turn's content replaced by a
+sentinel: the text before the sentinel and the text after it are the same in both renders, so the
+content is what lies between. Trained: the content, and what the template writes after it up to
+and including its first special token (`<|im_end|>`, `<|eot_id|>`, `</s>`, `<end_of_turn>`,
+`<|end|>`), and whitespace the turn writes before its content beyond the generation prompt (Llama
+2's `' ' + content`); what follows the terminator (a newline, the next turn's header) is formatting
+the next turn writes. Character spans become tokens through the fast tokenizer's offsets: a token
+is trained when it covers any trained character.
 
 torch and transformers are not imported here: the tokenizer is handed in.
 """
@@ -163,7 +162,7 @@ def _records(path: Path, problems: _Problems) -> Iterator[tuple[str, Any]]:
         if suffix == ".parquet":
             yield from _parquet(path, problems)
             return
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a BOM (Excel's CSVs, Windows editors) is not data
     except UnicodeDecodeError:
         problems.add(str(path), "not UTF-8 text: save it as UTF-8")
         return
@@ -519,7 +518,15 @@ def _encode(row: Row, prep: _Prepared, train_on: str) -> _Encoded:
 
 
 def _assistant_spans(row: Row, prep: _Prepared, full: str) -> list[tuple[int, int]]:
-    """The character spans of `full` to train: each assistant turn's content and terminator."""
+    """The character spans of `full` (the whole conversation, rendered) to train: each assistant
+    turn's content and its terminator.
+
+    Each turn is found by rendering the whole conversation again with that turn's content replaced
+    by SENTINEL: the text before the sentinel is the same in both renders, and so is the text after
+    it, whatever the template does with other turns (Mistral v0.3 moves the system message, Qwen 3
+    drops earlier turns' reasoning). A template that rewrites the content itself (Qwen 3 reformats
+    `<think>` reasoning in the last turn) is matched by finding the content, as given, where the
+    two renders differ."""
     spans: list[tuple[int, int]] = []
     cursor = 0
     messages = row.messages or []
@@ -528,29 +535,37 @@ def _assistant_spans(row: Row, prep: _Prepared, full: str) -> list[tuple[int, in
         if message["role"] != "assistant":
             continue
         n_turn += 1
-        upto = prep.render(messages[: i + 1], row.source)
-        marked = prep.render([*messages[:i], {**message, "content": SENTINEL}], row.source)
+        marked = prep.render([*messages[:i], {**message, "content": SENTINEL}, *messages[i + 1:]], row.source)
         at = marked.find(SENTINEL)
-        before, after = marked[:at], marked[at + len(SENTINEL):]
-        if at < 0 or SENTINEL in after or not (upto.startswith(before) and upto.endswith(after)
-                                               and len(before) + len(after) <= len(upto)):
-            raise LlmdeskError(f"{row.source}: the chat template does not write assistant turn {n_turn}'s content "
-                               f"as it is given, so its tokens cannot be found: train_on='all', or another template")
-        start, end = len(before), len(upto) - len(after)
-        start -= len(_lead(before, prep, messages[:i], row.source))
-        end += len(prep.terminator(after))
-        piece = upto[start:end]
-        if full[start:end] != piece or not full.startswith(upto[:start]):
-            # the template writes earlier turns differently once later ones follow: find it in order
-            start = full.find(piece, cursor)
+        before, after = marked[:max(at, 0)], marked[at + len(SENTINEL):]
+        if (at >= 0 and SENTINEL not in after and len(before) + len(after) <= len(full)
+                and full.startswith(before) and full.endswith(after)):
+            start, end = len(before), len(full) - len(after)
+        else:
+            start = _verbatim(full, marked, message["content"].strip(), cursor)
             if start < 0:
-                raise LlmdeskError(f"{row.source}: the chat template writes assistant turn {n_turn} differently "
-                                   f"inside the whole conversation, so its tokens cannot be found: "
-                                   f"train_on='all', or another template")
-            end = start + len(piece)
+                raise LlmdeskError(f"{row.source}: the chat template does not write assistant turn {n_turn}'s "
+                                   f"content as it is given, so its tokens cannot be found: train_on='all', or "
+                                   f"another template")
+            end = start + len(message["content"].strip())
+            before = full[:start]
+        start -= len(_lead(before, prep, messages[:i], row.source))
+        end += len(prep.terminator(full[end:]))
         spans.append((start, end))
         cursor = end
     return spans
+
+
+def _verbatim(full: str, marked: str, content: str, cursor: int) -> int:
+    """Where `content` stands in `full`, overlapping the part that differs from `marked`; else -1."""
+    lcp = 0
+    while lcp < min(len(full), len(marked)) and full[lcp] == marked[lcp]:
+        lcp += 1
+    lcs = 0
+    while lcs < min(len(full), len(marked)) - lcp and full[-1 - lcs] == marked[-1 - lcs]:
+        lcs += 1
+    at = full.find(content, max(cursor, lcp - len(content)))
+    return at if 0 <= at <= len(full) - lcs else -1
 
 
 def _lead(before: str, prep: _Prepared, prompt: list[dict], source: str) -> str:
@@ -562,6 +577,10 @@ def _lead(before: str, prep: _Prepared, prompt: list[dict], source: str) -> str:
     try:
         generation = prep.render(prompt, source, add_generation_prompt=True)
     except LlmdeskError:
+        return ""
+    # only where the generation prompt ends the same way as the text before the content (not when
+    # the turn writes more of its own, like Qwen 3's empty <think></think> block)
+    if not before.rstrip().endswith(generation.rstrip()[-16:]):
         return ""
     given = generation[len(generation.rstrip()):]
     return space[len(given):] if len(space) > len(given) else ""
