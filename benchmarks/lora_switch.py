@@ -1,0 +1,188 @@
+"""What switching LoRA adapters on one llama.cpp context costs, against keeping a context per set.
+
+    .venv/bin/python benchmarks/lora_switch.py [--model BASE.gguf] [--rank 16] [--switches 50]
+        [--threads 1] [--prompt 128] [--json out.json]
+
+llama.cpp applies adapters to a whole context (`llama_set_adapters_lora`): every sequence in it
+decodes with the same set. An Engine that serves requests with different adapters either switches
+the set between steps on one context, or keeps one context per set over the same loaded weights.
+This measures both sides on one base:
+
+  load       llama_adapter_lora_init per adapter (read once; the A/B tensors stay in memory)
+  set        one llama_set_adapters_lora call (alternating A, B, none)
+  step       one-token decode with the set unchanged, and right after a switch (the context
+             builds and reserves its compute graph again when the set changed)
+  prefill    a --prompt token prefill: what a switch costs on top when the KV cells of a prompt
+             were computed under another set (they are invalid under the new one and must be
+             computed again)
+  context    a second context: time to create it, its KV cache and compute buffer (what a context
+             per adapter set costs in memory instead)
+
+The base is a synthetic f16 Llama (8 layers, 1024 wide, 32k vocabulary: ~150M parameters) unless
+--model names one; the adapters are random LoRAs of --rank on q/k/v/o/gate/up/down, written by
+llmdesk's own writer (formats/lora_gguf.py) from PEFT-format folders. Warm-up calls are not timed;
+each figure is the median of --switches calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from llmdesk.formats.gguf import read_gguf
+from llmdesk.formats.lora_gguf import write_lora_gguf
+from llmdesk.formats.synth import SynthConfig, write_llama_gguf
+from llmdesk.runtime import llama as rl
+
+PEFT_NAMES = {  # GGUF tensor -> the PEFT module under model.layers.N
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+def random_adapter(base: Path, out_dir: Path, rank: int, seed: int) -> Path:
+    """A PEFT LoRA folder (adapter_config.json + adapter_model.safetensors) for `base`, random A and B."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for t in read_gguf(base).tensors:
+        parts = t.name.split(".")  # blk.N.attn_q.weight
+        if len(parts) == 4 and parts[0] == "blk" and parts[2] in PEFT_NAMES:
+            n_in, n_out = t.shape
+            key = f"base_model.model.model.layers.{parts[1]}.{PEFT_NAMES[parts[2]]}"
+            tensors[f"{key}.lora_A.weight"] = (rng.standard_normal((rank, n_in)) / np.sqrt(n_in)).astype(np.float32)
+            tensors[f"{key}.lora_B.weight"] = (rng.standard_normal((n_out, rank)) * 0.01).astype(np.float32)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out_dir / "adapter_model.safetensors"))
+    (out_dir / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": sorted(PEFT_NAMES.values())}))
+    return out_dir
+
+
+def median_ms(fn, n: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", type=Path, help="the base GGUF (default: a synthetic ~150M f16 Llama)")
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--switches", type=int, default=50)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--prompt", type=int, default=128, help="prompt tokens for the prefill figure")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="lora-switch-"))
+    base = args.model
+    if base is None:
+        base = write_llama_gguf(tmp / "base.gguf", SynthConfig(name="synth-150m", n_layer=8, n_embd=1024, n_head=16,
+                                                               n_head_kv=4, n_ff=2816, n_vocab=32000, dtype="f16"))
+    adapters = [write_lora_gguf(random_adapter(base, tmp / f"peft-{i}", args.rank, i), base, tmp / f"lora-{i}.gguf")
+                for i in range(2)]
+
+    model = rl.LlamaModel(base)
+    t0 = time.perf_counter()
+    a = rl.LoraAdapter(model, adapters[0])
+    load_ms = 1e3 * (time.perf_counter() - t0)
+    b = rl.LoraAdapter(model, adapters[1])
+    n_ctx = max(512, args.prompt + 64)
+    ctx = rl.new_context(model, n_ctx=n_ctx, n_batch=max(512, args.prompt), n_threads=args.threads,
+                         flash_attn=False)
+    batch = rl.Batch(max(512, args.prompt))
+    prompt = list(np.random.default_rng(0).integers(10, model.n_vocab, args.prompt))
+
+    def decode(tokens: list[int], pos0: int = 0) -> None:
+        batch.clear()
+        for i, tok in enumerate(tokens):
+            batch.add(int(tok), pos0 + i, 0, i == len(tokens) - 1)
+        rc = rl.decode(ctx, batch)
+        assert rc == 0, rc
+
+    sets = [[(a, 1.0)], [(b, 1.0)], []]
+    state = {"i": 0}
+
+    def switch() -> None:
+        state["i"] += 1
+        rl.set_adapters(ctx, sets[state["i"] % 3])
+
+    def step() -> None:  # one token at the prompt's end, the cells after it dropped again
+        decode([prompt[-1]], args.prompt - 1)
+        rl.C.llama_memory_seq_rm(rl.C.llama_get_memory(ctx), 0, args.prompt - 1, -1)
+
+    rl.set_adapters(ctx, sets[0])
+    decode(prompt[:-1])  # the prompt's cells, under adapter A
+    set_ms = median_ms(switch, args.switches)
+    rl.set_adapters(ctx, sets[0])
+    same_ms = median_ms(step, args.switches)
+
+    def switch_then_step() -> None:
+        switch()
+        step()
+
+    switched_ms = median_ms(switch_then_step, args.switches)
+
+    def prefill() -> None:
+        rl.clear_memory(ctx)
+        decode(prompt)
+
+    prefill_ms = median_ms(prefill, max(3, args.switches // 10), warmup=1)
+
+    import psutil
+
+    proc = psutil.Process()
+    rss0 = proc.memory_info().rss
+    t0 = time.perf_counter()
+    ctx2 = rl.new_context(model, n_ctx=n_ctx, n_batch=max(512, args.prompt), n_threads=args.threads,
+                          flash_attn=False)
+    rl.set_adapters(ctx2, sets[1])
+    ctx_ms = 1e3 * (time.perf_counter() - t0)
+    # fill it once, so its compute buffer and KV pages are touched
+    batch.clear()
+    for i, tok in enumerate(prompt):
+        batch.add(int(tok), i, 0, i == len(prompt) - 1)
+    assert rl.decode(ctx2, batch) == 0
+    ctx_rss = proc.memory_info().rss - rss0
+    info = read_gguf(base)
+    kv_cells_bytes = 2 * (info.block_count or 0) * n_ctx * ((info.head_count_kv or 0) *
+                                                          ((info.embedding_length or 0) // (info.head_count or 1))) * 2
+    result = {
+        "base": str(base if args.model else "synthetic 150M f16 llama"), "params": info.parameter_count,
+        "rank": args.rank, "adapter_bytes": adapters[0].stat().st_size, "threads": args.threads,
+        "adapter_load_ms": round(load_ms, 2),
+        "set_adapters_ms": round(set_ms, 4),
+        "step_same_set_ms": round(same_ms, 2),
+        "step_after_switch_ms": round(switched_ms, 2),
+        "switch_cost_ms": round(switched_ms - same_ms, 2),
+        "prefill_ms": round(prefill_ms, 1), "prefill_tokens": args.prompt,
+        "second_context_ms": round(ctx_ms, 1), "second_context_rss_mb": round(ctx_rss / 2**20, 1),
+        "second_context_kv_mb_f16": round(kv_cells_bytes / 2**20, 1), "n_ctx": n_ctx,
+    }
+    print(json.dumps(result, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    rl.free_context(ctx2)
+    rl.free_context(ctx)
+    batch.free()
+    a.close()
+    b.close()
+    model.close()
+
+
+if __name__ == "__main__":
+    main()
