@@ -20,6 +20,10 @@ from pathlib import Path
 
 import pytest
 
+# meta-llama/Llama-2-7b-chat-hf, meta-llama/Meta-Llama-3-8B-Instruct, google/gemma-7b-it (Gemma 1 and 2's:
+# no system role): the real templates test_templates.py checks the renderer against
+from test_templates import GEMMA as GEMMA2, LLAMA_2 as LLAMA2, LLAMA_3 as LLAMA3
+
 from llmdesk.errors import LlmdeskError
 from llmdesk.train.sft_data import (
     IGNORE,
@@ -36,26 +40,8 @@ from llmdesk.train.sft_data import (
 # ---------------------------------------------------------------------------------------------
 
 # teknium/OpenHermes-2.5-Mistral-7B (ChatML); its tokenizer is Mistral's: BOS <s> added by itself
-CHATML = (r"{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
-          r"'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-
-# meta-llama/Llama-2-7b-chat-hf
-LLAMA2 = (r"{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = "
-          r"messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% set system_message = false %}"
-          r"{% endif %}{% for message in loop_messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-          r"{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
-          r"{% if loop.index0 == 0 and system_message != false %}{% set content = '<<SYS>>\n' + system_message + "
-          r"'\n<</SYS>>\n\n' + message['content'] %}{% else %}{% set content = message['content'] %}{% endif %}"
-          r"{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
-          r"{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}"
-          r"{% endfor %}")
-
-# meta-llama/Meta-Llama-3-8B-Instruct
-LLAMA3 = (r"{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
-          r"'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + "
-          r"'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
-          r"{{ content }}{% endfor %}{% if add_generation_prompt %}"
-          r"{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 # mistralai/Mistral-7B-Instruct-v0.3 (Mistral's "v3" template). Its system message goes in front of
 # the LAST user turn, and only when the conversation ends with that user turn: rendering prefixes
@@ -202,20 +188,12 @@ GEMMA = r"""{{ bos_token }}
 {%- endif -%}
 """
 
-# google/gemma-2-2b-it (and gemma-7b-it): refuses a system turn
-GEMMA2 = (r"{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
-          r"{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-          r"{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
-          r"{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
-          r"{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
-          r"{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}")
-
 # microsoft/Phi-3-mini-4k-instruct: <|end|> closes every turn; EOS once, at the very end
-PHI3 = (r"{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + "
-        r"'<|end|>\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
-        r"{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}"
-        r"{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}"
-        r"{% endif %}")
+PHI3 = ("{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + "
+        "'<|end|>\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
+        "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}"
+        "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}"
+        "{% endif %}")
 
 
 # Qwen/Qwen3-0.6B (as llama.cpp keeps it, models/templates/Qwen-Qwen3-0.6B.jinja): the last answer after
