@@ -471,9 +471,14 @@ def test_every_shape_reads_to_messages_or_text(tmp_path):
         {"text": "The sky is blue."},
         {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]},
                       {"role": "assistant", "content": "Hello."}]},
+        {"instruction": "Translate to English.", "input": "merci", "output": "thank you"},
+        {"instruction": "Say hi.", "input": "", "output": "Hi!"},
     ])
     rows = read_rows([data])
-    assert [r.source for r in rows] == [f"{data}:{n}" for n in range(1, 7)]
+    assert [r.source for r in rows] == [f"{data}:{n}" for n in range(1, 9)]
+    assert rows[6].messages == [{"role": "user", "content": "Translate to English.\n\nmerci"},
+                                {"role": "assistant", "content": "thank you"}]
+    assert rows[7].messages == [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi!"}]
     assert rows[0].messages == CHAT
     sharegpt = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hi"},
                 {"role": "assistant", "content": "Hello."}]
@@ -503,6 +508,14 @@ def test_json_array_rows_know_their_lines(tmp_path):
     data = tmp_path / "rows.json"
     data.write_text('[\n  {"text": "one"},\n  {"text":\n     "two"},\n\n  {"text": "three"}\n]\n')
     assert [r.source for r in read_rows([data])] == [f"{data}:2", f"{data}:3", f"{data}:6"]
+    lines = tmp_path / "lines.json"  # JSON Lines under a .json name, as `datasets`' to_json writes them
+    lines.write_text('{"text": "one"}\n{"text": "two"}\n')
+    assert [r.source for r in read_rows([lines])] == [f"{lines}:1", f"{lines}:2"]
+    broken = tmp_path / "broken.json"
+    broken.write_text('[\n  {"text": "one"},\n  {"text": "two",}\n]\n')
+    with pytest.raises(LlmdeskError) as e:
+        read_rows([broken])
+    assert one_line(e).startswith(f"{broken}:3: not JSON")
     wrapped = tmp_path / "wrapped.json"
     wrapped.write_text(json.dumps({"data": [{"text": "one"}, {"text": "two"}]}))
     assert [r.text for r in read_rows([wrapped])] == ["one", "two"]
@@ -554,7 +567,9 @@ def test_a_folder_reads_its_data_files(tmp_path):
 
 BAD = [
     ('{"messages": [', "not JSON"),
-    ({"question": "Hi", "answer": "Hello"}, "no 'messages', 'conversations', 'prompt'/'completion' or 'text'"),
+    ({"question": "Hi", "answer": "Hello"}, "no 'messages', 'conversations', 'prompt'/'completion', "
+                                            "'instruction'/'output' or 'text'"),
+    ({"instruction": " ", "input": "", "output": "Hello"}, "'instruction' is empty"),
     ({"prompt": "Hi"}, "has 'prompt' but no 'completion'"),
     ({"messages": [{"role": "user"}, {"role": "assistant", "content": "Hi"}]}, "messages[1] has no 'content'"),
     ({"messages": [{"role": "tool", "content": "x"}, {"role": "assistant", "content": "Hi"}]},
@@ -589,6 +604,13 @@ def test_every_problem_is_listed_with_its_line(tmp_path):
         assert any(line.strip().startswith(f"{data}:{n}: ") and what in line for line in lines), (n, what, lines)
     assert f"  {empty}: empty file" in "\n".join(lines)
     assert f"  {tmp_path / 'missing.jsonl'}: no such file" in lines
+    (tmp_path / "notes.txt").write_text("a note")
+    (tmp_path / "none").mkdir()
+    with pytest.raises(LlmdeskError) as e:
+        read_rows([tmp_path / "notes.txt", tmp_path / "none"])
+    assert str(e.value).splitlines()[1:] == [
+        f"  {tmp_path / 'notes.txt'}: not a data file: give .jsonl, .json, .csv, .parquet",
+        f"  {tmp_path / 'none'}: a folder with no data files in it (.jsonl, .json, .csv, .parquet)"]
     assert not any(f"{data}:1:" in line for line in lines)
 
 

@@ -8,6 +8,7 @@ The shapes read (JSONL, JSON, CSV, Parquet; docs/tune-data.md has one example of
     {"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}
     {"conversations": [{"from": "system"|"human"|"gpt", "value": ...}, ...]}      (ShareGPT)
     {"prompt": ..., "completion": ...}   strings, or lists of messages (TRL's conversational shape)
+    {"instruction": ..., "input": ..., "output": ...}                             (Alpaca)
     {"text": ...}                        trained on whole, with EOS appended
 
 Which tokens are trained, for any chat template (no `{% generation %}` markers needed): the
@@ -310,6 +311,18 @@ def _row(where: str, doc: Any, problems: _Problems) -> Row | None:
         if not _check_turns(where, messages, problems):
             return None
         return Row(where, messages)
+    if "instruction" in doc and "output" in doc:  # Alpaca: instruction (+ input) -> output
+        parts = [doc["instruction"], doc.get("input", "")]
+        if not all(isinstance(x, str) for x in (*parts, doc["output"])):
+            problems.add(where, "'instruction', 'input' and 'output' must be strings")
+            return None
+        prompt = "\n\n".join(x for x in parts if x.strip())
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": doc["output"]}]
+        for key, value in (("instruction", prompt), ("output", doc["output"])):
+            if not value.strip():
+                problems.add(where, f"{key!r} is empty: remove the row or fill it")
+                return None
+        return Row(where, messages)
     if "text" in doc:
         text = doc["text"]
         if not isinstance(text, str):
@@ -320,8 +333,8 @@ def _row(where: str, doc: Any, problems: _Problems) -> Row | None:
             return None
         return Row(where, None, text)
     keys = ", ".join(repr(k) for k in doc) or "none"
-    problems.add(where, f"no 'messages', 'conversations', 'prompt'/'completion' or 'text' (columns: {keys}): "
-                        f"give one of those shapes")
+    problems.add(where, f"no 'messages', 'conversations', 'prompt'/'completion', 'instruction'/'output' or 'text' "
+                        f"(columns: {keys}): give one of those shapes")
     return None
 
 
