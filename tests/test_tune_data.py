@@ -421,6 +421,25 @@ def test_phi3_trains_end_of_turn_not_the_final_eos():
     assert ex.labels[-3:] == [tok.convert_tokens_to_ids("<|end|>"), IGNORE, IGNORE]
 
 
+def test_a_template_without_special_terminators_trains_each_answer_only():
+    """A template that ends turns with a newline and no special token: each answer is trained, and
+    nothing of the turns after it."""
+    tok = make_tokenizer("chatml")
+    plain = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+             "{% if add_generation_prompt %}assistant: {% endif %}")
+    ex = build_example(Row("chat.jsonl:1", CHAT), tok, chat_template=_jinja(plain))
+    assert trained_spans(tok, ex) == [m["content"] for m in CHAT if m["role"] == "assistant"]
+
+
+def _jinja(source: str) -> str:
+    """A chat template given as a .jinja file (what --chat-template takes besides built-in names)."""
+    import tempfile
+
+    path = Path(tempfile.mkdtemp()) / "template.jinja"
+    path.write_text(source)
+    return str(path)
+
+
 def test_train_on_all_trains_every_token():
     tok = make_tokenizer("llama-3")
     ex = build_example(Row("chat.jsonl:1", CHAT), tok, train_on="all")

@@ -485,17 +485,22 @@ class _Prepared:
         except LlmdeskError as e:
             raise LlmdeskError(f"{source}: {e}") from None
 
-    def terminator(self, after: str) -> str:
+    def terminator(self, after: str, *, specials_only: bool = False) -> str:
         """The end-of-turn text the model must learn to write: what the template writes after the
         content, up to and including its first special token (else up to trailing whitespace)."""
-        first = None
+        marker = self.first_marker(after)
+        if not marker:
+            return "" if specials_only else after.rstrip()
+        return after[: after.find(marker) + len(marker)]
+
+    def first_marker(self, text: str) -> str:
+        """The added token that comes first in `text` ("" if none does)."""
+        first = (len(text), "")
         for marker in self.markers:
-            at = after.find(marker)
-            if at >= 0 and (first is None or at < first[0]):
+            at = text.find(marker, 0, first[0] + len(marker))
+            if 0 <= at < first[0] or (at == first[0] and len(marker) > len(first[1])):
                 first = (at, marker)
-        if first is None:
-            return after.rstrip()
-        return after[: first[0] + len(first[1])]
+        return first[1]
 
 
 @dataclass
@@ -563,10 +568,25 @@ def _assistant_spans(row: Row, prep: _Prepared, full: str) -> list[tuple[int, in
             end = start + len(message["content"].strip())
             before = full[:start]
         start -= len(_lead(before, prep, messages[:i], row.source))
-        end += len(prep.terminator(full[end:]))
+        end += len(_terminator(full, end, prep, messages[: i + 1], marked if i == len(messages) - 1 else None,
+                               row.source))
         spans.append((start, end))
         cursor = end
     return spans
+
+
+def _terminator(full: str, end: int, prep: _Prepared, upto: list[dict], marked: str | None, source: str) -> str:
+    """What the template writes after an answer's content to end the turn, as it stands in `full`
+    after `end`: found in a render of the conversation ending with this turn (so that the next
+    turns are not taken for it), up to its first special token."""
+    if marked is None:
+        marked = prep.render([*upto[:-1], {**upto[-1], "content": SENTINEL}], source)
+    tail = marked[marked.find(SENTINEL) + len(SENTINEL):] if SENTINEL in marked else ""
+    term = prep.terminator(tail)
+    if full.startswith(term, end):
+        return term
+    special = prep.terminator(full[end:], specials_only=True)  # the turn ends differently mid-conversation
+    return special if special and not special[: -len(prep.first_marker(special))].strip() else ""
 
 
 def _verbatim(full: str, marked: str, content: str, cursor: int) -> int:
