@@ -317,4 +317,4 @@ def test_bad_adapters_are_one_line(hf, tuned, tmp_path, capsys):
     assert "must be a number" in one_line(e)
     with pytest.raises(LlmdeskError) as e:
         llmdesk.Model(hf["gguf"], ctx=64, lora=[hf["gguf"]])  # a model is not an adapter
-    assert "refused it as a LoRA adapter" in one_line(e)
+    assert "not a LoRA adapter" in one_line(e)

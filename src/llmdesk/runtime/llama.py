@@ -13,6 +13,7 @@ import collections
 import ctypes
 import logging
 import os
+import re
 import threading
 from pathlib import Path
 from typing import Callable
@@ -228,10 +229,19 @@ class LoraAdapter:
         self.model = model
         if not self.path.is_file():
             raise LlmdeskError(f"{self.path}: no such LoRA adapter file")
+        from ..formats.gguf import read_gguf  # our own validation first, as for models
+
+        info = read_gguf(self.path)
+        if info.get("general.type") != "adapter" or info.get("adapter.type") != "lora":
+            raise LlmdeskError(f"{self.path}: not a LoRA adapter (a {info.get('general.type') or 'model'} file); "
+                               "make one from a PEFT adapter with 'llmdesk convert --lora ADAPTER_DIR --base BASE'")
+        if info.architecture != model.arch:
+            raise LlmdeskError(f"{self.path}: a LoRA adapter for {info.architecture!r} models, but {model.path.name} "
+                               f"is {model.arch!r}: it was made for another base model")
         _recent_errors.clear()
         ptr = C.llama_adapter_lora_init(model.ptr, str(self.path).encode())
         if not ptr:
-            why = last_error().removeprefix("llama_adapter_lora_init: failed to apply lora adapter: ")
+            why = re.sub(r"^\w+: failed to apply lora adapter: ", "", last_error())
             raise LlmdeskError(f"{self.path}: llama.cpp refused it as a LoRA adapter for {model.path.name}: "
                                f"{why or 'not a LoRA GGUF'}")
         self.ptr = ptr
