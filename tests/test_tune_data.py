@@ -3,7 +3,8 @@ its file:line, and the loss on exactly the right tokens for real chat templates.
 
 The chat templates are the real ones models ship (their tokenizer_config.json's `chat_template`),
 not llmdesk's built-ins (runtime/templates.py's BUILTIN_TEMPLATES reproduce each family's layout
-with their own Jinja, so they prove nothing about the originals). The tokenizers are real byte-level
+with their own Jinja, so they prove nothing about the originals); Llama 2's, Llama 3's and Gemma
+2's are test_templates.py's copies, the others are here, each naming its model. The tokenizers are real byte-level
 BPE tokenizers trained here with llmdesk's train_bpe, holding each model's special tokens as
 specials, wrapped as transformers' PreTrainedTokenizerFast with the template, and adding BOS by
 themselves where the model's tokenizer does.

@@ -648,15 +648,14 @@ def build_dataset(rows: list[Row], tokenizer: Any, *, seq_len: int, train_on: st
     unless `truncate` (then they are cut, and a notice says how many)."""
     if seq_len < 2:
         raise LlmdeskError(f"--seq-len is {seq_len}: give at least 2 tokens")
-    encoded = _encode_all(rows, _Prepared(tokenizer, chat_template), train_on)
-    lengths = [len(e.ids) for e in encoded]
-    too_long = [(e.source, len(e.ids)) for e in encoded if len(e.ids) > seq_len]
+    every, _ = _encode_all(rows, _Prepared(tokenizer, chat_template), train_on)
+    lengths = [len(e.input_ids) for e in every]
+    too_long = [(e.source, len(e.input_ids)) for e in every if len(e.input_ids) > seq_len]
     notices = []
     if too_long and not truncate:
         raise LlmdeskError(_too_long_line(too_long, seq_len, "raise --seq-len, or cut them with --truncate"))
     examples, empty = [], []
-    for enc in encoded:
-        ex = _example(enc)
+    for ex in every:
         if len(ex.input_ids) > seq_len:
             ex = Example(ex.input_ids[:seq_len], ex.labels[:seq_len], ex.source)
         if ex.trained == 0:
@@ -673,20 +672,26 @@ def build_dataset(rows: list[Row], tokenizer: Any, *, seq_len: int, train_on: st
                          sum(len(e.input_ids) for e in examples), notices)
 
 
-def _encode_all(rows: list[Row], prep: _Prepared, train_on: str) -> list[_Encoded]:
-    """Every row encoded, or one error listing every row that could not be (with its file:line)."""
+def _encode_all(rows: list[Row], prep: _Prepared, train_on: str, *,
+                keep: int = 0) -> tuple[list[Example], list[_Encoded]]:
+    """Every row as an Example (and the first `keep` with their text and offsets, for showing), or
+    one error listing every row that could not be encoded (with its file:line)."""
     if train_on not in TRAIN_ON:
         raise LlmdeskError(f"train_on is {train_on!r}: use 'assistant' or 'all'")
     problems = _Problems()
-    encoded = []
+    examples, kept = [], []
     for row in rows:
         try:
-            encoded.append(_encode(row, prep, train_on))
+            enc = _encode(row, prep, train_on)
         except LlmdeskError as e:  # a template that refuses the row, a turn that cannot be found
             text = str(e)
             problems.lines.append(text if text.startswith(f"{row.source}: ") else f"{row.source}: {text}")
+            continue
+        examples.append(_example(enc))
+        if len(kept) < keep:
+            kept.append(enc)
     problems.raise_if_any("the training data")
-    return encoded
+    return examples, kept
 
 
 def _too_long_line(too_long: list[tuple[str, int]], seq_len: int, todo: str) -> str:
@@ -739,9 +744,9 @@ def inspect(rows: list[Row], tokenizer: Any, *, n: int = 3, html: Path | None = 
     from rich.markup import escape
 
     prep = _Prepared(tokenizer, chat_template)
-    encoded = _encode_all(rows, prep, train_on)
-    lengths = [len(e.ids) for e in encoded]
-    trained = sum(sum(e.trained) for e in encoded)
+    examples, shown = _encode_all(rows, prep, train_on, keep=n)
+    lengths = [len(e.input_ids) for e in examples]
+    trained = sum(e.trained for e in examples)
     total = sum(lengths)
     shapes = {"chat": sum(r.messages is not None for r in rows), "text": sum(r.messages is None for r in rows)}
     head = [f"[bold]{len(rows):,} rows[/bold] ({shapes['chat']:,} chat, {shapes['text']:,} text), "
@@ -753,7 +758,6 @@ def inspect(rows: list[Row], tokenizer: Any, *, n: int = 3, html: Path | None = 
     plain_head = [h.replace("[bold]", "").replace("[/bold]", "") for h in head]
     bars = histogram(lengths)
     out = [*head, "", "[bold]token lengths[/bold]", *(escape(b) for b in bars)]
-    shown = encoded[:n]
     legend = "[reverse green]trained tokens[/reverse green] in green, [dim]the rest dim[/dim]"
     if shown:
         out += ["", f"[bold]first {len(shown)} row{'s' if len(shown) != 1 else ''}[/bold] ({legend})"]
