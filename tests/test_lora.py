@@ -209,11 +209,11 @@ def test_python_api_load_with_lora(hf, tuned):
         assert m.generate(PROMPT, **kw) == plain
 
 
-def cli(*args, home):
+def cli(*args, home, stdin=None):
     env = {**os.environ, "LLMDESK_HOME": str(home)}
     env.pop("LLMDESK_MODEL", None)
     return subprocess.run([llmdesk_exe(), *map(str, args)], capture_output=True, text=True, env=env, timeout=120,
-                          stdin=subprocess.DEVNULL)
+                          input=stdin, stdin=subprocess.DEVNULL if stdin is None else None)
 
 
 def test_run_with_lora_as_a_user_does(hf, tuned, tmp_path):
@@ -235,6 +235,16 @@ def test_run_with_lora_as_a_user_does(hf, tuned, tmp_path):
     with_lora = run(hf["gguf"], tmp_path / "a.gguf")
     assert with_lora == run(tuned["merged"])
     assert run(hf["gguf"], f"{tmp_path / 'a.gguf'}:0") == run(hf["gguf"]) != with_lora
+
+    def chat(model, *args):
+        p = cli("chat", "-m", model, *args, "-t", "0", "-n", "8", "--threads", "1", "--ctx", "256", "--no-log",
+                stdin="Hello there\n/bye\n", home=tmp_path)
+        assert p.returncode == 0, p.stderr
+        return p
+
+    lora_chat = chat(hf["gguf"], "--lora", f"{tmp_path / 'a.gguf'}:1")
+    assert "LoRA a.gguf x1" in lora_chat.stderr
+    assert lora_chat.stdout == chat(tuned["merged"]).stdout != chat(hf["gguf"]).stdout
 
 
 # ---------------------------------------------------------------------------------------------
