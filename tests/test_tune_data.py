@@ -404,6 +404,37 @@ def test_reasoning_is_trained_where_the_template_keeps_it():
     assert trained_spans(tok, plain)[-1] == "Seven (7).<|im_end|>"
 
 
+@pytest.mark.parametrize("name", ["llama-2", "mistral"])
+def test_sentencepiece_style_tokenizers_train_the_same_characters(name):
+    """Llama 2's and Mistral's tokenizer.json: BPE over Metaspace pieces (`▁` for a space), byte
+    fallback, BOS added by the tokenizer. The trained characters are the answers, the space the
+    template writes before each (the answer's first piece, `▁I`, holds it) and the EOS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    fam = FAMILIES[name]
+    sp = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    sp.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    sp.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    sp.train_from_iterator(CORPUS, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<unk>", *fam.specials],
+        initial_alphabet=["▁", *(f"<0x{i:02X}>" for i in range(256))]))
+    sp.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", sp.token_to_id("<s>"))])
+    tok = PreTrainedTokenizerFast(tokenizer_object=sp, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                  chat_template=fam.template, clean_up_tokenization_spaces=False)
+    ex = build_example(Row("chat.jsonl:1", CHAT), tok)
+    text = tok.apply_chat_template(CHAT, tokenize=False)
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    assert ex.input_ids == enc["input_ids"]  # the template writes the BOS: not a second one
+    runs: list[list[int]] = []
+    for i, ((start, end), label) in enumerate(zip(enc["offset_mapping"], ex.labels)):
+        if label != IGNORE:
+            if i == 0 or ex.labels[i - 1] == IGNORE:
+                runs.append([start, end])
+            runs[-1][1] = end
+    assert [text[a:b] for a, b in runs] == [fam.lead + m["content"] + fam.end for m in CHAT if m["role"] == "assistant"]
+
+
 def test_eos_after_each_answer_is_trained_not_the_space_after_it():
     """Mistral v0.1 writes `answer</s> ` : the EOS is the end of the turn, the space is the next
     turn's formatting."""
