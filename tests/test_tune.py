@@ -173,7 +173,8 @@ def test_sigint_to_the_command_saves_a_checkpoint_it_resumes_from(base, data, tm
 def test_other_bases_a_store_gguf_and_a_train_folder_and_full_weights(base, data, tmp_path, user_dir):
     gguf = convert(base, tmp_path / "tiny-f32.gguf", out_type="f32", check_with=LlamaModel).path
     catalog.add_file(gguf, "tiny", "f32", progress=False)
-    a = tune("tiny:f32", [data], tmp_path / "a", cfg(steps=3))
+    a = tune("tiny:f32", [data], tmp_path / "a", cfg(steps=3), gguf="f16", name="from-gguf", check_with=LlamaModel)
+    assert a.registered == "from-gguf:f16" and catalog.get("from-gguf", "f16") is not None
     b = tune(base, [data], tmp_path / "b", cfg(steps=3))
     # transformers dequantizes the GGUF into the same model: the same run, to float noise
     assert a.history[0]["val_loss"] == pytest.approx(b.history[0]["val_loss"], abs=1e-4)
@@ -183,7 +184,9 @@ def test_other_bases_a_store_gguf_and_a_train_folder_and_full_weights(base, data
 
     pre = tmp_path / "pre"
     pretrain([data], pre, make_config("tiny", steps=2), export_type=None)
-    c = tune(pre, [data], tmp_path / "c", cfg(steps=2, method="full", lr=1e-3))
+    val = write_jsonl(tmp_path / "val.jsonl", [chat(w) for w in WORDS])
+    c = tune(pre, [data], tmp_path / "c", cfg(steps=2, method="full", lr=1e-3), val=val)
+    assert (c.train_examples, c.val_examples) == (200, 8)  # --val: every row trains, the file validates
     assert c.adapter is None and (tmp_path / "c" / "merged" / "model.safetensors").is_file()
     assert c.trainable_params == c.total_params
 

@@ -268,10 +268,22 @@ def _load_model(base: Base, *, four_bit: bool = False, dtype=None):
             bnb_4bit_compute_dtype=torch.bfloat16)
         kwargs["device_map"] = {"": 0}
     try:
-        return transformers.AutoModelForCausalLM.from_pretrained(str(base.folder), dtype=dtype or torch.float32,
-                                                                 **kwargs)
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(base.folder), dtype=dtype or torch.float32,
+                                                                  **kwargs)
     except Exception as e:  # noqa: BLE001
         raise LlmdeskError(f"{base.ref}: cannot load it with transformers ({_first_line(e)})") from None
+    if base.gguf_file:
+        # transformers dequantized the GGUF into plain tensors but still marks the model as "quantized
+        # with gguf", which it refuses to save; the weights are ordinary ones now
+        model.hf_quantizer = None
+        if hasattr(model, "is_quantized"):
+            try:
+                model.is_quantized = False
+            except AttributeError:
+                pass
+        if getattr(model.config, "quantization_config", None) is not None:
+            del model.config.quantization_config
+    return model
 
 
 def _first_line(e: BaseException) -> str:
@@ -743,7 +755,10 @@ def _export_gguf(merged: Path, out: Path, type_: str, reg_name: str, reg_tag: st
         return path
     f16 = convert(merged, out / "model-f16.gguf", out_type="f16", name=reg_name, check_with=check_with).path
     assert quantize_with is not None
-    r = quantize_with(f16, type_, out=out / f"model-{type_}.gguf", name=f"{reg_name}:{reg_tag}")
+    try:
+        r = quantize_with(f16, type_, out=out / f"model-{type_}.gguf", name=f"{reg_name}:{reg_tag}")
+    finally:
+        f16.unlink(missing_ok=True)  # a step on the way (merged/ converts again if it is wanted)
     return Path(r.path)
 
 
