@@ -275,6 +275,14 @@ def test_an_adapter_for_another_base_is_refused(hf, other_base, tmp_path):
             write_lora_gguf(other_base["adapter"], base, out)
         assert "trained for another base model" in one_line(e) and "48" in str(e.value)
         assert not out.exists()
+    # the same widths but a layer more: the extra layer's modules are not in the base
+    deeper = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2))
+    peft.get_peft_model(deeper, peft.LoraConfig(r=2, target_modules=["v_proj"])).save_pretrained(tmp_path / "deep")
+    with pytest.raises(LlmdeskError) as e:
+        write_lora_gguf(tmp_path / "deep", hf["gguf"], out)
+    assert "in layer 2" in one_line(e) and "has 2 layers" in str(e.value) and not out.exists()
     # written for its own base, then applied to ours: llama.cpp refuses it, in one line
     wrong = write_lora_gguf(other_base["adapter"], other_base["config"], other_base["dir"] / "wrong.gguf")
     with pytest.raises(LlmdeskError) as e:

@@ -239,6 +239,10 @@ def _plan(ad: Adapter, base: Base) -> list[_Pair]:
         a, b = ab["A"], ab["B"]
         name, heads = gguf_tensor(module + ".weight", s)
         kind = _BLOCK.sub("", name or "")
+        layer = re.search(r"\.layers\.(\d+)\.", module)
+        if name is None and layer and int(layer[1]) >= s.n_layer:
+            raise ConversionError(f"{ad.path}: the adapter adapts {module}, in layer {layer[1]}, but {base.where} "
+                                  f"has {s.n_layer} layers: the adapter was trained for another base model")
         if kind not in TARGETS:
             short = module.rsplit(".", 1)[-1]
             raise ConversionError(f"{ad.path}: the adapter targets {short!r} ({module}), which llama.cpp "
