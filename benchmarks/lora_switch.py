@@ -10,8 +10,8 @@ This measures both sides on one base:
 
   load       llama_adapter_lora_init per adapter (read once; the A/B tensors stay in memory)
   set        one llama_set_adapters_lora call (alternating A, B, none)
-  step       one-token decode with the set unchanged, and right after a switch (the context
-             builds and reserves its compute graph again when the set changed)
+  step       one-token decode without adapters, with the set unchanged, and right after a
+             switch (the context builds its compute graph again when the set changed)
   prefill    a --prompt token prefill: what a switch costs on top when the KV cells of a prompt
              were computed under another set (they are invalid under the new one and must be
              computed again)
@@ -130,6 +130,8 @@ def main() -> None:
     set_ms = median_ms(switch, args.switches)
     rl.set_adapters(ctx, sets[0])
     same_ms = median_ms(step, args.switches)
+    rl.set_adapters(ctx, [])
+    plain_ms = median_ms(step, args.switches)  # what the adapter itself costs per step, against this
 
     def switch_then_step() -> None:
         switch()
@@ -166,6 +168,7 @@ def main() -> None:
         "rank": args.rank, "adapter_bytes": adapters[0].stat().st_size, "threads": args.threads,
         "adapter_load_ms": round(load_ms, 2),
         "set_adapters_ms": round(set_ms, 4),
+        "step_without_adapter_ms": round(plain_ms, 2),
         "step_same_set_ms": round(same_ms, 2),
         "step_after_switch_ms": round(switched_ms, 2),
         "switch_cost_ms": round(switched_ms - same_ms, 2),
