@@ -46,6 +46,7 @@ import numpy as np
 from llmdesk.atomic import atomic_path, write_text
 from llmdesk.errors import LlmdeskError
 from llmdesk.formats.hf import require_train_extra
+from llmdesk.store.refs import looks_like_path
 from llmdesk.train.loop import lr_at, plot_loss
 
 CHECKPOINT = "checkpoint.pt"
@@ -179,6 +180,13 @@ class Base:
     folder: Path
     gguf_file: str | None
     architecture: str  # llama.cpp's name: llama, qwen2, ...
+
+    @property
+    def identity(self) -> str:
+        """The base as a checkpoint and the results store name it: an absolute path (or NAME:TAG)."""
+        if self.gguf_file is None:
+            return str(self.folder.resolve())
+        return self.ref if not looks_like_path(self.ref) else str((self.folder / self.gguf_file).resolve())
 
     def load_kwargs(self) -> dict[str, Any]:
         return {"gguf_file": self.gguf_file} if self.gguf_file else {}
@@ -509,8 +517,8 @@ def tune(base_ref: str | os.PathLike, data: list[str | os.PathLike], out_dir: st
                                        f"{getattr(cfg, k)!r}; resume with the same settings")
             if state["data"] != d.fingerprint:
                 raise LlmdeskError(f"{ckpt_path}: was trained on other data; resume with the same files")
-            if state["base"] != base.ref:
-                raise LlmdeskError(f"{ckpt_path}: was trained on base {state['base']}, not {base.ref}")
+            if state["base"] != base.identity:
+                raise LlmdeskError(f"{ckpt_path}: was trained on base {state['base']}, not {base.identity}")
 
         emit("status", {"text": "loading the base"})
         model, device = _make_model(base, cfg)
@@ -559,7 +567,7 @@ def tune(base_ref: str | os.PathLike, data: list[str | os.PathLike], out_dir: st
                 torch.save({"weights": weights, "optimizer": opt.state_dict(), "step": step,
                             "history": history, "tokens_seen": seen, "trained_tokens": trained,
                             "seconds": elapsed, "config": cfg.to_dict(), "data": d.fingerprint,
-                            "base": base.ref}, tmp)
+                            "base": base.identity}, tmp)
 
         # -- 4. the loop -----------------------------------------------------------------------
         if start == 0 and d.val and not history:
@@ -650,7 +658,7 @@ def tune(base_ref: str | os.PathLike, data: list[str | os.PathLike], out_dir: st
         plot_loss(history, tmp, title=f"llmdesk tune {base.name} ({cfg.method}, {n_trainable / 1e6:.3g}M trained)")
     losses = [h["loss"] for h in history if not math.isnan(h["loss"])]
     result = TuneResult(
-        out_dir=out, base=base.ref, method=cfg.method, steps=steps, trainable_params=n_trainable,
+        out_dir=out, base=base.identity, method=cfg.method, steps=steps, trainable_params=n_trainable,
         total_params=n_total, train_examples=len(d.train), val_examples=len(d.val), trained_tokens=trained,
         tokens_seen=seen, tokens_per_second=seen / elapsed if elapsed > 0 else 0.0,
         first_val_loss=history_evals[0]["val_loss"] if history_evals else None,
