@@ -187,6 +187,9 @@ def test_other_bases_a_store_gguf_and_a_train_folder_and_full_weights(base, data
     val = write_jsonl(tmp_path / "val.jsonl", [chat(w) for w in WORDS])
     c = tune(pre, [data], tmp_path / "c", cfg(steps=2, method="full", lr=1e-3), val=val)
     assert (c.train_examples, c.val_examples) == (200, 8)  # --val: every row trains, the file validates
+    # --epochs: 180 training rows in micro-batches of 8 are 23 a pass; 2 per step; a quarter pass is 3 steps
+    e = tune(base, [data], tmp_path / "e", TuneConfig(epochs=0.25, batch=8, grad_accum=2, rank=2))
+    assert e.steps == 3 and len(e.history) == 4
     assert c.adapter is None and (tmp_path / "c" / "merged" / "model.safetensors").is_file()
     assert c.trainable_params == c.total_params
 

@@ -475,8 +475,8 @@ def tune(base_ref: str | os.PathLike, data: list[str | os.PathLike], out_dir: st
     if resume and not ckpt_path.is_file():
         raise LlmdeskError(f"{out}: nothing to resume (no {CHECKPOINT}); run without --resume")
     if not resume and ckpt_path.is_file():
-        raise LlmdeskError(f"{out}: holds a checkpoint of another run; pass --resume to continue it, "
-                           "or choose another -o")
+        raise LlmdeskError(f"{out}: holds the checkpoint of a run already started there; pass --resume to "
+                           "continue it (or finish it again), or choose another -o")
     want_merge = merge or gguf is not None
     reg_name = reg_tag = None
     if gguf is not None:
