@@ -103,7 +103,7 @@ def tune(
             task = progress.add_task("tuning", total=d["steps"], completed=d["start"], info="")
         elif kind == "step" and task is not None:
             progress.update(task, completed=d["step"],
-                            info=f"loss {d['loss']:.3f} · {d['tokens_per_second']:,.0f} tokens/s")
+                            info=f"loss {d['loss']:.3f} · {d['run_tokens_per_second']:,.0f} tokens/s")
         elif kind == "eval":
             say(f"step {d['step']}: validation loss {d['val_loss']:.4f}")
         elif kind == "interrupted":

@@ -616,7 +616,7 @@ def tune(base_ref: str | os.PathLike, data: list[str | os.PathLike], out_dir: st
                     if evaluating:
                         save_checkpoint(done)
                     t_last = time.perf_counter()  # evaluation and checkpoints are not training speed
-                    emit("step", rec)
+                    emit("step", {**rec, "run_tokens_per_second": seen / elapsed if elapsed > 0 else 0.0})
                     if interrupt.requested:
                         raise KeyboardInterrupt
             except KeyboardInterrupt:
