@@ -58,7 +58,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json")
 # the settings a checkpoint must share with the run that resumes it
 SHAPING = ("method", "rank", "alpha", "dropout", "targets", "seq_len", "batch", "grad_accum", "seed",
-           "train_on", "truncate", "steps")
+           "train_on", "truncate", "steps", "lr", "warmup", "min_lr_ratio", "weight_decay", "grad_clip", "val_split")
 
 
 @dataclass
