@@ -160,8 +160,8 @@ def test_sigint_to_the_command_saves_a_checkpoint_it_resumes_from(base, data, tm
     p.send_signal(signal.SIGINT)
     o, e = p.communicate(timeout=120)
     assert p.returncode == 130, e
-    assert "interrupted at step" in e and "--resume" in e
     step = torch.load(out / "checkpoint.pt", weights_only=False)["step"]
+    assert f"interrupted: checkpoint {out / 'checkpoint.pt'} at step {step}; continue with --resume" in e, e
     assert 0 < step < 600
     assert sorted(x.name for x in out.iterdir()) == ["checkpoint.pt"]
     r = subprocess.run(argv + ["--resume", "--json"],

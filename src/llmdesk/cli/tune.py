@@ -107,7 +107,8 @@ def tune(
         elif kind == "eval":
             say(f"step {d['step']}: validation loss {d['val_loss']:.4f}")
         elif kind == "interrupted":
-            say(f"interrupted at step {d['step']}: checkpoint {d['checkpoint']}; continue with --resume")
+            say(f"interrupted: checkpoint {d['checkpoint']} at step {d['step']}; continue with --resume"
+                if d["checkpoint"] else "interrupted before the first checkpoint; start again")
         elif kind == "status" and d["text"] not in ("tokenizer",):
             say(d["text"] + " ...")
 

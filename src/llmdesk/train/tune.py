@@ -433,6 +433,7 @@ class _Interrupt:
 
     def __init__(self) -> None:
         self.requested = False
+        self.hard = False  # the second Ctrl-C: the weights may be half-way through a step
         self._old = None
 
     def __enter__(self) -> "_Interrupt":
@@ -441,6 +442,7 @@ class _Interrupt:
 
             def handler(signum, frame):
                 if self.requested:
+                    self.hard = True
                     raise KeyboardInterrupt
                 self.requested = True
 
@@ -561,13 +563,17 @@ def tune(base_ref: str | os.PathLike, data: list[str | os.PathLike], out_dir: st
             model.train()
             return total / max(1, count)
 
+        last_saved = start if state is not None else None
+
         def save_checkpoint(step: int) -> None:
+            nonlocal last_saved
             weights = {k: v.detach().cpu() for k, v in model.named_parameters() if v.requires_grad}
             with atomic_path(ckpt_path) as tmp:
                 torch.save({"weights": weights, "optimizer": opt.state_dict(), "step": step,
                             "history": history, "tokens_seen": seen, "trained_tokens": trained,
                             "seconds": elapsed, "config": cfg.to_dict(), "data": d.fingerprint,
                             "base": base.identity}, tmp)
+            last_saved = step
 
         # -- 4. the loop -----------------------------------------------------------------------
         if start == 0 and d.val and not history:
@@ -620,9 +626,10 @@ def tune(base_ref: str | os.PathLike, data: list[str | os.PathLike], out_dir: st
                     if interrupt.requested:
                         raise KeyboardInterrupt
             except KeyboardInterrupt:
-                if done > start:
+                if done > start and not interrupt.hard:
                     save_checkpoint(done)
-                emit("interrupted", {"step": done, "checkpoint": str(ckpt_path)})
+                emit("interrupted", {"step": last_saved,
+                                     "checkpoint": str(ckpt_path) if last_saved is not None else None})
                 raise
 
         # -- 6. outputs ------------------------------------------------------------------------
