@@ -118,6 +118,27 @@ def test_lora_learns_the_format_and_the_gguf_stops_by_itself(base, data, tmp_pat
         assert not re.fullmatch(r"\[[A-Z]+\]", before["text"]), before  # the random base: noise
 
 
+def test_the_peft_adapter_and_its_merged_gguf_in_llama_cpp_agree(base, data, tmp_path, user_dir):
+    """The tuned model as peft runs it (base + adapter) and as llama.cpp runs the merged f32 GGUF:
+    logits within the converter's parity tolerance (1e-3), the same top token everywhere."""
+    import numpy as np
+    import peft
+    from test_convert import llama_logits
+
+    res = tune(base, [data], tmp_path / "p", cfg(steps=6, lr=1e-2), gguf="f32", name="parity", check_with=LlamaModel)
+    ids = transformers.AutoTokenizer.from_pretrained(base).apply_chat_template(
+        [{"role": "user", "content": ASK + "stone"}], add_generation_prompt=True, tokenize=True, return_dict=False)
+    with torch.no_grad():
+        model = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base),
+                                               str(res.adapter)).eval()
+        ref = model(torch.tensor([ids])).logits[0].numpy()
+        before = transformers.AutoModelForCausalLM.from_pretrained(base)(torch.tensor([ids])).logits[0].numpy()
+    assert float(np.abs(ref - before).max()) > 0.1  # the adapter changed the model: the check is not vacuous
+    got = llama_logits(res.gguf, list(ids))
+    assert float(np.abs(ref - got).max()) < 1e-3
+    assert (ref.argmax(-1) == got.argmax(-1)).all()
+
+
 def cfg(**kw) -> TuneConfig:
     return TuneConfig(**{"steps": 8, "rank": 4, "batch": 4, "grad_accum": 2, "lr": 5e-3, "dropout": 0.1,
                          "eval_every": 3, **kw})
