@@ -93,6 +93,7 @@ def test_lora_learns_the_format_and_the_gguf_stops_by_itself(base, data, tmp_pat
     assert res["val_loss"] < res["first_val_loss"] / 3, res  # ~6.1 -> ~0.9 nats per trained token
     assert [h["step"] for h in m["history"] if "val_loss" in h] == [0, 10, 20, 30, 40, 50, 60]
     assert m["recipe"]["method"] == "lora" and m["recipe"]["rank"] == 8
+    assert 50e6 < res["peak_rss_bytes"] < 64e9  # this process's peak: torch alone is more than 50 MB
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the adapter is a PEFT adapter: it loads on the base, and equals the merged model
     import peft

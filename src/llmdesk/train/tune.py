@@ -156,6 +156,7 @@ class TuneResult:
     val_loss: float | None
     final_loss: float
     seconds: float
+    peak_rss_bytes: int  # the process's peak resident memory so far (the training's, for fit --train)
     adapter: Path | None
     merged: Path | None
     gguf: Path | None
@@ -670,7 +671,8 @@ def tune(base_ref: str | os.PathLike, data: list[str | os.PathLike], out_dir: st
         tokens_seen=seen, tokens_per_second=seen / elapsed if elapsed > 0 else 0.0,
         first_val_loss=history_evals[0]["val_loss"] if history_evals else None,
         val_loss=history_evals[-1]["val_loss"] if history_evals else None,
-        final_loss=losses[-1] if losses else float("nan"), seconds=elapsed, adapter=adapter_dir,
+        final_loss=losses[-1] if losses else float("nan"), seconds=elapsed, peak_rss_bytes=_peak_rss(),
+        adapter=adapter_dir,
         merged=merged_dir, gguf=gguf_path, registered=f"{reg_name}:{reg_tag}" if gguf_path else None,
         loss_png=out / "loss.png", history=history)
     write_text(out / "metrics.json", json.dumps({"result": result.to_dict(), "recipe": cfg.recipe(),
@@ -789,4 +791,16 @@ def _record(result: TuneResult, cfg: TuneConfig, d: Data) -> None:
         metrics={k: v for k, v in result.to_dict().items()
                  if k in ("steps", "trainable_params", "total_params", "train_examples", "val_examples",
                           "trained_tokens", "tokens_seen", "tokens_per_second", "first_val_loss", "val_loss",
-                          "final_loss", "seconds")})
+                          "final_loss", "seconds", "peak_rss_bytes")})
+
+
+def _peak_rss() -> int:
+    """Peak resident set size of this process in bytes (Linux reports KiB, macOS bytes)."""
+    import sys
+
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
