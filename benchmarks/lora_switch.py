@@ -1,7 +1,7 @@
 """What switching LoRA adapters on one llama.cpp context costs, against keeping a context per set.
 
-    .venv/bin/python benchmarks/lora_switch.py [--model BASE.gguf] [--rank 16] [--switches 50]
-        [--threads 1] [--prompt 128] [--json out.json]
+    .venv/bin/python benchmarks/lora_switch.py [--model BASE.gguf | --layers 8 --width 1024] [--rank 16]
+        [--switches 50] [--threads 1] [--prompt 128] [--json out.json]
 
 llama.cpp applies adapters to a whole context (`llama_set_adapters_lora`): every sequence in it
 decodes with the same set. An Engine that serves requests with different adapters either switches
@@ -18,8 +18,8 @@ This measures both sides on one base:
   context    a second context: time to create it, its KV cache and compute buffer (what a context
              per adapter set costs in memory instead)
 
-The base is a synthetic f16 Llama (8 layers, 1024 wide, 32k vocabulary: ~150M parameters) unless
---model names one; the adapters are random LoRAs of --rank on q/k/v/o/gate/up/down, written by
+The base is a synthetic f16 Llama (--layers 8, --width 1024, 32k vocabulary: ~150M parameters)
+unless --model names one; the adapters are random LoRAs of --rank on q/k/v/o/gate/up/down, written by
 llmdesk's own writer (formats/lora_gguf.py) from PEFT-format folders. Warm-up calls are not timed;
 each figure is the median of --switches calls.
 """
@@ -80,7 +80,9 @@ def median_ms(fn, n: int, warmup: int = 3) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", type=Path, help="the base GGUF (default: a synthetic ~150M f16 Llama)")
+    ap.add_argument("--model", type=Path, help="the base GGUF (default: a synthetic f16 Llama)")
+    ap.add_argument("--layers", type=int, default=8, help="layers of the synthetic base")
+    ap.add_argument("--width", type=int, default=1024, help="n_embd of the synthetic base (n_ff 2.75x, 64-wide heads)")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--switches", type=int, default=50)
     ap.add_argument("--threads", type=int, default=1)
@@ -91,8 +93,10 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="lora-switch-"))
     base = args.model
     if base is None:
-        base = write_llama_gguf(tmp / "base.gguf", SynthConfig(name="synth-150m", n_layer=8, n_embd=1024, n_head=16,
-                                                               n_head_kv=4, n_ff=2816, n_vocab=32000, dtype="f16"))
+        w = args.width
+        base = write_llama_gguf(tmp / "base.gguf", SynthConfig(name="synth", n_layer=args.layers, n_embd=w,
+                                                               n_head=w // 64, n_head_kv=max(1, w // 256),
+                                                               n_ff=w * 11 // 4, n_vocab=32000, dtype="f16"))
     adapters = [write_lora_gguf(random_adapter(base, tmp / f"peft-{i}", args.rank, i), base, tmp / f"lora-{i}.gguf")
                 for i in range(2)]
 
@@ -139,6 +143,18 @@ def main() -> None:
 
     switched_ms = median_ms(switch_then_step, args.switches)
 
+    # the switch's own cost, paired: a step on the set it was on, then a step right after a
+    # switch, alternately, so the machine's drift cancels out of each difference
+    def timed(fn) -> float:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    diffs = []
+    for _ in range(args.switches):
+        diffs.append(timed(switch_then_step) - timed(step))
+    switch_cost_ms = 1e3 * statistics.median(diffs)
+
     def prefill() -> None:
         rl.clear_memory(ctx)
         decode(prompt)
@@ -164,14 +180,15 @@ def main() -> None:
     kv_cells_bytes = 2 * (info.block_count or 0) * n_ctx * ((info.head_count_kv or 0) *
                                                           ((info.embedding_length or 0) // (info.head_count or 1))) * 2
     result = {
-        "base": str(base if args.model else "synthetic 150M f16 llama"), "params": info.parameter_count,
+        "base": str(args.model) if args.model else f"synthetic f16 llama, {args.layers} layers x {args.width}",
+        "params": info.parameter_count,
         "rank": args.rank, "adapter_bytes": adapters[0].stat().st_size, "threads": args.threads,
         "adapter_load_ms": round(load_ms, 2),
         "set_adapters_ms": round(set_ms, 4),
         "step_without_adapter_ms": round(plain_ms, 2),
         "step_same_set_ms": round(same_ms, 2),
         "step_after_switch_ms": round(switched_ms, 2),
-        "switch_cost_ms": round(switched_ms - same_ms, 2),
+        "switch_cost_ms": round(switch_cost_ms, 2),
         "prefill_ms": round(prefill_ms, 1), "prefill_tokens": args.prompt,
         "second_context_ms": round(ctx_ms, 1), "second_context_rss_mb": round(ctx_rss / 2**20, 1),
         "second_context_kv_mb_f16": round(kv_cells_bytes / 2**20, 1), "n_ctx": n_ctx,
