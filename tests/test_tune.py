@@ -107,6 +107,14 @@ def test_lora_learns_the_format_and_the_gguf_stops_by_itself(base, data, tmp_pat
     # in the store, and recorded
     entry = catalog.get("words-lora", "f16")
     assert entry is not None and entry.sha256 == catalog.sha256_file(out / "model-f16.gguf", progress=False)
+    # the GGUF carries the base's chat template and BOS/EOS settings
+    from llmdesk.formats.gguf import read_gguf
+
+    meta = read_gguf(entry.path).metadata
+    tok_cfg = json.loads((base / "tokenizer_config.json").read_text())
+    eos = json.loads((base / "generation_config.json").read_text())["eos_token_id"]
+    assert meta["tokenizer.chat_template"] == tok_cfg["chat_template"]
+    assert meta["tokenizer.ggml.eos_token_id"] == eos and meta["tokenizer.ggml.add_bos_token"] is False
     [rec] = results.query("tune")
     assert rec["model"] == "words-lora:f16" and rec["settings"]["rank"] == 8 and rec["model_sha256"] == entry.sha256
     # through llama.cpp, with the model's own chat template: the format, then a stop (EOS trained)
