@@ -194,6 +194,24 @@ def test_the_file_is_what_llama_cpp_expects(hf, tuned):
         assert shape == ((n_in, 4) if half == "lora_a" else (4, n_out))
 
 
+def test_smaller_adapter_types_apply(hf, tuned, tmp_path):
+    """--type f16/bf16/q8_0 adapters load in llama.cpp and change the logits as the f32 one does,
+    within their rounding (2% of what the adapter changes)."""
+    base = LlamaModel(hf["gguf"])
+    try:
+        tokens = base.tokenize(PROMPT)
+        plain, _ = engine_run(base, tokens)
+        exact, _ = engine_run(base, tokens, lora=[(LoraAdapter(base, tuned["lora"]), 1.0)])
+        effect = np.abs(exact - plain).max()
+        for t in ("f16", "bf16", "q8_0"):
+            res = convert_lora(tuned["adapter"], hf["gguf"], tmp_path / f"{t}.gguf", out_type=t)
+            assert res.size_bytes < tuned["lora"].stat().st_size
+            got, _ = engine_run(base, tokens, lora=[(LoraAdapter(base, res.path), 1.0)])
+            assert np.abs(got - exact).max() < 0.02 * effect, t
+    finally:
+        base.close()
+
+
 def test_python_api_load_with_lora(hf, tuned):
     kw = dict(temperature=0, max_tokens=N_GREEDY, ignore_eos=True)
     with llmdesk.load(str(tuned["merged"]), ctx=256, threads=1) as m:
