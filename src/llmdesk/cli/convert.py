@@ -73,6 +73,7 @@ def _convert_lora(hf_dir: Path | None, lora: Path | None, base: str | None, outp
         raise LlmdeskError("--base goes with --lora ADAPTER_DIR (a checkpoint folder needs no --base)")
     if base is None:
         raise LlmdeskError("--lora needs --base: the base model's Hugging Face folder, its GGUF or its name in the store")
+    given = base
     if not Path(base).expanduser().exists():  # a name in the store: its GGUF
         from ..store.refs import resolve
 
@@ -85,4 +86,4 @@ def _convert_lora(hf_dir: Path | None, lora: Path | None, base: str | None, outp
         return
     out.print(f"wrote {res.path} (LoRA for {res.architecture}, rank {res.rank}, alpha {res.alpha:g}, "
               f"{', '.join(res.targets)}; {res.n_tensors} tensors, {res.out_type}, {res.size_bytes / 1e3:,.0f} kB; "
-              f"checked against {res.base})", markup=False)
+              f"checked against {given})", markup=False)
