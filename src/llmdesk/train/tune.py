@@ -440,6 +440,9 @@ class _Interrupt:
     def __enter__(self) -> "_Interrupt":
         if threading.current_thread() is threading.main_thread():
             self._old = signal.getsignal(signal.SIGINT)
+            if self._old is signal.SIG_IGN:  # started in the background by a shell: leave it so
+                self._old = None
+                return self
 
             def handler(signum, frame):
                 if self.requested:
