@@ -322,6 +322,13 @@ def _identity_of(model) -> Identity:
     return Identity(model.name, catalog.sha256_file(path))
 
 
+def _log_softmax(logits) -> np.ndarray:
+    """Natural-log probabilities of one position's logits, in float64 (as the Engine scores)."""
+    x = np.asarray(logits, dtype=np.float64)
+    x = x - x.max()
+    return x - np.log(np.exp(x).sum())
+
+
 def _chunks(items: list, size: Callable[[Any], int], budget: int) -> Iterator[list]:
     """Consecutive items, each run at most `budget` big (at least one item)."""
     chunk, used = [], 0
@@ -344,14 +351,26 @@ def _score_multiple_choice(model, task, items: list, stats: dict) -> Iterator[li
             raise LlmdeskError(f"task '{task.name}' item {it.index} has no choices to score")
     chunks = _chunks(items, lambda it: len(it.choices), CHUNK_PAIRS)
 
-    def rows(chunk, results) -> list[tuple[int, dict]]:
+    def rows(chunk, results, plan=None) -> list[tuple[int, dict]]:
+        """`plan[i]`: the choice tokens of item i when its choices were scored as one request
+        (see submit), else None: one result per choice."""
         out, k = [], 0
-        for it in chunk:
-            rs = results[k : k + len(it.choices)]
-            k += len(it.choices)
-            out.append((it.index, multiple_choice_result(it, [r.logprob for r in rs], [r.is_greedy for r in rs],
-                                                         delimiter)))
-            stats["pairs"] = stats.get("pairs", 0) + len(rs)
+        for i, it in enumerate(chunk):
+            tokens = plan[i] if plan else None
+            if tokens is not None:  # one request: the choices' last tokens from its last logits
+                r = results[k]
+                k += 1
+                lp = _log_softmax(r.logits[-1])
+                head, head_greedy = float(np.sum(r.logprobs[:-1])), all(r.greedy[:-1])
+                lls = [head + float(lp[t]) for t in tokens]
+                greedy = [head_greedy and int(np.argmax(lp)) == t for t in tokens]
+                rs = [r]
+            else:
+                rs = results[k : k + len(it.choices)]
+                k += len(it.choices)
+                lls, greedy = [r.logprob for r in rs], [r.is_greedy for r in rs]
+            out.append((it.index, multiple_choice_result(it, lls, greedy, delimiter)))
+            stats["pairs"] = stats.get("pairs", 0) + len(it.choices)
             stats["tokens_scored"] = stats.get("tokens_scored", 0) + sum(r.n_tokens for r in rs)
             stats["context_tokens_reused"] = stats.get("context_tokens_reused", 0) + sum(getattr(r, "n_cached", 0) for r in rs)
         return out
@@ -369,8 +388,14 @@ def _score_multiple_choice(model, task, items: list, stats: dict) -> Iterator[li
     from ..runtime.engine import ScoreRequest
 
     def submit(chunk):
-        reqs = []
+        """Queue a chunk's requests. An item whose choices differ only in their last token after
+        the same context (MMLU's " A" .. " D") is one request: the logits before that token give
+        every choice's log-probability (lm-eval's logits cache does the same for one-token
+        choices), so the item takes one slot, not one per choice, and more items share each
+        decode."""
+        reqs, plan = [], []
         for it in chunk:
+            pairs = []
             for c in it.choices:
                 ctx, cont = model.score_tokens(it.context, c)
                 if not cont:
@@ -380,9 +405,18 @@ def _score_multiple_choice(model, task, items: list, stats: dict) -> Iterator[li
                     raise LlmdeskError(
                         f"task '{task.name}' item {it.index} needs {len(ctx) + len(cont) - 1} tokens but the "
                         f"model's context holds {engine.n_ctx}; use fewer --shots or a larger --ctx")
-                stats["context_tokens"] = stats.get("context_tokens", 0) + len(ctx)
-                reqs.append(ScoreRequest(ctx, cont))
-        return chunk, engine.score(reqs)
+                pairs.append((ctx, cont))
+            ctx0, cont0 = pairs[0]
+            if len(pairs) > 1 and all(ctx == ctx0 and cont[:-1] == cont0[:-1] and len(cont) == len(cont0)
+                                      for ctx, cont in pairs):
+                plan.append([cont[-1] for _, cont in pairs])
+                reqs.append(ScoreRequest(pairs[0][0], pairs[0][1], logits=True))
+                stats["context_tokens"] = stats.get("context_tokens", 0) + len(pairs[0][0])
+            else:
+                plan.append(None)
+                reqs.extend(ScoreRequest(ctx, cont) for ctx, cont in pairs)
+                stats["context_tokens"] = stats.get("context_tokens", 0) + sum(len(ctx) for ctx, _ in pairs)
+        return chunk, engine.score(reqs), plan
 
     queued: list = []
     steps0 = engine.steps
@@ -391,13 +425,13 @@ def _score_multiple_choice(model, task, items: list, stats: dict) -> Iterator[li
             queued.append(submit(chunk))
             if len(queued) < IN_FLIGHT:
                 continue
-            chunk0, job = queued.pop(0)
-            yield rows(chunk0, job.wait())
+            chunk0, job, plan = queued.pop(0)
+            yield rows(chunk0, job.wait(), plan)
         while queued:
-            chunk0, job = queued.pop(0)
-            yield rows(chunk0, job.wait())
+            chunk0, job, plan = queued.pop(0)
+            yield rows(chunk0, job.wait(), plan)
     finally:
-        for _, job in queued:
+        for _, job, _ in queued:
             job.cancel()
         stats["decodes"] = stats.get("decodes", 0) + engine.steps - steps0
 

@@ -120,10 +120,9 @@ class Model:
     # -- lifecycle ----------------------------------------------------------------------------
     def close(self) -> None:
         self.engine.close()
-        if self.engine.ctx is None:  # no context uses the adapters any more
+        if self.engine.ctx is None:  # closed cleanly: no context (or step left running) uses them
             for a in self.adapters:
                 a.close()
-        if self.engine.ctx is not None:  # the engine closed cleanly (no step left running)
             self.llama.close()
 
     def __enter__(self) -> "Model":
