@@ -10,6 +10,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -25,6 +26,7 @@ from llmdesk.cli.main import main  # noqa: E402
 from llmdesk.errors import LlmdeskError  # noqa: E402
 from llmdesk.formats.convert import convert  # noqa: E402
 from llmdesk.runtime.llama import LlamaModel  # noqa: E402
+from llmdesk.runtime.templates import BUILTIN_TEMPLATES  # noqa: E402
 from llmdesk.store import catalog, results  # noqa: E402
 from llmdesk.train.tokenizer import save_hf_tokenizer, train_bpe  # noqa: E402
 from llmdesk.train.tune import TuneConfig, tune  # noqa: E402
@@ -199,10 +201,12 @@ def test_sigint_to_the_command_saves_a_checkpoint_it_resumes_from(base, data, tm
     assert json.loads(r.stdout)["steps"] == 600 and (out / "adapter").is_dir()
 
 
-def test_other_bases_a_store_gguf_and_a_train_folder_and_full_weights(base, data, tmp_path, user_dir):
+def test_other_bases_a_store_gguf_and_a_train_folder_and_full_weights(base, data, tmp_path, user_dir, capsys):
     gguf = convert(base, tmp_path / "tiny-f32.gguf", out_type="f32", check_with=LlamaModel).path
     catalog.add_file(gguf, "tiny", "f32", progress=False)
+    capsys.readouterr()
     a = tune("tiny:f32", [data], tmp_path / "a", cfg(steps=3), gguf="f16", name="from-gguf", check_with=LlamaModel)
+    assert "GGUF tensors" not in capsys.readouterr().err  # transformers' own bar stays out of llmdesk's output
     assert a.registered == "from-gguf:f16" and catalog.get("from-gguf", "f16") is not None
     b = tune(base, [data], tmp_path / "b", cfg(steps=3))
     # transformers dequantizes the GGUF into the same model: the same run, to float noise
@@ -216,6 +220,16 @@ def test_other_bases_a_store_gguf_and_a_train_folder_and_full_weights(base, data
     val = write_jsonl(tmp_path / "val.jsonl", [chat(w) for w in WORDS])
     c = tune(pre, [data], tmp_path / "c", cfg(steps=2, method="full", lr=1e-3), val=val)
     assert (c.train_examples, c.val_examples) == (200, 8)  # --val: every row trains, the file validates
+    # a base without a chat template, given one: the data is rendered with it, and the merged model carries it
+    bare = tmp_path / "bare"
+    shutil.copytree(base, bare)
+    tc = json.loads((bare / "tokenizer_config.json").read_text())
+    del tc["chat_template"]
+    (bare / "tokenizer_config.json").write_text(json.dumps(tc))
+    with pytest.raises(LlmdeskError, match="no chat template"):
+        tune(bare, [data], tmp_path / "t0", cfg(steps=1))
+    t = tune(bare, [data], tmp_path / "t", cfg(steps=1), chat_template="chatml", merge=True)
+    assert json.loads((t.merged / "tokenizer_config.json").read_text())["chat_template"] == BUILTIN_TEMPLATES["chatml"]
     # --epochs: 180 training rows in micro-batches of 8 are 23 a pass; 2 per step; a quarter pass is 3 steps
     e = tune(base, [data], tmp_path / "e", TuneConfig(epochs=0.25, batch=8, grad_accum=2, rank=2))
     assert e.steps == 3 and len(e.history) == 4
@@ -264,4 +278,5 @@ def test_bad_input_is_one_line(base, data, tmp_path, capsys):
     one_line_error(capsys, ["tune", str(base), str(data), "-o", out, "--targets", "nope_proj", "--steps", "1"],
                    "--targets nope_proj", "q_proj")
     one_line_error(capsys, ["tune", str(base), str(data), "-o", out, "--gguf", "q9_x"], "q9_x")
+    one_line_error(capsys, ["tune", str(base), str(data), "-o", out, "--chat-template", "nochat"], "nochat")
     assert not Path(out).exists() or not any(Path(out).iterdir())

@@ -37,6 +37,7 @@ def tune(
     gguf: Annotated[Optional[str], typer.Option("--gguf", help="Convert the merged model to GGUF of this type (f16, q8_0, q4_k_m, ...) and add it to the store as NAME:TYPE.")] = None,
     name: Annotated[Optional[str], typer.Option("--name", help="With --gguf: the store NAME (default: the output folder's name).")] = None,
     train_on: Annotated[str, typer.Option("--train-on", help="assistant (only the assistant turns and their end tokens) or all.")] = "assistant",
+    chat_template: Annotated[Optional[str], typer.Option("--chat-template", help="Render the data with this template (a built-in name: chatml, llama-3, ...; or a .jinja file) instead of the base's; the merged model and its GGUF carry it.")] = None,
     truncate: Annotated[bool, typer.Option("--truncate", help="Cut rows longer than --seq-len to that length (else they are an error).")] = False,
     inspect: Annotated[bool, typer.Option("--inspect", help="Show the token lengths and a few rendered rows with the trained tokens marked; no training.")] = False,
     html: Annotated[Optional[Path], typer.Option("--html", help="With --inspect: also write the rendered rows to this HTML file.")] = None,
@@ -52,7 +53,7 @@ def tune(
     if not data:
         raise LlmdeskError("give the data files after BASE (or BASE with --base)")
     if inspect:
-        _inspect(base_ref, data, seq_len, html, train_on)
+        _inspect(base_ref, data, seq_len, html, train_on, chat_template)
         return
     if html is not None:
         raise LlmdeskError("--html goes with --inspect")
@@ -114,7 +115,7 @@ def tune(
 
     with progress:
         res = run_tune(base_ref, data, output, cfg, val=val, resume=resume, merge=merge, gguf=gguf, name=name,
-                       quantize_with=quantizer, check_with=LlamaModel, on_event=on_event)
+                       chat_template=chat_template, quantize_with=quantizer, check_with=LlamaModel, on_event=on_event)
     if as_json:
         out.print(json.dumps(res.to_dict()), markup=False)
         return
@@ -128,11 +129,13 @@ def tune(
         out.print(f"run it: llmdesk run -m {res.registered}", markup=False)
 
 
-def _inspect(base_ref: str, data: list[str], seq_len: int, html: Optional[Path], train_on: str) -> None:
+def _inspect(base_ref: str, data: list[str], seq_len: int, html: Optional[Path], train_on: str,
+             chat_template: Optional[str]) -> None:
     from ..train import sft_data
     from ..train.tune import find_base, load_tokenizer
 
     b = find_base(base_ref)
     rows = sft_data.read_rows([Path(p) for p in data])
     tok = load_tokenizer(b)
-    out.print(sft_data.inspect(rows, tok, n=3, html=html, seq_len=seq_len, train_on=train_on), highlight=False)
+    out.print(sft_data.inspect(rows, tok, n=3, html=html, seq_len=seq_len, train_on=train_on,
+                               chat_template=chat_template), highlight=False)

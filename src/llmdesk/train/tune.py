@@ -308,10 +308,21 @@ def _quiet_hf() -> Iterator[None]:
     hf_logging.disable_progress_bar()
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
+    # its GGUF loader draws its own tqdm bar ("Converting and de-quantizing GGUF tensors"), which
+    # the switch above does not reach: hand it a bar that draws nothing while llmdesk loads
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # pragma: no cover
+        gguf_utils = None
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is not None:
+        gguf_utils.tqdm = lambda *a, **kw: bar(*a, **{**kw, "disable": True})
     try:
         yield
     finally:
         hf_logging.set_verbosity(level)
+        if bar is not None:
+            gguf_utils.tqdm = bar
 
 
 # =============================================================================================
@@ -327,7 +338,7 @@ class Data:
 
 
 def prepare_data(data: list[str | os.PathLike], tokenizer, cfg: TuneConfig, *,
-                 val: str | os.PathLike | None = None) -> Data:
+                 val: str | os.PathLike | None = None, chat_template: str | None = None) -> Data:
     from llmdesk.train import sft_data
 
     rows = sft_data.read_rows([Path(p) for p in data])
@@ -341,7 +352,7 @@ def prepare_data(data: list[str | os.PathLike], tokenizer, cfg: TuneConfig, *,
         rows = [r for i, r in enumerate(rows) if i not in held]
     else:
         val_rows = []
-    kw = dict(seq_len=cfg.seq_len, train_on=cfg.train_on, truncate=cfg.truncate)
+    kw = dict(seq_len=cfg.seq_len, train_on=cfg.train_on, truncate=cfg.truncate, chat_template=chat_template)
     report = sft_data.build_dataset(rows, tokenizer, **kw)
     train = [e for e in report.examples if e.trained]
     if not train:
@@ -460,7 +471,7 @@ class _Interrupt:
 
 def tune(base_ref: str | os.PathLike, data: list[str | os.PathLike], out_dir: str | os.PathLike,
          cfg: TuneConfig | None = None, *, val: str | os.PathLike | None = None, resume: bool = False,
-         merge: bool = False, gguf: str | None = None, name: str | None = None,
+         merge: bool = False, gguf: str | None = None, name: str | None = None, chat_template: str | None = None,
          quantize_with: Callable[..., Any] | None = None, check_with: Callable[[Path], Any] | None = None,
          on_event: Callable[[str, dict[str, Any]], None] | None = None) -> TuneResult:
     """Fine-tune `base_ref` on `data`; everything lands in `out_dir` (see the module docstring).
@@ -469,7 +480,9 @@ def tune(base_ref: str | os.PathLike, data: list[str | os.PathLike], out_dir: st
     as NAME:TYPE (NAME: `name`, else the output folder's name); types the converter does not write
     are quantized from f16 with `quantize_with(f16_path, type, out=..., name=...)` (pass
     `llmdesk.quantize.workflow.quantize_model`). `check_with` opens a GGUF with llama.cpp's tokenizer
-    for the converter's self-check (pass `llmdesk.runtime.llama.LlamaModel`)."""
+    for the converter's self-check (pass `llmdesk.runtime.llama.LlamaModel`). `chat_template` (a
+    built-in name or a .jinja file) renders the data instead of the base's own template, and is
+    written into the adapter's and the merged model's tokenizer config (so the GGUF carries it)."""
     cfg = cfg or TuneConfig()
     if cfg.epochs is not None and cfg.steps:
         raise LlmdeskError("give --epochs or --steps, not both")
@@ -495,6 +508,11 @@ def tune(base_ref: str | os.PathLike, data: list[str | os.PathLike], out_dir: st
         reg_name = name or _store_safe(out.resolve().name)
         reg_tag = gguf
         catalog.check_name(reg_name, reg_tag)
+    template_source = None
+    if chat_template:
+        from llmdesk.runtime.templates import resolve_template
+
+        template_source = resolve_template(None, chat_template).source  # unknown: one line now
     base = find_base(base_ref)  # missing, unsupported: one line before any work
     require_train_extra("torch", "transformers", "peft")
     if cfg.method == "qlora":
@@ -504,7 +522,7 @@ def tune(base_ref: str | os.PathLike, data: list[str | os.PathLike], out_dir: st
     with _quiet_hf():
         emit("status", {"text": "tokenizer"})
         tok = load_tokenizer(base)
-        d = prepare_data(data, tok, cfg, val=val)
+        d = prepare_data(data, tok, cfg, val=val, chat_template=chat_template)
         steps = total_steps(len(d.train), cfg)
         cfg = replace(cfg, steps=steps, epochs=cfg.epochs if cfg.epochs is not None or cfg.steps else 1.0)
         cfg.warmup = cfg.warmup or max(1, steps // 20)
@@ -643,13 +661,13 @@ def tune(base_ref: str | os.PathLike, data: list[str | os.PathLike], out_dir: st
             merged_dir = out / "merged"
             with _atomic_dir(merged_dir) as tmp:
                 model.save_pretrained(tmp)
-                _copy_tokenizer(base, tok, tmp)
+                _copy_tokenizer(base, tok, tmp, template_source)
         else:
             adapter_dir = out / "adapter"
             with _atomic_dir(adapter_dir) as tmp, warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)  # peft finds no config.json beside a GGUF base
                 model.save_pretrained(tmp)
-                _copy_tokenizer(base, tok, tmp)
+                _copy_tokenizer(base, tok, tmp, template_source)
                 cfg_file = tmp / "adapter_config.json"
                 ac = json.loads(cfg_file.read_text())
                 ac["base_model_name_or_path"] = str(base.folder / base.gguf_file if base.gguf_file else base.folder)
@@ -658,7 +676,7 @@ def tune(base_ref: str | os.PathLike, data: list[str | os.PathLike], out_dir: st
                 emit("status", {"text": "merging"})
                 del model, opt
                 merged_dir = out / "merged"
-                _merge(base, adapter_dir, merged_dir, tok)
+                _merge(base, adapter_dir, merged_dir, tok, template_source)
         if gguf is not None:
             emit("status", {"text": f"converting to GGUF ({gguf})"})
             gguf_path = _export_gguf(merged_dir, out, gguf, reg_name, reg_tag, quantize_with, check_with,
@@ -680,7 +698,7 @@ def tune(base_ref: str | os.PathLike, data: list[str | os.PathLike], out_dir: st
         loss_png=out / "loss.png", history=history)
     write_text(out / "metrics.json", json.dumps({"result": result.to_dict(), "recipe": cfg.recipe(),
                                                 "config": cfg.to_dict(), "history": history}, indent=1) + "\n")
-    _record(result, cfg, d)
+    _record(result, cfg, d, chat_template)
     return result
 
 
@@ -716,7 +734,7 @@ def _make_model(base: Base, cfg: TuneConfig):
     return model, device
 
 
-def _merge(base: Base, adapter_dir: Path, merged_dir: Path, tok) -> None:
+def _merge(base: Base, adapter_dir: Path, merged_dir: Path, tok, template_source: str | None) -> None:
     """The adapter merged into the base reloaded at full precision (32 bits; never 4-bit weights)."""
     import peft
     import torch
@@ -727,19 +745,25 @@ def _merge(base: Base, adapter_dir: Path, merged_dir: Path, tok) -> None:
         model = peft.PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     with _atomic_dir(merged_dir) as tmp:
         model.save_pretrained(tmp)
-        _copy_tokenizer(base, tok, tmp)
+        _copy_tokenizer(base, tok, tmp, template_source)
 
 
-def _copy_tokenizer(base: Base, tok, dest: Path) -> None:
+def _copy_tokenizer(base: Base, tok, dest: Path, template_source: str | None = None) -> None:
     """The base's tokenizer, chat template and generation config, byte for byte from an HF folder
     (the converter reads them back: BOS/EOS settings, pre-tokenizer, template); from a GGUF, as
-    transformers rebuilt them."""
+    transformers rebuilt them. A template the run was given (--chat-template) replaces the base's."""
     if base.gguf_file is None:
         for f in TOKENIZER_FILES:
             if (base.folder / f).is_file():
                 shutil.copy2(base.folder / f, dest / f)
     else:
         tok.save_pretrained(str(dest))
+    if template_source is not None:
+        (dest / "chat_template.jinja").unlink(missing_ok=True)
+        cfg_file = dest / "tokenizer_config.json"
+        tc = json.loads(cfg_file.read_text(encoding="utf-8")) if cfg_file.is_file() else {}
+        tc["chat_template"] = template_source
+        cfg_file.write_text(json.dumps(tc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 @contextmanager
@@ -782,7 +806,7 @@ def _export_gguf(merged: Path, out: Path, type_: str, reg_name: str, reg_tag: st
     return Path(r.path)
 
 
-def _record(result: TuneResult, cfg: TuneConfig, d: Data) -> None:
+def _record(result: TuneResult, cfg: TuneConfig, d: Data, chat_template: str | None) -> None:
     """A "tune" row in the results store: the recipe in settings (the catalog has no metadata
     column for it), losses and speed in metrics, the GGUF's sha256 when one was made."""
     from llmdesk.store import catalog, results
@@ -790,7 +814,7 @@ def _record(result: TuneResult, cfg: TuneConfig, d: Data) -> None:
     sha = catalog.sha256_file(result.gguf, progress=False) if result.gguf else None
     results.record(
         "tune", model=result.registered or str(result.out_dir), model_sha256=sha, data_sha256=d.fingerprint,
-        settings={"base": result.base, **cfg.recipe(), "out_dir": str(result.out_dir)},
+        settings={"base": result.base, **cfg.recipe(), "chat_template": chat_template, "out_dir": str(result.out_dir)},
         metrics={k: v for k, v in result.to_dict().items()
                  if k in ("steps", "trainable_params", "total_params", "train_examples", "val_examples",
                           "trained_tokens", "tokens_seen", "tokens_per_second", "first_val_loss", "val_loss",
