@@ -76,7 +76,8 @@ def tune(
         from ..quantize.core import quant_type
         from ..quantize.workflow import quantize_model
 
-        quant_type(gguf) if gguf.lower() not in ("f32", "f16", "bf16", "q8_0") else None  # unknown: one line now
+        if gguf.lower() not in ("f32", "f16", "bf16", "q8_0"):  # the converter's own types
+            quant_type(gguf)  # an unknown type: one line now, not after training
         quantizer = quantize_model
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -110,6 +111,8 @@ def tune(
         elif kind == "interrupted":
             say(f"interrupted: checkpoint {d['checkpoint']} at step {d['step']}; continue with --resume"
                 if d["checkpoint"] else "interrupted before the first checkpoint; start again")
+        elif kind == "notice":
+            say(f"note: {d['text']}")
         elif kind == "status" and d["text"] not in ("tokenizer",):
             say(d["text"] + " ...")
 

@@ -556,6 +556,11 @@ def tune(base_ref: str | os.PathLike, data: list[str | os.PathLike], out_dir: st
             opt.load_state_dict(state["optimizer"])
             start, history, seen = state["step"], state["history"], state["tokens_seen"]
             trained, elapsed = state["trained_tokens"], state["seconds"]
+        ctx = getattr(model.config, "max_position_embeddings", None)
+        longest = max(len(e.input_ids) for e in d.train + d.val)
+        if ctx and longest > ctx:
+            emit("notice", {"text": f"the longest example ({longest} tokens) is longer than {base.name}'s "
+                                    f"context ({ctx}): positions past it were never trained in the base"})
         out.mkdir(parents=True, exist_ok=True)
         emit("start", {"trainable": n_trainable, "total": n_total, "start": start, "steps": steps,
                        "device": device, "method": cfg.method})
