@@ -1,7 +1,7 @@
 """`llmdesk eval run` against lm-evaluation-harness's transformers backend, same items, one run.
 
     .venv/bin/python benchmarks/eval_vs_lm_eval.py [--items 200] [--shots 5] [--peer-items N]
-        [--dtype float32|bfloat16] [--batch 8] [--slots 4]
+        [--dtype float32|bfloat16] [--batch 8] [--slots 8]
 
 The model is a TinyLlama-1.1B-shape Llama checkpoint (22 layers, 2048 wide, 32 heads, 4 KV heads,
 5632 FFN, 32,000 vocabulary) with random weights, written with transformers: its answers are
@@ -162,7 +162,7 @@ def main() -> None:
     ap.add_argument("--peer-items", type=int, default=None, help="lm-eval on the first N items only")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--batch", type=int, default=8, help="lm-eval's --batch_size")
-    ap.add_argument("--slots", type=int, default=4, help="llmdesk's slots")
+    ap.add_argument("--slots", type=int, default=8, help="llmdesk's slots (llmdesk eval run --slots)")
     ap.add_argument("--skip-peer", action="store_true")
     a = ap.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
