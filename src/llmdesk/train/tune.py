@@ -639,15 +639,15 @@ def tune(base_ref: str | os.PathLike, data: list[str | os.PathLike], out_dir: st
                                            "tokens": toks, "tokens_per_second": toks / dt if dt > 0 else 0.0}
                     last = step + 1 == steps
                     evaluating = (step + 1) % cfg.eval_every == 0 or last
-                    if evaluating:
-                        vl = evaluate()
-                        if vl is not None:
-                            rec["val_loss"] = vl
-                            emit("eval", rec)
+                    vl = evaluate() if evaluating else None
+                    if vl is not None:
+                        rec["val_loss"] = vl
                     history.append(rec)
-                    done = step + 1
+                    done = step + 1  # the weights are step `done`'s from here: an interrupt saves them as such
                     if evaluating:
                         save_checkpoint(done)
+                    if vl is not None:
+                        emit("eval", rec)
                     t_last = time.perf_counter()  # evaluation and checkpoints are not training speed
                     emit("step", {**rec, "run_tokens_per_second": seen / elapsed if elapsed > 0 else 0.0})
                     if interrupt.requested:
