@@ -83,16 +83,16 @@ def run_model(model: str, word: str, home: Path) -> dict:
 
 def test_lora_learns_the_format_and_the_gguf_stops_by_itself(base, data, tmp_path, user_dir, capsys):
     out = tmp_path / "words-lora"
-    code = main(["tune", str(base), str(data), "-o", str(out), "--steps", "60", "--lr", "1e-2", "--rank", "8",
-                 "--batch", "8", "--dropout", "0", "--eval-every", "10", "--merge", "--gguf", "f16"])
+    code = main(["tune", str(base), str(data), "-o", str(out), "--steps", "120", "--lr", "1e-2", "--rank", "8",
+                 "--batch", "8", "--dropout", "0", "--eval-every", "20", "--merge", "--gguf", "f16"])
     o, e = capsys.readouterr()
     assert code == 0, e
     assert "validation loss" in o and "run it: llmdesk run -m words-lora:f16" in o
     assert "Loading weights" not in o + e and "Writing model shards" not in o + e  # no third-party bars
     m = json.loads((out / "metrics.json").read_text())
     res = m["result"]
-    assert res["val_loss"] < res["first_val_loss"] / 3, res  # ~6.1 -> ~0.9 nats per trained token
-    assert [h["step"] for h in m["history"] if "val_loss" in h] == [0, 10, 20, 30, 40, 50, 60]
+    assert res["val_loss"] < res["first_val_loss"] / 5, res  # ~6.1 -> ~0.6 nats per trained token
+    assert [h["step"] for h in m["history"] if "val_loss" in h] == [0, 20, 40, 60, 80, 100, 120]
     assert m["recipe"]["method"] == "lora" and m["recipe"]["rank"] == 8
     assert 50e6 < res["peak_rss_bytes"] < 64e9  # this process's peak: torch alone is more than 50 MB
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -121,7 +121,7 @@ def test_lora_learns_the_format_and_the_gguf_stops_by_itself(base, data, tmp_pat
     assert rec["model"] == "words-lora:f16" and rec["settings"]["rank"] == 8 and rec["model_sha256"] == entry.sha256
     # through llama.cpp, with the model's own chat template: the format, then a stop (EOS trained)
     base_gguf = convert(base, tmp_path / "base-f16.gguf", out_type="f16", check_with=LlamaModel).path
-    for word in ("tiger", "piano"):
+    for word in ("tiger", "piano", "cloud"):
         after = run_model("words-lora:f16", word, user_dir)
         assert (after["text"], after["finish_reason"]) == (f"[{word.upper()}]", "stop"), after
         before = run_model(str(base_gguf), word, user_dir)
