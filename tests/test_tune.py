@@ -135,7 +135,8 @@ def test_the_peft_adapter_and_its_merged_gguf_in_llama_cpp_agree(base, data, tmp
     import peft
     from test_convert import llama_logits
 
-    res = tune(base, [data], tmp_path / "p", cfg(steps=6, lr=1e-2), gguf="f32", name="parity", check_with=LlamaModel)
+    res = tune(base, [data], tmp_path / "p", cfg(steps=6, lr=1e-2), gguf="f32", lora_gguf=True, name="parity",
+               check_with=LlamaModel)
     ids = transformers.AutoTokenizer.from_pretrained(base).apply_chat_template(
         [{"role": "user", "content": ASK + "stone"}], add_generation_prompt=True, tokenize=True, return_dict=False)
     with torch.no_grad():
@@ -147,6 +148,18 @@ def test_the_peft_adapter_and_its_merged_gguf_in_llama_cpp_agree(base, data, tmp
     got = llama_logits(res.gguf, list(ids))
     assert float(np.abs(ref - got).max()) < 1e-3
     assert (ref.argmax(-1) == got.argmax(-1)).all()
+    # the third way: the base's GGUF with the adapter's LoRA GGUF applied by llama.cpp at run time
+    from llmdesk.formats.convert import convert
+    from llmdesk.runtime.llama import LoraAdapter
+    from test_lora import engine_run
+
+    base_gguf = convert(base, tmp_path / "base-f32.gguf", out_type="f32", check_with=LlamaModel).path
+    llama = LlamaModel(base_gguf)
+    try:
+        lora_logits, _ = engine_run(llama, list(ids), lora=[(LoraAdapter(llama, res.lora_gguf), 1.0)])
+    finally:
+        llama.close()
+    assert float(np.abs(ref[:-1] - lora_logits).max()) < 1e-3
 
 
 def cfg(**kw) -> TuneConfig:
@@ -278,5 +291,7 @@ def test_bad_input_is_one_line(base, data, tmp_path, capsys):
     one_line_error(capsys, ["tune", str(base), str(data), "-o", out, "--targets", "nope_proj", "--steps", "1"],
                    "--targets nope_proj", "q_proj")
     one_line_error(capsys, ["tune", str(base), str(data), "-o", out, "--gguf", "q9_x"], "q9_x")
+    one_line_error(capsys, ["tune", str(base), str(data), "-o", out, "--method", "full", "--lora-gguf"],
+                   "--lora-gguf", "--method full")
     one_line_error(capsys, ["tune", str(base), str(data), "-o", out, "--chat-template", "nochat"], "nochat")
     assert not Path(out).exists() or not any(Path(out).iterdir())

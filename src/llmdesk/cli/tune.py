@@ -35,6 +35,7 @@ def tune(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUTPUT/checkpoint.pt, exactly.")] = False,
     merge: Annotated[bool, typer.Option("--merge", help="Also write the merged model (OUTPUT/merged/).")] = False,
     gguf: Annotated[Optional[str], typer.Option("--gguf", help="Convert the merged model to GGUF of this type (f16, q8_0, q4_k_m, ...) and add it to the store as NAME:TYPE.")] = None,
+    lora_gguf: Annotated[bool, typer.Option("--lora-gguf", help="Also write the adapter as a llama.cpp LoRA GGUF (OUTPUT/adapter.gguf), to run with --lora beside the base's GGUF.")] = False,
     name: Annotated[Optional[str], typer.Option("--name", help="With --gguf: the store NAME (default: the output folder's name).")] = None,
     train_on: Annotated[str, typer.Option("--train-on", help="assistant (only the assistant turns and their end tokens) or all.")] = "assistant",
     chat_template: Annotated[Optional[str], typer.Option("--chat-template", help="Render the data with this template (a built-in name: chatml, llama-3, ...; or a .jinja file) instead of the base's; the merged model and its GGUF carry it.")] = None,
@@ -117,7 +118,7 @@ def tune(
             say(d["text"] + " ...")
 
     with progress:
-        res = run_tune(base_ref, data, output, cfg, val=val, resume=resume, merge=merge, gguf=gguf, name=name,
+        res = run_tune(base_ref, data, output, cfg, val=val, resume=resume, merge=merge, gguf=gguf, lora_gguf=lora_gguf, name=name,
                        chat_template=chat_template, quantize_with=quantizer, check_with=LlamaModel, on_event=on_event)
     if as_json:
         out.print(json.dumps(res.to_dict()), markup=False)
@@ -126,7 +127,7 @@ def tune(
           if res.val_loss is not None and res.first_val_loss is not None else "")
     out.print(f"tuned {res.trainable_params / 1e6:.3g}M parameters for {res.steps} steps ({res.tokens_seen:,} tokens, "
               f"{res.tokens_per_second:,.0f} tokens/s, {res.seconds:.0f} s){vl}", markup=False)
-    wrote = [str(p) for p in (res.adapter, res.merged, res.gguf, res.loss_png) if p is not None]
+    wrote = [str(p) for p in (res.adapter, res.lora_gguf, res.merged, res.gguf, res.loss_png) if p is not None]
     out.print("wrote " + " · ".join(wrote), markup=False)
     if res.registered:
         out.print(f"run it: llmdesk run -m {res.registered}", markup=False)

@@ -163,6 +163,7 @@ class TuneResult:
     registered: str | None
     loss_png: Path
     history: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    lora_gguf: Path | None = None  # the adapter as a llama.cpp LoRA GGUF (lora_gguf=True)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items() if k != "history"}
@@ -471,12 +472,15 @@ class _Interrupt:
 
 def tune(base_ref: str | os.PathLike, data: list[str | os.PathLike], out_dir: str | os.PathLike,
          cfg: TuneConfig | None = None, *, val: str | os.PathLike | None = None, resume: bool = False,
-         merge: bool = False, gguf: str | None = None, name: str | None = None, chat_template: str | None = None,
+         merge: bool = False, gguf: str | None = None, lora_gguf: bool = False, name: str | None = None,
+         chat_template: str | None = None,
          quantize_with: Callable[..., Any] | None = None, check_with: Callable[[Path], Any] | None = None,
          on_event: Callable[[str, dict[str, Any]], None] | None = None) -> TuneResult:
     """Fine-tune `base_ref` on `data`; everything lands in `out_dir` (see the module docstring).
 
-    `gguf` (a type: f16, q8_0, q4_k_m, ...) converts the merged model and registers it in the store
+    `lora_gguf` also writes the adapter as a llama.cpp LoRA GGUF (DIR/adapter.gguf: run it with
+    `--lora` beside the base's GGUF). `gguf` (a type: f16, q8_0, q4_k_m, ...) converts the merged
+    model and registers it in the store
     as NAME:TYPE (NAME: `name`, else the output folder's name); types the converter does not write
     are quantized from f16 with `quantize_with(f16_path, type, out=..., name=...)` (pass
     `llmdesk.quantize.workflow.quantize_model`). `check_with` opens a GGUF with llama.cpp's tokenizer
@@ -496,6 +500,9 @@ def tune(base_ref: str | os.PathLike, data: list[str | os.PathLike], out_dir: st
     if not resume and ckpt_path.is_file():
         raise LlmdeskError(f"{out}: holds the checkpoint of a run already started there; pass --resume to "
                            "continue it (or finish it again), or choose another -o")
+    if lora_gguf and cfg.method == "full":
+        raise LlmdeskError("--lora-gguf writes a LoRA adapter; --method full trains every weight and has none "
+                           "(use --gguf TYPE for the whole model)")
     want_merge = merge or gguf is not None
     reg_name = reg_tag = None
     if gguf is not None:
@@ -661,7 +668,7 @@ def tune(base_ref: str | os.PathLike, data: list[str | os.PathLike], out_dir: st
 
         # -- 6. outputs ------------------------------------------------------------------------
         emit("status", {"text": "saving"})
-        adapter_dir = merged_dir = gguf_path = None
+        adapter_dir = merged_dir = gguf_path = lora_path = None
         if cfg.method == "full":
             merged_dir = out / "merged"
             with _atomic_dir(merged_dir) as tmp:
@@ -677,6 +684,12 @@ def tune(base_ref: str | os.PathLike, data: list[str | os.PathLike], out_dir: st
                 ac = json.loads(cfg_file.read_text())
                 ac["base_model_name_or_path"] = str(base.folder / base.gguf_file if base.gguf_file else base.folder)
                 cfg_file.write_text(json.dumps(ac, indent=2) + "\n")
+            if lora_gguf:
+                from ..formats.lora_gguf import write_lora_gguf
+
+                emit("status", {"text": "writing the adapter as a llama.cpp LoRA GGUF"})
+                lora_path = write_lora_gguf(adapter_dir, base.folder / base.gguf_file if base.gguf_file else base.folder,
+                                            out / "adapter.gguf")
             if want_merge:
                 emit("status", {"text": "merging"})
                 del model, opt
@@ -700,7 +713,7 @@ def tune(base_ref: str | os.PathLike, data: list[str | os.PathLike], out_dir: st
         final_loss=losses[-1] if losses else float("nan"), seconds=elapsed, peak_rss_bytes=_peak_rss(),
         adapter=adapter_dir,
         merged=merged_dir, gguf=gguf_path, registered=f"{reg_name}:{reg_tag}" if gguf_path else None,
-        loss_png=out / "loss.png", history=history)
+        loss_png=out / "loss.png", history=history, lora_gguf=lora_path)
     write_text(out / "metrics.json", json.dumps({"result": result.to_dict(), "recipe": cfg.recipe(),
                                                 "config": cfg.to_dict(), "history": history}, indent=1) + "\n")
     _record(result, cfg, d, chat_template)
