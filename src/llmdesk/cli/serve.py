@@ -77,17 +77,20 @@ def serve(
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     url = f"http://[{shown}]:{port}" if ":" in shown else f"http://{shown}:{port}"
     default = state.models.default.name if state.models.default else "none (requests name a model)"
-    err.print(f"llmdesk {_version()} serving {default} · {parallel} slots per model", markup=False)
-    err.print(f"  web chat:    {url}/", markup=False)
-    err.print(f"  OpenAI API:  {url}/v1   (base_url for the openai client)", markup=False)
-    err.print(f"  Ollama API:  {url}   (OLLAMA_HOST={url})", markup=False)
-    if cfg.api_key:
-        err.print("  API key required: Authorization: Bearer <key>", markup=False)
-    err.print("Ctrl-C to stop", style="dim", markup=False)
-    sys.stderr.flush()
+
+    def banner() -> None:  # once the socket listens: the addresses it gives can be used at once
+        err.print(f"llmdesk {_version()} serving {default} · {parallel} slots per model", markup=False)
+        err.print(f"  web chat:    {url}/", markup=False)
+        err.print(f"  OpenAI API:  {url}/v1   (base_url for the openai client)", markup=False)
+        err.print(f"  Ollama API:  {url}   (OLLAMA_HOST={url})", markup=False)
+        if cfg.api_key:
+            err.print("  API key required: Authorization: Bearer <key>", markup=False)
+        err.print("Ctrl-C to stop", style="dim", markup=False)
+        sys.stderr.flush()
+
     from ..serve.server import run
 
-    run(application, host=host, port=port)  # limits and timeouts from cfg, through application.state
+    run(application, host=host, port=port, on_ready=banner)  # limits and timeouts from cfg, through application.state
 
 
 class _nothing:

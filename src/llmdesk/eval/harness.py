@@ -43,6 +43,7 @@ from ..errors import LlmdeskError
 RUN_KEY_VERSION = 1  # bump when a per-item result would be computed differently
 CHUNK_PAIRS = 64  # score pairs per Engine job: a chunk of items is stored in one transaction
 IN_FLIGHT = 4  # score jobs queued at once, so the slots are refilled while a chunk is stored
+SHARED_CHOICE_TOKENS = 4  # choices differing in their last token, at most this long, are one request
 REMOTE_STREAMS = 4  # generations in flight against a remote endpoint
 
 Progress = Callable[[int, int], None]  # (items done, items in all)
@@ -407,8 +408,9 @@ def _score_multiple_choice(model, task, items: list, stats: dict) -> Iterator[li
                         f"model's context holds {engine.n_ctx}; use fewer --shots or a larger --ctx")
                 pairs.append((ctx, cont))
             ctx0, cont0 = pairs[0]
-            if len(pairs) > 1 and all(ctx == ctx0 and cont[:-1] == cont0[:-1] and len(cont) == len(cont0)
-                                      for ctx, cont in pairs):
+            # (a short shared part only: the request keeps a row of logits per continuation token)
+            if 1 < len(pairs) and len(cont0) <= SHARED_CHOICE_TOKENS and all(
+                    ctx == ctx0 and cont[:-1] == cont0[:-1] and len(cont) == len(cont0) for ctx, cont in pairs):
                 plan.append([cont[-1] for _, cont in pairs])
                 reqs.append(ScoreRequest(pairs[0][0], pairs[0][1], logits=True))
                 stats["context_tokens"] = stats.get("context_tokens", 0) + len(pairs[0][0])

@@ -37,6 +37,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import h11
@@ -328,6 +329,7 @@ class Server(uvicorn.Server):
         self.stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._filter = _QuietUvicorn(self)
+        self.on_ready: Callable[[], None] | None = None
 
     async def serve(self, sockets=None) -> None:
         uvicorn_log = logging.getLogger("uvicorn.error")
@@ -373,6 +375,8 @@ class Server(uvicorn.Server):
                             "(raise the limit with ulimit -n)", self.limits.max_connections, files, fit)
                 self.server_state.max_connections = self.summary.max_connections = fit
         await super().startup(sockets)
+        if self.started and self.on_ready is not None:
+            self.on_ready()  # listening now: a client told the address can connect
 
     async def shutdown(self, sockets=None) -> None:
         self.stopping = True
@@ -447,11 +451,14 @@ def uvicorn_config(app, host: str, port: int, limits: Limits, log_level: str = "
                           ws="none", http=GuardedH11Protocol, timeout_graceful_shutdown=limits.shutdown_timeout)
 
 
-def run(app, host: str = "127.0.0.1", port: int = 8080, *, log_level: str = "warning", **limits) -> None:
+def run(app, host: str = "127.0.0.1", port: int = 8080, *, log_level: str = "warning",
+        on_ready: Callable[[], None] | None = None, **limits) -> None:
     """Serve `app` until SIGINT or SIGTERM. `limits` are Limits' fields; the rest come from the
-    app's ServeConfig. A SIGTERM is raised again once the server has stopped, as uvicorn does."""
+    app's ServeConfig. `on_ready()` is called once the socket listens. A SIGTERM is raised again
+    once the server has stopped, as uvicorn does."""
     lim = Limits.of(app, **limits)
     server = Server(uvicorn_config(app, host, port, lim, log_level), lim)
+    server.on_ready = on_ready
     try:
         server.run()
     except KeyboardInterrupt:
