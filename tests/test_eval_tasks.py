@@ -417,6 +417,11 @@ def test_custom_yaml_and_toml_specs(tmp_path):
     assert items[0].choices == [" Paris", " Rome"] and items[0].gold == 0
     assert items[1].gold == 1  # the answer is a choice's text
     assert items[2].gold == 1  # digits are an index, even when a choice reads the same (lm-eval's rule)
+    # a row without the column the target names: that is what the error says (not "'right' is no answer")
+    with (tmp_path / "data" / "q.jsonl").open("a") as f:
+        f.write(json.dumps({"q": "3 + 3?", "opts": ["6", "7"], "topic": "math"}) + "\n")
+    with pytest.raises(LlmdeskError, match=r"q.jsonl line 4: no column 'right' \(the task quiz's 'target' reads it\)"):
+        load_task(tmp_path / "capitals.yaml").items()
 
     write_jsonl(tmp_path / "data" / "sums.jsonl", [{"a": a, "b": 3, "sum": f"The sum is {a + 3}."} for a in (2, 4)])
     (tmp_path / "sums.toml").write_text(

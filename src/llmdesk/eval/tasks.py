@@ -375,7 +375,10 @@ def _value(task: Task, key: str, template: Any, row: _Row) -> Any:
     as it is, a bare column name as that column's value, else the rendered template."""
     if template is None or isinstance(template, (int, list)):
         return template
-    if _IDENT.fullmatch(template) and template in row.doc:
+    if _IDENT.fullmatch(template):  # a column: one this row lacks is an error, not the word itself
+        if template not in row.doc:
+            raise row.error(f"no column {template!r} (the task {task.name}'s {key!r} reads it): fix the row, "
+                            "or the spec if the column has another name")
         return row.doc[template]
     return _render(task, key, template, row)
 
