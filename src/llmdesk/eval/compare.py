@@ -105,6 +105,8 @@ def compare(models: list[Identity], task: str, *, conn: sqlite3.Connection | Non
             rows.append(r)
         names = [k for k in rows[0]["metrics"] if f"{k}_stderr" in rows[0]["metrics"]]
         entries = [_entry(r, names) for r in rows]
+        for m, e in zip(models, entries):  # as the user named them (one file may have been run under two names)
+            e.model = m.name
         base_items = _items(db, rows[0])
         for r, e in zip(rows[1:], entries[1:]):
             items = _items(db, r, like=base_items)
