@@ -602,6 +602,16 @@ class GGUFTokenizer(Protocol):
     def close(self) -> None: ...
 
 
+
+def output_path(out: str | os.PathLike, out_type: str, example: str) -> Path:
+    """The output file of a conversion, checked before any work: a known type, not a folder."""
+    if out_type not in OUT_TYPES:
+        raise ConversionError(f"unknown --type {out_type!r} (choose from {', '.join(OUT_TYPES)})")
+    out = Path(out).expanduser()
+    if out.is_dir():
+        raise ConversionError(f"{out}: is a folder; give the output file name (e.g. {out / example})")
+    return out
+
 def convert(hf_dir: str | os.PathLike, out: str | os.PathLike, *, out_type: str = "f16",
             name: str | None = None, check_with: Callable[[Path], GGUFTokenizer] | None = None,
             progress: Callable[[str], None] | None = None) -> ConvertResult:
@@ -611,12 +621,8 @@ def convert(hf_dir: str | os.PathLike, out: str | os.PathLike, *, out_type: str 
     `check_with(path)` opens the written file with llama.cpp's tokenizer for the self-check
     (pass `runtime.llama.LlamaModel`); None skips it. The file is not registered in the store:
     that is the caller's choice."""
-    if out_type not in OUT_TYPES:
-        raise ConversionError(f"unknown --type {out_type!r} (choose from {', '.join(OUT_TYPES)})")
+    out = output_path(out, out_type, "model.gguf")
     say = progress or (lambda _msg: None)
-    out = Path(out).expanduser()
-    if out.is_dir():
-        raise ConversionError(f"{out}: is a folder; give the output file name (e.g. {out / 'model.gguf'})")
     ck = open_checkpoint(hf_dir)
     arch_name = ARCHITECTURES.get(ck.architecture)
     if arch_name is None:

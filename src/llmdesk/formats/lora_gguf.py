@@ -38,7 +38,8 @@ from typing import Any, Callable
 import numpy as np
 
 from llmdesk.atomic import atomic_path
-from llmdesk.formats.convert import ARCHITECTURES, OUT_TYPES, config_shape, expected_shape, gguf_tensor, permute_rope
+from llmdesk.formats.convert import (ARCHITECTURES, config_shape, expected_shape, gguf_tensor, output_path,
+                                     permute_rope)
 from llmdesk.formats.gguf_write import add_tensor_info, encode, file_type
 from llmdesk.formats.hf import Checkpoint, ConversionError, LazyTensor, _read_json
 from llmdesk.formats.shape import ModelShape
@@ -287,12 +288,8 @@ def convert_lora(adapter_dir: str | os.PathLike, base: Any, out: str | os.PathLi
     against `base` (see `read_base`; None: the adapter config's base_model_name_or_path, when
     that is a local folder). Every problem is a one-line ConversionError, before anything is
     written; the file appears whole or not at all."""
-    if out_type not in OUT_TYPES:
-        raise ConversionError(f"unknown --type {out_type!r} (choose from {', '.join(OUT_TYPES)})")
+    out = output_path(out, out_type, "adapter.gguf")
     say = progress or (lambda _msg: None)
-    out = Path(out).expanduser()
-    if out.is_dir():
-        raise ConversionError(f"{out}: is a folder; give the output file name (e.g. {out / 'adapter.gguf'})")
     ad = read_adapter(adapter_dir)
     if base is None:
         named = ad.config.get("base_model_name_or_path")
