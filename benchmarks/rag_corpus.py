@@ -1,0 +1,341 @@
+"""The retrieval benchmarks' corpus and queries: the Python library reference, and docstrings as questions.
+
+    .venv/bin/python benchmarks/rag_corpus.py [--queries 300] [--seed 14]    (prints what it built)
+
+The corpus is a text nobody in this project wrote: the library reference of Debian's `python3-doc`
+package (`apt-get install -y python3-doc`, as root), the HTML pages
+/usr/share/doc/python3.X/html/library/*.html of this Python's version (the newest present if that
+one is not). Each page's main part (Sphinx's `div.body`) is turned into one Markdown file: headings
+`#`, paragraphs, lists `- `, tables `a | b`, code in fences, and every documented object's
+signature line (`json.dumps(obj, *, skipkeys=False, ...)`) followed by its description. Both
+systems under test read these same Markdown files, so neither one's HTML reader is measured
+against the other's, and a passage's place in its file is known exactly.
+
+The relevant passage of a function is its own entry in the manual: the Sphinx `<dl class="py
+function">` (or `py method`) whose `<dt>` carries the function's id (`id="json.dumps"`), from the
+signature line to the end of its description, as a span of characters (and lines) in that file's
+Markdown. A retrieved chunk is relevant when it comes from that file and its character span
+overlaps the entry's span by at least one character.
+
+The queries are the functions' own docstrings, as `inspect.getdoc` gives them in the Python that
+runs this script, which are written separately from the manual and phrased differently. For a
+sample (`--queries`, seeded) of the functions and methods documented in the corpus:
+
+- signature lines at the docstring's head (`S.join(iterable) -> str`) are removed, since they name
+  the function outright;
+- the query is the first paragraph left (the docstring's summary), at most 60 words;
+- dropped: objects that do not import here (other platforms, removed APIs), no docstring, a
+  summary under 4 words, a summary that two documented objects share (aliases: either answer
+  would be right), and a summary found verbatim (case and spacing aside) in the entry's own text,
+  which would test string matching rather than retrieval. The counts of each are printed and
+  written to `manifest.json`.
+
+The result is cached in ~/.cache/llmdesk-bench-docs/python<ver>-library/ (corpus/*.md,
+queries.jsonl, manifest.json), rebuilt when missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import html.parser
+import importlib
+import inspect
+import io
+import json
+import os
+import random
+import re
+import shutil
+import sys
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+CACHE = Path.home() / ".cache" / "llmdesk-bench-docs"
+DOC_GLOB = "/usr/share/doc/python3*/html/library"
+KINDS = ("function", "method")  # the Sphinx object types whose entries become queries
+MAX_WORDS = 60
+MIN_WORDS = 4
+# modules that do something when imported (open a browser, print, need a display) are not resolved
+NO_IMPORT = {"antigravity", "this", "turtle", "turtledemo", "idlelib", "tkinter", "__main__"}
+VERSION = 1  # of the conversion; a cache built by another version is rebuilt
+
+
+# ---------------------------------------------------------------- finding the manual
+
+def find_library_html() -> Path:
+    """This Python's library reference from python3-doc, or the newest there is; one line if none."""
+    want = f"/usr/share/doc/python{sys.version_info.major}.{sys.version_info.minor}/html/library"
+    if Path(want).is_dir():
+        return Path(want)
+    found = sorted(Path(p) for p in __import__("glob").glob(DOC_GLOB) if list(Path(p).glob("*.html")))
+    if not found:
+        sys.exit("error: the Python library reference is not installed (no /usr/share/doc/python3*/html/library/*.html):"
+                 " install Debian's python3-doc with `apt-get install -y python3-doc` (as root) and run again")
+    return found[-1]
+
+
+# ---------------------------------------------------------------- HTML -> Markdown, with object spans
+
+BLOCK = {"p", "div", "section", "li", "dt", "dd", "tr", "table", "ul", "ol", "dl", "blockquote", "br", "hr",
+         "h1", "h2", "h3", "h4", "h5", "h6", "figure", "aside", "nav", "caption"}
+SKIP = {"script", "style"}
+
+
+class _Markdown(html.parser.HTMLParser):
+    """One Sphinx page's main part as Markdown; `spans` maps each py object's id to (kind, start, end)."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self.pos = 0  # characters written so far
+        self.inline: list[str] = []
+        self.prefix = ""
+        self.pre: list[str] | None = None
+        self.skip: list[str] = []  # open elements whose content is dropped
+        self.dls: list[tuple[str | None, list[str], int | None]] = []  # (py kind, ids, start) per open <dl>
+        self.spans: dict[str, tuple[str, int, int]] = {}
+
+    def emit(self, text: str) -> None:
+        self.parts.append(text)
+        self.pos += len(text)
+
+    def flush(self) -> None:
+        text = " ".join("".join(self.inline).split())
+        self.inline = []
+        if text:
+            self.emit(self.prefix + text + "\n\n")
+            self.prefix = ""
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        cls = (a.get("class") or "").split()
+        if self.skip:
+            if tag == self.skip[-1]:
+                self.skip.append(tag)
+            return
+        if tag in SKIP or (tag == "a" and "headerlink" in cls):
+            self.skip.append(tag)
+            return
+        if self.pre is not None:
+            return
+        if tag == "pre":
+            self.flush()
+            self.pre = []
+            return
+        if tag in BLOCK:
+            self.flush()
+        if tag == "dl":
+            kind = cls[1] if len(cls) > 1 and cls[0] == "py" else None
+            self.dls.append((kind, [], None))
+        elif tag == "dt" and self.dls and self.dls[-1][0] and a.get("id"):
+            kind, ids, start = self.dls[-1]
+            ids.append(a["id"])
+            self.dls[-1] = (kind, ids, self.pos if start is None else start)
+        elif tag[0] == "h" and tag[1:].isdigit():
+            self.prefix = "#" * int(tag[1:]) + " "
+        elif tag == "li":
+            self.prefix = "- "
+        elif tag in ("td", "th") and self.inline:
+            self.inline.append(" | ")
+
+    def handle_endtag(self, tag: str) -> None:
+        if self.skip:
+            if tag == self.skip[-1]:
+                self.skip.pop()
+            return
+        if self.pre is not None:
+            if tag == "pre":
+                code = "".join(self.pre).strip("\n")
+                self.pre = None
+                if code.strip():
+                    self.emit("```\n" + code + "\n```\n\n")
+            return
+        if tag in BLOCK:
+            self.flush()
+        if tag == "dl" and self.dls:
+            kind, ids, start = self.dls.pop()
+            for i in ids:
+                self.spans.setdefault(i, (kind, start, self.pos))
+
+    def handle_data(self, data: str) -> None:
+        if self.skip:
+            return
+        if self.pre is not None:
+            self.pre.append(data)
+        else:
+            self.inline.append(data)
+
+
+def page_to_markdown(page: str) -> tuple[str, dict[str, tuple[str, int, int]]]:
+    """(Markdown text, {object id: (kind, char start, char end)}) of one Sphinx HTML page."""
+    start = page.find('<div class="body" role="main">')
+    end = page.find('<div class="sphinxsidebar"', start)
+    p = _Markdown()
+    p.feed(page[start if start >= 0 else 0: end if end >= 0 else len(page)])
+    p.close()
+    p.flush()
+    return "".join(p.parts), p.spans
+
+
+# ---------------------------------------------------------------- docstrings as queries
+
+SIGNATURE = re.compile(r"^\s*[\w.\[\]]+\(.*\)\s*(->.*)?$")
+
+
+def summary(doc: str) -> str:
+    """The docstring's first paragraph after any signature lines, one line, at most MAX_WORDS words."""
+    lines = doc.strip().splitlines()
+    while lines and (SIGNATURE.match(lines[0]) or not lines[0].strip()):
+        lines.pop(0)
+    para: list[str] = []
+    for line in lines:
+        if not line.strip():
+            break
+        para.append(line.strip())
+    return " ".join(" ".join(para).split()[:MAX_WORDS])
+
+
+def resolve(name: str):
+    """The object a manual id names (`os.path.join`, `str.join`), or None if it does not import here."""
+    parts = name.split(".")
+    if parts[0] in NO_IMPORT:
+        return None
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        for cut in range(len(parts), 0, -1):
+            mod = ".".join(parts[:cut])
+            try:
+                obj = importlib.import_module(mod)
+            except BaseException:  # ImportError, and modules that raise SystemExit or worse on import
+                if cut == 1:
+                    obj = __import__("builtins")
+                    rest = parts
+                    break
+                continue
+            rest = parts[cut:]
+            break
+        try:
+            for attr in rest:
+                obj = getattr(obj, attr)
+        except BaseException:
+            return None
+    return obj
+
+
+def words(text: str) -> str:
+    return " ".join(re.findall(r"\w+", text.lower()))
+
+
+@dataclass
+class Query:
+    id: str          # the manual's id of the function, e.g. json.dumps
+    kind: str        # function | method
+    file: str        # the corpus file that documents it, e.g. json.md
+    query: str       # its docstring's summary
+    char_start: int  # the entry's span in the file (characters, end exclusive)
+    char_end: int
+    line_start: int  # the same span in lines (1-based, inclusive)
+    line_end: int
+
+
+def relevant(q: Query | dict, path: str, char_start: int, char_end: int) -> bool:
+    """Whether a retrieved chunk (its file and character span) overlaps the query's entry."""
+    q = q if isinstance(q, dict) else asdict(q)
+    return Path(path).name == q["file"] and char_start < q["char_end"] and char_end > q["char_start"]
+
+
+# ---------------------------------------------------------------- building and caching
+
+def build(out: Path, n_queries: int, seed: int) -> dict:
+    src = find_library_html()
+    tmp = out.with_name(out.name + ".part")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "corpus").mkdir(parents=True)
+    entries: list[tuple[str, str, str, int, int, str]] = []  # (id, kind, file, start, end, text)
+    n_chars = 0
+    for page in sorted(src.glob("*.html")):
+        text, spans = page_to_markdown(page.read_text(encoding="utf-8"))
+        if not text.strip():
+            continue
+        name = page.stem + ".md"
+        (tmp / "corpus" / name).write_text(text, encoding="utf-8")
+        n_chars += len(text)
+        for oid, (kind, a, b) in spans.items():
+            if kind in KINDS:
+                entries.append((oid, kind, name, a, b, text))
+    # one entry per id (an id documented in two pages keeps its first)
+    seen: set[str] = set()
+    entries = [e for e in entries if not (e[0] in seen or seen.add(e[0]))]
+
+    dropped = {"does not import here": 0, "no docstring": 0, f"summary under {MIN_WORDS} words": 0,
+               "summary shared by several objects": 0, "summary verbatim in the manual": 0}
+    candidates: list[tuple[tuple, str]] = []
+    for e in entries:
+        obj = resolve(e[0])
+        if obj is None:
+            dropped["does not import here"] += 1
+            continue
+        doc = inspect.getdoc(obj)
+        if not doc:
+            dropped["no docstring"] += 1
+            continue
+        s = summary(doc)
+        if len(s.split()) < MIN_WORDS:
+            dropped[f"summary under {MIN_WORDS} words"] += 1
+            continue
+        candidates.append((e, s))
+    count: dict[str, int] = {}
+    for _, s in candidates:
+        count[words(s)] = count.get(words(s), 0) + 1
+    pool: list[Query] = []
+    for (oid, kind, name, a, b, text), s in candidates:
+        if count[words(s)] > 1:
+            dropped["summary shared by several objects"] += 1
+        elif words(s) in words(text[a:b]):
+            dropped["summary verbatim in the manual"] += 1
+        else:
+            pool.append(Query(oid, kind, name, s, a, b, text.count("\n", 0, a) + 1, text.count("\n", 0, max(a, b - 1)) + 1))
+    queries = sorted(random.Random(seed).sample(pool, min(n_queries, len(pool))), key=lambda q: q.id)
+    with open(tmp / "queries.jsonl", "w", encoding="utf-8") as f:
+        for q in queries:
+            f.write(json.dumps(asdict(q)) + "\n")
+    manifest = {"version": VERSION, "source": str(src), "python": sys.version.split()[0], "files": len(list((tmp / "corpus").glob("*.md"))),
+                "chars": n_chars, "entries": len(entries), "dropped": dropped, "pool": len(pool),
+                "queries": len(queries), "seed": seed}
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return manifest
+
+
+def prepare(n_queries: int = 300, seed: int = 14) -> tuple[Path, list[dict], dict]:
+    """(corpus dir of .md files, queries, manifest), built once and cached."""
+    out = CACHE / f"python{sys.version_info.major}.{sys.version_info.minor}-library-q{n_queries}-s{seed}"
+    try:
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["version"] == VERSION
+    except (OSError, ValueError, KeyError, AssertionError):
+        manifest = build(out, n_queries, seed)
+    queries = [json.loads(line) for line in (out / "queries.jsonl").read_text().splitlines()]
+    return out / "corpus", queries, manifest
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--queries", type=int, default=300)
+    ap.add_argument("--seed", type=int, default=14)
+    ap.add_argument("--rebuild", action="store_true", help="build again even if cached")
+    args = ap.parse_args()
+    if args.rebuild:
+        shutil.rmtree(CACHE / f"python{sys.version_info.major}.{sys.version_info.minor}-library-q{args.queries}-s{args.seed}", ignore_errors=True)
+    corpus, queries, manifest = prepare(args.queries, args.seed)
+    print(json.dumps(manifest, indent=1))
+    print(f"corpus: {corpus}")
+    for q in queries[:5]:
+        print(f"  {q['id']:<28} {q['file']}:{q['line_start']}-{q['line_end']}  {q['query'][:90]!r}")
+
+
+if __name__ == "__main__":
+    main()
