@@ -57,7 +57,8 @@ def run_agent(model, messages: list[dict], functions: dict[str, Callable], *, co
     hears each result; `tool_choice` ("auto", "required", {"function": {"name": ...}}) applies to
     every round but the last; the rest (`on_text`, sampling, `truncate`, ...) goes to
     `model.respond`."""
-    tools = [function_tool(f, name) for name, f in functions.items()]
+    # a tool from elsewhere (an MCP server's) carries its own description, with the server's schema
+    tools = [getattr(f, "tool", None) or function_tool(f, name) for name, f in functions.items()]
     msgs = list(messages)
     for _ in range(max_steps):
         reply = model.respond(msgs, tools=tools, tool_choice=tool_choice, **kw)
