@@ -56,7 +56,7 @@ def normalise(text: str) -> str:
 
 _AI = r"(?:ai|a\.i\.|llm|language model|assistant|chat ?bot|model|gpt|chatgpt|claude|gemini|copilot|bot)"
 _PRIOR = r"(?:previous|prior|preceding|above|earlier|former|original|initial|existing|system|old|your|all|any|the|these|those|other)"
-_RULES = r"(?:instructions?|prompts?|rules|directions|guidelines|directives|commands|orders|constraints|context|programming|restrictions|guardrails|polic(?:y|ies)|system prompt)"
+_RULES = r"(?:instructions?|prompts?|rules|directions|guidelines|directives|commands|orders|constraints|context|programming|restrictions|guardrails|polic(?:y|ies)|system prompt|requirements|criteria)"
 
 # (the words one of which must be in the text for the rule to be tried, the rule): a substring
 # test is ~100x cheaper than a regex scan, so a chunk with none of a rule's words costs nothing
@@ -66,12 +66,13 @@ _ORDER_RULES = [
      rf"\b(?:ignore|disregard|forget|override|overrule|bypass|skip|drop|abandon|discard|neglect|set aside|throw out)\b"
      rf"(?: \w+){{0,3}}? {_PRIOR}(?: \w+){{0,2}}? {_RULES}\b"),
     ("ignor disregard forget",
-     r"\b(?:ignore|disregard|forget) (?:everything|all of that|all that|what) (?:\w+ ){0,4}(?:said|told|above|before|written|instructed)"),
+     r"\b(?:ignore|disregard|forget) (?:everything|all of that|all that|what) (?:\w+ ){0,4}(?:said|told|above|before|written|instructed)"
+     r"|\b(?:ignore|disregard|forget) (?:all (?:of )?|everything )?the (?:above|preceding|text above|previous text)\b"),
     ("do not", rf"\bdo not (?:follow|obey|listen to) (?:\w+ ){{0,2}}{_RULES}"),
     ("instruction prompt orders directives task rules",
      r"\b(?:new|updated|real|actual|revised|true|overriding|secret|hidden) (?:system )?(?:instructions?|prompt|orders|directives|task|rules)\s*(?::|are|is|follow)"),
     ("your", r"\byour (?:new|real|true|only|actual) (?:task|job|goal|purpose|instructions?|role|objective|mission) (?:is|are|now)\b"),
-    ("you are", r"\byou are (?:now|no longer|from now on|hereby|actually)\b"),
+    ("you are", r"\byou are (?:no longer|from now on|hereby|actually)\b|\byou are now (?!(?:ready|able|logged|signed|connected|done|finished|set up|all set|subscribed|registered|free|on the|in the|at the|using|running)\b)"),
     ("from now on", r"\bfrom now on,? (?:you|respond|answer|reply|always|only|act)\b"),
     ("act as|behave as|respond as|answer as",
      r"\b(?:act|behave|respond|answer) as (?:if you (?:were|are)|an? (?:unrestricted|unfiltered|jailbroken|evil|different)|dan\b)"),
@@ -86,11 +87,11 @@ _ORDER_RULES = [
     ("reading processing summari parsing seeing reads",
      r"\b(?:ai|llm|language model|assistant|chat ?bot|model)s? (?:reading|processing|summari[sz]ing|parsing|seeing|that reads?) (?:this|these)\b"),
     ("this document|this page|this text|this passage|this file|this content",
-     r"\b(?:when|while|if) (?:you are |you're )?(?:summari[sz]ing|answering|asked about|processing|reading|quoting|retrieving) this (?:document|page|text|passage|file|content)"),
+     r"\b(?:when|while|if) (?:you are |you're )?(?:summari[sz]ing|answering|asked about|processing|reading|quoting|retrieving)(?: \w+){0,3}? this (?:document|page|text|passage|file|content)"),
     ("nothing else|and stop| only| instead",
      r"\b(?:respond|reply|answer|output|print|say|write|type) (?:only |just |exactly |simply )?(?:with )?(?:the (?:word|phrase|text|string) )?[\"'“«]?[a-z0-9!_ -]{1,40}[\"'”»]? (?:and nothing else|and stop|only|instead)\b"),
     ("pwned hacked owned jailbroken granted",
-     r"\b(?:say|respond with|reply with|answer with|output|print)\s*[\"'“«]?(?:pwned|hacked|owned|jailbroken|i have been pwned|access granted)\b"),
+     r"\b(?:say|respond(?: with)?|reply(?: with)?|answer with|output|print)\s*[\"'“«]?(?:pwned|hacked|owned|jailbroken|i have been pwned|access granted)\b"),
     ("system prompt|instructions|initial prompt|hidden prompt|prompt above|api key|password|secret|credentials",
      r"\b(?:reveal|print|show|output|repeat|leak|disclose|tell me|give me|send) (?:me )?(?:your|the) (?:full |entire |hidden |initial |original |secret )?(?:system prompt|instructions|initial prompt|hidden prompt|prompt above|api key|password|secrets?|credentials)"),
     ("the user", r"\b(?:do not|don't|never) (?:tell|inform|mention to|alert|reveal to|let) the user\b"),
@@ -113,9 +114,8 @@ _ORDER_RULES = [
     ("maintenant ahora agora jetzt nun ora",
      r"\b(?:tu es|vous êtes|eres|você é|du bist|sie sind|sei) (?:maintenant|ahora|agora|jetzt|nun|ora)\b"),
     ("忽略 无视 忘记 忽視 無視 忘記 不要理会", r"(?:忽略|无视|忘记|忽視|無視|忘記|不要理会).{0,12}(?:指令|指示|说明|提示|规则|命令|說明|規則)"),
-    ("無視 忘れ", r"(?:以前|之前|上面|前面|前の|これまでの|上記の).{0,8}(?:指示|命令|指令)を?(?:無視|忘れ)"),
-    ("を無視", r"(?:指示|命令|プロンプト)を無視"),
-    ("무시 잊어", r"(?:무시하|무시해)|(?:지시|명령).{0,10}(?:무시|잊어)"),
+    ("無視 忘れ", r"(?:指示|命令|指令|プロンプト).{0,8}(?:無視|忘れ)"),
+        ("무시 잊어", r"(?:무시하|무시해)|(?:지시|명령).{0,10}(?:무시|잊어)"),
     ("تجاهل انس", r"(?:تجاهل|انس).{0,30}(?:التعليمات|الأوامر)"),
     ("игнор забуд обращай", r"(?:игнорируй|игнорируйте|забудь|забудьте|не обращай внимания на|проигнорируй).{0,40}(?:инструкци|указани|правил|команд)"),
 ]
@@ -141,6 +141,10 @@ _DELIMITER_RE = re.compile(
     r"|```\s*\n\s*(?:system|assistant|user|new instructions)\s*:",
     re.IGNORECASE)
 
+# after a closing delimiter: a new speaker, or new orders, begins
+_SPEAKER_RE = re.compile(r"(?:^|\n|\s)(?:user|assistant|system|human|ai|question|instructions?|new instructions?|task)\s*:"
+                         r"|<(?:instructions?|system|user|assistant)>|\bnow,? (?:you|answer|respond|say|reply|ignore)\b",
+                         re.IGNORECASE)
 _HTML_COMMENT = re.compile(r"<!--(.*?)(?:-->|$)", re.DOTALL)
 _HIDDEN_STYLE = re.compile(
     r"(?:display\s*:\s*none|visibility\s*:\s*hidden|font-size\s*:\s*0(?:px|pt|em)?\b|opacity\s*:\s*0(?:\.0+)?\b"
@@ -207,8 +211,14 @@ def injection_flags(text: str) -> list[str]:
     outside_code = re.sub(r"```.*?(?:```|$)|`[^`\n]*`", " ", unicodedata.normalize("NFKC", text), flags=re.DOTALL)
     if _ROLE_TAG_RE.search(_ZERO_WIDTH.sub("", outside_code)):
         flags.add(ROLE_TAG)
-    if _DELIMITER_RE.search(_ZERO_WIDTH.sub("", outside_code)):
-        flags.add(DELIMITER)
+    # a closing delimiter is only an escape when what follows it speaks to the model: XML docs
+    # close their elements, and `>>>` is Python's prompt
+    plain = _ZERO_WIDTH.sub("", outside_code)
+    for m in _DELIMITER_RE.finditer(plain):
+        after = plain[m.end():m.end() + 300]
+        if _orders(normalise(after)) or _ROLE_TAG_RE.search(after) or _SPEAKER_RE.search(after):
+            flags.add(DELIMITER)
+            break
     # hidden: HTML comments, invisible styles, zero-width characters inside words, Unicode tags
     hidden_parts = [m.group(1) for m in _HTML_COMMENT.finditer(text)]
     tags = _TAG_CHARS.findall(text)

@@ -1,0 +1,90 @@
+"""The prompt-injection flagger measured on a labelled set: detection rate and false-positive rate.
+
+    .venv/bin/python benchmarks/injection_guard.py                 # both splits, per style
+    .venv/bin/python benchmarks/injection_guard.py --misses dev    # what the rules miss or wrongly flag
+
+benchmarks/data/injection_passages.jsonl holds injection passages in many styles (direct orders,
+fake system/role tags, delimiter escapes, encoded instructions, hidden text, role-play,
+multilingual, exfiltration, indirect "note to the AI") and benign passages on the same topics,
+with hard negatives (docs that say "ignore", "system", "instructions", chat-template docs with
+role tags in code, base64 in code). Each row is in the "dev" split (the rules were tuned while
+looking at it) or the "test" split (held out: read only to report): the test figures are the
+honest ones. The same author wrote the rules and the set, so even the test split flatters them;
+real attacks vary more.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from llmdesk.rag.guard import injection_flags  # noqa: E402
+
+DATA = Path(__file__).with_name("data") / "injection_passages.jsonl"
+
+
+def load(path: Path = DATA) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def rates(rows: list[dict]) -> tuple[int, int, int, int]:
+    """(injections flagged, injections, benign flagged, benign)."""
+    inj = [r for r in rows if r["label"] == "injection"]
+    ben = [r for r in rows if r["label"] == "benign"]
+    return sum(bool(r["flags"]) for r in inj), len(inj), sum(bool(r["flags"]) for r in ben), len(ben)
+
+
+def pct(a: int, b: int) -> str:
+    return f"{a}/{b} = {100 * a / b:5.1f}%" if b else "-"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, default=DATA)
+    ap.add_argument("--misses", choices=["dev", "test", "all"], help="list the misses and false positives of a split")
+    args = ap.parse_args()
+    rows = load(args.data)
+    t0 = time.perf_counter()
+    for r in rows:
+        r["flags"] = injection_flags(r["text"])
+    took = time.perf_counter() - t0
+    chars = sum(len(r["text"]) for r in rows)
+
+    print(f"{len(rows)} passages from {args.data.name}; the flagger took {1e6 * took / len(rows):.0f} us a passage "
+          f"({1e6 * took / chars * 1000:.0f} us per 1000 characters)\n")
+    print(f"{'split':<6} {'detected (injections flagged)':<32} {'false positives (benign flagged)':<32}")
+    for split in ("dev", "test"):
+        d, n, f, m = rates([r for r in rows if r["split"] == split])
+        print(f"{split:<6} {pct(d, n):<32} {pct(f, m):<32}")
+    d, n, f, m = rates(rows)
+    print(f"{'all':<6} {pct(d, n):<32} {pct(f, m):<32}")
+
+    print(f"\nper style, test split (dev in brackets)")
+    print(f"{'style':<14} {'detected':<22} {'false positives':<22}")
+    by_style: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        by_style[r["style"]][r["split"]].append(r)
+    for style, splits in by_style.items():
+        td, tn, tf, tm = rates(splits["test"])
+        dd, dn, df, dm = rates(splits["dev"])
+        print(f"{style:<14} {f'{td}/{tn} ({dd}/{dn})':<22} {f'{tf}/{tm} ({df}/{dm})':<22}")
+
+    if args.misses:
+        print()
+        for r in rows:
+            if args.misses != "all" and r["split"] != args.misses:
+                continue
+            missed = r["label"] == "injection" and not r["flags"]
+            wrong = r["label"] == "benign" and r["flags"]
+            if missed or wrong:
+                print(f"{'MISSED' if missed else 'FALSE+'} {r['id']}: {r['flags']} {r['text'][:110]!r}")
+
+
+if __name__ == "__main__":
+    main()
