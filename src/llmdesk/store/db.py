@@ -101,13 +101,14 @@ def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     conn.commit()
 
 
-def migrate(conn: sqlite3.Connection) -> list[str]:
-    """Apply the migrations this database has not seen yet; returns their names."""
+def migrate(conn: sqlite3.Connection, migrations: list[Migration] | None = None) -> list[str]:
+    """Apply the migrations this database has not seen yet (`migrations`: another database's
+    list, such as the document index's); returns their names."""
     conn.execute("CREATE TABLE IF NOT EXISTS migrations (name TEXT PRIMARY KEY, applied TEXT NOT NULL)")
     conn.commit()
     done = {row[0] for row in conn.execute("SELECT name FROM migrations")}
     applied = []
-    for fn in MIGRATIONS:
+    for fn in MIGRATIONS if migrations is None else migrations:
         if fn.__name__ in done:
             continue
         with transaction(conn):
