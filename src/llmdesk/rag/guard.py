@@ -264,6 +264,8 @@ def escape(text: str) -> str:
 
 def source_line(hit: Any) -> str:
     """Where a passage comes from, on one line: `path, heading > sub, page 3` or `lines 4-9`."""
+    if hasattr(hit, "where"):  # a search Hit says it itself
+        return escape(_WS.sub(" ", hit.where))
     parts = [str(hit.path)]
     if getattr(hit, "headings", None):
         parts.append(" > ".join(hit.headings))
