@@ -44,6 +44,7 @@ class Answer:
     unknown_citations: list[int] = field(default_factory=list)  # cited numbers no passage has
     dropped: list["Hit"] = field(default_factory=list)  # retrieved, left out to fit the context
     reply: Reply | None = None
+    messages: list[dict] = field(default_factory=list)  # the conversation the model was given
 
     @property
     def flagged(self) -> list[int]:
@@ -169,7 +170,7 @@ def _answer(model, question: str, hits: list, history: list[dict], *, max_tokens
     nums = cited_numbers(reply.text)
     cites = [(n, shown[n - 1]) for n in nums if 1 <= n <= len(shown)]
     unknown = [n for n in nums if not 1 <= n <= len(shown)]
-    return Answer(question, reply.text, shown, cites, unknown, dropped, reply), added
+    return Answer(question, reply.text, shown, cites, unknown, dropped, reply, messages), added
 
 
 def ask(question: str, collection: str = "default", *, model=None, k: int = 5, mode: str = "hybrid",
