@@ -243,6 +243,8 @@ def chat(
     schema: SchemaOpt = None,
     tool: Annotated[Optional[list[Path]], typer.Option("--tool", help="A Python file whose public functions the model may call (repeatable); their schemas come from type hints and docstrings.", dir_okay=False)] = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Run the model's tool calls without asking first.")] = False,
+    mcp: Annotated[Optional[Path], typer.Option("--mcp", help="An MCP config (the mcpServers JSON of Claude Desktop or LM Studio): its servers are started or reached, and the model may call their tools.", dir_okay=False)] = None,
+    tool_choice: Annotated[Optional[str], typer.Option("--tool-choice", help="auto (the model decides), required (it must call a tool each round, up to 8), none, or a tool's name (it must call that one).")] = None,
     lora: LoraOpt = None,
     no_log: NoLogOpt = False,
 ) -> None:
@@ -256,16 +258,20 @@ def chat(
         pass
     fmt = _response_format(json_mode, schema)
     functions = _load_tools(tool or [])
+    servers = _mcp_config(mcp)
+    choice = _tool_choice(tool_choice)
     m = _load(model, ctx, threads, template, gpu_layers, lora)
+    mcp_tools = _start_mcp(servers, m)
+    tools_now = lambda: {**functions, **(mcp_tools.functions(taken=functions) if mcp_tools else {})}  # noqa: E731
     settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                     repeat_penalty=repeat_penalty, seed=seed, max_tokens=max_tokens)
     messages: list[dict] = []
     origin = getattr(getattr(m, "template", None), "origin", "the server's")
     adapters = "".join(f" · LoRA {p.name} x{scale:g}" for p, scale in getattr(m, "lora", []))
     err.print(f"{m.name} · context {m.n_ctx or '?'} tokens · template: {origin}{adapters}", style="dim", markup=False)
-    if functions:
-        err.print(f"tools: {', '.join(functions)}" + ("" if yes else " (each call is shown and asked for)"),
-                  style="dim")
+    if tools_now():
+        err.print(f"tools: {', '.join(tools_now())}" + ("" if yes else " (each call is shown and asked for)"),
+                  style="dim", markup=False)
     err.print("type /? for commands, /bye to leave", style="dim")
     state = {"dropped": 0}
     try:
@@ -304,7 +310,7 @@ def chat(
                     err.print(f"{name} = {settings[name]}", style="dim")
                 elif cmd == "/show":
                     err.print(json.dumps({**settings, "system": system, "template": origin,
-                                          "context": m.n_ctx, "tools": list(functions),
+                                          "context": m.n_ctx, "tools": list(tools_now()),
                                           "lora": [[str(p), scale] for p, scale in getattr(m, "lora", [])],
                                           "response_format": fmt}, indent=2), markup=False)
                 elif cmd == "/save":
@@ -322,7 +328,7 @@ def chat(
                     err.print(f"unknown command {cmd}; type /? for the list", markup=False)
                 continue
             turn = messages + [{"role": "user", "content": line}]
-            got = _answer(m, _with_system(system, turn), settings, stop, fmt, functions, yes, state)
+            got = _answer(m, _with_system(system, turn), settings, stop, fmt, tools_now(), yes, state, choice)
             if got is None:  # interrupted, or the model could not answer
                 continue
             reply, added = got
@@ -331,7 +337,40 @@ def chat(
                  options={k: v for k, v in settings.items() if v is not None},
                  tokens_in=reply.prompt_tokens, tokens_out=reply.completion_tokens, duration_s=reply.total_s)
     finally:
+        if mcp_tools is not None:
+            mcp_tools.close()
         m.close()
+
+
+def _mcp_config(path: Path | None) -> list:
+    """The servers of --mcp's config (a file that cannot be read or is not one stops here)."""
+    if path is None:
+        return []
+    from ..tools.mcp_client import read_config
+
+    return read_config(path)
+
+
+def _start_mcp(servers: list, m):
+    """The MCP servers started (a server that cannot start is one line, and the chat goes on)."""
+    if not servers:
+        return None
+    from ..tools.mcp_client import MCPTools
+
+    problem = lambda line: err.print(line, style="yellow", markup=False)  # noqa: E731
+    try:
+        with err.status(f"starting {len(servers)} MCP server{'s' if len(servers) > 1 else ''} ...", spinner="dots"):
+            return MCPTools(servers, on_problem=problem)
+    except BaseException:
+        m.close()
+        raise
+
+
+def _tool_choice(value: str | None):
+    """--tool-choice as the conversation layer takes it."""
+    if value is None or value in ("auto", "required", "none"):
+        return value or "auto"
+    return {"type": "function", "function": {"name": value}}
 
 
 def _with_system(system: str | None, messages: list[dict]) -> list[dict]:
@@ -366,7 +405,7 @@ def _confirm(call) -> bool:
 
 
 def _answer(m, messages: list[dict], settings: dict, stop: list[str] | None, fmt, functions: dict, yes: bool,
-            state: dict):
+            state: dict, tool_choice="auto"):
     """Answer the conversation (running tool calls when tools are given): (the Reply, the messages
     it added after the user's), or None when interrupted or refused."""
     from ..tools.agent import run_agent
@@ -381,7 +420,8 @@ def _answer(m, messages: list[dict], settings: dict, stop: list[str] | None, fmt
 
     try:
         if functions:
-            reply, convo = run_agent(m, messages, functions, confirm=None if yes else _confirm, on_run=shown, **kw)
+            reply, convo = run_agent(m, messages, functions, confirm=None if yes else _confirm, on_run=shown,
+                                     tool_choice=tool_choice, **kw)
             added = convo[len(messages):]
         else:
             reply = m.respond(messages, **kw)
