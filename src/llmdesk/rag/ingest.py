@@ -160,14 +160,17 @@ def _matches(rel: str, patterns: list[str]) -> bool:
                any(fnmatch.fnmatch(d, p) for d in parts[:-1]) for p in patterns)
 
 
-def gather(path: Path, include: list[str], exclude: list[str], report: IngestReport) -> list[Path]:
+def gather(path: Path, include: list[str], exclude: list[str], report: IngestReport,
+           on_event: Callable[[Event], None] | None = None) -> list[Path]:
     """The files under `path` (itself, if a file) that `include` and `exclude` select; folders
     are walked recursively, hidden ones (`.git`) and files of kinds llmdesk does not read are
     passed over (counted in report.skipped)."""
     if path.is_file():
         return [path]
     if not path.is_dir():
-        report.errors.append((str(path), f"{path}: no such file or folder"))
+        msg = f"{path}: no such file or folder"
+        report.errors.append((str(path), msg))
+        _emit(on_event, event="file", path=str(path), status="error", chunks=0, error=msg)
         return []
     out = []
     for root, dirs, files in os.walk(path):
@@ -216,7 +219,7 @@ def add(paths: Iterable[str | os.PathLike], collection: str = "default", *, incl
         files: list[Path] = [p for p, _, _ in jobs]
         for p in paths:
             path = Path(p).expanduser().absolute()
-            found = gather(path, include, exclude, report)
+            found = gather(path, include, exclude, report, on_event)
             if path.exists():
                 sources.append((str(path), include, exclude))
             files.extend(found)
@@ -253,7 +256,7 @@ def sync(collection: str = "default", *, embedder=None,
         for row in c.execute("SELECT path, include, exclude FROM sources WHERE collection_id = ?", (col.id,)).fetchall():
             p = Path(row["path"])
             if p.exists():
-                files.extend(gather(p, json.loads(row["include"]), json.loads(row["exclude"]), report))
+                files.extend(gather(p, json.loads(row["include"]), json.loads(row["exclude"]), report, on_event))
         state = _State(c, collection, col, None, embedder, report, on_event, None, None)
         state.ingest(list(dict.fromkeys(files)))
     report.seconds = time.perf_counter() - t0
