@@ -367,3 +367,37 @@ def respond(model: "Model", messages: list[dict], *, on_text=None, **kw) -> Repl
         if tail:
             on_text(tail)
     return turn.reply(stream.result, events, model)
+
+
+def respond_many(model, conversations: list[list[dict]], *, seeds: list[int | None] | None = None,
+                 response_format=None, **kw) -> list[str]:
+    """The answers to several conversations. On a local model all are submitted before any is
+    read, so the Engine runs them side by side in its slots; a remote model is asked one after
+    another. `seeds`: one per conversation (else `seed` for all); `kw`: max_tokens, stop,
+    time_limit and the sampling settings."""
+    seed = kw.pop("seed", None)
+    seeds = list(seeds) if seeds is not None else [seed] * len(conversations)
+    engine = getattr(model, "engine", None)
+    if engine is None:
+        return [model.respond(c, response_format=response_format, seed=s, **kw).text
+                for c, s in zip(conversations, seeds)]
+    from .engine import sampling_params
+
+    sampling_kw = {k: kw.pop(k) for k in list(kw) if k not in ("max_tokens", "stop", "time_limit")}
+    kw.setdefault("max_tokens", 512)
+    turns, streams = [], []
+    try:
+        for c, s in zip(conversations, seeds):
+            turn = prepare(model, normalize_messages(c), response_format=response_format,
+                           sampling=sampling_params(seed=s, **sampling_kw), **kw)
+            turns.append(turn)
+            streams.append(model.engine.submit(turn.requests[0]))
+        out = []
+        for turn, st in zip(turns, streams):
+            events = list(st)
+            st.done.wait()
+            out.append(turn.reply(st.result, events, model).text)
+        return out
+    finally:
+        for st in streams:
+            st.cancel()

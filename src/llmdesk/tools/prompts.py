@@ -42,6 +42,7 @@ import yaml
 
 from ..atomic import write_text
 from ..errors import LlmdeskError
+from ..runtime.conversation import respond_many
 from ..store import paths
 
 SUFFIX = ".yaml"
@@ -537,7 +538,7 @@ def vote(model, messages: list[dict], *, samples: int = 5, by: str = "text", see
     share of samples that agree with it. An empty key (no number, bad JSON) never wins."""
     if samples < 1 or samples > 64:
         raise LlmdeskError(f"--samples {samples}: give 1 to 64")
-    texts = _many(model, [messages] * samples, seeds=[seed + i for i in range(samples)],
+    texts = respond_many(model, [messages] * samples, seeds=[seed + i for i in range(samples)],
                   response_format=response_format, **kw)
     keys = [answer_key(t, by) for t in texts]
     counts = Counter(k for k in keys if k)
@@ -567,43 +568,11 @@ def perspectives_answer(model, messages: list[dict], names: list[str], **kw) -> 
             convs.append([{"role": "system", "content": f"{messages[0]['content']}\n\n{line}"}] + messages[1:])
         else:
             convs.append([{"role": "system", "content": line}] + messages)
-    answers = dict(zip(names, _many(model, convs, **kw)))
+    answers = dict(zip(names, respond_many(model, convs, **kw)))
     question = messages[-1]["content"]
     quoted = "\n\n".join(f"Perspective: {n}\n\"\"\"\n{a.strip()}\n\"\"\"" for n, a in answers.items())
     synth = list(messages[:-1]) + [{"role": "user", "content":
                                     f"{question}\n\nHere are answers from several perspectives:\n\n{quoted}\n\n"
                                     "Write one answer that weighs them: keep what they agree on, and say where "
                                     "they differ and why."}]
-    return PerspectivesResult(answers=answers, synthesis=_many(model, [synth], **kw)[0])
-
-
-def _many(model, conversations: list[list[dict]], *, seeds: list[int | None] | None = None,
-          response_format: dict | None = None, **kw) -> list[str]:
-    """The answers to several conversations; on a local model all are submitted before any is
-    read (the Engine runs them side by side)."""
-    seeds = seeds or [kw.pop("seed", None)] * len(conversations)
-    kw.pop("seed", None)
-    engine = getattr(model, "engine", None)
-    if engine is None:  # a remote model: one request after another
-        return [model.respond(c, response_format=response_format, seed=s, **kw).text
-                for c, s in zip(conversations, seeds)]
-    from ..runtime import conversation
-    from ..runtime.engine import sampling_params
-
-    sampling_kw = {k: kw.pop(k) for k in list(kw) if k not in ("max_tokens", "stop", "time_limit")}
-    turns, streams = [], []
-    try:
-        for c, s in zip(conversations, seeds):
-            turn = conversation.prepare(model, conversation.normalize_messages(c), response_format=response_format,
-                                        sampling=sampling_params(seed=s, **sampling_kw), **kw)
-            turns.append(turn)
-            streams.append(engine.submit(turn.requests[0]))
-        out = []
-        for turn, st in zip(turns, streams):
-            events = list(st)
-            st.done.wait()
-            out.append(turn.reply(st.result, events, model).text)
-        return out
-    finally:
-        for st in streams:
-            st.cancel()
+    return PerspectivesResult(answers=answers, synthesis=respond_many(model, [synth], **kw)[0])
