@@ -24,6 +24,15 @@ takes the longest prefix already computed, from its own cells or copied from ano
 
 Embeddings are batched on a second context (several texts per `llama_decode`, pooled the way
 the model says: mean, CLS or last token) and interleaved with generation steps too.
+
+LoRA adapters: a generation or a score request may carry its own adapter set (`adapters`, pairs
+of a loaded `LoraAdapter` and a scale); without one it uses the Engine's (`Engine(lora=...)`).
+llama.cpp sets adapters on a whole context (llama_set_adapters_lora), so each step decodes the
+slots of one set per `llama_decode`, setting the context's adapters before a set that differs
+from the last one decoded; a step whose slots all share the context's set is one decode, with
+no call. A slot's cells are valid only under the set they were computed with: a cached prefix
+is reused, or copied to another slot, only for a request of the same set (docs/lora.md).
+Embeddings always use the Engine's set.
 """
 
 from __future__ import annotations
@@ -132,6 +141,7 @@ class Request:
     logprobs: int | None = None  # None: off; 0: the chosen token's; k: also the k most likely
     ignore_eos: bool = False
     time_limit: float | None = None  # seconds from submission to the end, queue included; None: none
+    adapters: list[tuple[LoraAdapter, float]] | None = None  # LoRA set; None: the Engine's
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,6 +356,7 @@ class ScoreRequest:
     continuation: list[int]
     top_k: int = 0  # also the k most likely tokens at each position (0: not)
     logits: bool = False  # keep the raw logits too: (len(continuation), n_vocab) float32
+    adapters: list[tuple[LoraAdapter, float]] | None = None  # LoRA set; None: the Engine's
 
 
 @dataclass
@@ -389,8 +400,9 @@ class ScoreJob(_Job):
 class _ScoreTask:
     """One ScoreRequest on its way through a slot."""
 
-    def __init__(self, job: ScoreJob, index: int, req: ScoreRequest, n_vocab: int):
+    def __init__(self, job: ScoreJob, index: int, req: ScoreRequest, n_vocab: int, lora: tuple):
         self.job = job
+        self.lora = lora  # the adapter set (Engine._set_of)
         self.index = index
         self.cont = list(req.continuation)
         self.tokens = list(req.context) + self.cont[:-1]  # what is fed to the model
@@ -437,9 +449,10 @@ class _ScoreTask:
 
 
 class _Slot:
-    def __init__(self, seq: int):
+    def __init__(self, seq: int, lora: tuple):
         self.seq = seq
         self.cache: list[int] = []  # tokens whose K/V are in this sequence's cells, in order
+        self.lora = lora  # the adapter set those cells were computed under
         self.stream: Stream | None = None  # a generation in this slot, or
         self.task: _ScoreTask | None = None  # a score request in it
         self.chain = None
@@ -458,6 +471,10 @@ class _Slot:
     def work(self):
         """What this slot works for: its Stream or its task's ScoreJob."""
         return self.stream if self.stream is not None else self.task.job if self.task is not None else None
+
+    def shared(self, tokens: list[int], lora: tuple) -> int:
+        """Tokens of `tokens` already in this slot's cells under adapter set `lora`."""
+        return common_prefix(self.cache, tokens) if self.lora == lora else 0
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -493,8 +510,9 @@ class Engine:
     evaluation, where the slots share long prefixes.
 
     `lora`: LoRA adapters loaded for `model` (llama.LoraAdapter) and their scales, applied to
-    every request: llama.cpp sets adapters on a whole context (llama_set_adapters_lora), not per
-    sequence, so one Engine serves one adapter set (docs/lora.md)."""
+    every request that does not carry its own set (`Request.adapters`, `ScoreRequest.adapters`).
+    llama.cpp sets adapters on a whole context (llama_set_adapters_lora), not per sequence: a
+    step decodes each set's slots in a `llama_decode` of their own (docs/lora.md)."""
 
     # one token's sampling may take this long before the request is stopped (a grammar that is
     # slow for this vocabulary); the grammar checks keep accepted grammars far below it
@@ -537,19 +555,22 @@ class Engine:
                                n_threads=n_threads, cache_type=cache_type, flash_attn=flash_attn,
                                unified=kv_unified)
         self.lora = list(lora or [])
+        self.lora_set = self._set_of(self.lora)  # the default set, as a key
         if self.lora:
             try:
                 set_adapters(self.ctx, self.lora)
             except BaseException:
                 free_context(self.ctx)
                 raise
+        self._ctx_set = self.lora_set  # the set applied to self.ctx now
+        self.lora_switches = 0  # llama_set_adapters_lora calls between steps, for tests and metrics
         self.abort = AbortFlag()  # read by llama.cpp during a decode: set, the decode returns early
         self.abort.attach(self.ctx)
         # per slot; llama.cpp rounds its cache up (to 256 cells), the limit is what was asked for
         self.n_ctx = min(n_ctx, C.llama_n_ctx_seq(self.ctx))
         self.mem = C.llama_get_memory(self.ctx)
         self.batch = Batch(self.n_batch)
-        self.slots = [_Slot(i) for i in range(n_slots)]
+        self.slots = [_Slot(i, self.lora_set) for i in range(n_slots)]
         self.waiting: deque[Stream] = deque()
         self.score_queue: deque[_ScoreTask] = deque()  # score requests waiting for a slot
         self.score_jobs: list[ScoreJob] = []  # jobs not finished yet
@@ -590,7 +611,9 @@ class Engine:
                 f"use a larger --ctx (the model was trained on {self.model.n_ctx_train}) or a shorter prompt"
             )
         limits.check_request(request, n_ctx=self.n_ctx, n_vocab=self.model.n_vocab)
+        lora = self._set_of(request.adapters)
         stream = Stream(self, request, events)
+        stream.lora = lora
         if request.max_tokens == 0:
             stream.result.finish_reason = "length"
             self._finish_stream(stream)
@@ -620,7 +643,7 @@ class Engine:
         if not requests:
             job._finish(None)
             return job
-        tasks = [_ScoreTask(job, i, r, self.model.n_vocab) for i, r in enumerate(requests)]
+        tasks = [_ScoreTask(job, i, r, self.model.n_vocab, self._set_of(r.adapters)) for i, r in enumerate(requests)]
         with self._cv:
             self.score_jobs.append(job)
             self.score_queue.extend(tasks)
@@ -649,6 +672,17 @@ class Engine:
             self.embed_jobs.append(job)
             self._cv.notify()
         return job
+
+    def _set_of(self, adapters) -> tuple:
+        """A request's adapter set as a key: ((adapter, scale), ...); None is the Engine's own."""
+        if adapters is None:
+            return self.lora_set
+        out = []
+        for a, scale in adapters:
+            if not isinstance(a, LoraAdapter) or a.model is not self.model or not a.ptr:
+                raise LlmdeskError(f"LoRA adapter {getattr(a, 'path', a)} is not loaded for {self.model.path.name}")
+            out.append((a, float(scale)))
+        return tuple(out)
 
     @property
     def busy_slots(self) -> int:
@@ -837,16 +871,18 @@ class Engine:
                 if not free or not self.waiting:
                     return
                 stream = self.waiting.popleft()
-            prompt = stream.request.prompt
-            # the free slot whose cache shares the longest prefix; else the least recently used
-            slot = max(free, key=lambda s: (common_prefix(s.cache, prompt), -s.last_used))
-            keep = min(common_prefix(slot.cache, prompt), len(prompt) - 1)  # recompute >= 1 token for logits
+            prompt, lora = stream.request.prompt, stream.lora
+            # the free slot whose cache (under this adapter set) shares the longest prefix; else
+            # the least recently used
+            slot = max(free, key=lambda s: (s.shared(prompt, lora), -s.last_used))
+            keep = min(slot.shared(prompt, lora), len(prompt) - 1)  # recompute >= 1 token for logits
             if not self.reuse_prefix:
                 keep = 0
             if not C.llama_memory_seq_rm(self.mem, slot.seq, keep, -1):
                 C.llama_memory_seq_rm(self.mem, slot.seq, -1, -1)
                 keep = 0
             slot.cache = slot.cache[:keep]
+            slot.lora = lora
             slot.todo = prompt[keep:]
             slot.stream = stream
             slot.chain = stream._chain
@@ -879,21 +915,21 @@ class Engine:
             if not free:
                 return
             seen += 1
-            toks, limit = task.tokens, task.first  # the outputs start at `first`: it is always computed
+            toks, limit, lora = task.tokens, task.first, task.lora  # the outputs start at `first`: always computed
             if not self.reuse_prefix:
                 limit = 0
             # in a unified cache a copy shares the cells: worth it for one token
             min_copy = 1 if self.kv_unified else self.min_copy_tokens
-            slot = max(free, key=lambda s: (common_prefix(s.cache, toks), -s.last_used))
-            own = min(common_prefix(slot.cache, toks), limit)
+            slot = max(free, key=lambda s: (s.shared(toks, lora), -s.last_used))
+            own = min(slot.shared(toks, lora), limit)
             src, copied, coming = None, own, own
             for s in self.slots:
                 if s.idle:
                     continue
-                c = min(common_prefix(s.cache, toks), limit)
+                c = min(s.shared(toks, lora), limit)
                 if c > copied:
                     src, copied = s, c
-                if s.todo and c == len(s.cache) < limit:  # its prefill continues along our tokens
+                if s.todo and s.lora == lora and c == len(s.cache) < limit:  # its prefill continues along ours
                     coming = max(coming, min(c + common_prefix(s.todo, toks[c:]), limit))
             if coming >= max(own, copied) + min_copy:
                 i += 1  # wait: that slot's next steps compute this prefix
@@ -915,12 +951,32 @@ class Engine:
                 C.llama_memory_seq_rm(self.mem, slot.seq, -1, -1)
                 keep = 0
             slot.cache = slot.cache[:keep]
+            slot.lora = lora
             slot.todo = toks[keep:]
             slot.task = task
             slot.t_admit = time.perf_counter()
             task.n_cached = keep
 
     def _step(self) -> None:
+        """Every busy slot one step on: one llama_decode per adapter set among them, the set the
+        context has now first (so a step of one set never switches, and two sets switch once)."""
+        sets = list(dict.fromkeys(s.lora for s in self.slots if not s.idle))
+        if len(sets) == 1 and sets[0] == self._ctx_set:
+            self._step_set(self.slots)
+            return
+        if self._ctx_set in sets:
+            sets.remove(self._ctx_set)
+            sets.insert(0, self._ctx_set)
+        for lora in sets:
+            if lora != self._ctx_set:
+                set_adapters(self.ctx, list(lora))
+                self._ctx_set = lora
+                self.lora_switches += 1
+            self._step_set([s for s in self.slots if s.lora == lora])
+
+    def _step_set(self, slots: list[_Slot]) -> None:
+        """One llama_decode over `slots` (all of one adapter set): the generating ones' next
+        tokens, then prompt chunks in the room left."""
         b = self.batch
         b.clear()
         outputs: list[tuple[_Slot, int]] = []  # generating slots: (slot, batch index) to sample
@@ -929,14 +985,14 @@ class Engine:
         before: list[tuple[_Slot, int, int | None, list[int]]] = []
 
         # generating slots first: one token each
-        for slot in self.slots:
+        for slot in slots:
             if slot.stream is not None and slot.next_token is not None:
                 before.append((slot, len(slot.cache), slot.next_token, slot.todo))
                 outputs.append((slot, b.add(slot.next_token, len(slot.cache), slot.seq, True)))
                 slot.cache.append(slot.next_token)
                 slot.next_token = None
         # then prompt chunks in the room left: generations' prompts, then score requests
-        for slot in sorted(self.slots, key=lambda s: s.task is not None):
+        for slot in sorted(slots, key=lambda s: s.task is not None):
             if slot.idle or not slot.todo or len(b) >= self.n_batch:
                 continue
             before.append((slot, len(slot.cache), slot.next_token, slot.todo))

@@ -83,32 +83,43 @@ class Model:
     """A GGUF model loaded into llama.cpp, with `slots` requests served at once.
 
     `lora`: LoRA adapters (llama.cpp LoRA GGUFs for this model) applied to everything it
-    computes: paths, "path:scale" strings or (path, scale) pairs; several add up."""
+    computes: paths, "path:scale" strings or (path, scale) pairs; several add up.
+
+    `adapters`: LoRA adapters loaded beside the weights but applied only to the requests that
+    name them ({name: path, "path:scale" or (path, scale)}): `generate(..., adapters=["name"])`
+    or `[("name", scale)]` runs those on top of `lora`, while other requests go on without them,
+    in the same batches over the same weights (the Engine decodes each set of adapters in a
+    llama_decode of its own: docs/lora.md)."""
 
     def __init__(self, path: str | Path, *, name: str | None = None, ctx: int | None = None,
                  threads: int | None = None, slots: int = 1, batch: int = 512,
                  template: str | None = None, gpu_layers: int = 0, kv_unified: bool = False,
-                 lora: list | None = None):
+                 lora: list | None = None, adapters: dict | None = None):
         self.path = Path(path)
         self.name = name or self.path.stem
         self.lora = [lora_spec(x) for x in lora or []]  # (path, scale), as asked
+        named = {n: lora_spec(x) for n, x in (adapters or {}).items()}  # checked before the model loads
         # our own validation runs first: llama.cpp never sees a malformed file
         self.info: GGUFInfo = read_gguf(self.path)
         # layers offloaded to a GPU (llama.cpp keeps them all on the CPU when it has no GPU backend)
         self.llama = LlamaModel(self.path, n_gpu_layers=gpu_layers)
         n_ctx = ctx or min(self.llama.n_ctx_train or DEFAULT_CTX, DEFAULT_CTX)
         self.threads = threads
-        self.adapters: list[LoraAdapter] = []
+        self.adapters: list[LoraAdapter] = []  # every adapter loaded: `lora`'s, then `adapters`'
+        self.named: dict[str, tuple[LoraAdapter, float]] = {}  # `adapters`: name -> (adapter, default scale)
         try:
             for p, _scale in self.lora:
                 self.adapters.append(LoraAdapter(self.llama, p))
+            for n, (p, scale) in named.items():
+                self.adapters.append(LoraAdapter(self.llama, p))
+                self.named[n] = (self.adapters[-1], scale)
             # kv_unified: the slots share one KV cache (suits evaluation, where they share long
             # prefixes; see Engine and docs/scoring.md)
             self.engine = Engine(self.llama, n_ctx=n_ctx, n_slots=slots, n_batch=batch, n_threads=threads,
                                  kv_unified=kv_unified,
                                  lora=[(a, scale) for a, (_p, scale) in zip(self.adapters, self.lora)])
         except BaseException:
-            if self.lora:  # the adapters' failures free what was loaded (the model's memory too)
+            if self.lora or named:  # the adapters' failures free what was loaded (the model's memory too)
                 self.llama.close()
             raise
         self.n_ctx = self.engine.n_ctx
@@ -134,6 +145,25 @@ class Model:
     def __repr__(self) -> str:
         return f"<Model {self.name} ({self.info.architecture}, ctx {self.n_ctx})>"
 
+    def adapter_set(self, choice) -> list[tuple[LoraAdapter, float]] | None:
+        """The LoRA set of a request that chooses `choice`: names given in `adapters=`, or
+        (name, scale) pairs, on top of the model's own `lora`. None or [] is the model's own set."""
+        if not choice:
+            return None
+        out = [(a, scale) for a, (_p, scale) in zip(self.adapters, self.lora)]
+        seen = set()
+        for item in choice:
+            name, scale = (item, None) if isinstance(item, str) else item
+            if name not in self.named:
+                have = ", ".join(self.named) or "none"
+                raise LlmdeskError(f"{self.name} has no LoRA adapter named {name!r} (loaded: {have})")
+            if name in seen:
+                raise LlmdeskError(f"LoRA adapter {name!r} is chosen twice")
+            seen.add(name)
+            adapter, default = self.named[name]
+            out.append((adapter, default if scale is None else lora_spec((adapter.path, scale))[1]))
+        return out
+
     # -- tokens -------------------------------------------------------------------------------
     def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
         return self.llama.tokenize(text, add_special=add_special, parse_special=parse_special)
@@ -156,10 +186,12 @@ class Model:
               top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
               frequency_penalty: float = 0.0, presence_penalty: float = 0.0, seed: int | None = None,
               stop: list[str] | None = None, logprobs: int | None = None, grammar: str | None = None,
-              ignore_eos: bool = False, repeat_last_n: int = 64, time_limit: float | None = None) -> Stream:
+              ignore_eos: bool = False, repeat_last_n: int = 64, time_limit: float | None = None,
+              adapters: list | None = None) -> Stream:
         """Submit a prompt (text, or token ids) to the engine; returns the Stream in flight.
         `time_limit`: seconds the whole request may take (then it ends with finish_reason
-        "time_limit", or an error if it had not started answering)."""
+        "time_limit", or an error if it had not started answering). `adapters`: LoRA adapters
+        loaded with `Model(adapters=...)` for this request, by name or (name, scale)."""
         tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         sampling = sampling_params(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                    repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
@@ -167,7 +199,7 @@ class Model:
                                    seed=seed, grammar=grammar)
         return self.engine.submit(Request(tokens, max_tokens=max_tokens, sampling=sampling,
                                           stop=limits.check_stop(stop), logprobs=logprobs, ignore_eos=ignore_eos,
-                                          time_limit=time_limit))
+                                          time_limit=time_limit, adapters=self.adapter_set(adapters)))
 
     def complete(self, prompt: str | list[int], **kw) -> Completion:
         return self.finish(self.start(prompt, **kw))
@@ -275,13 +307,14 @@ class Model:
         return ctx, whole[len(ctx):]
 
     def score(self, pairs: list[tuple[str, str]] | list[tuple[list[int], list[int]]], *, top_k: int = 0,
-              time_limit: float | None = None) -> list[ScoreResult]:
+              time_limit: float | None = None, adapters: list | None = None) -> list[ScoreResult]:
         """Score (context, continuation) pairs: texts (split by `score_tokens`) or token ids (used
         as given; a context holds at least one token). One ScoreResult per pair: `.logprobs` per
         continuation token, `.logprob` their sum, `.greedy` per token and `.is_greedy` for the
         whole, and with `top_k` the k most likely tokens at each position. The pairs are scored
         together, several per llama_decode, and a context shared by several pairs (the choices
-        of a question, a few-shot prefix) is computed once."""
+        of a question, a few-shot prefix) is computed once. `adapters`: as for `start`."""
+        chosen = self.adapter_set(adapters)
         requests = []
         for i, pair in enumerate(pairs):
             if not isinstance(pair, (tuple, list)) or len(pair) != 2:
@@ -292,7 +325,7 @@ class Model:
             elif not (isinstance(context, (list, tuple)) and isinstance(continuation, (list, tuple))):
                 raise LlmdeskError(f"pair {i}: give the context and the continuation both as text or both "
                                    "as lists of token ids")
-            requests.append(ScoreRequest(list(context), list(continuation), top_k=top_k))
+            requests.append(ScoreRequest(list(context), list(continuation), top_k=top_k, adapters=chosen))
         return self.engine.score(requests, time_limit=time_limit).wait()
 
     def loglikelihood(self, context: str | list[int], continuation: str | list[int]) -> tuple[float, bool]:
@@ -313,12 +346,14 @@ class Model:
                 for t, lp, top in zip(r.tokens, r.logprobs, r.top or [[] for _ in r.tokens])]
 
 def load(ref, *, ctx: int | None = None, threads: int | None = None, slots: int = 1,
-         template: str | None = None, gpu_layers: int = 0, kv_unified: bool = False, lora: list | None = None):
+         template: str | None = None, gpu_layers: int = 0, kv_unified: bool = False, lora: list | None = None,
+         adapters: dict | None = None):
     """Load a model by reference (a string, a Path or a store.refs.ModelRef): a .gguf path,
     NAME[:TAG] in the store or hf:OWNER/REPO/FILE.gguf gives a Model; openai:URL#MODEL or
     openai:NAME (an endpoint in endpoints.toml) gives a runtime.remote.RemoteModel, with the same
     calls. For a remote model ctx, threads, slots, gpu_layers and kv_unified are its server's
-    business. `lora`: LoRA adapters to apply (see `Model`), local models only."""
+    business. `lora`: LoRA adapters to apply, `adapters`: LoRA adapters requests may choose (see
+    `Model`), local models only."""
     from ..store.refs import ModelRef, resolve
 
     found = ref if isinstance(ref, ModelRef) else resolve(str(ref), allow_remote=True)
@@ -328,8 +363,8 @@ def load(ref, *, ctx: int | None = None, threads: int | None = None, slots: int 
         if template is not None:
             raise LlmdeskError(f"{found.name} answers with its server's chat template; a template can only be "
                                "chosen for a local model")
-        if lora:
+        if lora or adapters:
             raise LlmdeskError(f"{found.name} is a remote model: LoRA adapters can only be applied to a local GGUF")
         return RemoteModel(found)
     return Model(found.path, name=found.name, ctx=ctx, threads=threads, slots=slots, template=template,
-                 gpu_layers=gpu_layers, kv_unified=kv_unified, lora=lora)
+                 gpu_layers=gpu_layers, kv_unified=kv_unified, lora=lora, adapters=adapters)
