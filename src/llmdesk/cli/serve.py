@@ -36,10 +36,11 @@ def serve(
     body_timeout: Annotated[float, typer.Option("--body-timeout", help="Seconds a client has to send a request's body, plus one per 500 bytes received; then 408 and close.")] = 30.0,
     request_timeout: Annotated[float, typer.Option("--request-timeout", help="Seconds one request may take, waiting for a slot included; then it ends (with what was generated so far, finish_reason 'length').")] = 600.0,
     max_connections: Annotated[int, typer.Option("--max-connections", help="Connections open at once. Past it a new one replaces the longest-idle one, or gets 503 if all hold a request.")] = 1024,
+    lora: Annotated[Optional[list[str]], typer.Option("--lora", help="A LoRA adapter for the first -m model, loaded once beside it: NAME=ADAPTER.gguf[:SCALE] (NAME: the file's stem when left out; repeatable). Requests choose it by model name BASE+NAME or an 'adapters' field; the others get the base.")] = None,
 ) -> None:
     """Serve models over the OpenAI and Ollama APIs, with a web chat at http://HOST:PORT/."""
     from ..runtime.llama import parse_gpu_layers
-    from ..serve.config import ServeConfig, parse_duration, parse_size
+    from ..serve.config import ServeConfig, parse_duration, parse_lora, parse_size
     from .run import default_model_ref
 
     refs = list(model or [])
@@ -59,7 +60,8 @@ def serve(
                       max_body_bytes=parse_size(max_body, "--max-body"),
                       max_memory=parse_size(max_memory, "--max-memory") if max_memory else None,
                       template=template, log_prompts=log_prompts, header_timeout=header_timeout,
-                      body_timeout=body_timeout, max_connections=max_connections, request_timeout=request_timeout)
+                      body_timeout=body_timeout, max_connections=max_connections, request_timeout=request_timeout,
+                      lora=parse_lora(lora or []))
     cfg.check()
     _configure_logging()
     if not cfg.is_local and not cfg.api_key:
@@ -80,6 +82,8 @@ def serve(
 
     def banner() -> None:  # once the socket listens: the addresses it gives can be used at once
         err.print(f"llmdesk {_version()} serving {default} · {parallel} slots per model", markup=False)
+        if cfg.lora:
+            err.print(f"  LoRA adapters: {', '.join(f'{default}+{n}' for n in cfg.lora)}", markup=False)
         err.print(f"  web chat:    {url}/", markup=False)
         err.print(f"  OpenAI API:  {url}/v1   (base_url for the openai client)", markup=False)
         err.print(f"  Ollama API:  {url}   (OLLAMA_HOST={url})", markup=False)

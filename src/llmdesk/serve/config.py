@@ -42,6 +42,8 @@ class ServeConfig:
     header_timeout: float = 10.0  # seconds for a request's headers, from connect or its first byte
     body_timeout: float = 30.0  # seconds for a request's body, plus 1 s per 500 bytes received
     max_connections: int = 1024  # open at once; past it idle ones make room, or 503
+    # --lora: LoRA adapters loaded with the default model, chosen per request: name -> (path, scale)
+    lora: dict = field(default_factory=dict)
 
     def check(self) -> None:
         """One-line errors for settings that cannot work (the CLI's flags map onto these)."""
@@ -65,6 +67,8 @@ class ServeConfig:
             raise LlmdeskError(f"--max-connections must be at least 1, got {self.max_connections}")
         if self.api_key is not None and len(self.api_key) < 8:
             raise LlmdeskError("--api-key must be at least 8 characters long")
+        if self.lora and not self.models:
+            raise LlmdeskError("--lora needs the model its adapters were made for: add -m BASE")
         if not self.is_local and not self.api_key and not self.insecure:
             raise LlmdeskError(
                 f"serving on {self.host} lets anyone on the network use it: add --api-key KEY "
@@ -118,6 +122,32 @@ def _parse_duration(value: str | int | float, what: str) -> float:
     if pos != len(body) or not body:
         raise LlmdeskError(f"{what} must be a duration like 300, \"5m\", \"1h30m\" or \"-1\" (forever), got {value!r}")
     return sign * total
+
+
+_ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def parse_lora(specs: list[str]) -> dict:
+    """--lora NAME=ADAPTER.gguf[:SCALE] (NAME: the file's stem when left out), each checked
+    before any model loads -> {name: (path, scale)}."""
+    from ..runtime.model import lora_spec
+
+    out: dict = {}
+    for spec in specs:
+        name, sep, rest = spec.partition("=")
+        if not sep or "/" in name or "\\" in name:  # a path (which may hold a '=')
+            name, rest = "", spec
+        path, scale = lora_spec(rest)
+        name = name or path.stem
+        if not _ADAPTER_NAME.fullmatch(name):
+            raise LlmdeskError(f"--lora {spec}: {name!r} cannot name an adapter (letters, digits, '.', '_' and '-'); "
+                               f"write --lora NAME={rest}")
+        if name in out:
+            raise LlmdeskError(f"--lora: two adapters are named {name!r}; name them apart with --lora NAME=ADAPTER.gguf")
+        if not path.is_file():
+            raise LlmdeskError(f"--lora {spec}: no such file {path}")
+        out[name] = (path.resolve(), scale)
+    return out
 
 
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 1024, "m": 1e6, "mb": 1e6, "mib": 1024**2,

@@ -11,6 +11,11 @@ open arbitrary files. Before a load, the memory it needs is compared with the me
 (`memory.estimate_load_bytes`); idle models are unloaded (least recently used first) to make
 room, and a load that still would not fit is refused with a clear error.
 
+LoRA adapters (`--lora NAME=PATH.gguf[:SCALE]`) are loaded once with the default model, beside
+its weights. A request chooses them by model name (`BASE+NAME`, `BASE+A+B`) or by an `adapters`
+field; `lease.adapters` is then the set its Engine requests carry (`scheduler.start` attaches
+it), and other requests go on with the base in the same batches (docs/lora.md).
+
 Every method runs on the event loop; loads and unloads happen in a worker thread under one lock,
 so two loads never race for the same memory.
 """
@@ -104,10 +109,14 @@ class LoadedModel:
 class Lease:
     """A request's hold on a loaded model: the model is not unloaded while any lease is held."""
 
-    def __init__(self, manager: "ModelManager", loaded: LoadedModel):
+    def __init__(self, manager: "ModelManager", loaded: LoadedModel, chosen: list | None = None):
         self.manager = manager
         self.loaded = loaded
         self.released = False
+        chosen = chosen or []  # [(adapter name, scale or None)]
+        # the LoRA set for this request's Engine work (None: the base), and the name it answers as
+        self.adapters = loaded.model.adapter_set(chosen) if chosen else None
+        self.name = loaded.name + "".join(f"+{n}" for n, _ in chosen)
 
     @property
     def model(self):
@@ -130,6 +139,8 @@ class ModelManager:
         self.started: list[ModelRef] = []  # the -m models, in order
         self.default: ModelRef | None = None
         self.loaded: dict[str, LoadedModel] = {}
+        # --lora: name -> (path, scale), loaded with the default model
+        self.lora: dict[str, tuple] = dict(config.lora or {})
         self._load_lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._reaper: asyncio.Task | None = None
@@ -171,6 +182,61 @@ class ModelManager:
         raise APIError(404, f"model '{name}' not found: GET /v1/models (or /api/tags) lists the models "
                             "this server has", param="model", code="model_not_found")
 
+    def find_variant(self, name: str | None, adapters=None, param: str = "adapters") -> tuple[ModelRef, list]:
+        """The model and LoRA adapters a request names: `BASE+A+B` and/or an `adapters` field
+        (["A", ...] or [{"name": "A", "scale": 0.5}, ...]); [(name, scale or None)] in order.
+        Raises APIError 404 for a name that is not served, 400 for a malformed field."""
+        names: list[str] = []
+        try:
+            src = self.find(name)
+        except APIError:
+            if not isinstance(name, str) or "+" not in name:
+                raise
+            base, *names = name.split("+")
+            src = self.find(base)
+        chosen = [(n, None) for n in names] + self._adapter_field(adapters, param)
+        have = list(self.lora) if self.default is not None and src.name == self.default.name else []
+        for i, (n, _) in enumerate(chosen):
+            if n not in have:
+                served = (f"it has {', '.join(have)}" if have else
+                          "adapters are loaded for the first -m model only, with --lora NAME=ADAPTER.gguf")
+                where = (f"model '{name}' not found: '{src.name}' has no LoRA adapter '{n}'" if i < len(names)
+                         else f"'{param}': '{src.name}' has no LoRA adapter '{n}'")
+                raise APIError(404 if i < len(names) else 400, f"{where} ({served}; GET /v1/models lists them)",
+                               param="model" if i < len(names) else param, code="adapter_not_found")
+            if any(m == n for m, _ in chosen[:i]):
+                raise APIError(400, f"LoRA adapter '{n}' is chosen twice (in the model name and '{param}'?)",
+                               param=param)
+        return src, chosen
+
+    @staticmethod
+    def _adapter_field(value, param: str) -> list:
+        if value is None:
+            return []
+        shape = f"'{param}' must be a list of adapter names or of {{\"name\": ..., \"scale\": ...}} objects"
+        if not isinstance(value, list):
+            raise APIError(400, shape, param=param)
+        out = []
+        for item in value:
+            if isinstance(item, str):
+                out.append((item, None))
+            elif isinstance(item, dict) and isinstance(item.get("name"), str) and set(item) <= {"name", "scale"}:
+                scale = item.get("scale")
+                if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                                          or not math.isfinite(scale)):
+                    raise APIError(400, f"'{param}': the scale of '{item['name']}' must be a finite number",
+                                   param=param)
+                out.append((item["name"], scale))
+            else:
+                raise APIError(400, shape, param=param)
+        return out
+
+    def variants(self, src: ModelRef) -> list[str]:
+        """The `BASE+NAME` names a request may use for `src`'s adapters."""
+        if self.default is None or src.name != self.default.name:
+            return []
+        return [f"{src.name}+{n}" for n in self.lora]
+
     def available(self) -> list[ModelRef]:
         """Every model a request may name: the -m models first (the default first of all), then the store."""
         out = list(self.started)
@@ -182,11 +248,13 @@ class ModelManager:
         return out
 
     # -- leases ----------------------------------------------------------------------------------
-    async def acquire(self, name: str | None, *, keep_alive: float | None = None, n_ctx: int | None = None) -> Lease:
+    async def acquire(self, name: str | None, *, keep_alive: float | None = None, n_ctx: int | None = None,
+                      adapters=None, adapters_param: str = "adapters") -> Lease:
         """Hold the model `name` (loading it first if needed). `n_ctx`: the request needs at
         least this many tokens per slot (Ollama's num_ctx): a model loaded with less is
-        reloaded when idle."""
-        src = self.find(name)
+        reloaded when idle. LoRA adapters named in `name` (BASE+NAME) or `adapters` (the
+        request's field, `adapters_param` in errors) become `lease.adapters`."""
+        src, chosen = self.find_variant(name, adapters, adapters_param)
         lm = self.loaded.get(src.name)
         if n_ctx is not None:
             self._check_ctx(src, lm.info if lm is not None else await asyncio.to_thread(read_gguf, src.path), n_ctx)
@@ -205,7 +273,11 @@ class ModelManager:
         if keep_alive is not None:
             lm.keep_alive = keep_alive
         lm.active += 1
-        return Lease(self, lm)
+        try:
+            return Lease(self, lm, chosen)
+        except LlmdeskError as e:  # a scale out of bounds
+            lm.active -= 1
+            raise APIError(400, str(e), param=adapters_param) from None
 
     def _prepare(self, src: ModelRef, n_ctx: int | None) -> tuple[GGUFInfo, int, LoadEstimate]:
         info = read_gguf(src.path)
@@ -220,7 +292,8 @@ class ModelManager:
         t0 = time.perf_counter()
         try:
             model = Model(src.path, name=src.name, ctx=n_ctx, threads=cfg.threads, slots=cfg.parallel,
-                          template=cfg.template, gpu_layers=cfg.gpu_layers)
+                          template=cfg.template, gpu_layers=cfg.gpu_layers,
+                          adapters=self.lora if self.default is not None and src.name == self.default.name else None)
         except LlmdeskError as e:
             raise APIError(500, f"cannot load model '{src.name}': {redact(str(e))}", code="model_load_failed") from None
         lm = LoadedModel(src, model, est, info, Gate(cfg.parallel, cfg.max_queue), keep_alive=cfg.keep_alive)

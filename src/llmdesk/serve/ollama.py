@@ -43,6 +43,7 @@ _OPTIONS: dict[str, type | tuple] = {
     "num_ctx": int, "num_predict": int, "temperature": (int, float), "top_k": int, "top_p": (int, float),
     "min_p": (int, float), "seed": int, "stop": list, "repeat_penalty": (int, float), "repeat_last_n": int,
     "presence_penalty": (int, float), "frequency_penalty": (int, float),
+    "adapters": list,  # LoRA adapters (llmdesk's): ["NAME", ...] or [{"name": ..., "scale": ...}]
 }
 # options Ollama knows that do not apply here (GPU offload, mmap, mirostat, ...): accepted, reported
 _IGNORED = {"numa", "num_batch", "num_gpu", "main_gpu", "low_vram", "f16_kv", "logits_all", "vocab_only",
@@ -72,6 +73,7 @@ class _GenBody(_Body):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
     truncate: bool = False
+    adapters: list | None = None  # LoRA adapters, here or in options (where Ollama's clients can send it)
 
 
 class GenerateBody(_GenBody):
@@ -247,8 +249,13 @@ async def _generate_common(request: Request, body: _GenBody, *, chat: bool):
         if not body.prompt and not body.context:
             return await _load_only(request, body.model, keep_alive, chat=False)
     num_ctx = opts.get("num_ctx")
+    if body.adapters is not None and "adapters" in opts:
+        raise APIError(400, "give 'adapters' once: at the top level or in 'options'", param="adapters")
+    in_options = body.adapters is None
     t_load = time.perf_counter()
-    lease = await st.models.acquire(body.model, keep_alive=keep_alive, n_ctx=num_ctx)
+    lease = await st.models.acquire(body.model, keep_alive=keep_alive, n_ctx=num_ctx,
+                                    adapters=opts.get("adapters") if in_options else body.adapters,
+                                    adapters_param="options.adapters" if in_options else "adapters")
     load_s = time.perf_counter() - t_load
     try:
         lm = lease.loaded
@@ -274,7 +281,7 @@ async def _generate_common(request: Request, body: _GenBody, *, chat: bool):
         raise
     note(request, model=lm.name, prompt=len(prompt.tokens))
     headers = {**prompt_headers(prompt), **_ignored_header(ignored)}
-    head = {"model": lm.name}
+    head = {"model": lease.name}
     if body.stream:
         return StreamingResponse(_ndjson(request, body, lease, gens, turn, head, prompt, t_start, load_s, chat),
                                  media_type=NDJSON, headers={**headers, **STREAM_HEADERS})
@@ -466,17 +473,20 @@ async def tags(request: Request):
     out = []
     for src in st.models.available():
         stat = src.path.stat()
-        out.append({"name": src.name, "model": src.name,
-                    "modified_at": src.entry.added if src.entry else _iso(stat.st_mtime),
-                    "size": stat.st_size, "digest": src.entry.sha256 if src.entry else "",
-                    "details": _details(st, src)})
+        for name in [src.name, *st.models.variants(src)]:  # BASE+ADAPTER: the base with a LoRA adapter
+            details = _details(st, src)
+            if name != src.name:
+                details["parent_model"] = src.name
+            out.append({"name": name, "model": name,
+                        "modified_at": src.entry.added if src.entry else _iso(stat.st_mtime),
+                        "size": stat.st_size, "digest": src.entry.sha256 if src.entry else "", "details": details})
     return {"models": out}
 
 
 @router.post("/api/show")
 async def show(body: NameBody, request: Request):
     st = state(request)
-    src = st.models.find(body.ref)
+    src, _ = st.models.find_variant(body.ref)
     info = st.gguf_info(src)
     model_info = {}
     for k, v in (info.metadata.items() if info else ()):

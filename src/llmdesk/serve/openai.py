@@ -100,6 +100,7 @@ class _Sampling(_Body):
     logit_bias: dict[str, Any] | None = None
     ignore_eos: bool = False
     truncate: bool = False
+    adapters: list | None = None  # LoRA adapters: ["NAME", ...] or [{"name": ..., "scale": ...}]
 
     def sampling(self):
         """The checked SamplingParams (APIError 400 for a value out of bounds)."""
@@ -229,7 +230,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     sampling = body.sampling()
     format_grammar = await off_loop(grammars.response_format_grammar, body.response_format)
     stop = limits.check_stop(body.stop)
-    lease = await st.models.acquire(body.model)
+    lease = await st.models.acquire(body.model, adapters=body.adapters)
     try:
         lm = lease.loaded
         model = lease.model
@@ -244,7 +245,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         lease.release()
         raise
     note(request, model=lm.name, prompt=len(prompt.tokens))
-    base = {"id": _id("chatcmpl"), "created": int(time.time()), "model": lm.name, "system_fingerprint": FINGERPRINT}
+    base = {"id": _id("chatcmpl"), "created": int(time.time()), "model": lease.name, "system_fingerprint": FINGERPRINT}
     extra = {"truncated_prompt_tokens": prompt.truncated_tokens} if prompt.truncated_tokens else {}
     if body.stream:
         return StreamingResponse(_chat_stream(request, body, lease, gens, turn, base, extra, messages),
@@ -360,7 +361,7 @@ async def completions(body: CompletionRequest, request: Request):
     sampling = body.sampling()
     grammar = await off_loop(grammars.response_format_grammar, body.response_format)
     stop = limits.check_stop(body.stop)
-    lease = await st.models.acquire(body.model)
+    lease = await st.models.acquire(body.model, adapters=body.adapters)
     try:
         lm = lease.loaded
         model = lease.model
@@ -383,7 +384,7 @@ async def completions(body: CompletionRequest, request: Request):
     headers = {"X-Llmdesk-Truncated-Tokens": str(truncated)} if truncated else {}
     extra = {"truncated_prompt_tokens": truncated} if truncated else {}
     note(request, model=lm.name, prompt=n_prompt)
-    base = {"id": _id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": lm.name,
+    base = {"id": _id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": lease.name,
             "system_fingerprint": FINGERPRINT}
     if body.stream:
         shown = prompts[0] if isinstance(prompts[0], str) else "(token ids)"
@@ -527,7 +528,8 @@ async def _score_prompts(lease, prompts: list, body: CompletionRequest, st, *, n
         gate = admit(lease, 1, st.metrics)
         t0 = time.perf_counter()
         try:
-            job = model.engine.score([ScoreRequest(p.tokens[:1], p.tokens[1:] + extra, top_k=top_k) for p in todo],
+            job = model.engine.score([ScoreRequest(p.tokens[:1], p.tokens[1:] + extra, top_k=top_k,
+                                                   adapters=lease.adapters) for p in todo],
                                      time_limit=st.config.request_timeout)
             results = await engine_job(job)
         finally:
@@ -575,7 +577,7 @@ async def _scored_completions(body: CompletionRequest, request: Request, prompts
     grammar = await off_loop(grammars.response_format_grammar, body.response_format)
     stop = limits.check_stop(body.stop)
     t_start = time.monotonic()
-    lease = await st.models.acquire(body.model)
+    lease = await st.models.acquire(body.model, adapters=body.adapters)
     try:
         lm, model = lease.loaded, lease.model
         # lm-eval's request (one greedy token after each prompt, no stop, penalty or grammar):
@@ -586,7 +588,7 @@ async def _scored_completions(body: CompletionRequest, request: Request, prompts
         n_prompt = sum(len(p.tokens) for p in scored)
         cached = sum(p.n_cached for p in scored)
         note(request, model=lm.name, prompt=n_prompt, cached=cached)
-        base = {"id": _id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": lm.name,
+        base = {"id": _id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": lease.name,
                 "system_fingerprint": FINGERPRINT}
         gens = None
         if body.max_tokens and not greedy_one:
@@ -657,6 +659,9 @@ async def embed_texts(lease, items: list, *, truncate: bool, metrics, time_limit
     generation steps."""
     model = lease.model
     n_ctx = model.engine.n_ctx
+    if lease.adapters:
+        raise APIError(400, f"embeddings come from the base model: LoRA adapters apply to generation and scoring; "
+                            f"ask '{lease.loaded.name}'", param="model")
 
     def tokens() -> tuple[list[list[int]], int]:
         out, truncated = [], 0
@@ -742,22 +747,26 @@ async def embeddings(body: EmbeddingRequest, request: Request):
             "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}, **extra}
 
 
-def _model_card(st, src) -> dict:
+def _model_card(st, src, name: str | None = None) -> dict:
+    """A model's card; `name` a BASE+ADAPTER variant of it (`parent` names the base)."""
     created = int(src.path.stat().st_mtime) if src.path.exists() else 0
-    return {"id": src.name, "object": "model", "created": created, "owned_by": "llmdesk",
+    card = {"id": name or src.name, "object": "model", "created": created, "owned_by": "llmdesk",
             "loaded": src.name in st.models.loaded}
+    return {**card, "parent": src.name} if name and name != src.name else card
 
 
 @router.get("/v1/models")
 async def list_models(request: Request):
     st = state(request)
-    return {"object": "list", "data": [_model_card(st, s) for s in st.models.available()]}
+    return {"object": "list", "data": [_model_card(st, s, v) for s in st.models.available()
+                                       for v in [s.name, *st.models.variants(s)]]}
 
 
 @router.get("/v1/models/{model:path}")
 async def get_model(model: str, request: Request):
     st = state(request)
-    return _model_card(st, st.models.find(model))
+    src, chosen = st.models.find_variant(model)
+    return _model_card(st, src, src.name + "".join(f"+{n}" for n, _ in chosen))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ prompt reuses the longest prefix some slot still has in its KV cache. What the s
   TokenEvent straight into an asyncio queue (Engine.submit's `events`), no thread per stream;
 - cancellation: a stream whose consumer goes away (client disconnect, error) is cancelled, and
   the Engine frees its slot at the next step;
+- LoRA adapters: each request carries the set its lease chose (`Lease.adapters`);
 - accounting: a finished generation is counted (tokens, time to first token, speed) when the
   Engine ends it, whoever was or was not listening.
 """
@@ -133,6 +134,7 @@ def start(lease: Lease, requests: list[Request], metrics: Metrics) -> Generation
     gens = Generations(asyncio.get_running_loop(), on_done)
     try:
         for req in requests:
+            req.adapters = lease.adapters  # the LoRA set the request chose (None: the base)
             gens.submit(lm.model.engine, req)
     except BaseException:
         # the ones submitted end (cancelled) through on_done; the rest never started
