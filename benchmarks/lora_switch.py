@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/lora_switch.py [--model BASE.gguf | --layers 8 --width 1024] [--rank 16]
         [--switches 50] [--threads 1] [--prompt 128] [--json out.json]
+    .venv/bin/python benchmarks/lora_switch.py --serve [--parallel 4] [--requests 32] [--max-tokens 64]
+        [--rounds 3] [...]
 
 llama.cpp applies adapters to a whole context (`llama_set_adapters_lora`): every sequence in it
 decodes with the same set. An Engine that serves requests with different adapters either switches
@@ -22,6 +24,16 @@ The base is a synthetic f16 Llama (--layers 8, --width 1024, 32k vocabulary: ~15
 unless --model names one; the adapters are random LoRAs of --rank on q/k/v/o/gate/up/down, written by
 llmdesk's own writer (formats/lora_gguf.py) from PEFT-format folders. Warm-up calls are not timed;
 each figure is the median of --switches calls.
+
+--serve measures what per-request adapters cost a server under load: `llmdesk serve` (in this
+process, real HTTP on 127.0.0.1) with the base and the two adapters (`--lora a=... --lora b=...`),
+--parallel slots, and --parallel clients each sending --requests / --parallel completions of
+--max-tokens tokens (ignore_eos, different prompts: no prompt cache) to one model name. The
+mixes: every client on the base; every client on base+a (one set); half on base+a, half on
+base+b (two sets); a quarter each on base, base+a, base+b, base+a+b (four sets). Each figure is
+generated tokens / wall time, the median of --rounds rounds, the mixes taking turns within a
+round so the machine's drift falls on all of them; the Engine's decodes and adapter switches per
+step are counted too.
 """
 
 from __future__ import annotations
@@ -78,6 +90,66 @@ def median_ms(fn, n: int, warmup: int = 3) -> float:
     return 1e3 * statistics.median(times)
 
 
+def serve_load(base: Path, adapters: list[Path], args) -> dict:
+    """Throughput of one server under the four mixes of adapter sets (see the module's doc)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    from llmdesk.serve import BackgroundServer, ServeConfig, create_app
+    from llmdesk.serve.config import parse_lora
+
+    cfg = ServeConfig(models=[str(base)], parallel=args.parallel, ctx=args.prompt + args.max_tokens + 16,
+                      threads=args.threads, lora=parse_lora([f"a={adapters[0]}", f"b={adapters[1]}"]))
+    server = BackgroundServer(create_app(cfg)).start()
+    name = base.name
+    engine = server.config.app.state.llmdesk.models.loaded[name].model.engine
+    mixes = {"base": [name], "one set (base+a)": [f"{name}+a"], "two sets": [f"{name}+a", f"{name}+b"],
+             "four sets": [name, f"{name}+a", f"{name}+b", f"{name}+a+b"]}
+    words = "time year way day thing world life hand part child eye place work week case point number group".split()
+    rng = np.random.default_rng(0)
+
+    def prompt() -> str:  # about --prompt tokens, new words each time: nothing comes from the prompt cache
+        return " ".join(rng.choice(words, args.prompt // 2))
+
+    def client(model: str, n: int) -> int:
+        with httpx.Client(base_url=server.url, timeout=600) as c:
+            tokens = 0
+            for _ in range(n):
+                r = c.post("/v1/completions", json={"model": model, "prompt": prompt(), "max_tokens": args.max_tokens,
+                                                     "ignore_eos": True, "temperature": 0.8})
+                r.raise_for_status()
+                tokens += r.json()["usage"]["completion_tokens"]
+            return tokens
+
+    def one(mix: list[str]) -> dict:
+        steps, switches = engine.steps, engine.lora_switches
+        per_client = max(1, args.requests // args.parallel)
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(args.parallel) as pool:
+            tokens = sum(pool.map(lambda i: client(mix[i % len(mix)], per_client), range(args.parallel)))
+        wall = time.perf_counter() - t0
+        return {"tokens_per_second": tokens / wall, "decodes": engine.steps - steps,
+                "switches": engine.lora_switches - switches, "tokens": tokens}
+
+    try:
+        one(mixes["four sets"])  # warm-up, untimed
+        runs: dict[str, list[dict]] = {k: [] for k in mixes}
+        for _ in range(args.rounds):
+            for key, mix in mixes.items():
+                runs[key].append(one(mix))
+    finally:
+        server.stop()
+    out = {}
+    single = statistics.median(r["tokens_per_second"] for r in runs["one set (base+a)"])
+    for key, rs in runs.items():
+        tps = statistics.median(r["tokens_per_second"] for r in rs)
+        out[key] = {"tokens_per_second": round(tps, 1), "vs_one_set": round(tps / single, 3),
+                    "decodes_per_token": round(statistics.median(r["decodes"] / r["tokens"] for r in rs), 3),
+                    "switches_per_token": round(statistics.median(r["switches"] / r["tokens"] for r in rs), 3)}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, help="the base GGUF (default: a synthetic f16 Llama)")
@@ -88,6 +160,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--prompt", type=int, default=128, help="prompt tokens for the prefill figure")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--serve", action="store_true", help="measure a server's throughput under mixed adapter sets")
+    ap.add_argument("--parallel", type=int, default=4, help="--serve: slots, and clients sending at once")
+    ap.add_argument("--requests", type=int, default=32, help="--serve: requests per mix and round")
+    ap.add_argument("--max-tokens", type=int, default=64, help="--serve: tokens per answer")
+    ap.add_argument("--rounds", type=int, default=3, help="--serve: rounds (each mix once per round)")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="lora-switch-"))
@@ -99,6 +176,15 @@ def main() -> None:
                                                                n_ff=w * 11 // 4, n_vocab=32000, dtype="f16"))
     adapters = [write_lora_gguf(random_adapter(base, tmp / f"peft-{i}", args.rank, i), base, tmp / f"lora-{i}.gguf")
                 for i in range(2)]
+    if args.serve:
+        result = {"base": str(args.model) if args.model else f"synthetic f16 llama, {args.layers} layers x {args.width}",
+                  "rank": args.rank, "threads": args.threads, "parallel": args.parallel, "prompt": args.prompt,
+                  "max_tokens": args.max_tokens, "requests": args.requests, "rounds": args.rounds,
+                  "mixes": serve_load(Path(base), adapters, args)}
+        print(json.dumps(result, indent=2))
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
+        return
 
     model = rl.LlamaModel(base)
     t0 = time.perf_counter()
