@@ -41,6 +41,10 @@ SIDEWAYS = {
     # one way only (eval never imports quantize): a quantization's quality is measured, and its
     # result recorded, with eval's perplexity and KL divergence
     ("quantize", "eval"): "quantize's quality report and sweep measure with eval",
+    # one way only: training data is filtered and ranked with eval's judge and graders (GRPO's
+    # rewards are eval's graders), and synth docs reads passages as `docs` chunks them
+    ("train", "eval"): "synth and GRPO grade with eval's graders and judge",
+    ("train", "rag"): "synth docs reads and chunks documents with rag's extract and chunk",
 }
 
 # single imports that break a rule, by (importing file, imported module): each must still exist
