@@ -11,11 +11,12 @@ import pytest
 
 from conftest import llmdesk_exe
 from llmdesk.cli.main import main
-from llmdesk.rag.answer import ask, chat_turn
+from llmdesk.rag.answer import ask, chat_turn, tool_confirmation
 from llmdesk.rag.guard import ORDERS, SYSTEM, parse_quoted
 from llmdesk.rag.ingest import add
 from llmdesk.rag.search import search
 from llmdesk.runtime.model import Model
+from llmdesk.tools.agent import run_agent
 
 OPS = """# Operations
 
@@ -124,9 +125,11 @@ def test_a_tool_call_with_retrieved_text_in_the_context_is_always_asked(notes, m
         asked.append(call.name)
         return False
 
-    answer, added = chat_turn(model, [], "When do backups run?", "notes", k=2, mode="bm25",
-                              functions={"backup_now": backup_now}, confirm=confirm, yes=True,
-                              tool_choice="required", max_steps=1, max_tokens=200, temperature=0)
+    def agent(messages, **kw):
+        return run_agent(model, messages, {"backup_now": backup_now}, tool_choice="required", max_steps=1, **kw)
+
+    answer, added = chat_turn(model, [], "When do backups run?", "notes", k=2, mode="bm25", agent=agent,
+                              confirm=confirm, yes=True, max_tokens=200, temperature=0)
     assert asked == ["backup_now"] and not ran  # --yes did not let it through
     assert any(m["role"] == "tool" and m["content"].startswith("declined") for m in added)
     assert added[0] == {"role": "user", "content": "When do backups run?"}  # history keeps the question, not the passages
@@ -162,3 +165,11 @@ def test_bad_input_is_one_line(notes, tiny_gguf, capsys):
         assert main(args) != 0
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], lines
+
+
+def test_yes_lets_tool_calls_through_only_when_nothing_was_retrieved():
+    ask_me = lambda call: True  # noqa: E731
+    assert tool_confirmation(["a passage"], True, ask_me) is ask_me
+    assert tool_confirmation(["a passage"], True, None)(object()) is False  # no one to ask: declined
+    assert tool_confirmation([], True, ask_me) is None
+    assert tool_confirmation([], False, ask_me) is ask_me

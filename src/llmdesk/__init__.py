@@ -3,12 +3,13 @@
     >>> import llmdesk
     >>> model = llmdesk.load("path/to/model.gguf")      # or "openai:http://HOST:PORT/v1#MODEL"
     >>> model.generate("The capital of France is", max_tokens=8, temperature=0)
+    >>> llmdesk.ask("When do backups run?", "notes", model=model).citations   # from `llmdesk docs add`
 """
 
 from .errors import LlmdeskError
 
 __version__ = "0.1.0"
-__all__ = ["load", "Model", "RemoteModel", "ModelRef", "LlmdeskError", "__version__"]
+__all__ = ["load", "ask", "Model", "RemoteModel", "ModelRef", "LlmdeskError", "__version__"]
 
 
 def __getattr__(name: str):
@@ -17,6 +18,10 @@ def __getattr__(name: str):
         from .runtime import model
 
         return getattr(model, name)
+    if name == "ask":
+        from .rag.answer import ask
+
+        return ask
     if name == "RemoteModel":
         from .runtime.remote import RemoteModel
 

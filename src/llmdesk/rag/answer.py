@@ -195,27 +195,32 @@ def ask(question: str, collection: str = "default", *, model=None, k: int = 5, m
             m.close()
 
 
+def tool_confirmation(hits: list, yes: bool, confirm: Callable | None) -> Callable | None:
+    """Who decides a tool call: `confirm(call) -> bool`, or None (every call runs). With
+    retrieved passages in the context a call is always put to `confirm` (none given: declined),
+    whatever `yes` says; `yes` lets calls run unasked only when nothing was retrieved."""
+    if hits or not yes:
+        return confirm or (lambda call: False)
+    return None
+
+
 def chat_turn(model, history: list[dict], question: str, collection: str, *, k: int = 5, mode: str = "hybrid",
-              embedder=None, functions: dict | None = None, confirm: Callable | None = None, yes: bool = False,
-              on_run=None, on_text=None, max_tokens: int | None = ANSWER_ROOM, **kw) -> tuple[Answer, list[dict]]:
+              embedder=None, agent: Callable | None = None, confirm: Callable | None = None, yes: bool = False,
+              on_text=None, max_tokens: int | None = ANSWER_ROOM, **kw) -> tuple[Answer, list[dict]]:
     """One turn of a conversation over a collection: (the Answer, the messages to append to
     `history`: the question as the user asked it, then the model's turns, without the passages).
 
-    With `functions`, the model may call tools. A call proposed while retrieved passages are in
-    the context always goes to `confirm(call) -> bool` (none given: declined), whatever `yes`
-    says; `yes` lets calls run unasked only in a turn that retrieved nothing."""
+    `agent(messages, confirm=..., **kw) -> (Reply, messages)` runs the model with tools (for
+    example `lambda msgs, **kw: tools.agent.run_agent(model, msgs, functions, **kw)`); its
+    `confirm` follows `tool_confirmation`: a tool call proposed while retrieved text is in the
+    context is always asked, even with `yes`."""
     hits = retrieve(question, collection, k=k, mode=mode, embedder=embedder)
     respond = None
-    if functions:
-        from ..tools.agent import run_agent
-
-        if hits:
-            ask_user = confirm or (lambda call: False)
-        else:
-            ask_user = None if yes else (confirm or (lambda call: False))
+    if agent is not None:
+        ask_user = tool_confirmation(hits, yes, confirm)
 
         def respond(messages, **kw2):
-            return run_agent(model, messages, functions, confirm=ask_user, on_run=on_run, **kw2)
+            return agent(messages, confirm=ask_user, **kw2)
     answer, added = _answer(model, question, hits, history, max_tokens=max_tokens, on_text=on_text,
                             respond=respond, **kw)
     return answer, [{"role": "user", "content": question}] + added
