@@ -1,11 +1,11 @@
-"""Hugging Face checkpoint -> GGUF, for the Llama family, written with the `gguf` package.
+"""Hugging Face checkpoint -> GGUF, for the Llama family and BERT encoders, written with the `gguf` package.
 
 One story, top to bottom:
   1. read the folder (formats/hf.py): config, weights, tokenizer files;
   2. decide the GGUF architecture and its hyperparameter keys from config.json;
   3. the vocabulary: byte-level BPE from tokenizer.json, its llama.cpp pre-tokenizer decided from
      the tokenizer's own pre_tokenizer settings (the Split regex / ByteLevel flags), never from a
-     table of hashes; or SentencePiece from tokenizer.model;
+     table of hashes; SentencePiece from tokenizer.model; or BERT's WordPiece from tokenizer.json;
   4. the tensors, renamed with gguf's tensor-name maps, reshaped where llama.cpp's layout differs
      (Llama's q/k rows are permuted for its RoPE; Gemma's norms store 1 + w), checked against the
      shapes the config implies, stored as f32/f16/bf16/q8_0;
@@ -16,7 +16,11 @@ One story, top to bottom:
 The caller registers the file in the store if it wants it there (`llmdesk convert` does).
 
 Reference for the per-architecture details: llama.cpp's convert_hf_to_gguf.py (LlamaModel,
-Qwen2Model, Phi3MiniModel, GemmaModel, Gemma2Model).
+Qwen2Model, Phi3MiniModel, GemmaModel, Gemma2Model, BertModel).
+
+BERT (an encoder: all-MiniLM-L6-v2, bge-small) becomes llama.cpp's "bert": bidirectional attention,
+learned position and token-type embeddings, post-layer LayerNorms, GELU, no output head; its
+embeddings are pooled as the sentence-transformers folder's Pooling module says (mean or CLS).
 """
 
 from __future__ import annotations
@@ -46,6 +50,11 @@ ARCHITECTURES = {
     "Phi3ForCausalLM": "phi3",
     "GemmaForCausalLM": "gemma",
     "Gemma2ForCausalLM": "gemma2",
+}
+# encoders, for embeddings (not generation: `tune` and LoRA take the decoders above only)
+ENCODER_ARCHITECTURES = {
+    "BertModel": "bert",  # sentence-transformers folders (all-MiniLM-L6-v2, bge-small)
+    "BertForMaskedLM": "bert",  # the encoder under "bert."; the MLM head is dropped
 }
 
 # Strings the self-check tokenizes both ways: multilingual text, code, whitespace, numbers.
@@ -94,6 +103,10 @@ class Hparams:
     rope_theta: float
     rms_eps: float
     rope: dict[str, Any]  # rope scaling parameters ({} when none)
+    # encoders (bert)
+    norm_eps: float = 0.0  # LayerNorm epsilon
+    n_token_types: int = 0  # rows of the token-type (segment) embedding
+    pooling: str | None = None  # "mean" / "cls" / "last" from the sentence-transformers folder
 
 
 def _hparams(ck: Checkpoint, arch: str) -> Hparams:
@@ -105,6 +118,8 @@ def _hparams(ck: Checkpoint, arch: str) -> Hparams:
             raise ConversionError(f"{ck.path / 'config.json'}: {names[0]} must be a positive number, got {v!r}")
         return v
 
+    if arch == "bert":
+        return _bert_hparams(ck, need)
     n_embd = int(need("hidden_size"))
     n_head = int(need("num_attention_heads"))
     n_head_kv = int(ck.cfg("num_key_value_heads", default=n_head))
@@ -123,11 +138,55 @@ def _hparams(ck: Checkpoint, arch: str) -> Hparams:
     return Hparams(shape, rope_theta=theta, rms_eps=float(ck.cfg("rms_norm_eps", default=1e-5)), rope=rope)
 
 
+def _bert_hparams(ck: Checkpoint, need: Callable[..., Any]) -> Hparams:
+    """A BERT encoder's config.json (transformers' BertConfig), checked for what llama.cpp's
+    "bert" computes: absolute learned positions, GELU, one LayerNorm epsilon."""
+    where = ck.path / "config.json"
+    n_embd, n_head = int(need("hidden_size")), int(need("num_attention_heads"))
+    if n_embd % n_head:
+        raise ConversionError(f"{where}: hidden_size {n_embd} is not a multiple of num_attention_heads {n_head}")
+    kind = ck.cfg("position_embedding_type", default="absolute")
+    if kind != "absolute":
+        raise ConversionError(f"{where}: position_embedding_type {kind!r} is not supported "
+                              "(llama.cpp's bert has learned absolute positions)")
+    act = ck.cfg("hidden_act", default="gelu")
+    if act not in ("gelu", "gelu_new", "gelu_pytorch_tanh"):
+        raise ConversionError(f"{where}: hidden_act {act!r} is not supported for bert (llama.cpp uses gelu)")
+    shape = ModelShape(name=ck.path.name, arch="bert", n_vocab=int(need("vocab_size")), n_embd=n_embd,
+                       n_layer=int(need("num_hidden_layers")), n_head=n_head, n_head_kv=n_head,
+                       n_ff=int(need("intermediate_size")), n_ctx_train=int(need("max_position_embeddings")),
+                       source=str(where))
+    # the sizes must be given; the two numbers beside them default as transformers' BertConfig does
+    return Hparams(shape, rope_theta=0.0, rms_eps=0.0, rope={}, norm_eps=float(ck.cfg("layer_norm_eps", default=1e-12)),
+                   n_token_types=int(ck.cfg("type_vocab_size", default=2)), pooling=ck.pooling)
+
+
+def _write_bert_hparams(w, hp: Hparams) -> None:
+    """The keys llama.cpp's bert reads (convert_hf_to_gguf.py BertModel.set_gguf_parameters)."""
+    import gguf
+
+    s = hp.shape
+    w.add_context_length(s.n_ctx_train)
+    w.add_embedding_length(s.n_embd)
+    w.add_block_count(s.n_layer)
+    w.add_feed_forward_length(s.n_ff)
+    w.add_head_count(s.n_head)
+    w.add_layer_norm_eps(hp.norm_eps)
+    w.add_causal_attention(False)
+    w.add_token_type_count(hp.n_token_types)
+    if hp.pooling is not None:  # none written: llama.cpp (and Model.embed) pool by the mean
+        w.add_pooling_type({"mean": gguf.PoolingType.MEAN, "cls": gguf.PoolingType.CLS,
+                            "last": gguf.PoolingType.LAST}[hp.pooling])
+
+
 def _write_hparams(w, hp: Hparams, ck: Checkpoint) -> list[tuple[str, np.ndarray]]:
     """Architecture keys; returns extra tensors they imply (llama 3's rope_freqs)."""
     import gguf
 
     s = hp.shape
+    if s.arch == "bert":
+        _write_bert_hparams(w, hp)
+        return []
     rot = int(s.head_dim * float(ck.cfg("partial_rotary_factor", default=1.0)))
     add_transformer_keys(w, n_ctx=s.n_ctx_train, n_embd=s.n_embd, n_layer=s.n_layer, n_ff=s.n_ff, n_head=s.n_head,
                          n_head_kv=s.n_head_kv, head_dim=s.head_dim, n_rot=rot, rms_eps=hp.rms_eps,
@@ -277,16 +336,24 @@ def _short(x: Any, n: int = 90) -> str:
 
 @dataclass
 class Vocab:
-    model: str  # tokenizer.ggml.model: "gpt2" or "llama"
+    model: str  # tokenizer.ggml.model: "gpt2", "llama" or "bert"
     pre: str | None
     tokens: list[str]
     types: list[int]
     scores: list[float] | None = None
     merges: list[str] = field(default_factory=list)
-    special: dict[str, int] = field(default_factory=dict)  # bos/eos/unk/pad/eot -> id
+    special: dict[str, int] = field(default_factory=dict)  # bos/eos/unk/pad/eot/sep/mask -> id
     add_bos: bool = False
     add_eos: bool = False
     add_space_prefix: bool | None = None
+    add_sep: bool | None = None  # WordPiece: [SEP] after the text
+
+    @property
+    def description(self) -> str:
+        """What ConvertResult.tokenizer says: "gpt2 (pre: llama-bpe)", "llama (sentencepiece)"."""
+        if self.pre:
+            return f"{self.model} (pre: {self.pre})"
+        return f"{self.model} ({'wordpiece' if self.model == 'bert' else 'sentencepiece'})"
 
 
 def _token_text(v: Any) -> str | None:
@@ -307,9 +374,12 @@ def _build_vocab(ck: Checkpoint, n_vocab: int) -> Vocab:
         v = _spm_vocab(ck)
     elif tj is not None and model.get("type") == "BPE":
         v = _bpe_vocab(ck, tj)
+    elif tj is not None and model.get("type") == "WordPiece":
+        v = _wordpiece_vocab(ck, tj)
     else:
         raise ConversionError(f"{ck.path / 'tokenizer.json'}: tokenizer model {model.get('type')!r} is not "
-                              "supported (byte-level BPE in tokenizer.json, or SentencePiece in tokenizer.model)")
+                              "supported (byte-level BPE or WordPiece in tokenizer.json, or SentencePiece in "
+                              "tokenizer.model)")
     if len(v.tokens) > n_vocab:
         raise ConversionError(f"{ck.path}: the tokenizer has {len(v.tokens)} tokens but config.json says "
                               f"vocab_size {n_vocab}")
@@ -380,6 +450,67 @@ def _bpe_vocab(ck: Checkpoint, tj: dict) -> Vocab:
     return v
 
 
+def _wordpiece_vocab(ck: Checkpoint, tj: dict) -> Vocab:
+    """BERT's WordPiece as llama.cpp's WPM tokenizer reads it (convert_hf_to_gguf.py BertModel.set_vocab):
+    a word's first piece carries a phantom space ("\u2581the"), a continuation loses its "##"
+    ("##ing" -> "ing"), special tokens stay as they are. llama.cpp lowercases, splits on
+    whitespace, punctuation and CJK characters, and matches the longest piece first, as
+    BertNormalizer(lowercase) + BertPreTokenizer + WordPiece do; other settings are refused."""
+    import gguf
+
+    where = str(ck.path / "tokenizer.json")
+    model = tj["model"]
+    vocab = model.get("vocab")
+    if not isinstance(vocab, dict) or not vocab:
+        raise ConversionError(f"{where}: the WordPiece model has no vocab")
+    if model.get("continuing_subword_prefix", "##") != "##":
+        raise ConversionError(f"{where}: WordPiece continuing_subword_prefix "
+                              f"{model.get('continuing_subword_prefix')!r} is not supported (llama.cpp expects '##')")
+    norm = tj.get("normalizer") or {}
+    if norm.get("type") != "BertNormalizer" or not norm.get("lowercase", True):
+        raise ConversionError(f"{where}: WordPiece needs BertNormalizer with lowercase (llama.cpp lowercases "
+                              f"every text), not {_short(norm)}")
+    pre = (tj.get("pre_tokenizer") or {}).get("type")
+    if pre != "BertPreTokenizer":
+        raise ConversionError(f"{where}: WordPiece needs the BertPreTokenizer (what llama.cpp splits by), not {pre!r}")
+    added = {int(a["id"]): a for a in tj.get("added_tokens") or []}
+    by_id = {int(i): t for t, i in vocab.items()}
+    by_id.update({i: a["content"] for i, a in added.items()})
+    tokens, types = [], []
+    for i in range(max(by_id) + 1):
+        t = by_id.get(i)
+        if t is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif i in added:
+            tokens.append(t)
+            types.append(gguf.TokenType.CONTROL if added[i].get("special") else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(t[2:] if t.startswith("##") else "\u2581" + t)
+            types.append(gguf.TokenType.NORMAL)
+    v = Vocab("bert", None, tokens, types, add_bos=True, add_eos=False, add_sep=True)
+    # [CLS] text [SEP]: the post-processor's template, or the tokenizer config's cls/sep tokens
+    index = {t: i for i, t in enumerate(tokens) if types[i] != gguf.TokenType.NORMAL}
+    pp = tj.get("post_processor") or {}
+    if pp.get("type") == "BertProcessing":  # {"cls": ["[CLS]", 101], "sep": ["[SEP]", 102]}
+        template = [(pp.get("cls") or [None])[0], (pp.get("sep") or [None])[0]]
+    else:
+        single = pp.get("single") or [] if pp.get("type") == "TemplateProcessing" else []
+        template = [x["SpecialToken"]["id"] for x in single if "SpecialToken" in x]
+    tc, sm = ck.tokenizer_config, ck.special_tokens_map
+    for role, key, fallback in (("bos", "cls_token", template[:1]), ("sep", "sep_token", template[1:2]),
+                                ("unk", "unk_token", [model.get("unk_token")]), ("pad", "pad_token", []),
+                                ("mask", "mask_token", [])):
+        text = _token_text(tc.get(key)) or _token_text(sm.get(key)) or next(iter(fallback), None)
+        if text in index:
+            v.special[role] = index[text]
+    for role, what in (("bos", "[CLS]"), ("sep", "[SEP]"), ("unk", "[UNK]")):
+        if role not in v.special:
+            raise ConversionError(f"{where}: no {what} token (a special token named by tokenizer_config.json's "
+                                  f"{'cls' if role == 'bos' else role}_token)")
+    return v
+
+
 def _spm_vocab(ck: Checkpoint) -> Vocab:
     import gguf
 
@@ -440,13 +571,16 @@ def _write_vocab(w, v: Vocab) -> None:
     if v.merges:
         w.add_token_merges(v.merges)
     adders = {"bos": w.add_bos_token_id, "eos": w.add_eos_token_id, "unk": w.add_unk_token_id,
-              "pad": w.add_pad_token_id, "eot": w.add_eot_token_id}
+              "pad": w.add_pad_token_id, "eot": w.add_eot_token_id, "sep": w.add_sep_token_id,
+              "mask": w.add_mask_token_id}
     for role, tid in v.special.items():
         adders[role](tid)
     w.add_add_bos_token(v.add_bos)
     w.add_add_eos_token(v.add_eos)
     if v.add_space_prefix is not None:
         w.add_add_space_prefix(v.add_space_prefix)
+    if v.add_sep is not None:
+        w.add_add_sep_token(v.add_sep)
 
 
 def _chat_template(ck: Checkpoint) -> str | None:
@@ -482,6 +616,10 @@ def _expected_shape(base: str, s: ModelShape) -> tuple[int, ...] | None:
         "attn_output.weight": (E, H * D), "attn_qkv.weight": ((H + 2 * KV) * D, E),
         "ffn_gate.weight": (F, E), "ffn_up.weight": (2 * F if s.arch == "phi3" else F, E),
         "ffn_down.weight": (E, F),
+        # bert
+        "position_embd.weight": (s.n_ctx_train, E), "token_embd_norm.weight": (E,), "token_embd_norm.bias": (E,),
+        "attn_output.bias": (E,), "attn_output_norm.weight": (E,), "attn_output_norm.bias": (E,),
+        "ffn_up.bias": (F,), "ffn_down.bias": (E,), "layer_output_norm.weight": (E,), "layer_output_norm.bias": (E,),
     }
     return shapes.get(base)
 
@@ -496,6 +634,7 @@ class _Planned:
     data: np.ndarray | None = None  # or the data itself (tensors implied by the config)
     permute_heads: int = 0  # llama's q/k rows are reordered for llama.cpp's rope
     add_one: bool = False  # Gemma's norms: llama.cpp stores 1 + w
+    f32: bool = False  # kept f32 whatever the file's type (bert's position and token-type tables, as llama.cpp's converter)
 
     def load(self) -> np.ndarray:
         if self.data is not None:
@@ -508,38 +647,65 @@ class _Planned:
         return np.ascontiguousarray(data, dtype=np.float32)
 
 
+def _source_name(hf_name: str, arch: str) -> str | None:
+    """The name gguf's tensor map knows for checkpoint tensor `hf_name`; None for one llama.cpp
+    does not use (buffers it recomputes; BERT's pooler and pre-training heads)."""
+    if hf_name.endswith((".rotary_emb.inv_freq", "attn.masked_bias", "attn.bias")):
+        return None
+    if arch == "bert":
+        # BertForMaskedLM nests the encoder under "bert."; old checkpoints call LayerNorm's
+        # parameters gamma and beta (convert_hf_to_gguf.py BertModel.filter_tensors)
+        name = re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", hf_name.removeprefix("bert.")))
+        if name == "embeddings.position_ids" or name.startswith(("pooler.", "cls.")):
+            return None
+        return name
+    return hf_name
+
+
+def _required(s: ModelShape) -> list[str]:
+    """Tensors every model of shape `s` has: a config that promises more layers than the weights hold fails."""
+    if s.arch == "bert":
+        per_layer = ["attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight",
+                     "attn_output_norm.weight", "ffn_up.weight", "ffn_down.weight", "layer_output_norm.weight"]
+        return (["token_embd.weight", "position_embd.weight", "token_embd_norm.weight"]
+                + [f"blk.{i}.{t}" for i in range(s.n_layer) for t in per_layer])
+    return ["token_embd.weight", "output_norm.weight"] + [f"blk.{i}.attn_norm.weight" for i in range(s.n_layer)]
+
+
 def _plan(ck: Checkpoint, hp: Hparams, extra: list[tuple[str, np.ndarray]]) -> list[_Planned]:
     """Every output tensor, checked against the config by name and shape before any data is read."""
     s = hp.shape
     out: dict[str, _Planned] = {}
     src = ck.path / ck.weight_files[0].name if len(ck.weight_files) == 1 else ck.path
     for t in ck.tensors():
-        hf_name = t.name
-        if hf_name.endswith((".rotary_emb.inv_freq", "attn.masked_bias", "attn.bias")):
-            continue  # buffers, recomputed by llama.cpp
+        hf_name = _source_name(t.name, s.arch)
+        if hf_name is None:
+            continue
         name, heads = gguf_tensor(hf_name, s)
         if name is None:
-            raise ConversionError(f"{src}: unexpected tensor {hf_name!r} for {ck.architecture} "
+            raise ConversionError(f"{src}: unexpected tensor {t.name!r} for {ck.architecture} "
                                   "(is config.json's architecture right?)")
         m = re.match(r"blk\.(\d+)\.(.*)", name)
         if m and int(m[1]) >= s.n_layer:
-            raise ConversionError(f"{src}: tensor {hf_name!r} is in layer {m[1]}, but config.json says "
+            raise ConversionError(f"{src}: tensor {t.name!r} is in layer {m[1]}, but config.json says "
                                   f"num_hidden_layers {s.n_layer}")
         base = m[2] if m else name
         want = _expected_shape(base, s)
+        if base == "token_types.weight":
+            want = (hp.n_token_types, s.n_embd)
         if want is not None and t.shape != want:
-            raise ConversionError(f"{src}: tensor {hf_name!r} has shape {t.shape} but config.json "
+            raise ConversionError(f"{src}: tensor {t.name!r} has shape {t.shape} but config.json "
                                   f"implies {want} (the config and the weights disagree)")
         add_one = s.arch in ("gemma", "gemma2") and name.endswith("norm.weight")
-        out[name] = _Planned(name, t.shape, src=t, permute_heads=heads, add_one=add_one)
+        out[name] = _Planned(name, t.shape, src=t, permute_heads=heads, add_one=add_one,
+                             f32=name in ("position_embd.weight", "token_types.weight"))
     for name, data in extra:
         out[name] = _Planned(name, tuple(data.shape), data=data)
     if "output.weight" in out and "token_embd.weight" in out and s.tied_embeddings:
         if np.array_equal(out["output.weight"].load(), out["token_embd.weight"].load()):
             del out["output.weight"]  # tied: llama.cpp reuses token_embd
     # every layer needs its tensors: a config that promises more layers than the weights hold fails here
-    required = ["token_embd.weight", "output_norm.weight"] + [f"blk.{i}.attn_norm.weight" for i in range(s.n_layer)]
-    missing = [r for r in required if r not in out]
+    missing = [r for r in _required(s) if r not in out]
     if missing:
         raise ConversionError(f"{src}: missing tensor {missing[0]} (config.json says {s.n_layer} layers; "
                               "the weights and the config disagree)")
@@ -624,10 +790,10 @@ def convert(hf_dir: str | os.PathLike, out: str | os.PathLike, *, out_type: str 
     out = output_path(out, out_type, "model.gguf")
     say = progress or (lambda _msg: None)
     ck = open_checkpoint(hf_dir)
-    arch_name = ARCHITECTURES.get(ck.architecture)
+    arch_name = ARCHITECTURES.get(ck.architecture) or ENCODER_ARCHITECTURES.get(ck.architecture)
     if arch_name is None:
         raise ConversionError(f"{ck.path}: architecture {ck.architecture!r} is not supported "
-                              f"(supported: {', '.join(ARCHITECTURES)})")
+                              f"(supported: {', '.join([*ARCHITECTURES, *ENCODER_ARCHITECTURES])})")
     from llmdesk.formats.hf import require_train_extra
 
     require_train_extra("torch")
@@ -652,14 +818,14 @@ def convert(hf_dir: str | os.PathLike, out: str | os.PathLike, *, out_type: str 
             tensors = _plan(ck, hp, extra)
             n_params = 0
             for t in tensors:
-                add_tensor_info(w, t.name, t.shape, out_type)
+                add_tensor_info(w, t.name, t.shape, "f32" if t.f32 else out_type)
                 n_params += int(np.prod(t.shape))
             say(f"writing {out.name}")
             w.write_header_to_file()
             w.write_kv_data_to_file()
             w.write_ti_data_to_file()
             for t in tensors:  # one tensor in memory at a time
-                w.write_tensor_data(encode(t.name, t.load(), out_type))
+                w.write_tensor_data(encode(t.name, t.load(), "f32" if t.f32 else out_type))
         finally:
             w.close()
 
@@ -673,7 +839,7 @@ def convert(hf_dir: str | os.PathLike, out: str | os.PathLike, *, out_type: str 
     return ConvertResult(path=out, architecture=gguf_arch, hf_architecture=ck.architecture,
                          out_type=out_type, n_params=n_params, n_tensors=len(tensors),
                          vocab_size=len(vocab.tokens),
-                         tokenizer=f"{vocab.model} (pre: {vocab.pre})" if vocab.pre else f"{vocab.model} (sentencepiece)",
+                         tokenizer=vocab.description,
                          size_bytes=out.stat().st_size)
 
 
@@ -696,16 +862,31 @@ def reference_tokenize(ck: Checkpoint) -> Callable[[str], list[int]]:
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(ck.path / "tokenizer.json"))
+    tok.no_padding()  # a tokenizer.json may pad or cut every text to a fixed length (BERT's: 128)
+    tok.no_truncation()
     return lambda s: tok.encode(s, add_special_tokens=False).ids
 
 
+# llama.cpp's WordPiece reads a character as the first code point of its NFD form (that is how it
+# strips accents: "é" -> "e"), so a Hangul syllable becomes its first jamo ("한" -> "ᄒ") where
+# BERT's tokenizer keeps all three: Korean cannot match, and the WordPiece check leaves it out.
+HANGUL_SYLLABLES = re.compile("[\uac00-\ud7a3]")
+
+
+def check_strings(ck: Checkpoint) -> list[str]:
+    """The test strings the self-check tokenizes both ways for this checkpoint's tokenizer."""
+    if ((ck.tokenizer_json or {}).get("model") or {}).get("type") == "WordPiece":
+        return [HANGUL_SYLLABLES.sub("", s) for s in CHECK_STRINGS]
+    return CHECK_STRINGS
+
+
 def tokenizer_differences(ck: Checkpoint, gguf_path: Path, open_tokenizer: Callable[[Path], GGUFTokenizer],
-                          strings: list[str] = CHECK_STRINGS) -> list[str]:
+                          strings: list[str] | None = None) -> list[str]:
     ref = reference_tokenize(ck)
     m = open_tokenizer(gguf_path)
     try:
         diffs = []
-        for s in strings:
+        for s in check_strings(ck) if strings is None else strings:
             a, b = ref(s), m.tokenize(s, add_special=False, parse_special=False)
             if a != b:
                 i = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))

@@ -4,6 +4,8 @@ A checkpoint folder holds `config.json`; weights as `model.safetensors`, sharded
 `model.safetensors.index.json`, or `pytorch_model.bin` (also sharded); a tokenizer as
 `tokenizer.json` (the `tokenizers` library's format) and/or `tokenizer.model` (SentencePiece);
 `tokenizer_config.json` (special tokens, `chat_template`) and `generation_config.json` (eos ids).
+A sentence-transformers folder adds `modules.json` and its modules' folders (`1_Pooling/config.json`:
+how token states become one embedding).
 
 This module is cheap to import: torch and safetensors are imported only when tensors are read.
 Every problem a user can cause is a one-line `ConversionError`.
@@ -61,6 +63,7 @@ class Checkpoint:
     tokenizer_config: dict[str, Any] = field(default_factory=dict, repr=False)
     generation_config: dict[str, Any] = field(default_factory=dict, repr=False)
     special_tokens_map: dict[str, Any] = field(default_factory=dict, repr=False)
+    pooling: str | None = None  # a sentence-transformers folder's Pooling: "mean", "cls" or "last"
 
     @property
     def architecture(self) -> str:
@@ -156,7 +159,45 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         p = path / name
         if p.exists():
             setattr(ckpt, attr, _read_json(p, name))
+    ckpt.pooling = _sentence_transformers_pooling(path)
     return ckpt
+
+
+# sentence-transformers modules llama.cpp computes: the transformer itself, its pooling, and the
+# L2 normalisation (which Model.embed applies)
+_ST_MODULES = {"Transformer", "Pooling", "Normalize"}
+_ST_POOLING = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls", "pooling_mode_lasttoken": "last"}
+
+
+def _sentence_transformers_pooling(path: Path) -> str | None:
+    """How a sentence-transformers folder (`modules.json`) pools token states: "mean", "cls" or
+    "last"; None for a plain transformers folder. A module llama.cpp cannot compute (a Dense
+    projection, max pooling) is a one-line error."""
+    mj = path / "modules.json"
+    if not mj.is_file():
+        return None
+    try:
+        modules = json.loads(mj.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConversionError(f"{mj}: cannot read modules.json ({e})") from None
+    if not isinstance(modules, list):
+        raise ConversionError(f"{mj}: modules.json is not a list of modules")
+    pooling = None
+    for m in modules:
+        kind = str(m.get("type", "")).rpartition(".")[2] if isinstance(m, dict) else ""
+        if kind not in _ST_MODULES:
+            raise ConversionError(f"{mj}: the sentence-transformers module {kind or repr(m)} is not supported "
+                                  f"(llama.cpp computes {', '.join(sorted(_ST_MODULES))})")
+        if kind == "Pooling":
+            cfg = _read_json(path / str(m.get("path", "")) / "config.json", "the Pooling config")
+            modes = [v for k, v in _ST_POOLING.items() if cfg.get(k)]
+            others = [k for k, v in cfg.items() if k.startswith("pooling_mode_") and v and k not in _ST_POOLING]
+            if others or len(modes) != 1:
+                shown = " + ".join(others + [k for k in _ST_POOLING if cfg.get(k)]) or "no pooling mode"
+                raise ConversionError(f"{path / str(m.get('path', ''))}/config.json: {shown} is not supported "
+                                      "(llama.cpp pools by one of: the mean, the CLS token, the last token)")
+            pooling = modes[0]
+    return pooling
 
 
 def _weight_files(path: Path) -> list[Path]:
