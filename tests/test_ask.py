@@ -173,3 +173,17 @@ def test_yes_lets_tool_calls_through_only_when_nothing_was_retrieved():
     assert tool_confirmation(["a passage"], True, None)(object()) is False  # no one to ask: declined
     assert tool_confirmation([], True, ask_me) is None
     assert tool_confirmation([], False, ask_me) is ask_me
+
+
+def test_chat_docs_asks_before_a_tool_call_even_with_yes(notes, tiny_gguf, tmp_path):
+    marker = tmp_path / "ran"
+    tools = tmp_path / "t.py"
+    tools.write_text(f"def backup_now(keep_days: int) -> str:\n    '''Start a backup.'''\n"
+                     f"    open({str(marker)!r}, 'w').write('x')\n    return 'started'\n")
+    p = subprocess.run([llmdesk_exe(), "chat", "--docs", "notes", "-m", str(tiny_gguf), "--tool", str(tools), "--yes",
+                        "--tool-choice", "required", "-n", "200", "-t", "0"],
+                       input="When do backups run?\n/bye\n", capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "run backup_now(" in p.stderr  # asked, --yes notwithstanding (no answer on stdin: declined)
+    assert not marker.exists()
+    assert "[1] " in p.stderr and "ops.md" in p.stderr  # the sources, after the answer

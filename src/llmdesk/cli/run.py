@@ -243,6 +243,7 @@ def chat(
     schema: SchemaOpt = None,
     tool: Annotated[Optional[list[Path]], typer.Option("--tool", help="A Python file whose public functions the model may call (repeatable); their schemas come from type hints and docstrings.", dir_okay=False)] = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Run the model's tool calls without asking first.")] = False,
+    docs: Annotated[Optional[str], typer.Option("--docs", help="Answer from this collection of your documents ('llmdesk docs list'): each message retrieves passages, quoted to the model as data, and the answer cites them as [n].")] = None,
     mcp: Annotated[Optional[Path], typer.Option("--mcp", help="An MCP config (the mcpServers JSON of Claude Desktop or LM Studio): its servers are started or reached, and the model may call their tools.", dir_okay=False)] = None,
     tool_choice: Annotated[Optional[str], typer.Option("--tool-choice", help="auto (the model decides), required (it must call a tool each round, up to 8), none, or a tool's name (it must call that one).")] = None,
     lora: LoraOpt = None,
@@ -258,6 +259,8 @@ def chat(
         pass
     fmt = _response_format(json_mode, schema)
     functions = _load_tools(tool or [])
+    if docs is not None:
+        _check_collection(docs)
     servers = _mcp_config(mcp)
     choice = _tool_choice(tool_choice)
     m = _load(model, ctx, threads, template, gpu_layers, lora)
@@ -269,9 +272,14 @@ def chat(
     origin = getattr(getattr(m, "template", None), "origin", "the server's")
     adapters = "".join(f" · LoRA {p.name} x{scale:g}" for p, scale in getattr(m, "lora", []))
     err.print(f"{m.name} · context {m.n_ctx or '?'} tokens · template: {origin}{adapters}", style="dim", markup=False)
+    if docs is not None:
+        err.print(f"answering from the collection '{docs}': passages are quoted to the model as data", style="dim",
+                  markup=False)
     if tools_now():
-        err.print(f"tools: {', '.join(tools_now())}" + ("" if yes else " (each call is shown and asked for)"),
-                  style="dim", markup=False)
+        asked = " (each call is shown and asked for)" if not yes else (
+            " (with --docs, a call proposed while passages are in the context is asked for, --yes or not)"
+            if docs is not None else "")
+        err.print(f"tools: {', '.join(tools_now())}{asked}", style="dim", markup=False)
     err.print("type /? for commands, /bye to leave", style="dim")
     state = {"dropped": 0}
     try:
@@ -328,7 +336,7 @@ def chat(
                     err.print(f"unknown command {cmd}; type /? for the list", markup=False)
                 continue
             turn = messages + [{"role": "user", "content": line}]
-            got = _answer(m, _with_system(system, turn), settings, stop, fmt, tools_now(), yes, state, choice)
+            got = _answer(m, _with_system(system, turn), settings, stop, fmt, tools_now(), yes, state, choice, docs)
             if got is None:  # interrupted, or the model could not answer
                 continue
             reply, added = got
@@ -404,10 +412,52 @@ def _confirm(call) -> bool:
         return False
 
 
+def _check_collection(name: str) -> None:
+    """--docs names a collection that exists (checked before the model loads)."""
+    from ..rag.ingest import list_collections
+
+    names = [c.name for c in list_collections()]
+    if name not in names:
+        have = f"the collections are: {', '.join(names)}" if names else "there are none yet"
+        raise LlmdeskError(f"--docs: no collection named '{name}' ({have}); create it with "
+                           f"`llmdesk docs add PATH --collection {name}`")
+
+
+def _answer_docs(m, messages: list[dict], collection: str, functions: dict, yes: bool, tool_choice, shown, kw):
+    """A --docs turn: the question retrieves passages, quoted as data (rag.answer.chat_turn);
+    (the Answer, the messages added after the user's)."""
+    from ..rag.answer import chat_turn
+    from ..tools.agent import run_agent
+
+    system = messages[0]["content"] if messages[0]["role"] == "system" else None
+    history = messages[1 if system is not None else 0:-1]
+    agent = None
+    if functions:
+        def agent(msgs, **kw2):
+            return run_agent(m, msgs, functions, on_run=shown, tool_choice=tool_choice, **kw2)
+    kw = {k: v for k, v in kw.items() if k != "truncate"}  # chat_turn truncates the history, never the passages
+    a, added = chat_turn(m, history, messages[-1]["content"], collection, agent=agent, confirm=_confirm, yes=yes,
+                         system=system, **kw)
+    return a, added[1:]
+
+
+def _sources(a) -> None:
+    """After a --docs answer: where its passages came from, and what did not fit."""
+    for line in a.sources():
+        err.print(line, style="dim", markup=False)
+    if a.dropped:
+        err.print(f"({len(a.dropped)} more passage{'s' if len(a.dropped) > 1 else ''} did not fit in the context "
+                  f"and were left out)", style="yellow", markup=False)
+    if a.unknown_citations:
+        err.print(f"(the answer cites {', '.join(f'[{n}]' for n in a.unknown_citations)}, which no passage has)",
+                  style="yellow", markup=False)
+
+
 def _answer(m, messages: list[dict], settings: dict, stop: list[str] | None, fmt, functions: dict, yes: bool,
-            state: dict, tool_choice="auto"):
-    """Answer the conversation (running tool calls when tools are given): (the Reply, the messages
-    it added after the user's), or None when interrupted or refused."""
+            state: dict, tool_choice="auto", docs: str | None = None):
+    """Answer the conversation (running tool calls when tools are given; from a collection with
+    `docs`): (the Reply, the messages it added after the user's), or None when interrupted or
+    refused."""
     from ..tools.agent import run_agent
 
     kw = dict(settings)
@@ -419,7 +469,11 @@ def _answer(m, messages: list[dict], settings: dict, stop: list[str] | None, fmt
         err.print(f"{run.name} -> {run.result[:500]}{mark}", style="dim", markup=False)
 
     try:
-        if functions:
+        answer = None
+        if docs is not None:
+            answer, added = _answer_docs(m, messages, docs, functions, yes, tool_choice, shown, kw)
+            reply = answer.reply
+        elif functions:
             reply, convo = run_agent(m, messages, functions, confirm=None if yes else _confirm, on_run=shown,
                                      tool_choice=tool_choice, **kw)
             added = convo[len(messages):]
@@ -436,6 +490,8 @@ def _answer(m, messages: list[dict], settings: dict, stop: list[str] | None, fmt
         return None
     sys.stdout.write("\n")
     sys.stdout.flush()
+    if answer is not None:
+        _sources(answer)
     if reply.messages_dropped > state["dropped"]:
         err.print(f"(the conversation outgrew the context of {m.n_ctx} tokens: the oldest {reply.messages_dropped} "
                   "messages were left out of this answer's prompt)", style="dim", markup=False)

@@ -153,11 +153,12 @@ def retrieve(question: str, collection: str, *, k: int, mode: str, embedder=None
 
 
 def _answer(model, question: str, hits: list, history: list[dict], *, max_tokens: int | None, on_text,
-            respond: Callable | None = None, **kw) -> tuple[Answer, list[dict]]:
+            respond: Callable | None = None, system: str | None = None, **kw) -> tuple[Answer, list[dict]]:
     room = max_tokens if max_tokens is not None else ANSWER_ROOM
     room = min(room, max(16, (getattr(model, "n_ctx", None) or 4096) // 2))
-    quoted, dropped = fit_passages(model, hits, question, answer_room=room)
-    messages = normalize_messages([{"role": "system", "content": SYSTEM}, *history,
+    system = SYSTEM + (f"\n\n{system}" if system else "")
+    quoted, dropped = fit_passages(model, hits, question, answer_room=room, system=system)
+    messages = normalize_messages([{"role": "system", "content": system}, *history,
                                    {"role": "user", "content": quoted.text}])
     # history, if any, may be dropped oldest first (reported); the quoted turn is always kept
     if respond is None:
@@ -206,9 +207,11 @@ def tool_confirmation(hits: list, yes: bool, confirm: Callable | None) -> Callab
 
 def chat_turn(model, history: list[dict], question: str, collection: str, *, k: int = 5, mode: str = "hybrid",
               embedder=None, agent: Callable | None = None, confirm: Callable | None = None, yes: bool = False,
-              on_text=None, max_tokens: int | None = ANSWER_ROOM, **kw) -> tuple[Answer, list[dict]]:
+              system: str | None = None, on_text=None, max_tokens: int | None = ANSWER_ROOM,
+              **kw) -> tuple[Answer, list[dict]]:
     """One turn of a conversation over a collection: (the Answer, the messages to append to
     `history`: the question as the user asked it, then the model's turns, without the passages).
+    `history` holds no system message: `system` is added to the one that frames the passages.
 
     `agent(messages, confirm=..., **kw) -> (Reply, messages)` runs the model with tools (for
     example `lambda msgs, **kw: tools.agent.run_agent(model, msgs, functions, **kw)`); its
@@ -222,5 +225,5 @@ def chat_turn(model, history: list[dict], question: str, collection: str, *, k: 
         def respond(messages, **kw2):
             return agent(messages, confirm=ask_user, **kw2)
     answer, added = _answer(model, question, hits, history, max_tokens=max_tokens, on_text=on_text,
-                            respond=respond, **kw)
+                            respond=respond, system=system, **kw)
     return answer, [{"role": "user", "content": question}] + added
