@@ -56,7 +56,8 @@ def _run(mode: str, model: str | None, jobs_of, output: Path, source: str, *, n:
     filters = synth.Filters(min_chars=min_chars, max_chars=max_chars, language=lang, near_duplicate=dedup,
                             judge_threshold=min_score)
     with err.status(f"loading {ref} ...", spinner="dots"):
-        m = load(ref)
+        # one slot per request in flight, over one shared KV cache
+        m = load(ref, slots=batch, kv_unified=True) if not ref.startswith("openai:") else load(ref)
     judge_model = None
     try:
         if judge:
@@ -138,8 +139,8 @@ def answers(
     graders = parse_graders(rank, rank_weights) if rank else None
     rows = synth.read_rows(prompts)
     if graders:
-        for g in graders[0]:
-            g.check_columns(set().union(*(r.keys() for r in rows)) if rows else set(), str(prompts))
+        for g in graders[0]:  # every row must have what the graders read
+            g.check_columns(set.intersection(*(set(r) for r in rows)) if rows else set(), str(prompts))
     report = _run("answers", model, lambda s: synth.answer_jobs(rows, s, str(prompts)), output, str(prompts),
                   n=n or len(rows), seed=seed, temperature=temperature, max_tokens=max_tokens, batch=batch, k=k,
                   min_chars=min_chars, max_chars=max_chars, lang=lang, dedup=dedup, judge=judge, min_score=min_score)

@@ -349,7 +349,8 @@ def generate(model, jobs: Iterator[Job], settings: SynthSettings, out: str | os.
                 on_progress(len(done), len(jobs), time.perf_counter() - t0)
     rows = [done[j.index] for j in jobs]
     kept, removed = apply_filters([r for r in rows if r is not None], filters or Filters(), judge=judge)
-    removed = {"failed to parse": sum(r is None for r in rows), **removed}
+    failed = sum(r is None for r in rows)
+    removed = {**({"failed to parse": failed} if failed else {}), **removed}
     with atomic_path(out) as tmp:
         tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
     part.unlink()
