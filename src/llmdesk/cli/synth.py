@@ -52,7 +52,7 @@ def _run(mode: str, model: str | None, jobs_of, output: Path, source: str, *, n:
     settings = synth.SynthSettings(mode=mode, model=ref, n=n, seed=seed, temperature=temperature, max_tokens=max_tokens,
                                    k=k, batch=batch, source=source,
                                    source_sha256=synth.file_sha256(source) if source else "")
-    jobs = jobs_of(settings)  # bad inputs: one line before the model loads
+    jobs = list(jobs_of(settings))  # bad inputs: one line before the model loads
     filters = synth.Filters(min_chars=min_chars, max_chars=max_chars, language=lang, near_duplicate=dedup,
                             judge_threshold=min_score)
     with err.status(f"loading {ref} ...", spinner="dots"):
