@@ -124,6 +124,7 @@ def create_app(config: ServeConfig) -> FastAPI:
         out = []
         for lm in list(manager.loaded.values()):
             eng = lm.model.engine
+            names = {id(a): n for n, (a, _) in lm.model.named.items()}  # the --lora names
             states = []
             for s in eng.slots:
                 stream = s.stream
@@ -132,7 +133,8 @@ def create_app(config: ServeConfig) -> FastAPI:
                 else:
                     state = "idle" if stream is None else ("prompt" if s.todo or not stream.result.n_gen else "generating")
                 states.append({"id": s.seq, "state": state, "cached_tokens": len(s.cache),
-                               "generated_tokens": stream.result.n_gen if stream is not None else 0})
+                               "generated_tokens": stream.result.n_gen if stream is not None else 0,
+                               "adapters": [names.get(id(a), a.path.name) for a, _ in s.lora]})
             exp = lm.expires_wall()
             out.append({"model": lm.name, "n_ctx": lm.n_ctx, "n_slots": eng.n_slots, "busy": eng.busy_slots,
                         "waiting": len(eng.waiting), "active_requests": lm.active, "in_flight": lm.gate.inflight,
