@@ -1,0 +1,397 @@
+"""Tuning on preferences (DPO) and on rewards (GRPO), with LoRA, on TRL's trainers.
+
+    dpo(base, "pairs.jsonl", "out/")                 prompt/chosen/rejected rows (a file, `arena
+                                                     export`, or `synth answers --rank`)
+    grpo(base, "prompts.jsonl", "out/", graders)     prompts (and the columns graders read)
+
+Both take the same bases as `tune` (an HF folder, a `llmdesk train` output, a GGUF or a store
+name), train a LoRA adapter on the CPU in 32 bits (bf16 where CUDA has it), and write what `tune`
+writes: DIR/adapter/ (PEFT), optionally DIR/merged/ and a GGUF registered in the store, a plot
+(loss, and the reward for GRPO), metrics.json and a results row.
+
+GRPO measures what it is for: before training and after, each held-out prompt (`val_split` of
+the rows, at least one) is answered `num_generations` times by the model in transformers, and
+the graders' weighted mean reward is reported for both (`reward_before`, `reward_after`), with
+each grader's own mean; TRL logs the reward and each grader's mean at every step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ..atomic import write_text
+from ..errors import LlmdeskError
+
+METHODS = ("dpo", "grpo")
+
+
+@dataclass
+class RewardConfig:
+    method: str = "grpo"
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    targets: str = "all-linear"
+    steps: int = 50
+    lr: float = 0.0  # 0: 5e-5 for DPO, 2e-5 for GRPO
+    batch: int = 4  # DPO: pairs per step; GRPO: completions per step (a multiple of num_generations)
+    grad_accum: int = 1
+    beta: float = 0.1  # DPO: the KL weight; GRPO: 0 (no reference model, TRL's default)
+    num_generations: int = 4  # GRPO: completions per prompt
+    max_prompt_tokens: int = 256
+    max_completion_tokens: int = 64
+    temperature: float = 1.0
+    seed: int = 0
+    val_split: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise LlmdeskError(f"method {self.method!r}: use {' or '.join(METHODS)}")
+        for k in ("rank", "steps", "batch", "grad_accum", "num_generations", "max_prompt_tokens", "max_completion_tokens"):
+            if getattr(self, k) < 1:
+                raise LlmdeskError(f"--{k.replace('_', '-')} must be at least 1")
+        if self.method == "grpo":
+            if self.num_generations < 2:
+                raise LlmdeskError("--num-generations must be at least 2 (GRPO compares completions of one prompt)")
+            if self.batch % self.num_generations:
+                raise LlmdeskError(f"--batch {self.batch} must be a multiple of --num-generations {self.num_generations} "
+                                   "(each prompt's completions are scored together)")
+        if not 0 <= self.val_split < 1:
+            raise LlmdeskError(f"--val-split {self.val_split}: give a share in [0, 1)")
+        if not self.lr:
+            self.lr = 5e-5 if self.method == "dpo" else 2e-5
+
+
+@dataclass
+class RewardResult:
+    out_dir: Path
+    method: str
+    steps: int
+    base: str
+    adapter: Path
+    merged: Path | None = None
+    gguf: Path | None = None
+    registered: str | None = None
+    plot: Path | None = None
+    train_rows: int = 0
+    val_rows: int = 0
+    reward_before: float | None = None
+    reward_after: float | None = None
+    grader_before: dict[str, float] = field(default_factory=dict)
+    grader_after: dict[str, float] = field(default_factory=dict)
+    graded_none: dict[str, int] = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items() if k != "history"}
+
+
+# -- data ------------------------------------------------------------------------------------------
+
+def _jsonl(path: str | os.PathLike) -> list[tuple[str, dict]]:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise LlmdeskError(f"{p}: no such file")
+    rows = []
+    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except ValueError as e:
+            raise LlmdeskError(f"{p}:{i}: not JSON ({e.msg})") from None
+        if not isinstance(r, dict):
+            raise LlmdeskError(f"{p}:{i}: a row is a JSON object")
+        rows.append((f"{p}:{i}", r))
+    if not rows:
+        raise LlmdeskError(f"{p}: no rows")
+    return rows
+
+
+def _prompt(where: str, r: dict) -> str | list[dict]:
+    """A row's prompt: text, or a conversation (`messages` without a final assistant turn)."""
+    p = r.get("prompt")
+    if isinstance(p, str) and p.strip():
+        return p
+    if isinstance(p, list) and p and all(isinstance(m, dict) and "role" in m for m in p):
+        return p
+    m = r.get("messages")
+    if isinstance(m, list) and m and all(isinstance(x, dict) and "role" in x for x in m):
+        while m and m[-1].get("role") == "assistant":
+            m = m[:-1]
+        if m:
+            return m
+    raise LlmdeskError(f"{where}: no 'prompt' (text or messages) in the row (columns: {', '.join(r) or 'none'})")
+
+
+def read_pairs(path: str | os.PathLike) -> list[dict]:
+    """prompt/chosen/rejected rows (extra columns, as the arena's export has, are dropped)."""
+    out = []
+    for where, r in _jsonl(path):
+        missing = [k for k in ("prompt", "chosen", "rejected") if k not in r]
+        if missing:
+            raise LlmdeskError(f"{where}: no {missing[0]!r}: a preference row has prompt, chosen and rejected")
+        prompt = _prompt(where, r)
+        ch, rj = r["chosen"], r["rejected"]
+        for k, v in (("chosen", ch), ("rejected", rj)):
+            if not (isinstance(v, str) and v.strip()):
+                raise LlmdeskError(f"{where}: {k!r} must be non-empty text")
+        if ch.strip() == rj.strip():
+            raise LlmdeskError(f"{where}: chosen and rejected are the same text: the pair teaches nothing; remove it")
+        out.append({"prompt": prompt, "chosen": ch, "rejected": rj})
+    return out
+
+
+def read_prompts(path: str | os.PathLike, graders=()) -> list[dict]:
+    """Prompt rows with the columns the graders read (checked on every row)."""
+    out = []
+    for where, r in _jsonl(path):
+        row = {k: v for k, v in r.items() if k not in ("messages",)}
+        row["prompt"] = _prompt(where, r)
+        for g in graders:
+            g.check_columns(set(row), where)
+        out.append(row)
+    return out
+
+
+def _split(rows: list[dict], share: float, seed: int) -> tuple[list[dict], list[dict]]:
+    idx = list(range(len(rows)))
+    random.Random(seed).shuffle(idx)
+    n_val = max(1, round(len(rows) * share)) if share > 0 and len(rows) > 1 else 0
+    val = {i for i in idx[:n_val]}
+    return [r for i, r in enumerate(rows) if i not in val], [r for i, r in enumerate(rows) if i in val]
+
+
+def _as_chat(rows: list[dict], tok) -> list[dict]:
+    """Text prompts become one user turn when the tokenizer has a chat template (TRL renders it)."""
+    if not getattr(tok, "chat_template", None):
+        return rows
+    out = []
+    for r in rows:
+        r = dict(r)
+        if isinstance(r["prompt"], str):
+            r["prompt"] = [{"role": "user", "content": r["prompt"]}]
+            for k in ("chosen", "rejected"):
+                if k in r:
+                    r[k] = [{"role": "assistant", "content": r[k]}]
+        out.append(r)
+    return out
+
+
+# -- measuring -------------------------------------------------------------------------------------
+
+def mean_reward(model, tok, rows: list[dict], graders, weights, cfg: RewardConfig) -> tuple[float, dict[str, float]]:
+    """The graders' weighted mean over `num_generations` sampled completions of each row."""
+    import torch
+
+    from ..eval.graders import combined
+
+    model.eval()
+    prompts, completions, cols = [], [], {}
+    gen = torch.Generator().manual_seed(cfg.seed)
+    for r in rows:
+        if isinstance(r["prompt"], list):
+            text = tok.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True)
+        else:
+            text = r["prompt"]
+        ids = tok(text, return_tensors="pt", add_special_tokens=not isinstance(r["prompt"], list)).input_ids
+        ids = ids[:, -cfg.max_prompt_tokens:].to(model.device)
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+        with torch.no_grad():
+            outs = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                  temperature=cfg.temperature, max_new_tokens=cfg.max_completion_tokens,
+                                  num_return_sequences=cfg.num_generations, pad_token_id=tok.pad_token_id)
+        for o in outs:
+            completions.append(tok.decode(o[ids.shape[1]:], skip_special_tokens=True))
+            prompts.append(r["prompt"])
+            for k, v in r.items():
+                if k != "prompt":
+                    cols.setdefault(k, []).append(v)
+    totals, means = combined(graders, weights, prompts, completions, **cols)
+    model.train()
+    return sum(totals) / max(1, len(totals)), means
+
+
+# -- the runs --------------------------------------------------------------------------------------
+
+def _prepare(base_ref, cfg: RewardConfig):
+    from .tune import TuneConfig, _make_model, _quiet_hf, find_base, load_tokenizer
+    from ..formats.hf import require_train_extra
+
+    base = find_base(base_ref)
+    require_train_extra("torch", "transformers", "peft", "trl")
+    with _quiet_hf():
+        tok = load_tokenizer(base)
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        tc = TuneConfig(method="lora", rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets,
+                        seed=cfg.seed)
+        model, device = _make_model(base, tc)
+    return base, tok, model, device
+
+
+def _trainer_args(cls, cfg: RewardConfig, out: Path, device: str, **extra):
+    return cls(output_dir=str(out / "trainer"), max_steps=cfg.steps, per_device_train_batch_size=cfg.batch,
+               gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, logging_steps=1,
+               save_strategy="no", report_to=[], bf16=device == "cuda", fp16=False, use_cpu=device == "cpu",
+               seed=cfg.seed, data_seed=cfg.seed, disable_tqdm=True, lr_scheduler_type="constant_with_warmup",
+               warmup_steps=max(1, cfg.steps // 20), dataloader_num_workers=0, **extra)
+
+
+class _Progress:
+    """A transformers callback that reports each logged step through `on_event`."""
+
+    def __init__(self, emit):
+        from transformers import TrainerCallback
+
+        class CB(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kw):
+                if logs:
+                    emit("step", {"step": state.global_step, "max_steps": state.max_steps, **logs})
+        self.callback = CB()
+
+
+def run(method: str, base_ref: str | os.PathLike, data: str | os.PathLike, out_dir: str | os.PathLike,
+        cfg: RewardConfig | None = None, *, graders=None, weights=None, merge: bool = False, gguf: str | None = None,
+        name: str | None = None, quantize_with=None, check_with=None,
+        on_event: Callable[[str, dict], None] | None = None) -> RewardResult:
+    """Tune `base_ref` with DPO on preference pairs or GRPO on prompts and graders (see the module)."""
+    import time
+
+    from .tune import CONVERTER_TYPES, _atomic_dir, _copy_tokenizer, _export_gguf, _merge, _quiet_hf, _store_safe
+
+    cfg = cfg or RewardConfig(method=method)
+    if cfg.method != method:
+        raise LlmdeskError(f"the settings are for {cfg.method}, not {method}")
+    emit = on_event or (lambda _k, _d: None)
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise LlmdeskError(f"{out}: is a file; -o names the output folder")
+    if (out / "adapter").exists():
+        raise LlmdeskError(f"{out}: holds a finished run (adapter/); choose another -o")
+    if method == "grpo":
+        if not graders:
+            raise LlmdeskError("GRPO needs graders: --reward exact, regex:PATTERN, numeric, json, python:FILE.py:FN, judge:MODEL")
+        weights = list(weights or [1.0] * len(graders))
+        rows = read_prompts(data, graders)
+    else:
+        rows = read_pairs(data)
+    reg_name = reg_tag = None
+    if gguf is not None:
+        from ..store import catalog
+
+        gguf = gguf.lower()
+        if gguf not in CONVERTER_TYPES and quantize_with is None:
+            raise LlmdeskError(f"--gguf {gguf}: pass a quantizer for types other than {', '.join(CONVERTER_TYPES)}")
+        reg_name, reg_tag = name or _store_safe(out.resolve().name), gguf
+        catalog.check_name(reg_name, reg_tag)
+    train_rows, val_rows = _split(rows, cfg.val_split if method == "grpo" else 0.0, cfg.seed)
+    emit("data", {"train": len(train_rows), "val": len(val_rows)})
+    emit("status", {"text": "loading the base"})
+    base, tok, model, device = _prepare(base_ref, cfg)
+    result = RewardResult(out_dir=out, method=method, steps=cfg.steps, base=base.identity, adapter=out / "adapter",
+                          train_rows=len(train_rows), val_rows=len(val_rows))
+    import datasets
+    import trl
+
+    t0 = time.perf_counter()
+    with _quiet_hf(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = datasets.Dataset.from_list(_as_chat(train_rows, tok))
+        if method == "grpo":
+            val_chat = _as_chat(val_rows, tok)
+            emit("status", {"text": "measuring the base's reward on the held-out prompts"})
+            result.reward_before, result.grader_before = mean_reward(model, tok, val_chat, graders, weights, cfg)
+            emit("reward", {"when": "before", "reward": result.reward_before, "graders": result.grader_before})
+            args = _trainer_args(trl.GRPOConfig, cfg, out, device, num_generations=cfg.num_generations,
+                                 max_completion_length=cfg.max_completion_tokens, temperature=cfg.temperature,
+                                 reward_weights=weights, beta=0.0, generation_batch_size=cfg.batch,
+                                 log_completions=False)
+            trainer = trl.GRPOTrainer(model=model, reward_funcs=graders, args=args, train_dataset=ds,
+                                      processing_class=tok, callbacks=[_Progress(emit).callback])
+        else:
+            args = _trainer_args(trl.DPOConfig, cfg, out, device, beta=cfg.beta,
+                                 max_length=cfg.max_prompt_tokens + cfg.max_completion_tokens)
+            trainer = trl.DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
+                                     callbacks=[_Progress(emit).callback])
+        from transformers import PrinterCallback, ProgressCallback
+
+        for cb in (PrinterCallback, ProgressCallback):  # progress is reported through on_event
+            trainer.remove_callback(cb)
+        emit("status", {"text": f"training ({method}, {cfg.steps} steps)"})
+        trainer.train()
+        result.history = [h for h in trainer.state.log_history if "loss" in h or "reward" in h]
+        model = trainer.model
+        if method == "grpo":
+            result.reward_after, result.grader_after = mean_reward(model, tok, val_chat, graders, weights, cfg)
+            result.graded_none = {g.spec: g.failed for g in graders if g.failed}
+            emit("reward", {"when": "after", "reward": result.reward_after, "graders": result.grader_after})
+        result.seconds = time.perf_counter() - t0
+        out.mkdir(parents=True, exist_ok=True)
+        with _atomic_dir(out / "adapter") as tmp:
+            model.save_pretrained(tmp)
+            _copy_tokenizer(base, tok, tmp)
+        del trainer, model
+        if merge or gguf:
+            emit("status", {"text": "merging"})
+            result.merged = out / "merged"
+            _merge(base, out / "adapter", result.merged, tok, None)
+        if gguf:
+            emit("status", {"text": f"converting to GGUF ({gguf})"})
+            result.gguf = _export_gguf(result.merged, out, gguf, reg_name, reg_tag, quantize_with, check_with,
+                                       source=f"tune:{out.resolve()}")
+            result.registered = f"{reg_name}:{reg_tag}"
+    result.plot = _plot(result, out / "training.png")
+    write_text(out / "metrics.json", json.dumps({"result": result.to_dict(), "config": asdict(cfg),
+                                                 "history": result.history}, indent=1, default=str) + "\n")
+    _record(result, cfg)
+    return result
+
+
+def _plot(result: RewardResult, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..atomic import atomic_path
+
+    h = result.history
+    keys = ["loss"] + (["reward"] if result.method == "grpo" else [])
+    keys += sorted({k for r in h for k in r if k.startswith("rewards/") and k.endswith("/mean")})
+    fig, axes = plt.subplots(1, 2 if result.method == "grpo" else 1, figsize=(10 if result.method == "grpo" else 6, 4),
+                             squeeze=False)
+    for k in keys:
+        pts = [(r["step"], r[k]) for r in h if k in r and r[k] is not None and not math.isnan(r[k])]
+        if not pts:
+            continue
+        ax = axes[0][0] if k == "loss" else axes[0][-1]
+        ax.plot(*zip(*pts), label=k.removeprefix("rewards/").removesuffix("/mean"))
+    for ax in axes[0]:
+        ax.set_xlabel("step")
+        ax.legend()
+    axes[0][0].set_title(f"{result.method} loss")
+    if result.method == "grpo":
+        axes[0][-1].set_title("mean reward (and each grader's)")
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp)
+    plt.close(fig)
+    return path
+
+
+def _record(result: RewardResult, cfg: RewardConfig) -> None:
+    from ..store import results
+
+    results.record(result.method, model=result.registered or str(result.out_dir), model_sha256=None,
+                   data_sha256=None, settings={"base": result.base, **asdict(cfg)},
+                   metrics={k: v for k, v in result.to_dict().items()
+                            if k in ("steps", "train_rows", "val_rows", "reward_before", "reward_after", "seconds")})
