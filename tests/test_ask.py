@@ -129,7 +129,7 @@ def test_a_tool_call_with_retrieved_text_in_the_context_is_always_asked(notes, m
         return run_agent(model, messages, {"backup_now": backup_now}, tool_choice="required", max_steps=1, **kw)
 
     answer, added = chat_turn(model, [], "When do backups run?", "notes", k=2, mode="bm25", agent=agent,
-                              confirm=confirm, yes=True, max_tokens=200, temperature=0)
+                              confirm=confirm, yes=True, max_tokens=200, temperature=0, nonce="5eed5eed5eed5eed")
     assert asked == ["backup_now"] and not ran  # --yes did not let it through
     assert any(m["role"] == "tool" and m["content"].startswith("declined") for m in added)
     assert added[0] == {"role": "user", "content": "When do backups run?"}  # history keeps the question, not the passages
@@ -175,7 +175,13 @@ def test_yes_lets_tool_calls_through_only_when_nothing_was_retrieved():
     assert tool_confirmation([], False, ask_me) is ask_me
 
 
-def test_chat_docs_asks_before_a_tool_call_even_with_yes(notes, tiny_gguf, tmp_path):
+def test_chat_docs_lists_sources_and_asks_before_a_tool_call_even_with_yes(notes, tiny_gguf, tmp_path):
+    p = subprocess.run([llmdesk_exe(), "chat", "--docs", "notes", "-m", str(tiny_gguf), "-n", "4"],
+                       input="When do backups run?\nAnd the logs?\n/bye\n", capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and "error" not in p.stderr, p.stderr
+    sources = [line for line in p.stderr.splitlines() if line.startswith("[1] ")]
+    assert len(sources) == 2 and all("ops.md" in s or "vendor.md" in s for s in sources)  # after each answer
+
     marker = tmp_path / "ran"
     tools = tmp_path / "t.py"
     tools.write_text(f"def backup_now(keep_days: int) -> str:\n    '''Start a backup.'''\n"
@@ -186,4 +192,3 @@ def test_chat_docs_asks_before_a_tool_call_even_with_yes(notes, tiny_gguf, tmp_p
     assert p.returncode == 0, p.stderr
     assert "run backup_now(" in p.stderr  # asked, --yes notwithstanding (no answer on stdin: declined)
     assert not marker.exists()
-    assert "[1] " in p.stderr and "ops.md" in p.stderr  # the sources, after the answer

@@ -153,11 +153,12 @@ def retrieve(question: str, collection: str, *, k: int, mode: str, embedder=None
 
 
 def _answer(model, question: str, hits: list, history: list[dict], *, max_tokens: int | None, on_text,
-            respond: Callable | None = None, system: str | None = None, **kw) -> tuple[Answer, list[dict]]:
+            respond: Callable | None = None, system: str | None = None, nonce: str | None = None,
+            **kw) -> tuple[Answer, list[dict]]:
     room = max_tokens if max_tokens is not None else ANSWER_ROOM
     room = min(room, max(16, (getattr(model, "n_ctx", None) or 4096) // 2))
     system = SYSTEM + (f"\n\n{system}" if system else "")
-    quoted, dropped = fit_passages(model, hits, question, answer_room=room, system=system)
+    quoted, dropped = fit_passages(model, hits, question, answer_room=room, system=system, nonce=nonce)
     messages = normalize_messages([{"role": "system", "content": system}, *history,
                                    {"role": "user", "content": quoted.text}])
     # history, if any, may be dropped oldest first (reported); the quoted turn is always kept
@@ -183,6 +184,8 @@ def ask(question: str, collection: str = "default", *, model=None, k: int = 5, m
     openai:URL#MODEL), or None for $LLMDESK_MODEL. `k` passages are retrieved by `mode`
     ("hybrid", "bm25", "vector") with `embedder` (None: the collection's). `on_text(str)` hears
     the answer as it is generated; `hits`: passages already retrieved (`retrieve`), best first.
+    `nonce`: the passages' delimiters carry a random one per request; give one only to
+    reproduce a prompt exactly.
     The rest go to `model.respond` (`seed`, `top_k`, `response_format`, ...)."""
     if hits is None:
         hits = retrieve(question, collection, k=k, mode=mode, embedder=embedder)
