@@ -59,6 +59,22 @@ def test_json_schema_output_is_enforced(model):
         assert set(data) == {"ok", "n"} and isinstance(data["ok"], bool) and data["n"] in (1, 2, 3)
 
 
+def test_a_pydantic_model_gives_a_validated_object(model):
+    from typing import Literal
+
+    from pydantic import BaseModel, Field
+
+    class Forecast(BaseModel):
+        city: Literal["Paris", "Rome"]
+        days: int = Field(ge=1, le=5)
+
+    for seed in range(2):
+        r = model.respond([{"role": "user", "content": "A forecast"}], max_tokens=64, seed=seed, response_format=Forecast)
+        assert isinstance(r.parsed, Forecast) and r.parsed == Forecast.model_validate_json(r.text)
+    with pytest.raises(LlmdeskError, match=r"does not validate as Forecast: .*\(the answer was cut off: raise max_tokens\)"):
+        model.respond([{"role": "user", "content": "A forecast"}], max_tokens=3, response_format=Forecast)
+
+
 def test_bounds_are_the_library_s(model):
     with pytest.raises(InvalidRequest) as e:
         model.respond([{"role": "user", "content": "hi"}], temperature=float("nan"))

@@ -124,6 +124,18 @@ def test_respond_json_schema(remote):
     assert reply.prompt_tokens > 0 and reply.completion_tokens > 0 and reply.total_s > 0
 
 
+def test_respond_pydantic(remote):
+    from pydantic import BaseModel, Field
+
+    class Weather(BaseModel):
+        city: str = Field(max_length=10)
+        days: int = Field(ge=1, le=9)
+
+    reply = remote.respond([{"role": "user", "content": "Weather as JSON"}], max_tokens=200, seed=1,
+                           response_format=Weather)
+    assert isinstance(reply.parsed, Weather) and reply.parsed.model_dump() == reply.json()
+
+
 def test_respond_tool_calls_and_the_conversation_goes_on(remote):
     question = [{"role": "user", "content": "Weather in Paris?"}]
     reply = remote.respond(question, tools=[WEATHER_TOOL], max_tokens=200, seed=1,

@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from . import grammars, limits
 from . import toolcalls as tools_mod
@@ -257,6 +257,7 @@ class Reply:
     tokens_per_second: float = 0.0
     total_s: float = 0.0
     logprobs: list[TokenLogprob] | None = None
+    parsed: Any = None  # with a Pydantic model as the response format: the validated object
 
     def json(self) -> Any:
         """The answer parsed as JSON (for a reply written under a JSON schema or JSON mode)."""
@@ -401,3 +402,28 @@ def respond_many(model, conversations: list[list[dict]], *, seeds: list[int | No
     finally:
         for st in streams:
             st.cancel()
+
+
+def structured_format(fmt) -> tuple[Any, Callable[[str], Any] | None]:
+    """OpenAI's `response_format` for what a Python caller gives: a Pydantic model class becomes
+    its JSON schema (the grammar holds the answer to it) and a parser that validates the answer
+    into an instance; anything else is passed on as it is."""
+    if isinstance(fmt, type) and hasattr(fmt, "model_json_schema") and hasattr(fmt, "model_validate_json"):
+        from ..errors import LlmdeskError
+
+        try:
+            schema = fmt.model_json_schema()
+        except Exception as e:  # a field type with no JSON schema
+            raise LlmdeskError(f"{fmt.__name__}: no JSON schema for it ({e})") from None
+
+        def parse(text: str):
+            try:
+                return fmt.model_validate_json(text)
+            except ValueError as e:  # pydantic.ValidationError
+                errs = e.errors() if hasattr(e, "errors") else []
+                where = ".".join(map(str, errs[0]["loc"])) if errs and errs[0].get("loc") else ""
+                what = f"{where + ': ' if where else ''}{errs[0]['msg']}" if errs else str(e).splitlines()[0]
+                cut = " (the answer was cut off: raise max_tokens)" if errs and errs[0].get("type") == "json_invalid" else ""
+                raise LlmdeskError(f"the answer does not validate as {fmt.__name__}: {what}{cut}") from None
+        return {"type": "json_schema", "json_schema": {"name": fmt.__name__, "schema": schema}}, parse
+    return fmt, None

@@ -260,15 +260,20 @@ class Model:
         """Answer a conversation through the conversation layer, as the server does: tools
         (OpenAI's tool shapes) come back as `reply.tool_calls`, `response_format`
         ({"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": ...}}) is
-        enforced by a grammar, and with `truncate` a conversation longer than the context drops
+        enforced by a grammar (a Pydantic model class works too: `reply.parsed` is then the
+        validated instance), and with `truncate` a conversation longer than the context drops
         its oldest turns (reported in `reply.messages_dropped`). `on_text(str)` hears the text
         as it comes. Returns a `conversation.Reply`."""
         from . import conversation
 
-        return conversation.respond(self, messages, tools=tools, tool_choice=tool_choice,
-                                    response_format=response_format, on_text=on_text, truncate=truncate,
-                                    max_tokens=max_tokens, stop=stop, logprobs=logprobs, time_limit=time_limit,
-                                    sampling=sampling_params(**sampling))
+        fmt, parse = conversation.structured_format(response_format)
+        reply = conversation.respond(self, messages, tools=tools, tool_choice=tool_choice,
+                                     response_format=fmt, on_text=on_text, truncate=truncate,
+                                     max_tokens=max_tokens, stop=stop, logprobs=logprobs, time_limit=time_limit,
+                                     sampling=sampling_params(**sampling))
+        if parse is not None and not reply.tool_calls:
+            reply.parsed = parse(reply.text)
+        return reply
 
     # -- embeddings ---------------------------------------------------------------------------
     def embed(self, texts: str | list[str] | list[list[int]], *, normalize: bool = True,

@@ -366,8 +366,10 @@ class RemoteModel:
         the text as it comes. `truncate` is honoured by `llmdesk serve` (the others have no such
         setting and answer 400 when the conversation is too long); a remote reply cannot say how
         many messages the server dropped, so `messages_dropped` stays 0."""
-        from .conversation import Reply, TokenLogprob
+        from .conversation import Reply, TokenLogprob, structured_format
         from .toolcalls import ToolCall
+
+        response_format, parse = structured_format(response_format)
 
         body, time_limit = self._body({**sampling, "max_tokens": max_tokens, "stop": stop, "logprobs": logprobs,
                                        "time_limit": time_limit}, chat=True)
@@ -392,8 +394,11 @@ class RemoteModel:
         n.pop("prefill_tokens_per_second")
         lps = [TokenLogprob(-1, t, p, top) for t, p, top in s.logprobs] if s.logprobs else None
         finish = "tool_calls" if calls else (s.finish_reason or "stop")
-        return Reply(text=s.text, finish_reason=finish, tool_calls=calls, truncated_tokens=s.truncated_tokens,
-                     messages_dropped=0, logprobs=lps, **n)
+        reply = Reply(text=s.text, finish_reason=finish, tool_calls=calls, truncated_tokens=s.truncated_tokens,
+                      messages_dropped=0, logprobs=lps, **n)
+        if parse is not None and not calls:
+            reply.parsed = parse(reply.text)
+        return reply
 
     # -- embeddings ---------------------------------------------------------------------------
     def embed(self, texts: str | list[str] | list[list[int]], *, normalize: bool = True,
