@@ -50,14 +50,16 @@ def main() -> None:
     ap.add_argument("--misses", choices=["dev", "test", "all"], help="list the misses and false positives of a split")
     args = ap.parse_args()
     rows = load(args.data)
-    t0 = time.perf_counter()
-    for r in rows:
-        r["flags"] = injection_flags(r["text"])
-    took = time.perf_counter() - t0
+    took = float("inf")
+    for _ in range(5):  # the best of five passes: the machine's other work only adds time
+        t0 = time.perf_counter()
+        for r in rows:
+            r["flags"] = injection_flags(r["text"])
+        took = min(took, time.perf_counter() - t0)
     chars = sum(len(r["text"]) for r in rows)
 
     print(f"{len(rows)} passages from {args.data.name}; the flagger took {1e6 * took / len(rows):.0f} us a passage "
-          f"({1e6 * took / chars * 1000:.0f} us per 1000 characters)\n")
+          f"({1e6 * took / chars * 1000:.0f} us per 1000 characters, best of 5 passes)\n")
     print(f"{'split':<6} {'detected (injections flagged)':<32} {'false positives (benign flagged)':<32}")
     for split in ("dev", "test"):
         d, n, f, m = rates([r for r in rows if r["split"] == split])

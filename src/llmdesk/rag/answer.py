@@ -120,9 +120,10 @@ def fit_passages(model, hits: list, question: str, *, answer_room: int, system: 
         if _fits(model, msgs, limit):
             return quoted, hits[len(keep):]
         if not keep:
-            raise LlmdeskError(f"the question and the rule that frames the passages do not fit in the context of "
+            need = f" ({len(model.chat_tokens(msgs))} tokens)" if hasattr(model, "chat_tokens") else ""
+            raise LlmdeskError(f"the question and the rule that frames the passages{need} do not fit in the context of "
                                f"{n_ctx} tokens with {answer_room} left for the answer, even without passages; "
-                               f"use a model with a larger context (--ctx), or fewer --max-tokens")
+                               f"answer with a model of a larger context (-m; --ctx if it was set lower)")
         keep.pop()
 
 

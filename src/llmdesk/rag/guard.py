@@ -155,6 +155,12 @@ _B64_RUN = re.compile(r"[A-Za-z0-9+/_-]{16,}={0,2}")
 _HEX_RUN = re.compile(r"(?:(?:\\x|0x|%)?[0-9a-fA-F]{2}[ :]?){12,}")
 
 
+# words an order in rot13 would hold, in rot13: the rules are run on the decoded text only then
+_ROT13_HINTS = tuple(codecs.encode(w, "rot13") for w in
+                     ("ignor", "instruction", "previous", "prior", "system", "you are", "disregard", "pretend",
+                      "forget", "reveal", "prompt", "say ", "from now on", "rules"))
+
+
 def _orders(norm: str) -> bool:
     return any(any(k in norm for k in keys) and rule.search(norm) for keys, rule in _ORDERS)
 
@@ -235,7 +241,7 @@ def injection_flags(text: str) -> list[str]:
     for s in _decoded_runs(text):
         if _orders(normalise(s)) or _ROLE_TAG_RE.search(s):
             flags.update((ENCODED, ORDERS))
-    if ORDERS not in flags and _orders(codecs.encode(norm, "rot13")):
+    if ORDERS not in flags and any(h in norm for h in _ROT13_HINTS) and _orders(codecs.encode(norm, "rot13")):
         flags.update((ENCODED, ORDERS))
     return [r for r in REASONS if r in flags]
 
