@@ -10,7 +10,7 @@ import typer
 
 from ..errors import LlmdeskError
 from .app import app, err, out
-from .run import CtxOpt, ModelOpt, SeedOpt, TempOpt, ThreadsOpt, _load, _write
+from .run import CtxOpt, ModelOpt, NoLogOpt, SeedOpt, TempOpt, ThreadsOpt, _load, _log, _write
 
 
 @app.command()
@@ -27,6 +27,7 @@ def ask(
     seed: SeedOpt = None,
     ctx: CtxOpt = None,
     threads: ThreadsOpt = None,
+    no_log: NoLogOpt = False,
 ) -> None:
     """Answer a question from a collection of your documents, citing the passages as [1], [2].
 
@@ -46,6 +47,11 @@ def ask(
                      on_text=None if json_ else _write)
     finally:
         m.close()
+    r = a.reply
+    _log(no_log, model=m.name, prompt=text, response=a.text,
+         options={"collection": collection, "k": k, "mode": mode, "temperature": temperature, "seed": seed,
+                  "citations": [n for n, _ in a.citations]},
+         tokens_in=r.prompt_tokens, tokens_out=r.completion_tokens, duration_s=r.total_s)
     if json_:
         out.print_json(json.dumps({"model": m.name, **a.to_dict()}, ensure_ascii=False))
         return
