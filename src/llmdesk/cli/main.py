@@ -16,7 +16,7 @@ from ..errors import LlmdeskError
 from .app import app, err
 
 # each module registers its commands on `app` when imported
-from . import arena, ask, bench, convert, docs, doctor, evaluate, fit, judge, logs, models, prompt, quantize, run, serve, train, tune  # noqa: E402,F401
+from . import arena, ask, bench, convert, docs, doctor, evaluate, fit, judge, logs, mcp, models, prompt, quantize, run, serve, synth, train, tune  # noqa: E402,F401
 
 
 def main(argv: list[str] | None = None) -> int:
