@@ -369,3 +369,46 @@ def test_without_sqlite_vec_search_is_exact_with_a_notice(corpus, tiny_gguf, mon
     with index.connect() as c:
         col = index.require(c, "kb")
         assert col.vec_ok and c.execute(f"SELECT count(*) FROM vec_{col.id}").fetchone()[0] == col.chunks
+
+
+# ---------------------------------------------------------------------------------------------
+# meaning: the real default embedding model (all-MiniLM-L6-v2, converted once per session)
+
+
+@pytest.fixture(scope="session")
+def minilm_gguf(tmp_path_factory) -> Path:
+    from llmdesk.rag.embedder import default_embedder
+    from llmdesk.store import catalog
+
+    home = tmp_path_factory.mktemp("minilm-home")
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("LLMDESK_HOME", str(home))
+        ref = default_embedder()
+        return catalog.get(*catalog.parse_name(ref)).path
+
+
+PASSAGES = {
+    "parking.md": "# Parking\n\nVehicles may be left in the underground garage after dark; the gate closes at 23:00.\n",
+    "lunch.md": "# Canteen\n\nThe canteen serves vegetarian dishes every day from noon.\n",
+    "leave.md": "# Holidays\n\nStaff receive 28 days of paid annual leave, booked through form HR-112.\n",
+    "laptop.md": "# Equipment\n\nA broken laptop is replaced by the IT service desk within two working days.\n",
+}
+
+
+def test_vectors_find_paraphrases_and_bm25_finds_exact_names(tmp_path, minilm_gguf):
+    d = tmp_path / "handbook"
+    d.mkdir()
+    for name, text in PASSAGES.items():
+        (d / name).write_text(text)
+    r = ingest.add([d], "hb", embedder=str(minilm_gguf))
+    assert r.added == 4 and ingest.list_collections()[0].dim == 384
+
+    question = "is there somewhere to put my car overnight?"  # shares no word with the passage that answers it
+    assert search(question, "hb", mode="bm25") == []
+    assert search(question, "hb", mode="vector", k=1)[0].path.endswith("parking.md")
+    assert search(question, "hb", k=1)[0].path.endswith("parking.md")
+    assert search("my computer stopped working", "hb", mode="vector", k=1)[0].path.endswith("laptop.md")
+
+    # an exact code: BM25 has it at the top, and hybrid keeps it there
+    assert search("HR-112", "hb", mode="bm25", k=1)[0].path.endswith("leave.md")
+    assert search("HR-112", "hb", k=1)[0].path.endswith("leave.md")

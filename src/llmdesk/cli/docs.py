@@ -10,8 +10,6 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..rag import ingest
-from ..rag.search import MODES, search
 from ..store import paths
 from .app import app, err, out
 
@@ -69,7 +67,7 @@ def _progress(enabled: bool):
             bar.__exit__(None, None, None)
 
 
-def _report(r: ingest.IngestReport, as_json: bool) -> None:
+def _report(r, as_json: bool) -> None:
     if as_json:
         out.print_json(data=r.to_dict())
     else:
@@ -101,6 +99,8 @@ def add(
     as_json: JsonOpt = False,
 ) -> None:
     """Add files and folders to a collection: new and changed files are embedded, unchanged ones skipped."""
+    from ..rag import ingest
+
     with _progress(not as_json) as on_event:
         r = ingest.add(paths_, collection, include=include, exclude=exclude, embedder=embed_model,
                        on_event=on_event, rebuild=rebuild)
@@ -114,6 +114,8 @@ def sync(
     as_json: JsonOpt = False,
 ) -> None:
     """Bring a collection in line with the disk: files gone are removed, changed ones re-embedded, new ones added."""
+    from ..rag import ingest
+
     with _progress(not as_json) as on_event:
         r = ingest.sync(collection, embedder=embed_model, on_event=on_event)
     _report(r, as_json)
@@ -122,6 +124,8 @@ def sync(
 @docs_app.command("list")
 def list_(as_json: JsonOpt = False) -> None:
     """List the collections: documents, chunks and the embedding model of each."""
+    from ..rag import ingest
+
     cols = ingest.list_collections()
     if as_json:
         out.print_json(data=[c.to_dict() for c in cols])
@@ -143,6 +147,8 @@ def list_(as_json: JsonOpt = False) -> None:
 @docs_app.command("rm")
 def rm(collection: Annotated[str, typer.Argument(help="The collection to delete.")]) -> None:
     """Delete a collection from the index (your files are not touched)."""
+    from ..rag import ingest
+
     col = ingest.remove(collection)
     out.print(f"removed collection '{col.name}' ({col.documents} documents, {col.chunks} chunks)", markup=False)
 
@@ -151,13 +157,15 @@ def rm(collection: Annotated[str, typer.Argument(help="The collection to delete.
 def search_(
     query: Annotated[str, typer.Argument(help="What to look for.")],
     collection: CollectionOpt = "default",
-    mode: Annotated[str, typer.Option("--mode", help=f"{', '.join(MODES)}: words (BM25), meaning (vectors), or both "
+    mode: Annotated[str, typer.Option("--mode", help="hybrid, bm25 or vector: words (BM25), meaning (vectors), or both "
                                       "fused by rank.")] = "hybrid",
     k: Annotated[int, typer.Option("-k", help="How many passages.")] = 5,
     embed_model: EmbedOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Search a collection; passages that look like instructions to a model are marked as such."""
+    from ..rag.search import search
+
     hits = search(query, collection, k=k, mode=mode, embedder=embed_model,
                   on_notice=lambda m: err.print(f"note: {m}", markup=False))
     if as_json:
