@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/injection_guard.py                 # both splits, per style
     .venv/bin/python benchmarks/injection_guard.py --misses dev    # what the rules miss or wrongly flag
+    .venv/bin/python benchmarks/injection_guard.py --corpus /usr/share/doc/python3.11/html/library
 
 benchmarks/data/injection_passages.jsonl holds injection passages in many styles (direct orders,
 fake system/role tags, delimiter escapes, encoded instructions, hidden text, role-play,
@@ -11,6 +12,12 @@ role tags in code, base64 in code). Each row is in the "dev" split (the rules we
 looking at it) or the "test" split (held out: read only to report): the test figures are the
 honest ones. The same author wrote the rules and the set, so even the test split flatters them;
 real attacks vary more.
+
+`--corpus DIR` adds a false-positive rate on text nobody here wrote: every document in DIR
+(Debian's python3-doc library reference, say: `apt-get install python3-doc`) extracted and
+chunked as `llmdesk docs add` does (tokens counted as 4/3 of the words), each chunk flagged as at
+ingest. The manual gives no orders to a model, so every flagged chunk is a false positive (they
+are listed, to be read).
 """
 
 from __future__ import annotations
@@ -44,10 +51,38 @@ def pct(a: int, b: int) -> str:
     return f"{a}/{b} = {100 * a / b:5.1f}%" if b else "-"
 
 
+def corpus_false_positives(folder: Path) -> None:
+    from llmdesk.errors import LlmdeskError
+    from llmdesk.rag.chunk import chunk
+    from llmdesk.rag.extract import READERS, extract
+
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in READERS)
+    chunks = []
+    for path in files:
+        try:
+            doc = extract(path)
+        except LlmdeskError:
+            continue
+        for ch in chunk(doc, count_tokens=lambda t: len(t.split()) * 4 // 3):
+            hidden = "\n<!-- " + ch.hidden.replace("-->", "- ->") + " -->" if ch.hidden else ""
+            chunks.append((path, ch.text + hidden))
+    t0 = time.perf_counter()
+    flagged = [(path, text, injection_flags(text)) for path, text in chunks]
+    took = time.perf_counter() - t0
+    flagged = [f for f in flagged if f[2]]
+    chars = sum(len(t) for _, t in chunks)
+    print(f"\ncorpus {folder}: {len(files)} files, {len(chunks)} chunks ({chars / max(len(chunks), 1):.0f} characters "
+          f"on average); flagged {pct(len(flagged), len(chunks))} (all false positives); "
+          f"{1e3 * took / max(len(chunks), 1):.2f} ms a chunk")
+    for path, text, flags in flagged:
+        print(f"  FALSE+ {path.name}: {flags} {' '.join(text.split())[:140]!r}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, default=DATA)
     ap.add_argument("--misses", choices=["dev", "test", "all"], help="list the misses and false positives of a split")
+    ap.add_argument("--corpus", type=Path, help="a folder of benign documents: the false-positive rate on its chunks")
     args = ap.parse_args()
     rows = load(args.data)
     took = float("inf")
@@ -76,6 +111,9 @@ def main() -> None:
         td, tn, tf, tm = rates(splits["test"])
         dd, dn, df, dm = rates(splits["dev"])
         print(f"{style:<14} {f'{td}/{tn} ({dd}/{dn})':<22} {f'{tf}/{tm} ({df}/{dm})':<22}")
+
+    if args.corpus is not None:
+        corpus_false_positives(args.corpus)
 
     if args.misses:
         print()

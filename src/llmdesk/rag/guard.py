@@ -62,9 +62,13 @@ _RULES = r"(?:instructions?|prompts?|rules|directions|guidelines|directives|comm
 # test is ~100x cheaper than a regex scan, so a chunk with none of a rule's words costs nothing
 _ORDER_RULES = [
     # "ignore/disregard/forget (all) previous instructions"
-    ("ignor disregard forget overrid overrul bypass skip drop abandon discard neglect aside throw",
-     rf"\b(?:ignore|disregard|forget|override|overrule|bypass|skip|drop|abandon|discard|neglect|set aside|throw out)\b"
+    ("ignor disregard forget skip drop abandon discard neglect aside throw",
+     rf"\b(?:ignore|disregard|forget|skip|drop|abandon|discard|neglect|set aside|throw out)\b"
      rf"(?: \w+){{0,3}}? {_PRIOR}(?: \w+){{0,2}}? {_RULES}\b"),
+    # override/bypass: only what steers a model ("override the default policy" is configuration)
+    ("overrid overrul bypass",
+     rf"\b(?:override|overrule|bypass)\b(?: \w+){{0,3}}? {_PRIOR}(?: \w+){{0,2}}? "
+     r"(?:instructions?|prompts?|system prompt|guidelines|guardrails|programming|directives|safety rules)\b"),
     ("ignor disregard forget",
      r"\b(?:ignore|disregard|forget) (?:everything|all of that|all that|what) (?:\w+ ){0,4}(?:said|told|above|before|written|instructed)"
      r"|\b(?:ignore|disregard|forget) (?:all (?:of )?|everything )?the (?:above|preceding|text above|previous text)\b"),
@@ -72,14 +76,19 @@ _ORDER_RULES = [
     ("instruction prompt orders directives task rules",
      r"\b(?:new|updated|real|actual|revised|true|overriding|secret|hidden) (?:system )?(?:instructions?|prompt|orders|directives|task|rules)\s*(?::|are|is|follow)"),
     ("your", r"\byour (?:new|real|true|only|actual) (?:task|job|goal|purpose|instructions?|role|objective|mission) (?:is|are|now)\b"),
-    ("you are", r"\byou are (?:no longer|from now on|hereby|actually)\b|\byou are now (?!(?:ready|able|logged|signed|connected|done|finished|set up|all set|subscribed|registered|free|on the|in the|at the|using|running)\b)"),
+    ("you are", r"\byou are (?:no longer|from now on|hereby|actually)\b|\byou are now (?!(?:ready|able|logged|signed|connected|done|finished|set up|all set|subscribed|registered|free|on the|in the|at the|using|running|leaving|entering|viewing|reading|looking|about|going)\b)"),
     ("from now on", r"\bfrom now on,? (?:you|respond|answer|reply|always|only|act)\b"),
     ("act as|behave as|respond as|answer as",
      r"\b(?:act|behave|respond|answer) as (?:if you (?:were|are)|an? (?:unrestricted|unfiltered|jailbroken|evil|different)|dan\b)"),
-    ("pretend", r"\bpretend (?:to be|that you|you are|you're)\b"),
+    # an order to pretend: "pretend you are", or "pretend to be" opening a sentence ("mocks pretend to be objects" is not)
+    ("pretend", r"\bpretend (?:that )?you(?: are|'re)\b|(?:^|[.!?:;\n] |please |now |just )pretend to be\b"),
     ("play", r"\b(?:let's|let us|we will|we'll) (?:play|do) (?:a )?(?:game|role[- ]?play)"),
     ("play", r"\b(?:role[- ]?play|roleplay) as\b"),
-    (" mode", r"\b(?:developer|god|jailbreak|dan|debug|admin|sudo) mode\b"),
+    # "developer mode" that frees the model, not Python's debug mode
+    (" mode", r"\b(?:developer|god|jailbreak|dan|unrestricted|maintenance|debug|admin|sudo) mode\b.{0,80}"
+              r"\b(?:you (?:can|will|must|may|generate|answer|respond|ignore|have no)|no (?:rules|restrictions|filters|limits)"
+              r"|ignor|without (?:restrictions|limits|filters|rules|refus)|any content|output all|reveal)"
+              r"|\b(?:enable|enter|activate|switch to|you are in|now in) (?:developer|god|jailbreak|dan) mode\b"),
     ("anything now", r"\bdo anything now\b"),
     ("attention note message instruction notice hey dear important",
      rf"\b(?:attention|note|message|instructions?|notice|hey|dear|important)[,:]? (?:to |for )?(?:the |any |all )?{_AI}s?\b"),
@@ -89,7 +98,10 @@ _ORDER_RULES = [
     ("this document|this page|this text|this passage|this file|this content",
      r"\b(?:when|while|if) (?:you are |you're )?(?:summari[sz]ing|answering|asked about|processing|reading|quoting|retrieving)(?: \w+){0,3}? this (?:document|page|text|passage|file|content)"),
     ("nothing else|and stop| only| instead",
-     r"\b(?:respond|reply|answer|output|print|say|write|type) (?:only |just |exactly |simply )?(?:with )?(?:the (?:word|phrase|text|string) )?[\"'“«]?[a-z0-9!_ -]{1,40}[\"'”»]? (?:and nothing else|and stop|only|instead)\b"),
+     # "say 'X' only" (quoted), or "output the word X and nothing else": not "print out statistics for only"
+     r"\b(?:respond|reply|answer|output|print|say|write|type) (?:only |just |exactly |simply )?(?:with )?"
+     r"(?:the (?:word|phrase|text|string) )?(?:[\"'“«][^\"'”»]{1,40}[\"'”»] (?:and nothing else|only|instead)\b"
+     r"|[a-z0-9!_ -]{1,40} and nothing else\b)"),
     ("pwned hacked owned jailbroken granted",
      r"\b(?:say|respond(?: with)?|reply(?: with)?|answer with|output|print)\s*[\"'“«]?(?:pwned|hacked|owned|jailbroken|i have been pwned|access granted)\b"),
     ("system prompt|instructions|initial prompt|hidden prompt|prompt above|api key|password|secret|credentials",
@@ -98,9 +110,9 @@ _ORDER_RULES = [
     ("the user", r"\bwithout (?:telling|informing|asking|notifying|alerting) the user\b"),
     ("instead of|rather than", r"\b(?:instead of|rather than) (?:answering|responding|summari[sz]ing|helping)\b"),
     ("tool function plugin command",
-     r"\b(?:call|invoke|use|run|execute|trigger) the [\w.-]+ (?:tool|function|plugin|command)\b.{0,80}\b(?:now|immediately|with|to send|to delete|silently)"),
+     r"\b(?:call|invoke|use|run|execute|trigger) the [\w.-]+ (?:tool|function|plugin|command)\b.{0,80}\b(?:now|immediately|to send|to delete|silently)\b"),
     ("send forward post upload email exfiltrate transmit leak",
-     r"\b(?:send|forward|post|upload|email|exfiltrate|transmit|leak) (?:\w+ ){0,4}(?:conversation|chat history|user'?s? data|user'?s? (?:emails?|files|messages|password)|this data|the data|credentials|the user'?s)\b.{0,40}\b(?:to|at)\b"),
+     r"\b(?:send|forward|post|upload|email|exfiltrate|transmit|leak) (?:\w+ ){0,4}(?:conversation|chat history|user'?s? data|user'?s? (?:emails?|files|messages|password)|credentials|the user'?s)\b.{0,40}\b(?:to|at)\b"),
     ("![", r"!\[[^\]]*\]\(https?://[^)\s]*[?&][\w-]+=(?:\{|\[|%7b|\$|<)"),  # a markdown image that carries data out
     ("include insert add append",
      r"\b(?:include|insert|add|append) (?:this|the following) (?:link|url|image|text|message)s? (?:in|to|into) (?:your|every|each|the) (?:answer|response|reply|output)"),
