@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,6 +76,24 @@ def connect(path: str | Path | None = None):
     return Conn(conn, vec)
 
 
+_local = threading.local()
+
+
+def shared() -> "Conn":
+    """This thread's open connection to the index (opened on first use, kept for the next
+    query): a search then pays for no connect, migration check or extension load."""
+    path = db_path()
+    held = getattr(_local, "conns", None)
+    if held is None:
+        held = _local.conns = {}
+    c = held.get(str(path))
+    if c is None or not path.exists() or c.vec != (_vec_error is None):
+        if c is not None:
+            c.close()
+        c = held[str(path)] = connect(path)
+    return c
+
+
 class Conn:
     """A connection to the index and whether sqlite-vec is loaded in it."""
 
@@ -126,7 +145,10 @@ class Collection:
         return {k: v for k, v in self.__dict__.items() if k not in ("id", "vec_ok")}
 
 
-def get_collection(c: Conn, name: str) -> Collection | None:
+def get_collection(c: Conn, name: str, *, counts: bool = True) -> Collection | None:
+    if not counts:
+        row = c.execute("SELECT * FROM collections WHERE name = ?", (name,)).fetchone()
+        return _collection(row) if row else None
     row = c.execute(
         "SELECT *, (SELECT count(*) FROM documents d WHERE d.collection_id = collections.id) AS documents, "
         "(SELECT count(*) FROM chunks k WHERE k.collection_id = collections.id) AS chunks "
@@ -134,8 +156,8 @@ def get_collection(c: Conn, name: str) -> Collection | None:
     return _collection(row) if row else None
 
 
-def require(c: Conn, name: str) -> Collection:
-    col = get_collection(c, name)
+def require(c: Conn, name: str, *, counts: bool = True) -> Collection:
+    col = get_collection(c, name, counts=counts)
     if col is None:
         names = [r[0] for r in c.execute("SELECT name FROM collections ORDER BY name")]
         have = f"the collections are: {', '.join(names)}" if names else "there are no collections yet"

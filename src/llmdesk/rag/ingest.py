@@ -115,16 +115,9 @@ def open_model(ref: str | None):
     """The embedding model `ref` (None: the default), loaded once per process."""
     key = ref or ""
     if key not in _opened:
-        try:
-            from .embedder import open_embedder
-        except ImportError:  # the default embedding model is not there yet
-            from ..runtime.model import load
+        from .embedder import open_embedder
 
-            if ref is None:
-                raise LlmdeskError("no default embedding model yet: choose one with --embed-model") from None
-            _opened[key] = load(ref)
-        else:
-            _opened[key] = open_embedder(ref)
+        _opened[key] = open_embedder(ref)
     return _opened[key]
 
 

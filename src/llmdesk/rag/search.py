@@ -90,30 +90,30 @@ def search(query: str, collection: str = "default", *, k: int = 5, mode: str = "
     if not query or not query.strip():
         raise LlmdeskError("the search query is empty")
     n = k * CANDIDATES if mode == "hybrid" or rerank else k
-    with index.connect() as c:
-        col = index.require(c, collection)
-        ranked: list[list[tuple[int, float]]] = []
-        if mode in ("bm25", "hybrid"):
-            ranked.append(_bm25(c, col, query, n))
-        if mode in ("vector", "hybrid"):
-            from .ingest import embedder_for
+    c = index.shared()
+    col = index.require(c, collection, counts=False)
+    ranked: list[list[tuple[int, float]]] = []
+    if mode in ("bm25", "hybrid"):
+        ranked.append(_bm25(c, col, query, n))
+    if mode in ("vector", "hybrid"):
+        from .ingest import embedder_for
 
-            e = embedder_for(embedder, col)
-            q = e.embed([query])[0]
-            if not c.vec and on_notice is None:
-                warnings.warn(index.vec_notice(), RuntimeWarning, stacklevel=2)
-            elif not c.vec:
-                on_notice(index.vec_notice())
-            ranked.append(_vector(c, col, q, n))
-        if len(ranked) == 1:
-            scored = ranked[0][:n]
-        else:
-            fused: dict[int, float] = {}
-            for lst in ranked:
-                for rank, (cid, _s) in enumerate(lst, 1):
-                    fused[cid] = fused.get(cid, 0.0) + 1.0 / (RRF_K + rank)
-            scored = sorted(fused.items(), key=lambda x: -x[1])[:n]
-        hits = _hits(c, scored)
+        e = embedder_for(embedder, col)
+        q = e.embed([query])[0]
+        if not c.vec and on_notice is None:
+            warnings.warn(index.vec_notice(), RuntimeWarning, stacklevel=2)
+        elif not c.vec:
+            on_notice(index.vec_notice())
+        ranked.append(_vector(c, col, q, n))
+    if len(ranked) == 1:
+        scored = ranked[0][:n]
+    else:
+        fused: dict[int, float] = {}
+        for lst in ranked:
+            for rank, (cid, _s) in enumerate(lst, 1):
+                fused[cid] = fused.get(cid, 0.0) + 1.0 / (RRF_K + rank)
+        scored = sorted(fused.items(), key=lambda x: -x[1])[:n]
+    hits = _hits(c, scored)
     if rerank is not None:
         hits = list(rerank(query, hits))
     return hits[:k]
