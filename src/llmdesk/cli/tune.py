@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -14,6 +15,7 @@ from .app import app, err, out
 
 @app.command()
 def tune(
+    ctx: typer.Context,
     args: Annotated[list[str], typer.Argument(metavar="BASE DATA...", help="The base model (an HF folder, a 'llmdesk train' output folder, a .gguf or NAME[:TAG]) then the data files (.jsonl, .json, .csv, .parquet); with --base, only data files.")],
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output folder: adapter/, merged/, checkpoint.pt, loss.png, metrics.json.")] = None,
     base: Annotated[Optional[str], typer.Option("--base", help="The base model, when not given first (as with --inspect).")] = None,
@@ -43,12 +45,15 @@ def tune(
     inspect: Annotated[bool, typer.Option("--inspect", help="Show the token lengths and a few rendered rows with the trained tokens marked; no training.")] = False,
     html: Annotated[Optional[Path], typer.Option("--html", help="With --inspect: also write the rendered rows to this HTML file.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
-) -> None:
+    processes: Annotated[int, typer.Option("--processes", help="Train data parallel in N processes on this machine (one a GPU, else CPU processes): accelerate launch runs this command N times; --batch is each one's share of a micro-batch.")] = 1,
+) -> Optional[int]:
     """Fine-tune a model on your data: LoRA (default), QLoRA or all weights.
 
     'llmdesk tune BASE chats.jsonl -o out --merge --gguf q4_k_m' trains, writes the adapter
     (out/adapter/, PEFT format), the merged model (out/merged/) and a GGUF in the store.
     'llmdesk tune chats.jsonl --base BASE --inspect' shows what would be trained.
+    'llmdesk tune BASE chats.jsonl -o out --processes 2' trains data parallel in two processes
+    (the same as 'accelerate launch --num_processes 2 -m llmdesk.cli.main tune BASE chats.jsonl -o out').
     """
     base_ref, data = (base, list(args)) if base is not None else (args[0], list(args[1:]))
     if not data:
@@ -64,8 +69,14 @@ def tune(
         raise LlmdeskError("give --epochs or --steps, not both")
     if name is not None and gguf is None:
         raise LlmdeskError("--name goes with --gguf TYPE")
+    if processes < 1:
+        raise LlmdeskError(f"--processes must be at least 1, got {processes}")
+    if processes > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise LlmdeskError("--processes under accelerate launch (or torchrun): give the processes to one of them")
+    if processes > 1:
+        return _launch(ctx, processes)
 
-    from ..train.tune import TuneConfig, tune as run_tune
+    from ..train.tune import TuneConfig, process_rank, tune as run_tune
 
     cfg = TuneConfig(method=method, rank=rank, alpha=alpha, dropout=dropout, targets=targets, seq_len=seq_len,
                      train_on=train_on, truncate=truncate, val_split=val_split, epochs=epochs, steps=steps or 0,
@@ -120,9 +131,11 @@ def tune(
     with progress:
         res = run_tune(base_ref, data, output, cfg, val=val, resume=resume, merge=merge, gguf=gguf, lora_gguf=lora_gguf, name=name,
                        chat_template=chat_template, quantize_with=quantizer, check_with=LlamaModel, on_event=on_event)
+    if process_rank() != 0:  # under accelerate launch: the first process speaks for all
+        return None
     if as_json:
         out.print(json.dumps(res.to_dict()), markup=False)
-        return
+        return None
     vl = (f", validation loss {res.first_val_loss:.4f} -> {res.val_loss:.4f}"
           if res.val_loss is not None and res.first_val_loss is not None else "")
     out.print(f"tuned {res.trainable_params / 1e6:.3g}M parameters for {res.steps} steps ({res.tokens_seen:,} tokens, "
@@ -131,6 +144,33 @@ def tune(
     out.print("wrote " + " · ".join(wrote), markup=False)
     if res.registered:
         out.print(f"run it: llmdesk run -m {res.registered}", markup=False)
+    return None
+
+
+def _launch(ctx: typer.Context, processes: int) -> int:
+    """This same command, without --processes, run by `accelerate launch` in `processes` processes."""
+    import subprocess
+
+    from ..train.tune import launch_command
+
+    argv: list[str] = []
+    for p in ctx.command.params:
+        value = ctx.params.get(p.name)
+        if p.name == "processes" or value is None or value == p.default:
+            continue
+        if p.param_type_name == "argument":
+            argv += [str(v) for v in value]
+        elif getattr(p, "is_flag", False):
+            argv.append(p.opts[-1])
+        else:
+            argv += [p.opts[-1], str(value)]
+    cmd = launch_command(processes, argv)
+    proc = subprocess.Popen(cmd)
+    while True:
+        try:
+            return proc.wait()  # the processes share the terminal: Ctrl-C reaches them too
+        except KeyboardInterrupt:
+            continue
 
 
 def _inspect(base_ref: str, data: list[str], seq_len: int, html: Optional[Path], train_on: str,

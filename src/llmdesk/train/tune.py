@@ -381,26 +381,28 @@ class Batches:
     Each epoch is a permutation of the examples seeded by (seed, epoch); consecutive windows of
     `GROUP` micro-batches' worth of examples are sorted by length and cut into micro-batches
     (little padding), and the epoch's micro-batches are shuffled. Step s takes the micro-batches
-    s*grad_accum ... (s+1)*grad_accum - 1 of the endless stream."""
+    s*grad_accum ... (s+1)*grad_accum - 1 of the endless stream. With P processes a micro-batch
+    holds batch*P examples, and each process trains its share (`DataParallel.share`)."""
 
     GROUP = 16
 
-    def __init__(self, lengths: list[int], cfg: TuneConfig):
+    def __init__(self, lengths: list[int], cfg: TuneConfig, processes: int = 1):
         self.lengths = np.asarray(lengths)
         self.cfg = cfg
-        self.per_epoch = math.ceil(len(lengths) / cfg.batch)
+        self.batch = cfg.batch * processes
+        self.per_epoch = math.ceil(len(lengths) / self.batch)
         self._cache: dict[int, list[np.ndarray]] = {}
 
     def epoch(self, e: int) -> list[np.ndarray]:
         if e not in self._cache:
             rng = np.random.default_rng([self.cfg.seed, e])
             order = rng.permutation(len(self.lengths))
-            window = self.GROUP * self.cfg.batch
+            window = self.GROUP * self.batch
             mbs: list[np.ndarray] = []
             for i in range(0, len(order), window):
                 w = order[i: i + window]
                 w = w[np.argsort(-self.lengths[w], kind="stable")]
-                mbs += [w[j: j + self.cfg.batch] for j in range(0, len(w), self.cfg.batch)]
+                mbs += [w[j: j + self.batch] for j in range(0, len(w), self.batch)]
             self._cache = {e: [mbs[k] for k in rng.permutation(len(mbs))]}
         return self._cache[e]
 
@@ -412,10 +414,10 @@ class Batches:
         return out
 
 
-def total_steps(n_examples: int, cfg: TuneConfig) -> int:
+def total_steps(n_examples: int, cfg: TuneConfig, processes: int = 1) -> int:
     if cfg.steps:
         return cfg.steps
-    per_epoch = math.ceil(n_examples / cfg.batch)
+    per_epoch = math.ceil(n_examples / (cfg.batch * processes))
     return max(1, math.ceil((cfg.epochs or 1.0) * per_epoch / cfg.grad_accum))
 
 
@@ -470,6 +472,122 @@ class _Interrupt:
             signal.signal(signal.SIGINT, self._old)
 
 
+# =============================================================================================
+# more than one process: data parallel under `accelerate launch` (or torchrun)
+
+
+def process_rank() -> int:
+    """This process's rank among those `accelerate launch` started (0 when run alone)."""
+    return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+
+
+class DataParallel:
+    """The processes of one run, as `accelerate launch` (or torchrun) describes them in the
+    environment (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT). Alone (no WORLD_SIZE, or
+    1), every method is a no-op and torch.distributed is not touched.
+
+    Every process loads the model and the data and computes the same batches (a pure function of
+    (seed, step)); of each micro-batch of batch*P examples, process r trains examples r, r+P, ...
+    Its loss is divided by the trained tokens of the whole step, so the gradients summed over the
+    processes (one all-reduce a step) are the single-process gradient of the same examples, and
+    every process applies the same update to the same weights. Only rank 0 writes."""
+
+    def __init__(self) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = process_rank()
+        self.started = False
+
+    def start(self) -> None:
+        if self.world == 1:
+            return
+        for kind in ("FSDP", "DEEPSPEED"):
+            if os.environ.get(f"ACCELERATE_USE_{kind}", "").lower() in ("1", "true"):
+                raise LlmdeskError(f"llmdesk tune runs data parallel (every process holds the whole model); "
+                                   f"{kind.lower().replace('deepspeed', 'DeepSpeed').replace('fsdp', 'FSDP')} is "
+                                   f"not supported: choose a multi-GPU (or multi-CPU) setup in 'accelerate config'")
+        import torch
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            if torch.cuda.is_available():
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            self.started = True
+
+    def share(self, examples: list) -> list:
+        return examples[self.rank:: self.world]
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Each value summed over the processes (float64)."""
+        if self.world == 1:
+            return values
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64, device=self._device())
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def sum_grads(self, params: list) -> None:
+        """The gradients summed over the processes, in one flat all-reduce (a process whose share
+        of the step was empty adds zeros)."""
+        if self.world == 1:
+            return
+        import torch
+        import torch.distributed as dist
+
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1).float() for g in grads])
+        dist.all_reduce(flat)
+        i = 0
+        for p in params:
+            n = p.numel()
+            p.grad = flat[i: i + n].view_as(p).to(p.dtype)
+            i += n
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.started:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+            self.started = False
+
+    def _device(self):
+        import torch
+
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+
+
+def launch_command(processes: int, tune_args: list[str], *, port: int | None = None) -> list[str]:
+    """The `accelerate launch` command that runs `llmdesk tune TUNE_ARGS` in `processes` processes
+    on this machine (CPU processes talking over gloo where torch sees no CUDA device, else one a GPU)."""
+    import importlib.util
+    import socket
+    import sys
+
+    if importlib.util.find_spec("accelerate") is None:
+        raise LlmdeskError("--processes needs accelerate (pip install accelerate)")
+    if port is None:
+        with socket.socket() as sk:  # a free port for the processes to meet on
+            sk.bind(("127.0.0.1", 0))
+            port = sk.getsockname()[1]
+    import torch
+
+    # --multi_gpu is accelerate's torchrun launcher, which starts the processes on a CPU-only machine
+    # too (its --cpu starts one process, or several through MPI); tune then talks over gloo
+    threads = [] if torch.cuda.is_available() else ["--num_cpu_threads_per_process",
+                                                    str(max(1, (os.cpu_count() or 1) // processes))]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *threads,
+            "--main_process_port", str(port), "-m", "llmdesk.cli.main", "tune", *tune_args]
+
+
 def tune(base_ref: str | os.PathLike, data: list[str | os.PathLike], out_dir: str | os.PathLike,
          cfg: TuneConfig | None = None, *, val: str | os.PathLike | None = None, resume: bool = False,
          merge: bool = False, gguf: str | None = None, lora_gguf: bool = False, name: str | None = None,
@@ -490,7 +608,8 @@ def tune(base_ref: str | os.PathLike, data: list[str | os.PathLike], out_dir: st
     cfg = cfg or TuneConfig()
     if cfg.epochs is not None and cfg.steps:
         raise LlmdeskError("give --epochs or --steps, not both")
-    emit = on_event or (lambda _kind, _data: None)
+    dp = DataParallel()  # alone: does nothing
+    emit = on_event if on_event is not None and dp.rank == 0 else (lambda _kind, _data: None)
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise LlmdeskError(f"{out}: is a file; -o names the output folder")
@@ -526,11 +645,26 @@ def tune(base_ref: str | os.PathLike, data: list[str | os.PathLike], out_dir: st
         check_qlora()
     import torch
 
+    dp.start()
+    try:
+        return _tune(base, data, out, cfg, dp, emit, val=val, resume=resume, want_merge=want_merge, gguf=gguf,
+                     lora_gguf=lora_gguf, reg_name=reg_name, reg_tag=reg_tag, chat_template=chat_template,
+                     template_source=template_source, quantize_with=quantize_with, check_with=check_with)
+    finally:
+        dp.close()
+
+
+def _tune(base: Base, data: list, out: Path, cfg: TuneConfig, dp: DataParallel, emit: Callable, *, val, resume: bool,
+          want_merge: bool, gguf: str | None, lora_gguf: bool, reg_name: str | None, reg_tag: str | None,
+          chat_template: str | None, template_source: str | None, quantize_with, check_with) -> TuneResult:
+    import torch
+
+    ckpt_path = out / CHECKPOINT
     with _quiet_hf():
         emit("status", {"text": "tokenizer"})
         tok = load_tokenizer(base)
         d = prepare_data(data, tok, cfg, val=val, chat_template=chat_template)
-        steps = total_steps(len(d.train), cfg)
+        steps = total_steps(len(d.train), cfg, dp.world)
         cfg = replace(cfg, steps=steps, epochs=cfg.epochs if cfg.epochs is not None or cfg.steps else 1.0)
         cfg.warmup = cfg.warmup or max(1, steps // 20)
         cfg.eval_every = cfg.eval_every or max(1, steps // 10)
@@ -550,9 +684,14 @@ def tune(base_ref: str | os.PathLike, data: list[str | os.PathLike], out_dir: st
                 raise LlmdeskError(f"{ckpt_path}: was trained on other data; resume with the same files")
             if state["base"] != base.identity:
                 raise LlmdeskError(f"{ckpt_path}: was trained on base {state['base']}, not {base.identity}")
+            if state.get("processes", 1) != dp.world:
+                raise LlmdeskError(f"{ckpt_path}: was trained by {state.get('processes', 1)} processes, not "
+                                   f"{dp.world}; resume with as many (each one's --batch is its share of a "
+                                   f"micro-batch)")
 
         emit("status", {"text": "loading the base"})
         model, device = _make_model(base, cfg)
+        dp.barrier()  # every process has checked the output folder before rank 0 writes into it
         trainable = [p for p in model.parameters() if p.requires_grad]
         n_trainable = sum(p.numel() for p in trainable)
         n_total = sum(p.numel() for p in model.parameters())
@@ -573,15 +712,23 @@ def tune(base_ref: str | os.PathLike, data: list[str | os.PathLike], out_dir: st
                        "device": device, "method": cfg.method})
 
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-        batches = Batches([len(e.input_ids) for e in d.train], cfg)
+        batches = Batches([len(e.input_ids) for e in d.train], cfg, dp.world)
+        core = model.get_base_model() if hasattr(model, "get_base_model") else model  # under peft's wrapper
+        decoder, head = core.get_decoder(), core.get_output_embeddings()
+        softcap = getattr(core.config, "final_logit_softcapping", None)  # Gemma 2
 
         def loss_sum(exs: list) -> tuple[Any, int, int]:
+            """The summed cross-entropy of the trained tokens. The output head (hidden x vocabulary,
+            the largest matrix of a small model) runs on the trained positions only, not on
+            padding, nor on the prompts when only the answers train."""
             ids, mask, labels = (t.to(device) for t in collate(exs, pad_id))
-            logits = model(input_ids=ids, attention_mask=mask).logits
-            n_vocab = logits.shape[-1]
-            s = torch.nn.functional.cross_entropy(logits.reshape(-1, n_vocab).float(), labels.reshape(-1),
-                                                  ignore_index=-100, reduction="sum")
-            return s, int((labels != -100).sum()), int(mask.sum())
+            hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, T, hidden)
+            trained = labels != -100
+            logits = head(hidden[trained]).float()  # (trained tokens, vocab)
+            if softcap:
+                logits = torch.tanh(logits / softcap) * softcap
+            s = torch.nn.functional.cross_entropy(logits, labels[trained], reduction="sum")
+            return s, int(trained.sum()), int(mask.sum())
 
         def evaluate() -> float | None:
             if not d.val:
@@ -590,10 +737,12 @@ def tune(base_ref: str | os.PathLike, data: list[str | os.PathLike], out_dir: st
             total, count = 0.0, 0
             order = sorted(range(len(d.val)), key=lambda i: len(d.val[i].input_ids))
             with torch.no_grad():
-                for i in range(0, len(order), cfg.batch):
-                    s, n, _ = loss_sum([d.val[j] for j in order[i: i + cfg.batch]])
-                    total += s.item()
-                    count += n
+                for k, i in enumerate(range(0, len(order), cfg.batch)):
+                    if k % dp.world == dp.rank:  # with P processes, each takes every P-th micro-batch
+                        s, n, _ = loss_sum([d.val[j] for j in order[i: i + cfg.batch]])
+                        total += s.item()
+                        count += n
+            total, count = dp.sum([total, count])
             model.train()
             return total / max(1, count)
 
@@ -601,13 +750,15 @@ def tune(base_ref: str | os.PathLike, data: list[str | os.PathLike], out_dir: st
 
         def save_checkpoint(step: int) -> None:
             nonlocal last_saved
+            last_saved = step
+            if dp.rank != 0:
+                return
             weights = {k: v.detach().cpu() for k, v in model.named_parameters() if v.requires_grad}
             with atomic_path(ckpt_path) as tmp:
                 torch.save({"weights": weights, "optimizer": opt.state_dict(), "step": step,
                             "history": history, "tokens_seen": seen, "trained_tokens": trained,
                             "seconds": elapsed, "config": cfg.to_dict(), "data": d.fingerprint,
-                            "base": base.identity}, tmp)
-            last_saved = step
+                            "base": base.identity, "processes": dp.world}, tmp)
 
         # -- 4. the loop -----------------------------------------------------------------------
         if start == 0 and d.val and not history:
@@ -630,10 +781,18 @@ def tune(base_ref: str | os.PathLike, data: list[str | os.PathLike], out_dir: st
                     opt.zero_grad(set_to_none=True)
                     total, toks = 0.0, 0
                     for mb in mbs:
-                        s, _n, n_tok = loss_sum(mb)
+                        mine = dp.share(mb)
+                        if not mine:  # the epoch's last micro-batch, smaller than the processes
+                            continue
+                        s, _n, n_tok = loss_sum(mine)
                         (s / max(1, n_step)).backward()
                         total += s.item()
                         toks += n_tok
+                    dp.sum_grads(trainable)
+                    stop = None
+                    if dp.world > 1:  # the step's loss and tokens, and whether any process was interrupted
+                        total, toks, n_stop = dp.sum([total, toks, float(interrupt.requested)])
+                        toks, stop = int(toks), n_stop > 0  # all stop after the same step
                     if cfg.grad_clip:
                         torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
                     opt.step()
@@ -657,7 +816,7 @@ def tune(base_ref: str | os.PathLike, data: list[str | os.PathLike], out_dir: st
                         emit("eval", rec)
                     t_last = time.perf_counter()  # evaluation and checkpoints are not training speed
                     emit("step", {**rec, "run_tokens_per_second": seen / elapsed if elapsed > 0 else 0.0})
-                    if interrupt.requested:
+                    if interrupt.requested if stop is None else stop:
                         raise KeyboardInterrupt
             except KeyboardInterrupt:
                 if done > start and not interrupt.hard:
@@ -665,6 +824,16 @@ def tune(base_ref: str | os.PathLike, data: list[str | os.PathLike], out_dir: st
                 emit("interrupted", {"step": last_saved,
                                      "checkpoint": str(ckpt_path) if last_saved is not None else None})
                 raise
+
+        if dp.rank != 0:  # rank 0 writes the outputs
+            losses = [h["loss"] for h in history if not math.isnan(h["loss"])]
+            return TuneResult(
+                out_dir=out, base=base.identity, method=cfg.method, steps=steps, trainable_params=n_trainable,
+                total_params=n_total, train_examples=len(d.train), val_examples=len(d.val), trained_tokens=trained,
+                tokens_seen=seen, tokens_per_second=seen / elapsed if elapsed > 0 else 0.0,
+                first_val_loss=None, val_loss=None, final_loss=losses[-1] if losses else float("nan"),
+                seconds=elapsed, peak_rss_bytes=_peak_rss(), adapter=None, merged=None, gguf=None,
+                registered=None, loss_png=out / "loss.png", history=history)
 
         # -- 6. outputs ------------------------------------------------------------------------
         emit("status", {"text": "saving"})
