@@ -173,8 +173,23 @@ _ROT13_HINTS = tuple(codecs.encode(w, "rot13") for w in
                       "forget", "reveal", "prompt", "say ", "from now on", "rules"))
 
 
+_BEFORE, _AFTER = 160, 240  # characters of context a rule reads around one of its words
+
+
 def _orders(norm: str) -> bool:
-    return any(any(k in norm for k in keys) and rule.search(norm) for keys, rule in _ORDERS)
+    """Whether any order rule matches. Each rule is tried only near its words, not over the whole
+    chunk: a regex scan of a window is what a chunk costs, not one scan per rule."""
+    for keys, rule in _ORDERS:
+        end = -1
+        for k in keys:
+            i = norm.find(k)
+            while i >= 0:
+                if i > end:  # a new window (one that overlaps the last was read already)
+                    lo, end = max(0, i - _BEFORE), i + _AFTER
+                    if rule.search(norm, lo, end):
+                        return True
+                i = norm.find(k, i + 1)
+    return False
 
 
 def _readable(raw: bytes) -> str | None:
@@ -189,11 +204,14 @@ def _readable(raw: bytes) -> str | None:
     return s if printable >= 0.95 * len(s) and sum(c.isalpha() for c in s) >= 0.5 * len(s) else None
 
 
+_NOT_HEX = str.maketrans("", "", "0123456789abcdefABCDEF")  # deletes hex digits: what is left is not hex
+
+
 def _decoded_runs(text: str) -> list[str]:
     """Text hidden in base64 or hex runs, decoded (only what reads as text)."""
     out = []
-    for m in _B64_RUN.finditer(text):
-        run = m.group(0)
+    runs = [m.group(0) for tok in text.split() if len(tok) >= 16 for m in _B64_RUN.finditer(tok)]
+    for run in runs:
         if run.isalpha() and (run.islower() or run.isupper()):  # a long word, not base64
             continue
         for alt in (False, True):
@@ -205,7 +223,8 @@ def _decoded_runs(text: str) -> list[str]:
             if s:
                 out.append(s)
                 break
-    for m in _HEX_RUN.finditer(text):
+    n_hex = len(text) - len(text.translate(_NOT_HEX))
+    for m in _HEX_RUN.finditer(text) if n_hex >= 24 else ():
         digits = re.sub(r"\\x|0x|%|[ :]", "", m.group(0))
         if len(digits) % 2:
             digits = digits[:-1]
@@ -218,6 +237,15 @@ def _decoded_runs(text: str) -> list[str]:
     return out
 
 
+def _role_tag(text: str) -> bool:
+    low = text.lower()
+    return (("<" in low or "[" in low or "system" in low or "assistant" in low or "developer" in low
+             or "admin" in low) and _ROLE_TAG_RE.search(text) is not None)
+
+
+_DELIMITER_HINTS = ("<<<", ">>>", "</", "end of", "end the", "---", "===", "###", "***", "```")
+
+
 def injection_flags(text: str) -> list[str]:
     """The reasons `text` looks like instructions to a model rather than information for one
     ([] when it looks benign), in the order of REASONS."""
@@ -227,14 +255,15 @@ def injection_flags(text: str) -> list[str]:
         flags.add(ORDERS)
     # role tags outside code: documentation about chat templates shows them in backticks
     outside_code = re.sub(r"```.*?(?:```|$)|`[^`\n]*`", " ", unicodedata.normalize("NFKC", text), flags=re.DOTALL)
-    if _ROLE_TAG_RE.search(_ZERO_WIDTH.sub("", outside_code)):
+    plain = _ZERO_WIDTH.sub("", outside_code)
+    if _role_tag(plain):
         flags.add(ROLE_TAG)
     # a closing delimiter is only an escape when what follows it speaks to the model: XML docs
     # close their elements, and `>>>` is Python's prompt
-    plain = _ZERO_WIDTH.sub("", outside_code)
-    for m in _DELIMITER_RE.finditer(plain):
+    low = plain.lower()
+    for m in _DELIMITER_RE.finditer(plain) if any(h in low for h in _DELIMITER_HINTS) else ():
         after = plain[m.end():m.end() + 300]
-        if _orders(normalise(after)) or _ROLE_TAG_RE.search(after) or _SPEAKER_RE.search(after):
+        if _orders(normalise(after)) or _role_tag(after) or _SPEAKER_RE.search(after):
             flags.add(DELIMITER)
             break
     # hidden: HTML comments, invisible styles, zero-width characters inside words, Unicode tags
@@ -243,15 +272,15 @@ def injection_flags(text: str) -> list[str]:
     hidden_parts += ["".join(chr(ord(c) - 0xE0000) for c in run) for run in tags]
     if tags or len(re.findall(r"\w[\u200b\u200c\u200d\u2060\ufeff]+\w", text)) >= 3:
         flags.add(HIDDEN)
-    if _HIDDEN_STYLE.search(text) and (_orders(norm) or flags & {ROLE_TAG}):
+    if (ORDERS in flags or ROLE_TAG in flags) and _HIDDEN_STYLE.search(text):
         flags.add(HIDDEN)
     for part in hidden_parts:
         n = normalise(part)
-        if _orders(n) or _ROLE_TAG_RE.search(part):
+        if _orders(n) or _role_tag(part):
             flags.update((HIDDEN, ORDERS))
     # encoded: base64/hex runs and rot13 that decode to orders
     for s in _decoded_runs(text):
-        if _orders(normalise(s)) or _ROLE_TAG_RE.search(s):
+        if _orders(normalise(s)) or _role_tag(s):
             flags.update((ENCODED, ORDERS))
     if ORDERS not in flags and any(h in norm for h in _ROT13_HINTS) and _orders(codecs.encode(norm, "rot13")):
         flags.update((ENCODED, ORDERS))
