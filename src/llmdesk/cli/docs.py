@@ -47,7 +47,9 @@ def _progress(enabled: bool):
         task = bar.add_task("files", total=None, info="")
 
     def on_event(ev: dict) -> None:
-        if ev["event"] == "files":
+        if ev["event"] == "note":
+            err.print(f"{ev['message']}", markup=False)
+        elif ev["event"] == "files":
             state["total"] = ev["total"]
         elif ev["event"] == "file":
             state["files"] += 1

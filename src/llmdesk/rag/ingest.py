@@ -32,6 +32,7 @@ import numpy as np
 
 from ..errors import LlmdeskError
 from ..store import db
+from ..store.refs import looks_like_path
 from . import index
 from .chunk import DEFAULT_BUDGET, DEFAULT_OVERLAP, Chunk, chunk
 from .extract import extract, supported
@@ -111,23 +112,27 @@ def model_sha256(path: Path) -> str:
 _opened: dict[str, Any] = {}  # ref -> Model, loaded once per process
 
 
-def open_model(ref: str | None):
-    """The embedding model `ref` (None: the default), loaded once per process."""
-    key = ref or ""
-    if key not in _opened:
+def open_model(ref: str):
+    """The embedding model `ref`, loaded once per process."""
+    if ref not in _opened:
         from .embedder import open_embedder
 
-        _opened[key] = open_embedder(ref)
-    return _opened[key]
+        _opened[ref] = open_embedder(ref)
+    return _opened[ref]
 
 
-def embedder_for(embedder, col: index.Collection | None) -> Embedder:
+def embedder_for(embedder, col: index.Collection | None, say: Callable[[str], None] | None = None) -> Embedder:
     """The Embedder to use: `embedder` (a Model or a reference), else the collection's own model,
     else the default; checked against the collection's model."""
     if embedder is None or isinstance(embedder, str):
         ref = embedder or (col.model if col else None)
-        model = open_model(ref)
-        e = Embedder(model, ref or str(model.path))
+        if ref is None:  # the default: made at its first use (saying so), the store's after
+            from .embedder import default_embedder
+
+            ref = default_embedder(progress=say)
+        elif looks_like_path(ref) and Path(ref).expanduser().exists():
+            ref = str(Path(ref).expanduser().absolute())  # so that sync finds it from anywhere
+        e = Embedder(open_model(ref), ref)
     else:
         e = Embedder(embedder, str(embedder.path))
     if col is not None:
@@ -137,10 +142,27 @@ def embedder_for(embedder, col: index.Collection | None) -> Embedder:
 
 def check_model(col: index.Collection, e: Embedder) -> None:
     if e.sha256 != col.model_sha256 or e.dim != col.dim:
-        raise LlmdeskError(
-            f"collection '{col.name}' was built with the embedding model {col.model} (sha256 {col.model_sha256[:12]}, "
-            f"{col.dim} dimensions), not {e.ref} (sha256 {e.sha256[:12]}, {e.dim}); vectors of two models cannot be "
-            f"mixed: add with --rebuild to re-embed it, or `llmdesk docs rm {col.name}` and add again")
+        refuse(col, e.ref, e.sha256)
+
+
+def refuse(col: index.Collection, ref: str, sha256: str) -> None:
+    raise LlmdeskError(
+        f"collection '{col.name}' was built with the embedding model {col.model} (sha256 {col.model_sha256[:12]}, "
+        f"{col.dim} dimensions), not {ref} (sha256 {sha256[:12]}); vectors of two models cannot be mixed: add with "
+        f"--rebuild to re-embed it, or `llmdesk docs rm {col.name}` and add again")
+
+
+def check_ref(col: index.Collection, embedder) -> None:
+    """Refuse another model before any work, without loading it (its file's sha256 is enough)."""
+    if isinstance(embedder, str):
+        from ..store.refs import resolve
+
+        found = resolve(embedder)
+        sha = found.entry.sha256 if found.entry is not None else model_sha256(found.path)
+        if sha != col.model_sha256:
+            refuse(col, embedder, sha)
+    elif embedder is not None:
+        check_model(col, Embedder(embedder, str(embedder.path)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,13 +223,15 @@ def add(paths: Iterable[str | os.PathLike], collection: str = "default", *, incl
             prior = [Path(r[0]) for r in c.execute("SELECT path FROM documents WHERE collection_id = ?", (col.id,))]
             sources = c.execute("SELECT path, include, exclude FROM sources WHERE collection_id = ?",
                                 (col.id,)).fetchall()
-            e = embedder_for(embedder if embedder is not None else None, None)
+            e = embedder_for(embedder, None, _sayer(on_event))
             index.drop_collection(c, col)
             col = None
             jobs = [(p, [], []) for p in prior if p.exists()]
             sources = [(s["path"], json.loads(s["include"]), json.loads(s["exclude"])) for s in sources]
         else:
-            e = None if col is None and embedder is None else embedder_for(embedder, col)
+            if col is not None:
+                check_ref(col, embedder)
+            e = None  # loaded when a file needs embedding
             jobs, sources = [], []
         files: list[Path] = [p for p, _, _ in jobs]
         for p in paths:
@@ -277,6 +301,10 @@ def check_name(name: str) -> None:
                            "(at most 64, starting with a letter or digit)")
 
 
+def _sayer(on_event) -> Callable[[str], None]:
+    return lambda message: _emit(on_event, event="note", message=message)
+
+
 def _emit(on_event, **ev) -> None:
     if on_event is not None:
         on_event(ev)
@@ -339,7 +367,7 @@ class _State:
 
     def _embedder(self) -> Embedder:
         if self.e is None:
-            self.e = embedder_for(self.embedder, self.col)
+            self.e = embedder_for(self.embedder, self.col, _sayer(self.on_event))
         return self.e
 
     def _error(self, path: Path, msg: str) -> None:
