@@ -247,3 +247,25 @@ def test_cli(user_dir, tmp_path):
     r = cli("prompt", "edit", "hello", env={**env, "EDITOR": str(editor)})
     assert r.returncode == 0, r.stderr
     assert "no exemplars" in r.stderr and load_prompt("hello").task == "Say hi."
+
+
+def test_run_and_chat_take_a_template(user_dir):
+    import os
+
+    env = {**os.environ, "LLMDESK_HOME": str(user_dir)}
+    save_prompt("short", "system: Be brief.\ntask: Say something about {{ topic }}.\nformat: one line\n"
+                         "variables: {topic: {default: llamas}}\nsampling: {temperature: 0, max_tokens: 3}\n")
+    demo_model = str(default_model_path())
+    r = cli("run", "-p", "short", "-m", demo_model, "--json", "--no-log", env=env)
+    d = json.loads(r.stdout)
+    assert d["prompt"] == "short" and d["completion_tokens"] <= 3  # the template's settings
+    r = cli("run", "-p", "short", "-m", demo_model, "-n", "5", "-v", "topic=GGUF", "--json", "--no-log", env=env)
+    d2 = json.loads(r.stdout)
+    assert 3 < d2["completion_tokens"] <= 5  # the command line's over the template's
+    r = cli("run", "-v", "topic=x", "hi", env=env)
+    assert (r.returncode, r.stderr) == (1, "error: -v, --samples and --perspectives go with a prompt template: -p NAME\n")
+    r = subprocess.run([llmdesk_exe(), "chat", "-p", "short", "-m", demo_model, "--no-log"], input="llamas\n/show\n",
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    shown = json.loads(r.stderr[r.stderr.index("{"): r.stderr.rindex("}") + 1])
+    assert shown["system"] == "Be brief." and shown["max_tokens"] == 3 and shown["temperature"] == 0

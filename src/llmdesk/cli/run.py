@@ -32,6 +32,8 @@ GpuLayersOpt = Annotated[Optional[str], typer.Option(
     "-ngl", "--gpu-layers", help="Layers to offload to a GPU: a number or 'all' (needs a GPU build of llama.cpp; default 0, the CPU).")]
 TemplateOpt = Annotated[Optional[str], typer.Option("--template", help="Chat template: a built-in name (chatml, llama-3, ...) or a .jinja file.")]
 NoLogOpt = Annotated[bool, typer.Option("--no-log", help="Do not record this conversation in 'llmdesk logs'.")]
+PromptOpt = Annotated[Optional[str], typer.Option("-p", "--prompt", help="A prompt template ('llmdesk prompt list') or a .yaml file: its system prompt, exemplars, task, format and settings.")]
+VarOpt = Annotated[Optional[list[str]], typer.Option("-v", "--var", help="A prompt template's variable: NAME=VALUE (repeatable; NAME=@FILE reads a file).")]
 LoraOpt = Annotated[Optional[list[str]], typer.Option("--lora", help="Apply a LoRA adapter: ADAPTER.gguf[:SCALE], a llama.cpp LoRA GGUF made for this model ('llmdesk convert --lora'); repeatable, scale 1 by default.")]
 
 
@@ -64,6 +66,28 @@ def _load(model: str | None, ctx: int | None, threads: int | None, template: str
     with err.status(f"loading {ref} ...", spinner="dots"):
         return load(ref, ctx=ctx, threads=threads, template=template, gpu_layers=parse_gpu_layers(gpu_layers),
                     lora=adapters)
+
+
+def _explicit(context, kw: dict) -> dict:
+    """The settings given on the command line (a template's own settings are not overridden by
+    the command's defaults)."""
+    if context is None:
+        return kw
+    # typer may carry its own copy of click: the source is compared by name
+    return {k: v for k, v in kw.items()
+            if getattr(context.get_parameter_source(k), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")}
+
+
+def _run_template(context, name: str, text: str, *, load, **kw) -> None:
+    from .prompt import run_template
+
+    piped = _piped_input(wait=not text)
+    text = f"{text}\n\n{piped}" if text and piped.strip() else (text or piped)
+    sampling = _explicit(context, {k: kw.pop(k) for k in ("temperature", "top_k", "top_p", "min_p", "repeat_penalty",
+                                                          "seed", "max_tokens", "stop")})
+    if sampling.get("max_tokens", 0) < 0:
+        sampling["max_tokens"] = None
+    run_template(name, text, load_model=load, **kw, **sampling)
 
 
 def _log(no_log: bool, **kw) -> None:
@@ -137,8 +161,23 @@ def run(
     schema: SchemaOpt = None,
     lora: LoraOpt = None,
     no_log: NoLogOpt = False,
+    prompt_template: PromptOpt = None,
+    var: VarOpt = None,
+    samples: Annotated[Optional[int], typer.Option("--samples", help="With -p: self-consistency, N samples and the majority answer with its agreement rate.")] = None,
+    vote_by: Annotated[str, typer.Option("--vote-by", help="With --samples: text, number or json.")] = "text",
+    perspectives: Annotated[Optional[str], typer.Option("--perspectives", help="With -p: answers from these perspectives (comma-separated), then a synthesis.")] = None,
+    *,
+    context: typer.Context,
 ) -> None:
     """Answer one prompt, streaming the answer to stdout."""
+    if prompt_template is not None:
+        return _run_template(context, prompt_template, " ".join(prompt or []), model=model, var=var, samples=samples,
+                             vote_by=vote_by, perspectives=perspectives, json_=json_, no_log=no_log,
+                             load=lambda ref: _load(ref, ctx, threads, template, gpu_layers, lora),
+                             temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                             repeat_penalty=repeat_penalty, seed=seed, max_tokens=max_tokens, stop=stop)
+    if var or samples or perspectives:
+        raise LlmdeskError("-v, --samples and --perspectives go with a prompt template: -p NAME")
     if format_ not in (None, "json"):
         raise LlmdeskError(f"--format takes 'json', got {format_!r}; for a given shape use --schema FILE.json")
     text = " ".join(prompt or [])
@@ -248,6 +287,10 @@ def chat(
     tool_choice: Annotated[Optional[str], typer.Option("--tool-choice", help="auto (the model decides), required (it must call a tool each round, up to 8), none, or a tool's name (it must call that one).")] = None,
     lora: LoraOpt = None,
     no_log: NoLogOpt = False,
+    prompt_template: PromptOpt = None,
+    var: VarOpt = None,
+    *,
+    context: typer.Context,
 ) -> None:
     """Chat with a model in the terminal. Type /? for commands.
 
@@ -258,6 +301,27 @@ def chat(
     except ImportError:  # pragma: no cover
         pass
     fmt = _response_format(json_mode, schema)
+    tpl = variables = None
+    opening: list[dict] = []  # a template's exemplars, the start of every conversation
+    if prompt_template is not None:
+        from ..tools.prompts import load_prompt
+        from .prompt import parse_vars
+
+        tpl, variables = load_prompt(prompt_template), parse_vars(var)
+        head = tpl.messages(variables, input="...")  # a missing variable: one line now
+        if head[0]["role"] == "system" and system is None:
+            system = head[0]["content"]
+        opening = [x for x in head[:-1] if x["role"] != "system"]
+        fmt = fmt or tpl.response_format()
+        given = _explicit(context, dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                        repeat_penalty=repeat_penalty, seed=seed, max_tokens=max_tokens))
+        chosen = {**tpl.sampling, **given}  # the template's settings, then what the command line gives
+        temperature, top_k, top_p, min_p, repeat_penalty, seed, max_tokens = (
+            chosen.get(k, d) for k, d in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p),
+                                          ("min_p", min_p), ("repeat_penalty", repeat_penalty), ("seed", seed),
+                                          ("max_tokens", max_tokens)))
+    elif var:
+        raise LlmdeskError("-v goes with a prompt template: -p NAME")
     functions = _load_tools(tool or [])
     if docs is not None:
         _check_collection(docs)
@@ -268,7 +332,7 @@ def chat(
     tools_now = lambda: {**functions, **(mcp_tools.functions(taken=functions) if mcp_tools else {})}  # noqa: E731
     settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                     repeat_penalty=repeat_penalty, seed=seed, max_tokens=max_tokens)
-    messages: list[dict] = []
+    messages: list[dict] = list(opening)
     origin = getattr(getattr(m, "template", None), "origin", "the server's")
     adapters = "".join(f" · LoRA {p.name} x{scale:g}" for p, scale in getattr(m, "lora", []))
     err.print(f"{m.name} · context {m.n_ctx or '?'} tokens · template: {origin}{adapters}", style="dim", markup=False)
@@ -298,11 +362,11 @@ def chat(
                 elif cmd in ("/?", "/help"):
                     err.print(CHAT_HELP, markup=False)
                 elif cmd == "/system":
-                    system, messages = (arg or None), []
+                    system, messages = (arg or None), list(opening)
                     state["dropped"] = 0
                     err.print("system prompt set" if arg else "system prompt cleared", style="dim")
                 elif cmd == "/clear":
-                    messages = []
+                    messages = list(opening)
                     state["dropped"] = 0
                     err.print("conversation cleared", style="dim")
                 elif cmd == "/set":
@@ -335,7 +399,8 @@ def chat(
                 else:
                     err.print(f"unknown command {cmd}; type /? for the list", markup=False)
                 continue
-            turn = messages + [{"role": "user", "content": line}]
+            content = tpl.messages(variables, input=line)[-1]["content"] if tpl is not None else line
+            turn = messages + [{"role": "user", "content": content}]
             got = _answer(m, _with_system(system, turn), settings, stop, fmt, tools_now(), yes, state, choice, docs)
             if got is None:  # interrupted, or the model could not answer
                 continue
