@@ -209,8 +209,22 @@ async def exercise(client) -> dict:
     return out
 
 
+async def documents_and_prompts(client) -> dict:
+    out = {"prompts": [(p.name, [(a.name, a.required) for a in p.arguments or []])
+                       for p in (await client.list_prompts()).prompts]}
+    got = await client.get_prompt("capital", {"country": "Norway"})
+    out["messages"] = [(m.role, m.content.text) for m in got.messages]
+    hits = await client.call_tool("search_documents", {"query": "recalled serial number", "collection": "notes", "k": 2})
+    assert not hits.is_error, hits.content[0].text
+    out["hits"] = hits.structured_content["result"]
+    missing = await client.call_tool("search_documents", {"query": "x", "collection": "nope"})
+    out["missing"] = (missing.is_error, missing.content[0].text)
+    out["collections"] = json.loads((await client.read_resource("llmdesk://collections")).contents[0].text)
+    return out
+
+
 def check_exercise(got: dict, tiny_gguf) -> None:
-    assert got["tools"] == ["estimate_fit", "generate", "list_models"]
+    assert got["tools"] == ["estimate_fit", "generate", "list_models", "search_documents"]
     a, b = got["generate"]
     assert a.strip() and a == b  # greedy: the same answer twice
     assert [m["ref"] for m in got["models"]] == ["tiny:latest"] and got["models"][0]["size"] == tiny_gguf.stat().st_size
@@ -228,6 +242,31 @@ def test_llmdesk_mcp_over_stdio(tmp_path, tiny_gguf, user_dir):
     params = mcp.StdioServerParameters(command=llmdesk_exe(), args=["mcp", "-m", str(tiny_gguf)],
                                        env={"LLMDESK_HOME": str(user_dir)})
     check_exercise(sdk_session(params, exercise), tiny_gguf)
+
+
+def test_llmdesk_mcp_serves_documents_and_prompt_templates(tmp_path, tiny_gguf, user_dir):
+    import mcp
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "recall.md").write_text("# Recalls\n\nSerial number PX-7781 is recalled.\n")
+    (notes / "garden.md").write_text("# Garden\n\nTomatoes like sun and water.\n")
+    p = cli("docs", "add", notes, "-c", "notes", "--embed-model", tiny_gguf, home=user_dir)
+    assert p.returncode == 0, p.stderr
+    (user_dir / "prompts").mkdir(parents=True)
+    (user_dir / "prompts" / "capital.yaml").write_text(
+        "description: The capital of a country\nsystem: Answer briefly.\ntask: What is the capital of "
+        "{{ country }}?\nformat: one word\nvariables:\n  country: {description: a country}\n")
+    params = mcp.StdioServerParameters(command=llmdesk_exe(), args=["mcp", "-m", str(tiny_gguf)],
+                                       env={"LLMDESK_HOME": str(user_dir)})
+    got = sdk_session(params, documents_and_prompts)
+    assert got["prompts"] == [("capital", [("country", True)])]
+    assert got["messages"] == [("user", "Answer briefly."),
+                               ("user", "What is the capital of Norway?\n\nAnswer format: one word")]
+    assert got["hits"][0]["where"].endswith("recall.md > Recalls, line 3") and "PX-7781" in got["hits"][0]["text"]
+    assert got["hits"][0]["flags"] == []
+    assert got["missing"][0] and "nope" in got["missing"][1]
+    assert [(c["name"], c["documents"]) for c in got["collections"]] == [("notes", 2)]
 
 
 def free_port() -> int:
