@@ -194,6 +194,20 @@ def test_generation_exact_match(tmp_path):
     assert r.metrics["exact_match"].value == np.mean([v["exact_match"] for v in r.items.values()])
 
 
+def test_generation_through_the_chat_template(tmp_path):
+    task = gsm_task(tmp_path, 4)
+    with Model(DEMO, slots=2) as m:
+        r = evaluate(m, task, shots=0, chat=True)
+        plain = evaluate(m, task, shots=0)
+        assert r.run_key != plain.run_key and r.chat and r.settings()["chat"] is True
+        for it in task.items(shots=0):
+            text = m.chat([{"role": "user", "content": it.context}], max_tokens=task.max_tokens, temperature=0,
+                          stop=task.until)
+            assert r.items[it.index]["output"] == text
+        with pytest.raises(LlmdeskError, match="--chat asks generate tasks through the chat template"):
+            evaluate(m, mmlu_task(tmp_path / "mc", 2), chat=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # resuming
 

@@ -89,6 +89,7 @@ def run_cmd(
     ctx: Annotated[Optional[int], typer.Option("--ctx", help="Context per slot in tokens (default: the model's, at most 4096).")] = None,
     threads: ThreadsOpt = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="Score every item again instead of resuming.")] = False,
+    chat: Annotated[bool, typer.Option("--chat", help="Generate tasks: ask each item as a user message through the model's chat template (for chat fine-tunes; lm-eval's --apply_chat_template).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Score MODELs on benchmark tasks (multiple choice by log-likelihood as lm-evaluation-harness
@@ -113,7 +114,8 @@ def run_cmd(
                 with progress_bar(not as_json, "items") as update:
                     label = f"{ident.name} · {t.name}"
                     r = evaluate(model, t, limit=limit, shots=shots, seed=seed, identity=ident, fresh=fresh,
-                                 progress=(lambda d, n: update(label, d, n)) if update else None, say=_say)
+                                 progress=(lambda d, n: update(label, d, n)) if update else None, say=_say,
+                                 chat=chat)
                 record(r, task_ref=name)
                 done.append(r)
                 if not as_json:

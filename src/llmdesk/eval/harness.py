@@ -77,6 +77,7 @@ class TaskResult:
     resumed: int = 0  # items taken from an earlier run
     seconds: float = 0.0  # time spent on this run's new items
     stats: dict[str, int] = field(default_factory=dict)  # pairs, tokens computed and reused, ...
+    chat: bool = False  # the context was asked as a user message through the model's chat template
 
     @property
     def items_per_second(self) -> float:
@@ -86,7 +87,8 @@ class TaskResult:
     def settings(self) -> dict[str, Any]:
         """What the results store keeps beside the metrics (and `eval compare` matches on)."""
         return {"task": self.task, "task_sha256": self.task_sha256, "shots": self.shots, "seed": self.seed,
-                "limit": self.limit, "run_key": self.run_key, "items": item_ranges(self.items)}
+                "limit": self.limit, "run_key": self.run_key, "items": item_ranges(self.items),
+                **({"chat": True} if self.chat else {})}
 
     def to_dict(self) -> dict[str, Any]:
         return {"task": self.task, "model": self.model, "model_sha256": self.model_sha256,
@@ -94,7 +96,7 @@ class TaskResult:
                 "metrics": {k: m.to_dict() for k, m in self.metrics.items()},
                 "shots": self.shots, "seed": self.seed, "limit": self.limit, "resumed": self.resumed,
                 "seconds": round(self.seconds, 3), "items_per_second": round(self.items_per_second, 3),
-                "stats": self.stats}
+                "stats": self.stats, "chat": self.chat}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,10 +140,12 @@ def aggregate(values: Sequence[float]) -> Metric:
 # the run key and the stored items
 
 
-def run_key(model_id: str, task_sha256: str, *, shots: int | None, seed: int | None) -> str:
+def run_key(model_id: str, task_sha256: str, *, shots: int | None, seed: int | None, chat: bool = False) -> str:
     """What the per-item results of a run are stored under: everything that changes a score."""
-    key = json.dumps({"v": RUN_KEY_VERSION, "model": model_id, "task": task_sha256, "shots": shots, "seed": seed},
-                     sort_keys=True)
+    fields = {"v": RUN_KEY_VERSION, "model": model_id, "task": task_sha256, "shots": shots, "seed": seed}
+    if chat:  # (absent when off: the keys of earlier runs stay what they were)
+        fields["chat"] = True
+    key = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()
 
 
@@ -228,8 +232,12 @@ def open_model(ref: str, *, slots: int = 4, ctx: int | None = None, threads: int
 
 def evaluate(model, task, *, limit: int | None = None, shots: int | None = None, seed: int = 1234,
              identity: Identity | None = None, fresh: bool = False, progress: Progress | None = None,
-             say: Callable[[str], None] | None = None, conn: sqlite3.Connection | None = None) -> TaskResult:
+             say: Callable[[str], None] | None = None, conn: sqlite3.Connection | None = None,
+             chat: bool = False) -> TaskResult:
     """Score `model` (a runtime Model or RemoteModel) on `task` (eval.tasks.Task); see the module.
+
+    `chat` (generate tasks): each item's context is asked as one user message through the model's
+    chat template (lm-eval's --apply_chat_template), as a chat fine-tune is used.
 
     `identity` names the model in the run key and the results (default: the sha256 of a local
     model's file, a remote model's name). `progress(done, total)` is called after each stored
@@ -241,6 +249,9 @@ def evaluate(model, task, *, limit: int | None = None, shots: int | None = None,
         raise LlmdeskError(f"--limit must be at least 1, got {limit}")
     if shots is not None and shots < 0:
         raise LlmdeskError(f"--shots must be at least 0, got {shots}")
+    if chat and task.kind != "generate":
+        raise LlmdeskError(f"--chat asks generate tasks through the chat template; '{task.name}' is "
+                           f"{task.kind}, scored on the raw text (as lm-eval scores it)")
     if identity is None:
         identity = _identity_of(model)
     if shots is None:  # the task's default, by number: the run key and the results say how many
@@ -249,7 +260,7 @@ def evaluate(model, task, *, limit: int | None = None, shots: int | None = None,
     if not items:
         raise LlmdeskError(f"task '{task.name}' has no items to evaluate")
     # the seed draws the few-shot examples: without any, it changes nothing
-    key = run_key(identity.key, task.sha256, shots=shots, seed=seed if shots != 0 else None)
+    key = run_key(identity.key, task.sha256, shots=shots, seed=seed if shots != 0 else None, chat=chat)
     with using(conn) as db:
         if fresh:
             from ..store.db import transaction
@@ -270,7 +281,7 @@ def evaluate(model, task, *, limit: int | None = None, shots: int | None = None,
             if task.kind == "multiple_choice":
                 chunks = _score_multiple_choice(model, task, todo, stats)
             elif task.kind == "generate":
-                chunks = _generate(model, task, todo, stats)
+                chunks = _generate(model, task, todo, stats, chat=chat)
             else:
                 raise LlmdeskError(f"task '{task.name}' is of kind '{task.kind}'; llmdesk scores "
                                    "multiple_choice and generate tasks")
@@ -293,7 +304,8 @@ def evaluate(model, task, *, limit: int | None = None, shots: int | None = None,
     metrics = {m: aggregate([r[m] for r in results.values()]) for m in task.metrics}
     return TaskResult(task=task.name, model=identity.name, model_sha256=identity.sha256, task_sha256=task.sha256,
                       kind=task.kind, metrics=metrics, n=len(items), shots=shots, seed=seed, limit=limit,
-                      run_key=key, items=results, resumed=len(items) - len(todo), seconds=seconds, stats=stats)
+                      run_key=key, items=results, resumed=len(items) - len(todo), seconds=seconds, stats=stats,
+                      chat=chat)
 
 
 def record(result: TaskResult, *, task_ref: str | None = None, conn: sqlite3.Connection | None = None) -> int:
@@ -438,7 +450,7 @@ def _score_multiple_choice(model, task, items: list, stats: dict) -> Iterator[li
         stats["decodes"] = stats.get("decodes", 0) + engine.steps - steps0
 
 
-def _generate(model, task, items: list, stats: dict) -> Iterator[list[tuple[int, dict]]]:
+def _generate(model, task, items: list, stats: dict, *, chat: bool = False) -> Iterator[list[tuple[int, dict]]]:
     """Greedy completions, one stream per slot in flight (REMOTE_STREAMS for an endpoint);
     yields the finished items in chunks of about one per slot. On an error or an interrupt the
     items finished so far are yielded first, then the rest are cancelled."""
@@ -447,6 +459,12 @@ def _generate(model, task, items: list, stats: dict) -> Iterator[list[tuple[int,
     until = list(task.until or []) or None
 
     def start(it):
+        if chat:
+            messages = [{"role": "user", "content": it.context}]
+            if engine is not None and len(model.chat_tokens(messages)) >= engine.n_ctx:
+                raise LlmdeskError(f"task '{task.name}' item {it.index}: the prompt does not fit the model's context "
+                                   f"({engine.n_ctx}); use fewer --shots or a larger --ctx")
+            return it, model.chat_start(messages, max_tokens=task.max_tokens, temperature=0.0, stop=until)
         prompt = it.context
         if engine is not None:
             prompt = model.tokenize(it.context)
