@@ -428,12 +428,13 @@ def _start_mcp(servers: list, m):
     """The MCP servers started (a server that cannot start is one line, and the chat goes on)."""
     if not servers:
         return None
+    from ..rag.guard import injection_flags
     from ..tools.mcp_client import MCPTools
 
     problem = lambda line: err.print(line, style="yellow", markup=False)  # noqa: E731
     try:
         with err.status(f"starting {len(servers)} MCP server{'s' if len(servers) > 1 else ''} ...", spinner="dots"):
-            return MCPTools(servers, on_problem=problem)
+            return MCPTools(servers, on_problem=problem, guard=injection_flags)
     except BaseException:
         m.close()
         raise
