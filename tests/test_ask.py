@@ -9,6 +9,7 @@ import subprocess
 
 import pytest
 
+from bert_fixtures import make_tiny_bert_gguf
 from conftest import llmdesk_exe
 from llmdesk.cli.main import main
 from llmdesk.rag.answer import ask, chat_turn, tool_confirmation
@@ -41,16 +42,21 @@ def model(tiny_gguf):
 
 
 @pytest.fixture(scope="module")
-def notes_home(tmp_path_factory, tiny_gguf):
-    """A user directory with a collection 'notes' of two files, embedded with the tiny model
-    (built once for the module)."""
+def embedder(tmp_path_factory) -> str:
+    """A tiny random BERT embedding model (mean pooling), built once for the module."""
+    return str(make_tiny_bert_gguf(tmp_path_factory.mktemp("bert")))
+
+
+@pytest.fixture(scope="module")
+def notes_home(tmp_path_factory, embedder):
+    """A user directory with a collection 'notes' of two files (built once for the module)."""
     home = tmp_path_factory.mktemp("home")
     docs = tmp_path_factory.mktemp("docs")
     (docs / "ops.md").write_text(OPS)
     (docs / "vendor.md").write_text(VENDOR)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LLMDESK_HOME", str(home))
-        report = add([docs], "notes", embedder=str(tiny_gguf))
+        report = add([docs], "notes", embedder=embedder)
     assert not report.errors and report.added == 2
     return home
 
@@ -91,12 +97,12 @@ def test_passages_are_quoted_data_in_the_user_turn_never_the_system_prompt(notes
     assert "FLAGGED" in head and ORDERS in head
 
 
-def test_passages_that_do_not_fit_are_left_out_and_reported(tmp_path, tiny_gguf):
+def test_passages_that_do_not_fit_are_left_out_and_reported(tmp_path, tiny_gguf, embedder):
     docs = tmp_path / "long"
     docs.mkdir()
     for i in range(6):
         (docs / f"part{i}.md").write_text(f"# Part {i}\n\n" + f"backup schedule item {i} " * 60 + "\n")
-    add([docs], "long", embedder=str(tiny_gguf))
+    add([docs], "long", embedder=embedder)
     with Model(tiny_gguf, ctx=1536, threads=1) as m:
         a = ask("backup schedule", "long", model=m, k=6, mode="bm25", max_tokens=32)
         assert a.dropped and a.passages  # some fitted, the rest were left out, none cut
