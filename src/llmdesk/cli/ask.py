@@ -58,7 +58,7 @@ def ask(
     sys.stdout.write("\n")
     if a.passages:
         sys.stdout.write("\nSources:\n")
-        for n, (line, hit) in enumerate(zip(a.sources(), a.passages), 1):
+        for line, hit in zip(a.sources(), a.passages):
             sys.stdout.write(line + "\n")
             if show_sources:
                 sys.stdout.write("".join(f"    {row}\n" for row in hit.text.strip("\n").splitlines()) + "\n")
