@@ -314,6 +314,20 @@ def test_llmdesk_mcp_over_http_keeps_the_key_rule(tmp_path, tiny_gguf, user_dir)
                     return await exercise(client)
 
         check_exercise(asyncio.run(main()), tiny_gguf)
+
+        # llmdesk's own client, with the key in "headers"; a server without the key, or not there: one line each
+        problems = []
+        servers = parse_config({"mcpServers": {
+            "llm": {"url": url, "headers": {"Authorization": f"Bearer {key}"}},
+            "nokey": {"url": url}, "down": {"url": f"http://127.0.0.1:{free_port()}/mcp"}}}, "cfg")
+        with MCPTools(servers, on_problem=problems.append) as mcp_tools:
+            tools = mcp_tools.functions()
+            assert sorted(tools) == ["estimate_fit", "generate", "list_models", "search_documents"]
+            listed = tools["list_models"]()
+            assert listed.startswith(MARK.format("llm/list_models")) and '"ref": "tiny:latest"' in listed
+        assert [p.split(":")[0] for p in problems] == ["MCP server 'nokey'", "MCP server 'down'"], problems
+        assert all(f"could not be reached at http://127.0.0.1:" in p and p.endswith("going on without it")
+                   for p in problems), problems
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -250,7 +250,7 @@ class MCPTools:
             s.gone = f"did not start within {timeout:g} s"
             s.task.cancel()  # the SDK then stops the process; close() waits for it
         except Exception as e:
-            s.gone = _why(e, s)
+            s.gone = _why(e, s, starting=True)
 
     async def _own(self, s: _Server, ready: asyncio.Future) -> None:
         """The task that owns one server's session: open it, list the tools, wait to be told to stop."""
@@ -320,7 +320,7 @@ class MCPTools:
 
         try:
             asyncio.run_coroutine_threadsafe(stop_all(), self._loop).result(timeout=20)
-        except Exception:
+        except TimeoutError:  # a task that would not end: the daemon thread goes with the process
             pass
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
@@ -407,23 +407,26 @@ def _client_info():
     return mcp.types.Implementation(name="llmdesk", version=__version__)
 
 
-def _why(e: BaseException, s: _Server, timeout: float | None = None) -> str:
-    """One line: why a server could not be used."""
+def _why(e: BaseException, s: _Server, timeout: float | None = None, starting: bool = False) -> str:
+    """One line: why a server could not be used (`starting`: it never got as far as listing its tools)."""
     from mcp.shared.exceptions import MCPError
     from mcp_types import REQUEST_TIMEOUT
 
     if isinstance(e, BaseExceptionGroup) and e.exceptions:
-        return _why(e.exceptions[0], s, timeout)
+        return _why(e.exceptions[0], s, timeout, starting)
     if isinstance(e, (asyncio.TimeoutError, TimeoutError)) or (isinstance(e, MCPError) and e.code == REQUEST_TIMEOUT):
         return f"did not answer within {timeout or s.config.timeout:g} s"
     said = _last_line(s.log)
     tail = f" (it said: {said})" if said else ""
     where = f"; its output is in {s.log}" if s.log else ""
-    if isinstance(e, MCPError):
-        return f"stopped: {e.message}{tail}{where}"
-    if isinstance(e, OSError):
-        return f"could not be started or reached: {e.strerror or e}{where}"
-    return f"stopped: {type(e).__name__}: {e}{tail}{where}" if str(e) else f"stopped{tail}{where}"
+    what = str(e.message) if isinstance(e, MCPError) else f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+    if isinstance(e, OSError) and e.strerror:
+        what = e.strerror
+    if not starting:
+        return f"stopped: {what}{tail}{where}"
+    if s.config.url:
+        return f"could not be reached at {s.config.url}: {what} (is it running? does it need \"headers\"?)"
+    return f"could not be started: {what}{tail}{where}"
 
 
 def _result_text(result) -> str:
