@@ -9,6 +9,7 @@ import subprocess
 
 import pytest
 
+import llmdesk
 from bert_fixtures import make_tiny_bert_gguf
 from conftest import llmdesk_exe
 from llmdesk.cli.main import main
@@ -73,8 +74,8 @@ def forced(text: str) -> dict:
 
 
 def test_citations_map_to_the_right_file_and_lines(notes, model):
-    a = ask("When do backups run?", "notes", model=model, k=3, mode="bm25", max_tokens=48,
-            response_format=forced("Nightly at 02:00 [1], not [9]."))
+    a = llmdesk.ask("When do backups run?", "notes", model=model, k=3, mode="bm25", max_tokens=48,  # the Python API
+                    response_format=forced("Nightly at 02:00 [1], not [9]."))
     assert a.text == '"Nightly at 02:00 [1], not [9]."'
     (n, hit), = a.citations
     assert n == 1 and hit.path.endswith("ops.md") and hit.headings[-1] == "Backups"
