@@ -31,15 +31,15 @@ def fit(
     quant: Annotated[Optional[str], typer.Option("--quant", "-q", help="Quantization to count (q4_k_m, q8_0, f16, ...). Default: a GGUF's own; q4_k_m otherwise.")] = None,
     ctx: Annotated[Optional[int], typer.Option("--ctx", "-c", help="Context length per sequence, tokens (default: the model's, at most 4096).")] = None,
     parallel: Annotated[int, typer.Option("--parallel", "-np", help="Sequences served at once (each gets --ctx tokens of KV cache).")] = 1,
-    batch: Annotated[Optional[int], typer.Option("--batch", "-b", help="Prompt batch (default 512); with --train, the training batch (default 1).")] = None,
+    batch: Annotated[Optional[int], typer.Option("--batch", "-b", help="Prompt batch (default 512); with --train, examples per micro-batch (default 4, as llmdesk tune).")] = None,
     kv_type: Annotated[str, typer.Option("--kv-type", help="KV cache type: f16, q8_0, q4_0, ...")] = "f16",
     device: Annotated[Optional[list[str]], typer.Option("--device", "-d", help="A catalogued device (rtx-4060, m2-max:96, raspberry-pi-5, ...); repeatable. 'auto': this machine only.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     devices: Annotated[bool, typer.Option("--devices", help="List the device catalog and exit.")] = False,
     presets: Annotated[bool, typer.Option("--presets", help="List the model presets and exit.")] = False,
     train: Annotated[Optional[str], typer.Option("--train", help="Also estimate training memory: full, lora or qlora.")] = None,
-    seq_len: Annotated[int, typer.Option("--seq-len", help="Training sequence length.")] = 2048,
-    lora_rank: Annotated[int, typer.Option("--lora-rank", help="LoRA rank (with --train lora|qlora).")] = 16,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="With --train: tokens per example (llmdesk tune's --seq-len).")] = 1024,
+    lora_rank: Annotated[int, typer.Option("--rank", "--lora-rank", help="With --train lora|qlora: LoRA rank (llmdesk tune's --rank).")] = 16,
     remeasure: Annotated[bool, typer.Option("--remeasure", help="Measure this machine's bandwidth again (it is cached).")] = False,
 ) -> None:
     """Estimate the memory a model needs (weights per tensor type, KV cache, compute and output
@@ -58,7 +58,7 @@ def fit(
         raise LlmdeskError("give a MODEL: a preset name (see 'llmdesk fit --presets'), a .gguf file or a config.json")
     inference_batch = 512 if train or batch is None else batch
     report = run_fit(model, quant=quant, ctx=ctx, parallel=parallel, batch=inference_batch, kv_type=kv_type,
-                     devices=device, train=train, seq_len=seq_len, train_batch=batch or 1, lora_rank=lora_rank,
+                     devices=device, train=train, seq_len=seq_len, train_batch=batch or 4, lora_rank=lora_rank,
                      remeasure=remeasure)
     if as_json:
         out.print(json.dumps(report.to_dict(), indent=1), markup=False, highlight=False)
@@ -122,24 +122,44 @@ def _print_report(r) -> None:
     o.print(f"decode reads {_size(r.bytes_per_token)} per token: tokens/s < bandwidth / that (the bound in "
               "brackets); prefill from compute", markup=False, style="dim")
     if r.training is not None:
-        tr = r.training
-        o.print("")
-        o.print(f"training ({tr.method}, seq {tr.seq_len}, batch {tr.batch}"
-                  + (f", LoRA rank {tr.lora_rank}" if tr.method != "full" else "")
-                  + (", gradient checkpointing" if tr.checkpointing else "") + ")", markup=False)
-        t2 = Table(show_header=False, box=None, pad_edge=False)
-        t2.add_column(style="bold")
-        t2.add_column(justify="right")
-        t2.add_column(style="dim")
-        t2.add_row("weights", _size(tr.weights_bytes),
-                   {"full": "bf16 + fp32 master", "lora": "frozen bf16 + fp32 adapters", "qlora": "frozen NF4 (embeddings bf16) + fp32 adapters"}[tr.method])
-        t2.add_row("gradients", _size(tr.gradients_bytes), f"{tr.trainable_params / 1e6:,.1f} M trainable parameters")
-        t2.add_row("optimizer", _size(tr.optimizer_bytes), "AdamW moments, fp32")
-        t2.add_row("activations", _size(tr.activations_bytes), "bf16")
-        t2.add_row("logits", _size(tr.logits_bytes), "fp32 values and gradients")
-        t2.add_row("overhead", _size(tr.overhead_bytes), "CUDA context, workspaces")
-        t2.add_row("total", _size(tr.total_bytes), "")
-        o.print(t2)
+        _print_training(o, r.training)
+
+
+def _print_training(o, cpu) -> None:
+    """The training estimate: this CPU (fp32, as llmdesk tune trains here) beside a CUDA GPU."""
+    cols = [cpu, cpu.gpu] if cpu.device == "cpu" else [cpu]
+    o.print("")
+    o.print(f"training ({cpu.method}, seq {cpu.seq_len}, batch {cpu.batch}"
+            + (f", LoRA rank {cpu.lora_rank} on all linear layers" if cpu.method != "full" else "")
+            + (", gradient checkpointing" if cpu.checkpointing else "") + f"): "
+            f"{cpu.trainable_params / 1e6:,.1f} M trainable parameters", markup=False)
+    t = Table(box=None, pad_edge=False, header_style="bold")
+    t.add_column("")
+    heads = {"cpu": "CPU (fp32)", "cuda": "CUDA GPU (" + {"full": "fp32", "lora": "bf16", "qlora": "NF4"}[cpu.method] + ")"}
+    for e in cols:
+        t.add_column(heads[e.device], justify="right")
+    t.add_column("")
+    at = {"logits": "at the backward pass through the logits", "optimizer": "at the AdamW step",
+          "loading": "while loading the weights"}
+    weights = {"full": "fp32", "lora": "the frozen base (fp32 here, bf16 on a GPU) + fp32 adapters",
+               "qlora": "the frozen base in NF4 (embeddings bf16) + fp32 adapters"}[cpu.method]
+    rows = [("weights", "weights_bytes", weights),
+            ("gradients", "gradients_bytes", "fp32, of the trained parameters"),
+            ("optimizer", "optimizer_bytes", "AdamW's two moments, fp32"),
+            ("activations", "activations_bytes", "what autograd keeps for the backward pass, every layer"
+             if not cpu.checkpointing else "each layer's input, one layer recomputed at a time"),
+            ("logits", "logits_bytes", "tokens x vocabulary in fp32, three arrays at once"),
+            ("heap slack", "slack_bytes", "freed temporaries the C heap keeps beside the activations (CPU)"),
+            ("overhead", "overhead_bytes", "the Python process with torch (GPU: the CUDA context)")]
+    for label, key, note in rows:
+        t.add_row(label, *(_size(getattr(e, key)) for e in cols), note)
+    places = sorted({at[e.peak_at] for e in cols})
+    t.add_row("peak", *(_size(e.total_bytes) for e in cols),
+              places[0] if len(places) == 1 else "; ".join(f"{heads[e.device]}: {at[e.peak_at]}" for e in cols),
+              style="bold")
+    o.print(t)
+    if cpu.device != "cpu":
+        err.print("note: QLoRA needs a CUDA GPU (bitsandbytes); llmdesk tune runs lora or full on a CPU", markup=False)
 
 
 def _print_devices(devs, as_json: bool) -> None:

@@ -119,7 +119,7 @@ def _match_gpu(name: str) -> Device | None:
 def fit(model: str, *, quant: str | None = None, ctx: int | None = None, parallel: int = 1, batch: int = 512,
         kv_type: str = "f16", devices: list[str] | None = None, local: bool = True, measure: bool = True,
         remeasure: bool = False,
-        train: str | None = None, seq_len: int = 2048, train_batch: int = 1, lora_rank: int = 16) -> FitReport:
+        train: str | None = None, seq_len: int = 1024, train_batch: int = 4, lora_rank: int = 16) -> FitReport:
     """Estimate memory and speed of `model` (preset, GGUF, store name, config.json or folder)."""
     if parallel < 1:
         raise LlmdeskError(f"--parallel must be at least 1, got {parallel}")
