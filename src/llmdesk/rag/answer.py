@@ -60,20 +60,23 @@ class Answer:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        def hit(n: int | None, h) -> dict:
-            d = {"path": str(h.path), "headings": list(h.headings or []), "page": h.page,
-                 "line_start": h.line_start, "line_end": h.line_end, "char_start": h.char_start,
-                 "char_end": h.char_end, "score": h.score, "flags": list(h.flags or []), "text": h.text}
-            return {"n": n, **d} if n is not None else d
-
         r = self.reply
         return {"question": self.question, "answer": self.text,
                 "citations": [n for n, _ in self.citations], "unknown_citations": self.unknown_citations,
-                "passages": [hit(n, h) for n, h in enumerate(self.passages, 1)],
-                "dropped": [hit(None, h) for h in self.dropped],
+                "passages": [passage_dict(h, n) for n, h in enumerate(self.passages, 1)],
+                "dropped": [passage_dict(h) for h in self.dropped],
                 "usage": None if r is None else {"prompt_tokens": r.prompt_tokens,
                                                  "completion_tokens": r.completion_tokens,
                                                  "messages_dropped": r.messages_dropped}}
+
+
+def passage_dict(h, n: int | None = None) -> dict[str, Any]:
+    """A passage as JSON (`llmdesk ask --json`, the server's `sources`): its number when it was
+    shown, where it is, its score, the guard's flags and its text."""
+    d = {"path": str(h.path), "headings": list(h.headings or []), "page": h.page,
+         "line_start": h.line_start, "line_end": h.line_end, "char_start": h.char_start,
+         "char_end": h.char_end, "score": h.score, "flags": list(h.flags or []), "text": h.text}
+    return {"n": n, **d} if n is not None else d
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,15 +156,25 @@ def retrieve(question: str, collection: str, *, k: int, mode: str, embedder=None
     return search(question, collection, k=k, mode=mode, embedder=embedder)
 
 
-def _answer(model, question: str, hits: list, history: list[dict], *, max_tokens: int | None, on_text,
-            respond: Callable | None = None, system: str | None = None, nonce: str | None = None,
-            **kw) -> tuple[Answer, list[dict]]:
+def frame(model, question: str, hits: list, history: list[dict], *, max_tokens: int | None,
+          system: str | None = None, nonce: str | None = None) -> tuple[list[dict], Quoted, list, int]:
+    """The conversation that asks `question` over `hits`: (messages, the quoted turn, the hits
+    left out to fit, the tokens kept for the answer). The messages are the system prompt that
+    frames passages (`system` added to it), `history` (no system message), and the quoted turn."""
     room = max_tokens if max_tokens is not None else ANSWER_ROOM
     room = min(room, max(16, (getattr(model, "n_ctx", None) or 4096) // 2))
     system = SYSTEM + (f"\n\n{system}" if system else "")
     quoted, dropped = fit_passages(model, hits, question, answer_room=room, system=system, nonce=nonce)
     messages = normalize_messages([{"role": "system", "content": system}, *history,
                                    {"role": "user", "content": quoted.text}])
+    return messages, quoted, dropped, room
+
+
+def _answer(model, question: str, hits: list, history: list[dict], *, max_tokens: int | None, on_text,
+            respond: Callable | None = None, system: str | None = None, nonce: str | None = None,
+            **kw) -> tuple[Answer, list[dict]]:
+    messages, quoted, dropped, room = frame(model, question, hits, history, max_tokens=max_tokens, system=system,
+                                            nonce=nonce)
     # history, if any, may be dropped oldest first (reported); the quoted turn is always kept
     if respond is None:
         reply = model.respond(messages, on_text=on_text, max_tokens=room, truncate=bool(history), **kw)
