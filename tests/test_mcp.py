@@ -171,7 +171,7 @@ def test_chat_calls_a_real_server_and_goes_on_without_broken_ones(tmp_path, serv
     assert gone(pid)
 
 
-def test_a_server_that_dies_or_a_call_that_hangs_is_one_line(tmp_path, server_script, tiny_gguf):
+def test_a_call_that_hangs_times_out_and_the_server_stays(tmp_path, server_script, tiny_gguf):
     pid = tmp_path / "calc.pid"
     config = write_config(tmp_path, {"calc": entry(server_script, pid, tool_timeout_sec=1)})
     p = cli("chat", "-m", tiny_gguf, "--mcp", config, "--tool-choice", "slow", "--yes", "-n", "100", "--threads",
@@ -181,6 +181,9 @@ def test_a_server_that_dies_or_a_call_that_hangs_is_one_line(tmp_path, server_sc
     assert not [ln for ln in p.stderr.splitlines() if ln.startswith("MCP server")]  # a slow call is not a dead server
     assert gone(pid)
 
+
+def test_a_server_that_dies_mid_chat_is_one_line_and_the_chat_goes_on(tmp_path, server_script, tiny_gguf):
+    config = write_config(tmp_path, {"calc": entry(server_script, tmp_path / "calc.pid")})
     p = cli("chat", "-m", tiny_gguf, "--mcp", config, "--tool-choice", "die", "--yes", "-n", "100", "--threads",
             "1", "--no-log", stdin="stop\nand now?\n/bye\n", home=tmp_path, timeout=600)
     assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr

@@ -314,6 +314,8 @@ class MCPTools:
                 if s.stop is not None:
                     s.stop.set()
                 if s.task is not None:
+                    if s.client is None:  # still starting (close() on Ctrl-C): no need to wait for it
+                        s.task.cancel()
                     tasks.append(s.task)
             if tasks:  # the SDK's shutdown is bounded (stdin closed, 2 s, SIGTERM, 2 s, SIGKILL)
                 await asyncio.wait(tasks, timeout=15)
