@@ -52,3 +52,16 @@ def test_two_processes_of_batch_4_train_as_one_of_batch_8(base, data, tmp_path, 
     # its checkpoint continues only with as many processes
     with pytest.raises(LlmdeskError, match="was trained by 2 processes, not 1"):
         tune(base, [data], out, TuneConfig(batch=4, **SETTINGS), resume=True)
+
+
+def test_an_fsdp_or_deepspeed_launch_is_refused_in_one_line(base, data, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(LlmdeskError, match="FSDP is not supported"):
+        tune(base, [data], tmp_path / "o", TuneConfig(steps=1))
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(LlmdeskError, match="DeepSpeed is not supported"):
+        tune(base, [data], tmp_path / "o", TuneConfig(steps=1))
+    assert not (tmp_path / "o").exists()

@@ -500,11 +500,10 @@ class DataParallel:
     def start(self) -> None:
         if self.world == 1:
             return
-        for kind in ("FSDP", "DEEPSPEED"):
-            if os.environ.get(f"ACCELERATE_USE_{kind}", "").lower() in ("1", "true"):
-                raise LlmdeskError(f"llmdesk tune runs data parallel (every process holds the whole model); "
-                                   f"{kind.lower().replace('deepspeed', 'DeepSpeed').replace('fsdp', 'FSDP')} is "
-                                   f"not supported: choose a multi-GPU (or multi-CPU) setup in 'accelerate config'")
+        for var, kind in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+            if os.environ.get(var, "").lower() in ("1", "true"):
+                raise LlmdeskError(f"llmdesk tune runs data parallel (every process holds the whole model); {kind} "
+                                   f"is not supported: choose a plain multi-GPU setup in 'accelerate config'")
         import torch
         import torch.distributed as dist
 
