@@ -80,7 +80,7 @@ def main() -> None:
             ranks[m].append(rag_corpus.first_relevant(q, hits))
     result = {"command": " ".join(["benchmarks/rag_quality.py", *sys.argv[1:]]), "pages": len(pages),
               "characters": chars, "chunks": getattr(col, "chunks", None) or report.chunks, "queries": len(queries),
-              "embedding_model": str(model.path.name), "modes": {}}
+              "embedding_model": model.name, "modes": {}}
     print(f"{len(queries)} queries (docstring summaries of functions documented in these pages)\n")
     print(f"{'mode':<8} {'recall@5':>9} {'MRR@10':>8} {'ms/query':>9}")
     for m in MODES:

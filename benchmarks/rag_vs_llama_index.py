@@ -142,7 +142,7 @@ def main() -> None:
     Settings.embed_model = peer_model
     wordpiece = peer_model._model.tokenizer
     print(f"corpus: {len(pages)} pages ({chars:,} characters) of {manifest['source']}; {len(queries)} queries; "
-          f"{args.threads} threads; llmdesk: {model.path.name}, LlamaIndex: sentence-transformers "
+          f"{args.threads} threads; llmdesk: {model.name} (llama.cpp), LlamaIndex: sentence-transformers "
           f"(torch {torch.__version__})", flush=True)
 
     sides = ["llmdesk", "llamaindex"] + ([] if args.no_peer_256 else ["llamaindex-256"])
