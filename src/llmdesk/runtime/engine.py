@@ -555,6 +555,7 @@ class Engine:
                                n_threads=n_threads, cache_type=cache_type, flash_attn=flash_attn,
                                unified=kv_unified)
         self.lora = list(lora or [])
+        self._sets: dict[tuple, tuple] = {}
         self.lora_set = self._set_of(self.lora)  # the default set, as a key
         if self.lora:
             try:
@@ -682,7 +683,10 @@ class Engine:
             if not isinstance(a, LoraAdapter) or a.model is not self.model or not a.ptr:
                 raise LlmdeskError(f"LoRA adapter {getattr(a, 'path', a)} is not loaded for {self.model.path.name}")
             out.append((a, float(scale)))
-        return tuple(out)
+        key = tuple(out)
+        if len(self._sets) > 256:  # requests sweeping scales: forget (a step then compares by value)
+            self._sets.clear()
+        return self._sets.setdefault(key, key)  # one object per set: a step compares them by identity
 
     @property
     def busy_slots(self) -> int:
@@ -960,10 +964,11 @@ class Engine:
     def _step(self) -> None:
         """Every busy slot one step on: one llama_decode per adapter set among them, the set the
         context has now first (so a step of one set never switches, and two sets switch once)."""
-        sets = list(dict.fromkeys(s.lora for s in self.slots if not s.idle))
-        if len(sets) == 1 and sets[0] == self._ctx_set:
+        ctx_set = self._ctx_set
+        if all(s.lora is ctx_set or s.idle for s in self.slots):  # one set, the context's: as always
             self._step_set(self.slots)
             return
+        sets = list(dict.fromkeys(s.lora for s in self.slots if not s.idle))
         if self._ctx_set in sets:
             sets.remove(self._ctx_set)
             sets.insert(0, self._ctx_set)
