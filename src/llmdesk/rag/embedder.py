@@ -83,9 +83,10 @@ def default_embedder(*, progress: Any = None) -> str:
     return ref
 
 
-def open_embedder(ref: str | Path | None = None, **load_kw: Any):
+def open_embedder(ref: str | Path | None = None, *, progress: Any = None, **load_kw: Any):
     """The embedding model `ref` names (a .gguf path, NAME[:TAG] in the store, hf:...), loaded;
-    None: the default (`default_embedder()`). `Model.embed(texts)` gives its vectors."""
+    None: the default (`default_embedder()`, which reports its first-use conversion to
+    `progress(message)`). `Model.embed(texts)` gives its vectors."""
     from ..runtime.model import load
 
-    return load(str(ref) if ref is not None else default_embedder(), **load_kw)
+    return load(str(ref) if ref is not None else default_embedder(progress=progress), **load_kw)
