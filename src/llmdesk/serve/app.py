@@ -6,7 +6,8 @@
     with BackgroundServer(app) as server:      # a real server on a free port, in a thread
         print(server.url)                       # for tests, notebooks and benchmarks
 
-Routes: the OpenAI API (openai.py), the Ollama API (ollama.py), and here the operations ones:
+Routes: the OpenAI API (openai.py), the Ollama API (ollama.py), document collections
+(documents.py), prompt templates (prompts.py), and here the operations ones:
 `/health` (no key needed), `/metrics` (Prometheus), `/slots` (what each model's slots hold),
 and the web chat's static files at `/`.
 """
@@ -96,6 +97,9 @@ def create_app(config: ServeConfig) -> FastAPI:
     app.include_router(ollama.router)
     from . import arena  # the web chat's Arena mode: battles between two anonymous models
     app.include_router(arena.router)
+    from . import documents, prompts  # collections of documents, prompt templates by name
+    app.include_router(documents.router)
+    app.include_router(prompts.router)
     # same routes without the /v1 prefix, as llama.cpp's server and vLLM also answer them
     for path, endpoint in (("/chat/completions", openai.chat_completions), ("/completions", openai.completions),
                            ("/embeddings", openai.embeddings)):

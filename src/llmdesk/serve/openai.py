@@ -5,7 +5,8 @@ server-sent events of `chat.completion.chunk` / `text_completion` objects ending
 `data: [DONE]`; with `stream_options.include_usage` a last chunk carries `usage` and no choices.
 Extensions, ignored by OpenAI's clients: request fields `top_k`, `min_p`, `repeat_penalty`,
 `ignore_eos`, `truncate`; response fields `timings` (llama.cpp server's) and
-`truncated_prompt_tokens`.
+`truncated_prompt_tokens`. Chat requests may also name a `collection` of documents to answer from
+(the response then has `sources`; serve/documents.py) and a `prompt_template` (serve/prompts.py).
 
 `/v1/completions` with `echo` and `logprobs` also returns the prompt's own log-probabilities
 (what lm-evaluation-harness's loglikelihood needs), scored by the Engine; `/tokenize`,
@@ -33,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..runtime import conversation, grammars, limits
 from ..runtime.conversation import finish_reason, sampling_params
 from ..runtime.engine import ContextOverflow, ScoreRequest
+from . import documents, prompts
 from .chat import off_loop, prompt_headers, timings
 from .errors import APIError
 from .scheduler import ClientGone, admit, collect, start
@@ -125,6 +127,10 @@ class ChatCompletionRequest(_Sampling):
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    collection: str | None = Field(None, max_length=64)  # answer from these documents (serve/documents.py)
+    collection_k: int = Field(5, ge=1, le=documents.MAX_K)
+    collection_mode: Literal["hybrid", "bm25", "vector"] = "hybrid"
+    prompt_template: dict[str, Any] | None = None  # {"name", "variables"} (serve/prompts.py)
 
 
 class CompletionRequest(_Sampling):
@@ -227,6 +233,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
     messages = conversation.normalize_messages(body.messages)
+    docs = await documents.retrieve_for(body, messages)  # from the user's own words, before any template
+    if body.prompt_template is not None:
+        messages = await off_loop(prompts.apply, body, messages)
     sampling = body.sampling()
     format_grammar = await off_loop(grammars.response_format_grammar, body.response_format)
     stop = limits.check_stop(body.stop)
@@ -235,6 +244,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         lm = lease.loaded
         model = lease.model
         requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        if docs is not None:
+            messages = await off_loop(documents.quote, model, messages, docs, requested)
         turn = await off_loop(conversation.prepare, model, messages, tools=body.tools, tool_choice=body.tool_choice,
                               grammar=format_grammar, sampling=sampling, n=body.n, max_tokens=requested, stop=stop,
                               logprobs=(body.top_logprobs or 0) if body.logprobs else None, truncate=body.truncate,
@@ -248,7 +259,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     base = {"id": _id("chatcmpl"), "created": int(time.time()), "model": lease.name, "system_fingerprint": FINGERPRINT}
     extra = {"truncated_prompt_tokens": prompt.truncated_tokens} if prompt.truncated_tokens else {}
     if body.stream:
-        return StreamingResponse(_chat_stream(request, body, lease, gens, turn, base, extra, messages),
+        tail = docs.fields() if docs is not None else None
+        return StreamingResponse(_chat_stream(request, body, lease, gens, turn, base, extra, messages, tail),
                                  media_type="text/event-stream", headers={**prompt_headers(prompt), **STREAM_HEADERS})
     try:  # the lease is held until the answer is built: the model may go as soon as it is released
         events = await collect(request, gens)
@@ -269,7 +281,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         note(request, gen=sum(r.n_gen for r in gens.results), cached=r0.n_cached, ttft=round(r0.ttft_s, 3))
         record(request, lm.name, *_last_user(messages), gens.results)
         return JSONResponse({**base, "object": "chat.completion", "choices": choices,
-                             "usage": _usage(gens.results, r0.n_prompt, r0.n_cached), "timings": timings(r0), **extra},
+                             "usage": _usage(gens.results, r0.n_prompt, r0.n_cached), "timings": timings(r0), **extra,
+                             **(docs.fields() if docs is not None else {})},
                             headers=prompt_headers(prompt))
     except ClientGone:
         return Response(status_code=499)
@@ -277,7 +290,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         lease.release()
 
 
-async def _chat_stream(request, body: ChatCompletionRequest, lease, gens, turn, base: dict, extra: dict, messages):
+async def _chat_stream(request, body: ChatCompletionRequest, lease, gens, turn, base: dict, extra: dict, messages,
+                       tail: dict | None = None):
     model = lease.model
     n = len(gens.streams)
     usage_field = {"usage": None} if body.include_usage else {}
@@ -317,6 +331,8 @@ async def _chat_stream(request, body: ChatCompletionRequest, lease, gens, turn, 
                         for j, c in enumerate(calls)]})
             yield chunk(i, {}, finish=finish, timings=timings(r), **extra)
         results = gens.results
+        if tail:  # the documents' sources, once every answer is whole
+            yield _sse({**base, "object": "chat.completion.chunk", "choices": [], **usage_field, **tail})
         if body.include_usage:
             yield _sse({**base, "object": "chat.completion.chunk", "choices": [],
                         "usage": _usage(results, results[0].n_prompt, results[0].n_cached)})
