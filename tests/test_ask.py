@@ -18,7 +18,7 @@ from llmdesk.rag.guard import ORDERS, SYSTEM, parse_quoted
 from llmdesk.rag.ingest import add
 from llmdesk.rag.search import search
 from llmdesk.runtime.model import Model
-from llmdesk.tools.agent import run_agent
+from llmdesk.runtime.agent import run_agent
 
 OPS = """# Operations
 
@@ -133,7 +133,8 @@ def test_a_tool_call_with_retrieved_text_in_the_context_is_always_asked(notes, m
         return False
 
     def agent(messages, **kw):
-        return run_agent(model, messages, {"backup_now": backup_now}, tool_choice="required", max_steps=1, **kw)
+        r = run_agent(model, messages, {"backup_now": backup_now}, tool_choice="required", max_steps=1, **kw)
+        return r.reply, r.messages
 
     answer, added = chat_turn(model, [], "When do backups run?", "notes", k=2, mode="bm25", agent=agent,
                               confirm=confirm, yes=True, max_tokens=200, temperature=0, nonce="5eed5eed5eed5eed")

@@ -16,8 +16,8 @@ from llmdesk.runtime import conversation
 from llmdesk.runtime.engine import ContextOverflow
 from llmdesk.runtime.limits import InvalidRequest
 from llmdesk.runtime.model import Model
-from llmdesk.tools.agent import run_agent
-from llmdesk.tools.functions import function_tool, load_functions
+from llmdesk.runtime.agent import run_agent
+from llmdesk.runtime.functions import function_tool, load_functions
 
 
 @pytest.fixture(scope="module")
@@ -195,8 +195,9 @@ def test_agent_loop_runs_calls_feeds_results_and_ends_with_an_answer(model):
             raise ValueError("odd")
         return "even"
 
-    reply, msgs = run_agent(model, [{"role": "user", "content": "go"}], {"flaky": flaky}, tool_choice="required",
-                            max_steps=3, on_run=runs.append, max_tokens=200, temperature=0)
+    r = run_agent(model, [{"role": "user", "content": "go"}], {"flaky": flaky}, tool_choice="required",
+                  max_steps=3, on_run=runs.append, max_tokens=200, temperature=0)
+    reply, msgs = r.reply, r.messages
     assert len(calls) == 3 and len(runs) == 3
     tool_msgs = [m for m in msgs if m["role"] == "tool"]
     assert [m["content"] for m in tool_msgs] == [r.result for r in runs]
@@ -211,9 +212,9 @@ def test_agent_asks_before_each_call(model):
     def plus(a: int, b: int) -> None:
         ran.append(1)
 
-    reply, msgs = run_agent(model, [{"role": "user", "content": "go"}], {"add": plus},
-                            tool_choice="required", max_steps=1, confirm=lambda call: False, max_tokens=200,
-                            temperature=0)
+    msgs = run_agent(model, [{"role": "user", "content": "go"}], {"add": plus},
+                     tool_choice="required", max_steps=1, confirm=lambda call: False, max_tokens=200,
+                     temperature=0).messages
     assert not ran
     assert [m["content"] for m in msgs if m["role"] == "tool"] == ["declined: the user did not allow this call"]
 

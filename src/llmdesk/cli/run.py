@@ -284,7 +284,8 @@ def chat(
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Run the model's tool calls without asking first.")] = False,
     docs: Annotated[Optional[str], typer.Option("--docs", help="Answer from this collection of your documents ('llmdesk docs list'): each message retrieves passages, quoted to the model as data, and the answer cites them as [n].")] = None,
     mcp: Annotated[Optional[Path], typer.Option("--mcp", help="An MCP config (the mcpServers JSON of Claude Desktop or LM Studio): its servers are started or reached, and the model may call their tools.", dir_okay=False)] = None,
-    tool_choice: Annotated[Optional[str], typer.Option("--tool-choice", help="auto (the model decides), required (it must call a tool each round, up to 8), none, or a tool's name (it must call that one).")] = None,
+    tool_choice: Annotated[Optional[str], typer.Option("--tool-choice", help="auto (the model decides), required (it must call a tool each round, up to --max-steps), none, or a tool's name (it must call that one).")] = None,
+    max_steps: Annotated[int, typer.Option("--max-steps", min=1, help="Rounds of tool calls per message before the model must answer without tools.")] = 8,
     lora: LoraOpt = None,
     no_log: NoLogOpt = False,
     prompt_template: PromptOpt = None,
@@ -401,7 +402,8 @@ def chat(
                 continue
             content = tpl.messages(variables, input=line)[-1]["content"] if tpl is not None else line
             turn = messages + [{"role": "user", "content": content}]
-            got = _answer(m, _with_system(system, turn), settings, stop, fmt, tools_now(), yes, state, choice, docs)
+            got = _answer(m, _with_system(system, turn), settings, stop, fmt, tools_now(), yes, state, choice, docs,
+                          max_steps)
             if got is None:  # interrupted, or the model could not answer
                 continue
             reply, added = got
@@ -452,7 +454,7 @@ def _with_system(system: str | None, messages: list[dict]) -> list[dict]:
 
 
 def _load_tools(paths: list[Path]) -> dict:
-    from ..tools.functions import function_tool, load_functions
+    from ..runtime.functions import function_tool, load_functions
 
     functions: dict = {}
     for path in paths:
@@ -489,22 +491,32 @@ def _check_collection(name: str) -> None:
                            f"`llmdesk docs add PATH --collection {name}`")
 
 
-def _answer_docs(m, messages: list[dict], collection: str, functions: dict, yes: bool, tool_choice, shown, kw):
+def _answer_docs(m, messages: list[dict], collection: str, functions: dict, yes: bool, tool_choice, shown, kw,
+                 max_steps: int = 8):
     """A --docs turn: the question retrieves passages, quoted as data (rag.answer.chat_turn);
     (the Answer, the messages added after the user's)."""
     from ..rag.answer import chat_turn
-    from ..tools.agent import run_agent
+    from ..runtime.agent import run_agent
 
     system = messages[0]["content"] if messages[0]["role"] == "system" else None
     history = messages[1 if system is not None else 0:-1]
     agent = None
     if functions:
         def agent(msgs, **kw2):
-            return run_agent(m, msgs, functions, on_run=shown, tool_choice=tool_choice, **kw2)
+            r = run_agent(m, msgs, functions, on_run=shown, tool_choice=tool_choice, max_steps=max_steps, **kw2)
+            _said_max_steps(r)
+            return r.reply, r.messages
     kw = {k: v for k, v in kw.items() if k != "truncate"}  # chat_turn truncates the history, never the passages
     a, added = chat_turn(m, history, messages[-1]["content"], collection, agent=agent, confirm=_confirm, yes=yes,
                          system=system, **kw)
     return a, added[1:]
+
+
+def _said_max_steps(r) -> None:
+    if r.max_steps_reached:
+        sys.stdout.write("\n")
+        err.print(f"(the model was still calling tools after {r.steps} rounds; it answered without them: "
+                  "raise --max-steps to let it go on)", style="yellow", markup=False)
 
 
 def _sources(a) -> None:
@@ -520,11 +532,11 @@ def _sources(a) -> None:
 
 
 def _answer(m, messages: list[dict], settings: dict, stop: list[str] | None, fmt, functions: dict, yes: bool,
-            state: dict, tool_choice="auto", docs: str | None = None):
+            state: dict, tool_choice="auto", docs: str | None = None, max_steps: int = 8):
     """Answer the conversation (running tool calls when tools are given; from a collection with
     `docs`): (the Reply, the messages it added after the user's), or None when interrupted or
     refused."""
-    from ..tools.agent import run_agent
+    from ..runtime.agent import run_agent
 
     kw = dict(settings)
     kw["max_tokens"] = None if kw["max_tokens"] < 0 else kw["max_tokens"]
@@ -537,12 +549,13 @@ def _answer(m, messages: list[dict], settings: dict, stop: list[str] | None, fmt
     try:
         answer = None
         if docs is not None:
-            answer, added = _answer_docs(m, messages, docs, functions, yes, tool_choice, shown, kw)
+            answer, added = _answer_docs(m, messages, docs, functions, yes, tool_choice, shown, kw, max_steps)
             reply = answer.reply
         elif functions:
-            reply, convo = run_agent(m, messages, functions, confirm=None if yes else _confirm, on_run=shown,
-                                     tool_choice=tool_choice, **kw)
-            added = convo[len(messages):]
+            r = run_agent(m, messages, functions, confirm=None if yes else _confirm, on_run=shown,
+                          tool_choice=tool_choice, max_steps=max_steps, **kw)
+            _said_max_steps(r)
+            reply, added = r.reply, r.messages[len(messages):]
         else:
             reply = m.respond(messages, **kw)
             added = [reply.message()]

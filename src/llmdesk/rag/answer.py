@@ -231,7 +231,7 @@ def chat_turn(model, history: list[dict], question: str, collection: str, *, k: 
     `history` holds no system message: `system` is added to the one that frames the passages.
 
     `agent(messages, confirm=..., **kw) -> (Reply, messages)` runs the model with tools (for
-    example `lambda msgs, **kw: tools.agent.run_agent(model, msgs, functions, **kw)`); its
+    example one that returns `(r.reply, r.messages)` of `runtime.agent.run_agent(model, msgs, functions, **kw)`); its
     `confirm` follows `tool_confirmation`: a tool call proposed while retrieved text is in the
     context is always asked, even with `yes`."""
     hits = retrieve(question, collection, k=k, mode=mode, embedder=embedder)

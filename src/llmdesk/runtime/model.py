@@ -244,8 +244,26 @@ class Model:
         kw["stop"] = list(kw.get("stop") or []) + [s for s in self.template.stop_strings if s not in (kw.get("stop") or [])]
         return kw
 
-    def chat(self, messages: list[dict], **kw) -> str:
-        """Answer the conversation `messages` ([{"role": ..., "content": ...}, ...])."""
+    def chat(self, messages: list[dict], *, tools=None, max_steps: int = 8, confirm=None, tool_choice=None,
+             tool_timeout: float | None = 60.0, on_run=None, **kw):
+        """Answer the conversation `messages` ([{"role": ..., "content": ...}, ...]): the text.
+
+        With `tools` (Python functions; their schemas come from type hints and docstrings) the
+        model may call them: the calls run, their results go back, and so on until it answers or
+        `max_steps` rounds of calls were made (runtime/agent.py). Returns a `runtime.agent.
+        AgentResult` then: `.text` (also `str(result)`), `.runs` (each call and its result),
+        `.messages` (the conversation with them), `.max_steps_reached`. `confirm(call) -> bool`
+        is asked before each call; `tool_choice`: "auto" (default), "required", "none" or
+        {"type": "function", "function": {"name": ...}} (a forced call, by a grammar; every round
+        but the last); `tool_timeout`: seconds a call may run; `on_run(ToolRun)` hears each call.
+        The other keywords (max_tokens, temperature, seed, stop, ...) are the sampling settings."""
+        if tools is not None:
+            from .agent import chat
+
+            return chat(self, messages, tools, max_steps=max_steps, confirm=confirm, tool_choice=tool_choice,
+                        tool_timeout=tool_timeout, on_run=on_run, **kw)
+        if tool_choice is not None or confirm is not None or on_run is not None:
+            raise LlmdeskError("tool_choice, confirm and on_run go with tools=[...]")
         return self.complete(self.chat_tokens(messages), **self._chat_kw(kw)).text
 
     def chat_start(self, messages: list[dict], **kw) -> Stream:

@@ -346,7 +346,16 @@ class RemoteModel:
         finally:
             s.cancel()
 
-    def chat(self, messages: list[dict], **kw) -> str:
+    def chat(self, messages: list[dict], *, tools=None, max_steps: int = 8, confirm=None, tool_choice=None,
+             tool_timeout: float | None = 60.0, on_run=None, **kw):
+        """The text of the answer; with `tools` the agent loop, as the local Model's `chat`."""
+        if tools is not None:
+            from .agent import chat
+
+            return chat(self, messages, tools, max_steps=max_steps, confirm=confirm, tool_choice=tool_choice,
+                        tool_timeout=tool_timeout, on_run=on_run, **kw)
+        if tool_choice is not None or confirm is not None or on_run is not None:
+            raise LlmdeskError("tool_choice, confirm and on_run go with tools=[...]")
         return self.finish(self.chat_start(messages, **kw)).text
 
     def chat_stream(self, messages: list[dict], **kw) -> Iterator[str]:

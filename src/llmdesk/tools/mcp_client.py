@@ -8,7 +8,7 @@ tools as functions the agent loop calls.
         "remote": {"url": "http://127.0.0.1:9000/mcp", "headers": {"Authorization": "Bearer KEY"}}}}
 
     with MCPTools(read_config("mcp.json"), on_problem=print) as mcp:
-        reply, messages = run_agent(model, messages, mcp.functions())
+        result = model.chat(messages, tools=mcp.functions())     # runtime/agent.py's loop
 
 A server entry may also give `"startup_timeout_sec"` and `"tool_timeout_sec"` (Codex's names;
 30 s to start and list the tools, 60 s per call by default; `"timeout"`, Cline's name, is the
