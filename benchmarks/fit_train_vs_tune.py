@@ -59,6 +59,8 @@ GRID = [
     Point("smollm2-135m-L4", "lora", 512, rank=64),
     Point("smollm2-135m-L4", "full", 128),
     Point("smollm2-135m-L4", "full", 512),
+    Point("smollm2-135m-L4", "full", 1024, batch=2),
+    Point("qwen2.5-0.5b-L2", "lora", 128, rank=64),
     Point("qwen2.5-0.5b-L2", "lora", 512, rank=8),
     Point("qwen2.5-0.5b-L2", "full", 128),
     Point("smollm2-135m", "lora", 256, batch=2, rank=16, steps=2),
