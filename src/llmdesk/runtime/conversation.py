@@ -292,7 +292,7 @@ class Turn:
         return tools_mod.StreamFilter(self.spec) if self.spec else None
 
     def parse(self, text: str) -> tuple[str, list[ToolCall]]:
-        return tools_mod.parse(text, self.spec.names) if self.spec else (text, [])
+        return tools_mod.parse(text, self.spec.names) if self.spec and self.spec.choice != "none" else (text, [])
 
     def reply(self, r: Result, events: list[TokenEvent] | None = None, model: "Model | None" = None) -> Reply:
         """The Reply for an Engine result (`events` and `model` give the logprobs, if asked for)."""

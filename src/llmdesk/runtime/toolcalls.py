@@ -52,7 +52,7 @@ class ToolCall:
 @dataclass
 class ToolSpec:
     tools: list[dict]  # [{"type": "function", "function": {"name", "description", "parameters"}}]
-    choice: str  # "auto" | "required" | "function" (forced: `forced` names it)
+    choice: str  # "auto" | "required" | "function" (forced: `forced` names it) | "none" (shown, not called)
     forced: str | None
     native: bool  # the model's chat template renders `tools` itself
     style: str  # "hermes" | "llama3" | "mistral" | "granite" | "functionary": the family's call format
@@ -69,7 +69,9 @@ class ToolSpec:
 
 def tool_spec(tools: list | None, tool_choice, template) -> ToolSpec | None:
     """Check the request's `tools` / `tool_choice` (OpenAI's shapes; Ollama's are the same) and
-    decide how this model will see them. None when no tools apply (none given, or choice "none")."""
+    decide how this model will see them. None when no tools apply: none given, or choice "none" for
+    a model whose template does not render tools (one that does still sees them, and the earlier
+    calls in its own format, but is not asked for a call and its answer is not read for one)."""
     if not tools:
         if tool_choice not in (None, "none", "auto"):
             raise InvalidRequest("'tool_choice' needs 'tools'", "tool_choice")
@@ -92,9 +94,10 @@ def tool_spec(tools: list | None, tool_choice, template) -> ToolSpec | None:
             raise InvalidRequest(f"tools[{i}].function.parameters must be a JSON schema object",
                            f"tools[{i}].function.parameters")
         check_schema(params, f"tools[{i}].function.parameters")
-        entry = {"name": name, "parameters": params}
+        entry = {"name": name}  # the order of OpenAI's documentation and transformers' get_json_schema
         if isinstance(fn.get("description"), str):
             entry["description"] = fn["description"]
+        entry["parameters"] = params
         clean.append({"type": "function", "function": entry})
     names = [t["function"]["name"] for t in clean]
     if len(set(names)) != len(names):
@@ -104,7 +107,7 @@ def tool_spec(tools: list | None, tool_choice, template) -> ToolSpec | None:
     if tool_choice is None or tool_choice == "auto":
         choice = "auto"
     elif tool_choice == "none":
-        return None
+        choice = "none"
     elif tool_choice == "required":
         choice = "required"
     elif isinstance(tool_choice, dict) and isinstance(tool_choice.get("function"), dict):
@@ -118,6 +121,8 @@ def tool_spec(tools: list | None, tool_choice, template) -> ToolSpec | None:
                             "{\"type\": \"function\", \"function\": {\"name\": ...}}", "tool_choice")
     source = template.source
     native = "tools" in source
+    if choice == "none" and not native:
+        return None
     style = family(source) if native else "hermes"
     return ToolSpec(clean, choice, forced, native, style, template_habits(template) if native else None)
 
@@ -485,12 +490,15 @@ class StreamFilter:
 
     def __init__(self, spec: ToolSpec):
         self.names = spec.names
+        self.off = spec.choice == "none"  # no call is read from the answer: all of it is text
         self.capturing = spec.must_call
         self.pending = ""
         self.captured = ""
         self.started = False  # some text was passed on
 
     def feed(self, text: str) -> str:
+        if self.off:
+            return text
         if self.capturing:
             self.captured += text
             return ""
