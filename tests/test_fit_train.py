@@ -97,3 +97,4 @@ def test_cli_takes_tunes_options(capsys):
     assert main(["fit", "smollm2-135m", "--train", "full", "--seq-len", "256"]) == 0
     o = capsys.readouterr().out
     assert "training (full, seq 256, batch 4)" in o and "CPU (fp32)" in o and "peak" in o
+    assert "llmdesk tune on this CPU: " in o and " available" in o  # against this machine's free RAM

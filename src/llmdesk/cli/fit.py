@@ -122,10 +122,10 @@ def _print_report(r) -> None:
     o.print(f"decode reads {_size(r.bytes_per_token)} per token: tokens/s < bandwidth / that (the bound in "
               "brackets); prefill from compute", markup=False, style="dim")
     if r.training is not None:
-        _print_training(o, r.training)
+        _print_training(o, r.training, r.machine)
 
 
-def _print_training(o, cpu) -> None:
+def _print_training(o, cpu, machine=None) -> None:
     """The training estimate: this CPU (fp32, as llmdesk tune trains here) beside a CUDA GPU."""
     cols = [cpu, cpu.gpu] if cpu.device == "cpu" else [cpu]
     o.print("")
@@ -158,6 +158,11 @@ def _print_training(o, cpu) -> None:
               places[0] if len(places) == 1 else "; ".join(f"{heads[e.device]}: {at[e.peak_at]}" for e in cols),
               style="bold")
     o.print(t)
+    if machine is not None and cpu.device == "cpu":
+        avail = machine.available_bytes or machine.ram_bytes
+        fits = "fits" if cpu.total_bytes <= avail else "does NOT fit"
+        o.print(f"llmdesk tune on this CPU: {_size(cpu.total_bytes)} at its peak {fits} in the "
+                f"{_size(avail)} available", markup=False)
     if cpu.device != "cpu":
         err.print("note: QLoRA needs a CUDA GPU (bitsandbytes); llmdesk tune runs lora or full on a CPU", markup=False)
 
