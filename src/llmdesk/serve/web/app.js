@@ -1,10 +1,12 @@
 // llmdesk's web chat: plain JavaScript over the server's OpenAI API (/v1/models,
 // /v1/chat/completions streamed as server-sent events). Conversations and settings live in this
-// browser's localStorage; nothing is stored on the server.
+// browser's localStorage; nothing is stored on the server (but the documents uploaded in the
+// Documents panel, documents.js).
 "use strict";
 
 (function () {
   const $ = (id) => document.getElementById(id);
+  const docs = window.llmdeskDocs; // documents.js: the collection to answer from, and the answers' sources
   const els = {
     sidebar: $("sidebar"), list: $("conversations"), newChat: $("new-chat"), toggleSidebar: $("toggle-sidebar"),
     model: $("model"), status: $("status"), toggleSettings: $("toggle-settings"), settings: $("settings"),
@@ -184,6 +186,7 @@
     copy.addEventListener("click", () => copyText(m.content, copy));
     meta.append(stats, copy);
     wrap.append(bubble, meta);
+    docs.decorate(wrap, bubble, m);
     return wrap;
   }
 
@@ -275,7 +278,8 @@
     current.model = els.model.value;
     save(KEYS.model, current.model);
     current.messages.push({ role: "user", content: text });
-    const answer = { role: "assistant", content: "", stats: "" };
+    const { collection } = docs.fields(); // answered from this collection of documents, if any
+    const answer = { role: "assistant", content: "", stats: "", collection };
     current.messages.push(answer);
     current.updated = Date.now();
     saveConversations();
@@ -295,6 +299,7 @@
       // explicitly, and shown under the answer
       truncate: true,
       ...samplingOptions(),
+      ...docs.fields(),
     };
 
     controller = new AbortController();
@@ -318,6 +323,7 @@
       for await (const chunk of events(resp)) {
         if (chunk.error) throw new Error(chunk.error.message || "generation failed");
         if (chunk.usage) usage = chunk.usage;
+        docs.take(answer, chunk);
         const choice = chunk.choices && chunk.choices[0];
         if (!choice) continue;
         if (chunk.timings) timings = chunk.timings;
