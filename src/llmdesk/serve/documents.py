@@ -184,12 +184,16 @@ async def search_collection(name: str, body: SearchRequest):
     return {"object": "list", "data": [_shown(passage_dict(h, n), name) for n, h in enumerate(hits, 1)]}
 
 
-async def _one_at_a_time(fn, *args):
-    """`fn(*args)` on the ingest thread, after the uploads and removals before it."""
-    global _queued
+def _check_queue() -> None:
     if _queued > MAX_WAITING:
         raise APIError(429, f"{_queued} uploads are being ingested or waiting; try again when they are done",
                        headers={"Retry-After": "5"})
+
+
+async def _one_at_a_time(fn, *args):
+    """`fn(*args)` on the ingest thread, after the uploads and removals before it."""
+    global _queued
+    _check_queue()
     _queued += 1
     try:
         return await asyncio.get_running_loop().run_in_executor(_INGEST, fn, *args)
@@ -248,6 +252,7 @@ async def upload_files(name: str, request: Request):
     ingest.check_name(name)
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise APIError(400, "send the files as multipart/form-data, one 'files' field per file", param="files")
+    _check_queue()  # before the body is read
     form = await request.form(max_files=MAX_FILES, max_fields=4, max_part_size=4096)
     try:
         files = [f for f in form.getlist("files") if not isinstance(f, str)]
