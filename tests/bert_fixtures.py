@@ -40,11 +40,13 @@ SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
 def make_tiny_bert_folder(path: str | Path, *, pooling: str | None = "mean", vocab_size: int = 600,
-                          seed: int = 0, hidden: int = 64, layers: int = 2, heads: int = 4) -> Path:
+                          seed: int = 0, hidden: int = 64, layers: int = 2, heads: int = 4,
+                          masked_lm: bool = False) -> Path:
     """A tiny random-weight BertModel checkpoint with a trained WordPiece tokenizer (lowercasing,
     accents stripped, as bert-base-uncased and all-MiniLM-L6-v2). `pooling` "mean" or "cls" makes
     it a sentence-transformers folder (modules.json, 1_Pooling/config.json, Normalize); None a
-    plain transformers folder."""
+    plain transformers folder. `masked_lm`: saved as BertForMaskedLM (the encoder under "bert.",
+    with its MLM head), as pre-trained BERT checkpoints are."""
     import torch
     import transformers
     from tokenizers import BertWordPieceTokenizer
@@ -69,7 +71,7 @@ def make_tiny_bert_folder(path: str | Path, *, pooling: str | None = "mean", voc
                                   max_position_embeddings=128, type_vocab_size=2, hidden_act="gelu",
                                   layer_norm_eps=1e-12, initializer_range=0.1, pad_token_id=0)
     torch.manual_seed(seed)
-    model = transformers.BertModel(cfg).eval()
+    model = (transformers.BertForMaskedLM if masked_lm else transformers.BertModel)(cfg).eval()
     with torch.no_grad():  # LayerNorms not at their 1/0 start, biases not zero: checks they are carried over
         for name, p in model.named_parameters():
             if "LayerNorm" in name or name.endswith("bias"):
@@ -90,7 +92,7 @@ def make_tiny_bert_folder(path: str | Path, *, pooling: str | None = "mean", voc
 
 
 def make_tiny_bert_gguf(dir: str | Path, *, pooling: str | None = "mean", out_type: str = "f32",
-                        name: str = "tiny-bert") -> Path:
+                        name: str = "tiny-bert", masked_lm: bool = False) -> Path:
     """`dir`/NAME.gguf: the tiny BERT of `make_tiny_bert_folder` (in `dir`/NAME-hf) converted by
     llmdesk's converter with its tokenizer self-check; made once per folder, reused after."""
     from llmdesk.formats.convert import convert
@@ -99,6 +101,6 @@ def make_tiny_bert_gguf(dir: str | Path, *, pooling: str | None = "mean", out_ty
     dir = Path(dir)
     out = dir / f"{name}.gguf"
     if not out.exists():
-        folder = make_tiny_bert_folder(dir / f"{name}-hf", pooling=pooling)
+        folder = make_tiny_bert_folder(dir / f"{name}-hf", pooling=pooling, masked_lm=masked_lm)
         convert(folder, out, out_type=out_type, name=name, check_with=LlamaModel)
     return out

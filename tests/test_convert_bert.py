@@ -59,9 +59,12 @@ def transformers_embeddings(folder: Path, texts: list[str], pooling: str) -> tup
     return ids, np.array(vecs)
 
 
-@pytest.mark.parametrize("pooling", ["mean", "cls", None])
-def test_tiny_bert_embeddings_match_transformers(tmp_path, pooling):
-    gguf = make_tiny_bert_gguf(tmp_path, pooling=pooling)
+@pytest.mark.parametrize("pooling, masked_lm", [("mean", False), ("cls", False), (None, False), (None, True)],
+                         ids=["mean", "cls", "no-pooling-module", "BertForMaskedLM"])
+def test_tiny_bert_embeddings_match_transformers(tmp_path, pooling, masked_lm):
+    gguf = make_tiny_bert_gguf(tmp_path, pooling=pooling, masked_lm=masked_lm)
+    cfg = json.loads((tmp_path / "tiny-bert-hf" / "config.json").read_text())
+    assert cfg["architectures"] == ["BertForMaskedLM" if masked_lm else "BertModel"]
     ref_ids, ref = transformers_embeddings(tmp_path / "tiny-bert-hf", SENTENCES, pooling or "mean")
     with llmdesk.load(gguf) as m:
         assert m.info.architecture == "bert"

@@ -24,8 +24,8 @@ def convert(
     base: Annotated[Optional[str], typer.Option("--base", help="With --lora: the base model the adapter was trained on: its Hugging Face folder, its GGUF, or NAME[:TAG] from 'llmdesk list'.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
-    """Convert a Hugging Face checkpoint (llama, mistral, qwen2, phi3, gemma, gemma2) to GGUF, or
-    with --lora a PEFT LoRA adapter to a llama.cpp LoRA GGUF.
+    """Convert a Hugging Face checkpoint (llama, mistral, qwen2, phi3, gemma, gemma2; bert for
+    embeddings) to GGUF, or with --lora a PEFT LoRA adapter to a llama.cpp LoRA GGUF.
 
     After writing, the tokenizer is checked: test strings tokenized by the original tokenizer and
     by llama.cpp reading the new file must give the same ids, else the file is removed. An
