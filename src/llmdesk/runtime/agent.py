@@ -161,6 +161,8 @@ def run_agent(model, messages: list[dict], functions: dict[str, Callable], *, co
             text, calls, bad = toolcalls.malformed(reply.text, list(functions))
             if calls:
                 reply.text = text
+            if reply.finish_reason == "length":  # a call cut off is not the model's mistake: say so
+                bad = {k: v + "; the answer was cut off at its token limit (max_tokens)" for k, v in bad.items()}
         msgs.append(_message(reply.text, calls))
         if not calls:
             return AgentResult(reply.text, reply, msgs, runs, step)

@@ -467,7 +467,7 @@ def _json_values_or_error(text: str) -> tuple[list, str | None]:
     try:
         dec.raw_decode(tail)
     except json.JSONDecodeError as e:
-        return values, f"{e.msg} at character {e.pos + 1}"
+        return values, f"{e.msg}, character {e.pos + 1}"
     return values, "text after the call"
 
 
