@@ -10,7 +10,8 @@ model as the call's result, as a person at a terminal would read it:
 - a call the model wrote but that cannot be read (bad JSON), names no tool it was given, or
   whose arguments do not match the tool's schema (a missing argument, a string for an integer),
 - a tool that raises, or runs longer than `tool_timeout` seconds (it is left behind in its
-  thread; the loop goes on without its result),
+  thread; the loop goes on without its result; an MCP server's tool keeps the timeout of the
+  server's config),
 - a call the user declines ("declined").
 Several calls in one turn (parallel tool calls) run side by side, each with its own timeout;
 their results go back in the order the model wrote them. After `max_steps` rounds of calls the
@@ -202,13 +203,15 @@ def _run_calls(calls, bad: dict, functions, schemas, confirm, timeout) -> list[t
         elif confirm is not None and not confirm(call):
             results[i] = ("declined: the user did not allow this call", False)
         else:
-            running.append((i, *_start(fn, call.arguments)))
-    deadline = None if timeout is None else time.monotonic() + timeout
-    for i, thread, out in running:
-        thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            # a tool from elsewhere (an MCP server's) keeps the timeout its own config gives it
+            limit = timeout if getattr(fn, "tool", None) is None else None
+            running.append((i, limit, *_start(fn, call.arguments)))
+    t0 = time.monotonic()
+    for i, limit, thread, out in running:
+        thread.join(None if limit is None else max(0.0, t0 + limit - time.monotonic()))
         if out:
             results[i] = out[0]
         else:
-            results[i] = (f"error: {calls[i].name} did not finish within {timeout:g} s and was left running; "
+            results[i] = (f"error: {calls[i].name} did not finish within {limit:g} s and was left running; "
                           "its result is lost", False)
     return results  # type: ignore[return-value]
