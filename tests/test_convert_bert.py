@@ -94,6 +94,8 @@ def test_convert_cli_writes_and_registers_bert(tmp_path, user_dir):
     with llmdesk.load("tiny-bert:f16") as m:
         a, b = m.embed(["the cat sat on the mat", "the cat sat on a mat"])
         assert len(a) == 64 and float(np.dot(a, b)) > 0.9
+    # an encoder has no text to give: asked to generate, it says so in one line
+    assert "is an embedding model (bert)" in one_error_line(cli("run", "-m", "tiny-bert:f16", "hello", home=user_dir))
 
 
 # -- what a user can get wrong -------------------------------------------------------------------

@@ -603,6 +603,7 @@ class Engine:
     def submit(self, request: Request, events=None) -> Stream:
         if self._closed:
             raise LlmdeskError("the model was unloaded")
+        self._check_generates()
         n = len(request.prompt)
         if n == 0:
             raise LlmdeskError("the prompt is empty")
@@ -627,12 +628,19 @@ class Engine:
             self._cv.notify()
         return stream
 
+    def _check_generates(self) -> None:
+        """An encoder (BERT: bidirectional attention, no output head) only embeds."""
+        if not self.model.causal:
+            raise LlmdeskError(f"this is an embedding model ({self.model.arch}): it makes vectors, not text; "
+                               "use it to embed (Model.embed, llmdesk docs --embed-model)")
+
     def score(self, requests: list[ScoreRequest], *, time_limit: float | None = None) -> ScoreJob:
         """Queue (context, continuation) pairs to score; `.wait()` the job for one ScoreResult per
         pair. Pairs fill free slots and share `llama_decode` calls with generation; a context
         already in the KV cache, or shared by several pairs, is computed once."""
         if self._closed:
             raise LlmdeskError("the model was unloaded")
+        self._check_generates()
         limits.check_score(requests, n_vocab=self.model.n_vocab, time_limit=time_limit)
         for i, r in enumerate(requests):
             n = len(r.context) + len(r.continuation) - 1
