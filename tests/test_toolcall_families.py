@@ -14,12 +14,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
 from llmdesk.runtime import conversation
 from llmdesk.runtime.agent import run_agent
-from llmdesk.runtime.engine import Result
+from llmdesk.runtime.engine import Result, sampling_params
+from llmdesk.runtime.functions import function_tool
 from llmdesk.runtime.model import Model
 
 TEMPLATES = Path(__file__).parent / "chat_templates"
@@ -228,3 +230,38 @@ def test_malformed_calls_go_back_to_the_model_and_the_loop_stops_at_max_steps(fa
     calls = [c for m in r.messages if m.get("tool_calls") for c in m["tool_calls"]]
     assert [m["tool_call_id"] for m in tool_msgs] == [c["id"] for c in calls]
     assert [c["function"]["name"] for c in calls] == ["get_weather", "get_forecast", "get_weather"]
+
+
+def pick(city: Literal["Oslo", "Lima"]) -> str:
+    """Pick a city."""
+    return city
+
+
+def hour(h: Literal[9, 12]) -> str:
+    """Pick an hour."""
+    return str(h)
+
+
+FORCED_HEADS = {"qwen2.5": "<tool_call>\n{", "hermes-2-pro": "<tool_call>\n{", "llama3.1": '{"name"',
+                "mistral-nemo": "[TOOL_CALLS]", "functionary-v3.1": "<function=pick>{",
+                "granite-3.3": "<|tool_call|>["}
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "pick"}}])
+def test_a_forced_call_is_written_in_the_family_format_and_read_back(family, choice):
+    """The real model, made to call by a grammar, writes the call as the family's model would."""
+    fam, model = family
+    tools = [function_tool(pick), function_tool(hour)] if choice == "required" else [function_tool(pick)]
+    turn = conversation.prepare(model, conversation.normalize_messages([{"role": "user", "content": "Pick one."}]),
+                                tools=tools, tool_choice=choice, max_tokens=120,
+                                sampling=sampling_params(temperature=0))
+    raw = model.engine.submit(turn.requests[0]).wait()
+    head = FORCED_HEADS[next(k for k, f in FAMILIES.items() if f is fam)]
+    if choice == "required" and head.startswith("<function="):  # several tools: the bare JSON object it also reads
+        head = '{"name"'
+    assert "".join(raw.text.split()).startswith("".join(head.split())), raw.text
+    reply = turn.reply(raw)
+    assert reply.finish_reason == "tool_calls" and len(reply.tool_calls) == 1 and not reply.text
+    call = reply.tool_calls[0]
+    assert call.arguments in ({"city": "Oslo"}, {"city": "Lima"}) if call.name == "pick" else call.arguments in (
+        {"h": 9}, {"h": 12})
