@@ -1,5 +1,5 @@
-"""The conversation layer (runtime/conversation.py), Python functions as tools, the agent loop,
-and `llmdesk chat` on top of them: the same path the server's chat routes take."""
+"""The conversation layer (runtime/conversation.py), Python functions as tools, and `llmdesk chat`
+on top of them: the same path the server's chat routes take. The agent loop: test_agent.py."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from llmdesk.runtime import conversation
 from llmdesk.runtime.engine import ContextOverflow
 from llmdesk.runtime.limits import InvalidRequest
 from llmdesk.runtime.model import Model
-from llmdesk.runtime.agent import run_agent
 from llmdesk.runtime.functions import function_tool, load_functions
 
 
@@ -179,44 +178,6 @@ def test_load_functions_takes_the_files_own_public_functions(tmp_path):
         load_functions(tmp_path / "broken.py")
     with pytest.raises(LlmdeskError, match="no such file"):
         load_functions(tmp_path / "missing.py")
-
-
-# ---------------------------------------------------------------------------------------------
-# the agent loop, on the real engine (a forced call: the tiny model writes nothing useful unforced)
-
-
-def test_agent_loop_runs_calls_feeds_results_and_ends_with_an_answer(model):
-    calls, runs = [], []
-
-    def flaky(a: int) -> str:
-        """Fails on odd numbers."""
-        calls.append(a)
-        if a % 2:
-            raise ValueError("odd")
-        return "even"
-
-    r = run_agent(model, [{"role": "user", "content": "go"}], {"flaky": flaky}, tool_choice="required",
-                  max_steps=3, on_run=runs.append, max_tokens=200, temperature=0)
-    reply, msgs = r.reply, r.messages
-    assert len(calls) == 3 and len(runs) == 3
-    tool_msgs = [m for m in msgs if m["role"] == "tool"]
-    assert [m["content"] for m in tool_msgs] == [r.result for r in runs]
-    for a, run in zip(calls, runs):  # a tool's error goes back to the model as its result
-        assert run.ok == (a % 2 == 0) and (run.result == "even" or run.result == "error: ValueError: odd")
-    assert not reply.tool_calls and msgs[-1]["role"] == "assistant"  # the last round has tools off
-
-
-def test_agent_asks_before_each_call(model):
-    ran = []
-
-    def plus(a: int, b: int) -> None:
-        ran.append(1)
-
-    msgs = run_agent(model, [{"role": "user", "content": "go"}], {"add": plus},
-                     tool_choice="required", max_steps=1, confirm=lambda call: False, max_tokens=200,
-                     temperature=0).messages
-    assert not ran
-    assert [m["content"] for m in msgs if m["role"] == "tool"] == ["declined: the user did not allow this call"]
 
 
 # ---------------------------------------------------------------------------------------------
