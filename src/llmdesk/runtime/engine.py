@@ -455,6 +455,7 @@ class _Slot:
         self.lora = lora  # the adapter set those cells were computed under
         self.stream: Stream | None = None  # a generation in this slot, or
         self.task: _ScoreTask | None = None  # a score request in it
+        self.cached_for = None  # the ScoreJob whose finished request left these cells
         self.chain = None
         self.todo: list[int] = []  # prompt tokens still to prefill
         self.next_token: int | None = None  # sampled, to be decoded at the next step
@@ -897,6 +898,7 @@ class Engine:
             slot.lora = lora
             slot.todo = prompt[keep:]
             slot.stream = stream
+            slot.cached_for = None
             slot.chain = stream._chain
             slot.next_token = None
             slot.text = _TextOut(stream.request.stop)
@@ -966,6 +968,7 @@ class Engine:
             slot.lora = lora
             slot.todo = toks[keep:]
             slot.task = task
+            slot.cached_for = None
             slot.t_admit = time.perf_counter()
             task.n_cached = keep
 
@@ -1148,6 +1151,7 @@ class Engine:
         slot.todo = []
         slot.last_used = time.perf_counter()
         job = task.job
+        slot.cached_for = job
         job.results[task.index] = task.result()
         job.n_done += 1
         if job.n_done == len(job.requests):
@@ -1164,7 +1168,9 @@ class Engine:
             if any(t.job is job for t in self.score_queue):
                 self.score_queue = deque(t for t in self.score_queue if t.job is not job)
         for slot in self.slots:
-            if slot.task is not None and slot.task.job is job:
+            # its slots, and the idle ones it left cells in (a cancel between two of its requests)
+            if (slot.task is not None and slot.task.job is job) or (slot.idle and slot.cached_for is job):
+                slot.cached_for = None
                 C.llama_memory_seq_rm(self.mem, slot.seq, -1, -1)
                 slot.cache = []
                 slot.task = None
