@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -45,15 +46,15 @@ def tune(
     inspect: Annotated[bool, typer.Option("--inspect", help="Show the token lengths and a few rendered rows with the trained tokens marked; no training.")] = False,
     html: Annotated[Optional[Path], typer.Option("--html", help="With --inspect: also write the rendered rows to this HTML file.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
-    processes: Annotated[int, typer.Option("--processes", help="Train data parallel in N processes on this machine (one a GPU, else CPU processes): accelerate launch runs this command N times; --batch is each one's share of a micro-batch.")] = 1,
+    processes: Annotated[int, typer.Option("--processes", help="Train data parallel in N processes on this machine (one a GPU, else CPU processes), as 'accelerate launch --num_processes N' would; --batch is each one's share of a micro-batch.")] = 1,
 ) -> Optional[int]:
     """Fine-tune a model on your data: LoRA (default), QLoRA or all weights.
 
     'llmdesk tune BASE chats.jsonl -o out --merge --gguf q4_k_m' trains, writes the adapter
     (out/adapter/, PEFT format), the merged model (out/merged/) and a GGUF in the store.
     'llmdesk tune chats.jsonl --base BASE --inspect' shows what would be trained.
-    'llmdesk tune BASE chats.jsonl -o out --processes 2' trains data parallel in two processes
-    (the same as 'accelerate launch --num_processes 2 -m llmdesk.cli.main tune BASE chats.jsonl -o out').
+    'llmdesk tune BASE chats.jsonl -o out --processes 2' trains data parallel in two processes, as
+    'accelerate launch --multi_gpu --num_processes 2 -m llmdesk.cli.main tune BASE chats.jsonl -o out' does.
     """
     base_ref, data = (base, list(args)) if base is not None else (args[0], list(args[1:]))
     if not data:
@@ -73,8 +74,6 @@ def tune(
         raise LlmdeskError(f"--processes must be at least 1, got {processes}")
     if processes > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise LlmdeskError("--processes under accelerate launch (or torchrun): give the processes to one of them")
-    if processes > 1:
-        return _launch(ctx, processes)
 
     from ..train.tune import TuneConfig, process_rank, tune as run_tune
 
@@ -91,6 +90,11 @@ def tune(
         if gguf.lower() not in ("f32", "f16", "bf16", "q8_0"):  # the converter's own types
             quant_type(gguf)  # an unknown type: one line now, not after training
         quantizer = quantize_model
+    if processes > 1:  # the settings and the base are checked: now the same command in each process
+        from ..train.tune import find_base
+
+        find_base(base_ref)
+        return _launch(ctx, processes)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from ..runtime.llama import LlamaModel
@@ -128,7 +132,7 @@ def tune(
         elif kind == "status" and d["text"] not in ("tokenizer",):
             say(d["text"] + " ...")
 
-    with progress:
+    with progress, _one_voice():
         res = run_tune(base_ref, data, output, cfg, val=val, resume=resume, merge=merge, gguf=gguf, lora_gguf=lora_gguf, name=name,
                        chat_template=chat_template, quantize_with=quantizer, check_with=LlamaModel, on_event=on_event)
     if process_rank() != 0:  # under accelerate launch: the first process speaks for all
@@ -147,11 +151,22 @@ def tune(
     return None
 
 
-def _launch(ctx: typer.Context, processes: int) -> int:
-    """This same command, without --processes, run by `accelerate launch` in `processes` processes."""
-    import subprocess
+@contextmanager
+def _one_voice():
+    """In a run of several processes, an error is said once, by rank 0 (the others exit with 1)."""
+    from ..train.tune import process_rank
 
-    from ..train.tune import launch_command
+    try:
+        yield
+    except LlmdeskError:
+        if process_rank() != 0:
+            raise typer.Exit(1) from None
+        raise
+
+
+def _launch(ctx: typer.Context, processes: int) -> int:
+    """This same command, without --processes, run in `processes` processes."""
+    from ..train.tune import launch
 
     argv: list[str] = []
     for p in ctx.command.params:
@@ -164,13 +179,7 @@ def _launch(ctx: typer.Context, processes: int) -> int:
             argv.append(p.opts[-1])
         else:
             argv += [p.opts[-1], str(value)]
-    cmd = launch_command(processes, argv)
-    proc = subprocess.Popen(cmd)
-    while True:
-        try:
-            return proc.wait()  # the processes share the terminal: Ctrl-C reaches them too
-        except KeyboardInterrupt:
-            continue
+    return launch(processes, argv)
 
 
 def _inspect(base_ref: str, data: list[str], seq_len: int, html: Optional[Path], train_on: str,

@@ -13,7 +13,10 @@ The whole story in one file:
      (little padding), the loss summed over trained tokens and divided by their count in the
      whole optimizer step (gradient accumulation weighs every token alike), AdamW, warm-up then
      cosine decay (train/loop.py's `lr_at`). The batches and the dropout of step s are a pure
-     function of (seed, s), so `resume` replays exactly the losses of an uninterrupted run;
+     function of (seed, s), so `resume` replays exactly the losses of an uninterrupted run; the
+     output head runs on the trained positions only. Under `accelerate launch` (WORLD_SIZE > 1)
+     the same loop runs data parallel: each process trains its share of every micro-batch and
+     the gradients are summed (`DataParallel`); rank 0 alone writes;
   5. validation loss every `eval_every` steps, an atomic checkpoint (trainable weights, optimizer,
      history) at the same times, and on Ctrl-C after the step in flight finishes;
   6. outputs, each written under a temporary name and renamed: the adapter in PEFT format
@@ -563,28 +566,39 @@ class DataParallel:
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
 
 
-def launch_command(processes: int, tune_args: list[str], *, port: int | None = None) -> list[str]:
-    """The `accelerate launch` command that runs `llmdesk tune TUNE_ARGS` in `processes` processes
-    on this machine (CPU processes talking over gloo where torch sees no CUDA device, else one a GPU)."""
-    import importlib.util
+def launch(processes: int, tune_args: list[str]) -> int:
+    """`llmdesk tune TUNE_ARGS` in `processes` processes on this machine, as `accelerate launch`
+    or torchrun would start them (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT; one a GPU
+    where there are GPUs, else the cores shared out). They share the terminal, so Ctrl-C reaches
+    each; when one fails the others are given a moment to fail the same way (and say so once,
+    from rank 0), then stopped. Returns the first non-zero exit code, else 0."""
     import socket
+    import subprocess
     import sys
 
-    if importlib.util.find_spec("accelerate") is None:
-        raise LlmdeskError("--processes needs accelerate (pip install accelerate)")
-    if port is None:
-        with socket.socket() as sk:  # a free port for the processes to meet on
-            sk.bind(("127.0.0.1", 0))
-            port = sk.getsockname()[1]
-    import torch
-
-    # --multi_gpu is accelerate's torchrun launcher, which starts the processes on a CPU-only machine
-    # too (its --cpu starts one process, or several through MPI); tune then talks over gloo
-    threads = [] if torch.cuda.is_available() else ["--num_cpu_threads_per_process",
-                                                    str(max(1, (os.cpu_count() or 1) // processes))]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *threads,
-            "--main_process_port", str(port), "-m", "llmdesk.cli.main", "tune", *tune_args]
+    with socket.socket() as sk:  # a free port for the processes to meet on
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    env = {**os.environ, "WORLD_SIZE": str(processes), "LOCAL_WORLD_SIZE": str(processes),
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
+    cmd = [sys.executable, "-m", "llmdesk.cli.main", "tune", *tune_args]
+    procs = [subprocess.Popen(cmd, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(processes)]
+    failed_at = None
+    while True:
+        try:
+            codes = [p.poll() for p in procs]
+            if all(c is not None for c in codes):
+                return next((c for c in codes if c), 0)
+            if failed_at is None and any(c for c in codes if c is not None):
+                failed_at = time.monotonic()
+            if failed_at is not None and time.monotonic() - failed_at > 20:
+                for p in procs:
+                    if p.poll() is None:
+                        p.terminate()
+            time.sleep(0.2)
+        except KeyboardInterrupt:  # the processes got it too: they stop after the step in flight
+            continue
 
 
 def tune(base_ref: str | os.PathLike, data: list[str | os.PathLike], out_dir: str | os.PathLike,
