@@ -124,7 +124,7 @@ def main() -> None:
     from llama_index.core.node_parser import SentenceSplitter
     from llama_index.embeddings.huggingface import HuggingFaceEmbedding
 
-    from llmdesk.rag import ingest, search
+    from llmdesk.rag import index, ingest, search
 
     corpus, pool, manifest = rag_corpus.prepare()
     pages, queries = rag_corpus.select(corpus, pool, args.files, args.queries, args.seed)
@@ -173,9 +173,10 @@ def main() -> None:
     from llama_index.core.schema import MetadataMode
 
     embedded: dict[str, dict] = {}
-    with __import__("llmdesk.rag.index", fromlist=["connect"]).connect() as c:
-        texts = [r[0] for r in c.execute("SELECT chunks.text FROM chunks JOIN collections ON collections.id = "
-                                         "chunks.collection_id WHERE collections.name = ?", (name,))]
+    with index.connect() as c:
+        rows = c.execute("SELECT chunks.text, chunks.headings FROM chunks JOIN collections ON collections.id = "
+                         "chunks.collection_id WHERE collections.name = ?", (name,)).fetchall()
+    texts = [" > ".join(json.loads(h)) + "\n" + t if json.loads(h) else t for t, h in rows]  # Chunk.embed_text
     toks = [len(wordpiece(t, add_special_tokens=True)["input_ids"]) for t in texts]
     embedded["llmdesk"] = {"tokens": sum(min(x, 512) for x in toks), "text_tokens": sum(toks)}
     for side in sides[1:]:
