@@ -228,6 +228,12 @@ def test_a_prompt_template_by_name(client, server):
     expected = load_prompt("release-note").messages({"tone": "dry"}, input="perf: faster")
     counted = httpx.post(server.url + "/tokenize", json={"messages": expected}).json()["count"]
     assert r.usage.prompt_tokens == counted
+    # the request's own system message stands instead of the template's
+    mine = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "perf: faster"}]
+    r = client.chat.completions.create(model="tiny.gguf", messages=mine, extra_body={
+        "prompt_template": {"name": "release-note", "variables": {"tone": "dry"}}})
+    counted = httpx.post(server.url + "/tokenize", json={"messages": [mine[0], *expected[1:]]}).json()["count"]
+    assert expected[0]["role"] == "system" and r.usage.prompt_tokens == counted
     # the template's max_tokens where the request sets none; the request's own over it
     for max_tokens, expected_tokens in ((None, 40), (3, 3)):
         r = client.chat.completions.create(model="tiny.gguf", messages=[{"role": "user", "content": "perf: faster"}],
