@@ -56,6 +56,17 @@ MAX_NAME = 200  # characters in an uploaded file's name
 # the embedding model can take anyway
 _INGEST = ThreadPoolExecutor(1, thread_name_prefix="llmdesk-ingest")
 _queued = 0  # uploads and removals running or waiting
+# retrieval embeds the question, and the first one loads the collection's embedding model: longer
+# than off_loop's bound for preparing a request may allow on a busy machine, so threads of its own
+_SEARCH = ThreadPoolExecutor(2, thread_name_prefix="llmdesk-search")
+
+
+async def _searched(name: str, query: str, k: int, mode: str) -> list:
+    def search() -> list:
+        _require(name)
+        return retrieve(query, name, k=k, mode=mode)
+
+    return await asyncio.get_running_loop().run_in_executor(_SEARCH, search)
 
 
 def uploads_dir(collection: str) -> Path:
@@ -114,12 +125,8 @@ async def retrieve_for(body, messages: list[dict]) -> Retrieved | None:
     if body.collection is None:
         return None
     question = _question(messages)
-
-    def search() -> list:
-        _require(body.collection)
-        return retrieve(question, body.collection, k=body.collection_k, mode=body.collection_mode)
-
-    return Retrieved(body.collection, await off_loop(search))
+    return Retrieved(body.collection, await _searched(body.collection, question, body.collection_k,
+                                                      body.collection_mode))
 
 
 def quote(model, messages: list[dict], docs: Retrieved, max_tokens: int | None) -> list[dict]:
@@ -176,11 +183,7 @@ class SearchRequest(BaseModel):
 
 @router.post("/v1/collections/{name}/search")
 async def search_collection(name: str, body: SearchRequest):
-    def search() -> list:
-        _require(name)
-        return retrieve(body.query, name, k=body.k, mode=body.mode)
-
-    hits = await off_loop(search)
+    hits = await _searched(name, body.query, body.k, body.mode)
     return {"object": "list", "data": [_shown(passage_dict(h, n), name) for n, h in enumerate(hits, 1)]}
 
 
