@@ -153,7 +153,8 @@ def tune(
 
 @contextmanager
 def _one_voice():
-    """In a run of several processes, an error is said once, by rank 0 (the others exit with 1)."""
+    """In a run of several processes, an error is said once, by rank 0 (the others exit with 1),
+    and an interrupt by rank 0's "interrupted: checkpoint ..." line (all exit with 130)."""
     from ..train.tune import process_rank
 
     try:
@@ -161,6 +162,10 @@ def _one_voice():
     except LlmdeskError:
         if process_rank() != 0:
             raise typer.Exit(1) from None
+        raise
+    except KeyboardInterrupt:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise SystemExit(130) from None  # past the CLI's own "interrupted" (the launcher's to say)
         raise
 
 
