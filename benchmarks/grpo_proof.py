@@ -79,7 +79,7 @@ def jsonl(path: Path, rows: list[dict]) -> Path:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sft-steps", type=int, default=30)
-    ap.add_argument("--grpo-steps", type=int, default=32)
+    ap.add_argument("--grpo-steps", type=int, default=48)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--temperature", type=float, default=0.3, help="GRPO's sampling temperature")
     ap.add_argument("--format-weight", type=float, default=0.0,
