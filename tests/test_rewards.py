@@ -93,3 +93,24 @@ def test_grpo_logs_rewards_and_measures_the_held_out_prompts(base, tmp_path):  #
     steps = [h for h in r.history if "reward" in h]
     assert len(steps) == 3 and all(r"rewards/regex:\[/mean" in h for h in steps)
     assert [d["when"] for k, d in events if k == "reward"] == ["before", "after"]
+
+
+def test_cli(base, tmp_path, user_dir, capsys):  # noqa: F811
+    from llmdesk.cli.main import main
+    from llmdesk.store import catalog
+
+    pairs = jsonl(tmp_path / "pairs.jsonl", [{"prompt": ASK + w, "chosen": f"[{w.upper()}]", "rejected": w}
+                                             for w in WORDS])
+    for argv, needle in (
+            (["--method", "grpo"], "--method grpo needs graders"),
+            (["--method", "dpo", "--resume"], "--resume is not available with --method dpo"),
+            (["--method", "dpo", "--reward", "exact"], "--reward goes with --method grpo"),
+            (["--method", "lora", "--reward", "exact"], "--reward goes with --method grpo")):
+        assert main(["tune", str(base), str(pairs), "-o", str(tmp_path / "x"), *argv]) == 1
+        e = capsys.readouterr().err
+        assert e.startswith("error: ") and needle in e and e.count("\n") == 1
+    assert main(["tune", str(base), str(pairs), "-o", str(tmp_path / "dpo"), "--method", "dpo", "--steps", "2",
+                 "--batch", "4", "--gguf", "f32", "--name", "dpo-tiny"]) == 0
+    printed = capsys.readouterr().out
+    assert "tuned with dpo for 2 steps" in printed and "run it: llmdesk run -m dpo-tiny:f32" in printed
+    assert catalog.get("dpo-tiny", "f32") is not None and (tmp_path / "dpo" / "model-f32.gguf").is_file()

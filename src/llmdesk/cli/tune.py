@@ -20,7 +20,7 @@ def tune(
     args: Annotated[list[str], typer.Argument(metavar="BASE DATA...", help="The base model (an HF folder, a 'llmdesk train' output folder, a .gguf or NAME[:TAG]) then the data files (.jsonl, .json, .csv, .parquet); with --base, only data files.")],
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output folder: adapter/, merged/, checkpoint.pt, loss.png, metrics.json.")] = None,
     base: Annotated[Optional[str], typer.Option("--base", help="The base model, when not given first (as with --inspect).")] = None,
-    method: Annotated[str, typer.Option("--method", help="lora, qlora (4-bit base: bitsandbytes and CUDA) or full (all weights).")] = "lora",
+    method: Annotated[str, typer.Option("--method", help="lora, qlora (4-bit base: bitsandbytes and CUDA), full (all weights), dpo (preference pairs: prompt/chosen/rejected) or grpo (prompts and --reward graders); dpo and grpo train LoRA.")] = "lora",
     rank: Annotated[int, typer.Option("--rank", help="LoRA rank.")] = 16,
     alpha: Annotated[float, typer.Option("--alpha", help="LoRA alpha (the update is scaled by alpha/rank).")] = 32.0,
     dropout: Annotated[float, typer.Option("--dropout", help="LoRA dropout.")] = 0.05,
@@ -46,6 +46,12 @@ def tune(
     inspect: Annotated[bool, typer.Option("--inspect", help="Show the token lengths and a few rendered rows with the trained tokens marked; no training.")] = False,
     html: Annotated[Optional[Path], typer.Option("--html", help="With --inspect: also write the rendered rows to this HTML file.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    reward: Annotated[Optional[list[str]], typer.Option("--reward", help="grpo: graders, comma-separated or repeated: exact[:COLUMN], regex:PATTERN, numeric[:COLUMN[:TOL]], json[:SCHEMA.json], python:FILE.py:FUNCTION, judge:MODEL.")] = None,
+    reward_weights: Annotated[Optional[str], typer.Option("--reward-weights", help="grpo: a weight per grader, comma-separated (default 1 each).")] = None,
+    beta: Annotated[float, typer.Option("--beta", help="dpo: how far from the base the preferences may pull the model (KL weight).")] = 0.1,
+    generations: Annotated[int, typer.Option("--generations", help="grpo: completions per prompt, scored against each other.")] = 4,
+    max_completion: Annotated[int, typer.Option("--max-completion", help="grpo: tokens per completion; dpo: of chosen/rejected.")] = 64,
+    temperature: Annotated[float, typer.Option("--temperature", help="grpo: sampling temperature of the completions.")] = 1.0,
     processes: Annotated[int, typer.Option("--processes", help="Train data parallel in N processes on this machine (one a GPU, else CPU processes), as 'accelerate launch --num_processes N' would; --batch is each one's share of a micro-batch.")] = 1,
 ) -> Optional[int]:
     """Fine-tune a model on your data: LoRA (default), QLoRA or all weights.
@@ -72,6 +78,15 @@ def tune(
         raise LlmdeskError("--name goes with --gguf TYPE")
     if processes < 1:
         raise LlmdeskError(f"--processes must be at least 1, got {processes}")
+    if method in ("dpo", "grpo"):
+        return _tune_rewards(method, base_ref, data, output, rank=rank, alpha=alpha, targets=targets, steps=steps,
+                             epochs=epochs, lr=lr, batch=batch, grad_accum=grad_accum, seed=seed, val_split=val_split,
+                             resume=resume, processes=processes, lora_gguf=lora_gguf, merge=merge, gguf=gguf,
+                             name=name, reward=reward, reward_weights=reward_weights, beta=beta,
+                             generations=generations, max_completion=max_completion, temperature=temperature,
+                             seq_len=seq_len, as_json=as_json)
+    if reward or reward_weights:
+        raise LlmdeskError("--reward goes with --method grpo")
     if processes > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise LlmdeskError("--processes under accelerate launch (or torchrun): give the processes to one of them")
 
@@ -148,6 +163,71 @@ def tune(
     out.print("wrote " + " · ".join(wrote), markup=False)
     if res.registered:
         out.print(f"run it: llmdesk run -m {res.registered}", markup=False)
+    return None
+
+
+def _tune_rewards(method: str, base_ref: str, data: list[str], output: Path, *, steps, epochs, processes, resume,
+                  lora_gguf, reward, reward_weights, generations, max_completion, seq_len, as_json, **kw) -> None:
+    """--method dpo|grpo: LoRA on TRL's trainers (train/rewards.py)."""
+    from ..eval.graders import parse_graders
+    from ..runtime.llama import LlamaModel
+    from ..train.rewards import RewardConfig, run
+
+    for flag, bad in (("--epochs", epochs is not None), ("--resume", resume), ("--processes", processes > 1),
+                      ("--lora-gguf", lora_gguf)):
+        if bad:
+            raise LlmdeskError(f"{flag} is not available with --method {method} yet (give --steps; --merge and "
+                               "--gguf TYPE work)")
+    if len(data) != 1:
+        raise LlmdeskError(f"--method {method} reads one data file: "
+                           + ("prompt/chosen/rejected rows" if method == "dpo" else "prompts and the columns the graders read"))
+    graders = weights = None
+    if method == "grpo":
+        if not reward:
+            raise LlmdeskError("--method grpo needs graders: --reward exact, regex:PATTERN, numeric, json, "
+                               "python:FILE.py:FUNCTION or judge:MODEL")
+        specs = [x for r in reward for x in (r.split(",") if not r.startswith(("regex:", "python:")) else [r])]
+        graders, weights = parse_graders(specs, reward_weights)
+    elif reward or reward_weights:
+        raise LlmdeskError("--reward goes with --method grpo")
+    gguf, name, merge = kw.pop("gguf"), kw.pop("name"), kw.pop("merge")
+    quantizer = None
+    if gguf is not None and gguf.lower() not in ("f32", "f16", "bf16", "q8_0"):
+        from ..quantize.core import quant_type
+        from ..quantize.workflow import quantize_model
+
+        quant_type(gguf)
+        quantizer = quantize_model
+    lr, val_split = kw.pop("lr"), kw.pop("val_split")
+    cfg = RewardConfig(method=method, steps=steps or 50, lr=lr or 0.0, num_generations=generations,
+                       max_prompt_tokens=seq_len, max_completion_tokens=max_completion,
+                       val_split=val_split if method == "grpo" else 0.0, **kw)
+
+    def on_event(kind: str, d: dict) -> None:
+        if as_json:
+            return
+        if kind == "step" and "loss" in d:
+            more = f" · reward {d['reward']:.3f}" if "reward" in d else (
+                f" · chosen-rejected margin {d['rewards/margins']:.3f}" if "rewards/margins" in d else "")
+            err.print(f"step {d['step']}/{d.get('max_steps', cfg.steps)}: loss {d['loss']:.4f}{more}", markup=False)
+        elif kind == "reward":
+            err.print(f"held-out reward {d['when']} training: {d['reward']:.3f} "
+                      f"({', '.join(f'{k} {v:.3f}' for k, v in d['graders'].items())})", markup=False)
+        elif kind == "status":
+            err.print(d["text"] + " ...", markup=False)
+
+    r = run(method, base_ref, data[0], output, cfg, graders=graders, weights=weights, merge=merge, gguf=gguf,
+            name=name, quantize_with=quantizer, check_with=LlamaModel, on_event=on_event)
+    if as_json:
+        out.print(json.dumps(r.to_dict()), markup=False)
+        return None
+    gain = (f"; held-out reward {r.reward_before:.3f} -> {r.reward_after:.3f}"
+            if r.reward_before is not None and r.reward_after is not None else "")
+    out.print(f"tuned with {method} for {r.steps} steps ({r.seconds:.0f} s){gain}", markup=False)
+    wrote = [str(p) for p in (r.adapter, r.merged, r.gguf, r.plot) if p is not None]
+    out.print("wrote " + " · ".join(wrote), markup=False)
+    if r.registered:
+        out.print(f"run it: llmdesk run -m {r.registered}", markup=False)
     return None
 
 
