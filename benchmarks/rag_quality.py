@@ -14,7 +14,8 @@ the default embedding model is converted there once), then every query is search
 modes with `llmdesk.rag.search.search(k=10)`. Reported: recall@5 (the share of queries whose
 relevant entry is among the first 5 hits) and MRR@10 (the mean of 1/rank of the first relevant
 hit, 0 past rank 10), per mode, with a 95% bootstrap interval of hybrid's lead over the better of
-the other two (paired, over queries).
+the other two (paired, over queries), and what other reciprocal-rank fusions of the same two
+lists would score.
 """
 
 from __future__ import annotations
@@ -39,6 +40,15 @@ def bootstrap_lead(a: list[float], b: list[float], n: int = 2000, seed: int = 0)
     d = [x - y for x, y in zip(a, b)]
     means = sorted(sum(d[rng.randrange(len(d))] for _ in d) / len(d) for _ in range(n))
     return means[int(0.025 * n)], means[int(0.975 * n) - 1]
+
+
+def fuse(bm25: list, vector: list, c: int, w_bm25: float, w_vector: float) -> list:
+    """Hits of both lists by weighted reciprocal rank: sum of w / (c + rank)."""
+    score: dict[int, list] = {}
+    for hits, w in ((bm25, w_bm25), (vector, w_vector)):
+        for rank, h in enumerate(hits, 1):
+            score.setdefault(h.chunk_id, [0.0, h])[0] += w / (c + rank)
+    return [h for _, h in sorted(score.values(), key=lambda x: -x[0])]
 
 
 def main() -> None:
@@ -72,12 +82,15 @@ def main() -> None:
 
     ranks: dict[str, list[int | None]] = {m: [] for m in MODES}
     seconds: dict[str, float] = {m: 0.0 for m in MODES}
+    lists: list[tuple[list, list]] = []  # each query's bm25 and vector top 20, for the fusion variants
     for q in queries:
+        got = {}
         for m in MODES:
             t = time.perf_counter()
-            hits = search.search(q["query"], name, k=10, mode=m, embedder=model)
+            got[m] = search.search(q["query"], name, k=10 if m == "hybrid" else 20, mode=m, embedder=model)
             seconds[m] += time.perf_counter() - t
-            ranks[m].append(rag_corpus.first_relevant(q, hits))
+            ranks[m].append(rag_corpus.first_relevant(q, got[m][:10]))
+        lists.append((got["bm25"], got["vector"]))
     result = {"command": " ".join(["benchmarks/rag_quality.py", *sys.argv[1:]]), "pages": len(pages),
               "characters": chars, "chunks": getattr(col, "chunks", None) or report.chunks, "queries": len(queries),
               "embedding_model": model.name, "modes": {}}
@@ -101,6 +114,14 @@ def main() -> None:
         lead = result["modes"]["hybrid"][metric] - result["modes"][best][metric]
         result[f"hybrid_lead_{metric}"] = {"over": best, "lead": lead, "ci95": [lo, hi]}
         print(f"hybrid - {best} on {metric}: {lead:+.3f} (95% interval {lo:+.3f} to {hi:+.3f})")
+    # reciprocal rank fusion of the same two lists (top 20 of each), other constants and weights
+    print("\nfusion variants over the bm25 and vector top 20 (score = sum of w / (c + rank)):")
+    result["fusion_variants"] = []
+    for c, wb, wv in ((60, 1, 1), (10, 1, 1), (60, 2, 1)):
+        fr = [rag_corpus.first_relevant(q, fuse(b, v, c, wb, wv)[:10]) for q, (b, v) in zip(queries, lists)]
+        sc = rag_corpus.scores(fr)
+        result["fusion_variants"].append({"c": c, "w_bm25": wb, "w_vector": wv, **sc})
+        print(f"  c={c:<3} bm25:vector {wb}:{wv}  recall@5 {sc['recall@5']:.3f}  MRR@10 {sc['mrr@10']:.3f}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
 
