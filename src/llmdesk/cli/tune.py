@@ -256,12 +256,15 @@ def _launch(ctx: typer.Context, processes: int) -> int:
     argv: list[str] = []
     for p in ctx.command.params:
         value = ctx.params.get(p.name)
-        if p.name == "processes" or value is None or value == p.default:
+        if p.name == "processes" or value is None or value == p.default or value in ((), []):
             continue
         if p.param_type_name == "argument":
             argv += [str(v) for v in value]
         elif getattr(p, "is_flag", False):
             argv.append(p.opts[-1])
+        elif isinstance(value, (list, tuple)):  # a repeated option
+            for v in value:
+                argv += [p.opts[-1], str(v)]
         else:
             argv += [p.opts[-1], str(value)]
     return launch(processes, argv)
