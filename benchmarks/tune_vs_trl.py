@@ -37,8 +37,8 @@ computed by the same code.
 Measured on this project's 2-vCPU VM, shared with other work (`--steps 3 --rounds 2`): llmdesk
 4.60 CPU-ms a useful token, TRL (defaults) 15.95: 3.47x by CPU time, 2.62x by the wall clock
 (53 against 20 useful tokens/s; the load swung the wall clock tenfold between rounds). Against
-TRL without gradient checkpointing (`--steps 4 --rounds 1 --trl-no-checkpointing`): 5.59 against
-12.92 CPU-ms, 2.31x (2.60x wall clock). Held-out loss after 3 steps 10.379 (llmdesk) and 10.401
+TRL without gradient checkpointing (`--steps 3 --rounds 2 --trl-no-checkpointing`): 3.70 against
+11.59 CPU-ms, 3.13x (3.97x wall clock); in one round of 4 steps under heavier load, 2.31x. Held-out loss after 3 steps 10.379 (llmdesk) and 10.401
 (TRL), from 10.49. docs/tune.md ("Speed") has the output and where the difference comes from.
 """
 
