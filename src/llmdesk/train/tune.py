@@ -1022,9 +1022,18 @@ def _record(result: TuneResult, cfg: TuneConfig, d: Data, chat_template: str | N
 
 
 def _peak_rss() -> int:
-    """Peak resident set size of this process in bytes (Linux reports KiB, macOS bytes)."""
+    """Peak resident set size of this process in bytes: Linux's VmHWM (ru_maxrss would carry the
+    parent's peak over a fork and exec: a tune started by a process holding torch reported that),
+    else ru_maxrss (macOS reports bytes)."""
     import sys
 
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     try:
         import resource
     except ImportError:  # Windows
