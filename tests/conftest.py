@@ -83,6 +83,15 @@ def pytest_make_collect_report(collector):
 
 
 @functools.cache
+def sigint_as_a_terminal_sends_it() -> None:
+    """preexec_fn for a command a test interrupts: a shell's background jobs (nohup, `make test &`)
+    start with SIGINT ignored and Python keeps it so; a user's Ctrl-C reaches a foreground
+    process with the default action."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def llmdesk_exe() -> str:
     """The `llmdesk` console script, found as a user's shell finds it: on PATH, with this venv's
     bin directory (where the interpreter running the tests lives) first. Fails the test, saying

@@ -476,7 +476,7 @@ def test_ctrl_c_keeps_whole_chunks_and_the_rerun_resumes(tmp_path, user_dir):
     import signal
     import subprocess
 
-    from conftest import llmdesk_exe
+    from conftest import llmdesk_exe, sigint_as_a_terminal_sends_it
     from test_serve_util import wait_until
 
     mmlu_task(tmp_path / "mmlu", 300)
@@ -499,7 +499,8 @@ def test_ctrl_c_keeps_whole_chunks_and_the_rerun_resumes(tmp_path, user_dir):
         finally:
             db.close()
 
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+                         preexec_fn=sigint_as_a_terminal_sends_it)
     try:
         wait_until(stored, timeout=120)
         p.send_signal(signal.SIGINT)

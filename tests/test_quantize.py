@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import llmdesk_exe
+from conftest import llmdesk_exe, sigint_as_a_terminal_sends_it
 
 from llmdesk.cli.main import main
 from llmdesk.errors import LlmdeskError
@@ -309,10 +309,9 @@ def test_cli_imatrix_then_quantize(model256, tmp_path, capsys):
 
 def _start(args, pause="0.3"):
     env = dict(os.environ, LLMDESK_TEST_QUANTIZE_PAUSE=pause)
-    # a shell's background jobs start with SIGINT ignored, and Python keeps it so: restore it
     return subprocess.Popen([llmdesk_exe(), *map(str, args)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            preexec_fn=sigint_as_a_terminal_sends_it)
 
 
 def _wait_for(cond, what: str, timeout: float = 60.0) -> None:

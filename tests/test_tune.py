@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import llmdesk_exe
+from conftest import llmdesk_exe, sigint_as_a_terminal_sends_it
 
 import torch  # noqa: E402  (the train extra: missing, this fails)
 import transformers  # noqa: E402
@@ -196,7 +196,8 @@ def test_sigint_to_the_command_saves_a_checkpoint_it_resumes_from(base, data, tm
     argv = [LLMDESK, "tune", str(base), str(data), "-o", str(out), "--steps", "600", "--rank", "4",
             "--eval-every", "200"]
     env = {**os.environ, "LLMDESK_HOME": str(user_dir), "OMP_NUM_THREADS": "1"}
-    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                         preexec_fn=sigint_as_a_terminal_sends_it)
     deadline = time.monotonic() + 120
     while not (out / "checkpoint.pt").exists() and time.monotonic() < deadline:  # written at step 0
         time.sleep(0.1)
