@@ -97,22 +97,11 @@ class RewardResult:
 # -- data ------------------------------------------------------------------------------------------
 
 def _jsonl(path: str | os.PathLike) -> list[tuple[str, dict]]:
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise LlmdeskError(f"{p}: no such file")
-    rows = []
-    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except ValueError as e:
-            raise LlmdeskError(f"{p}:{i}: not JSON ({e.msg})") from None
-        if not isinstance(r, dict):
-            raise LlmdeskError(f"{p}:{i}: a row is a JSON object")
-        rows.append((f"{p}:{i}", r))
+    from .synth import jsonl_rows
+
+    rows = jsonl_rows(path)
     if not rows:
-        raise LlmdeskError(f"{p}: no rows")
+        raise LlmdeskError(f"{Path(path).expanduser()}: no rows")
     return rows
 
 

@@ -119,19 +119,33 @@ def read_rows(path: str | os.PathLike) -> list[dict]:
             raise LlmdeskError(f"{p}: a JSON file of rows is a list of objects")
         return data
     if p.suffix == ".jsonl":
-        rows = []
-        for i, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except ValueError as e:
-                raise LlmdeskError(f"{p}:{i}: not JSON ({e.msg})") from None
-            if not isinstance(r, dict):
-                raise LlmdeskError(f"{p}:{i}: a row is a JSON object")
-            rows.append(r)
-        return rows
+        return [r for _where, r in jsonl_rows(p, text)]
     return [{"prompt": line.strip()} for line in text.splitlines() if line.strip()]
+
+
+def jsonl_rows(path: str | os.PathLike, text: str | None = None) -> list[tuple[str, dict]]:
+    """The objects of a JSON Lines file, each with its "file:line" (blank lines skipped; a line that
+    is not a JSON object is one error naming it)."""
+    p = Path(path).expanduser()
+    if text is None:
+        if not p.is_file():
+            raise LlmdeskError(f"{p}: no such file")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise LlmdeskError(f"{p}: not UTF-8 text") from None
+    rows = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except ValueError as e:
+            raise LlmdeskError(f"{p}:{i}: not JSON ({e.msg})") from None
+        if not isinstance(r, dict):
+            raise LlmdeskError(f"{p}:{i}: a row is a JSON object")
+        rows.append((f"{p}:{i}", r))
+    return rows
 
 
 def _prompt_of(row: dict, where: str) -> list[dict]:
