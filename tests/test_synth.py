@@ -169,3 +169,21 @@ def test_cli(tiny_gguf, tmp_path):
                         "-k", "2", "--rank", "exact:city", "--pairs", str(tmp_path / "y.jsonl")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "needs a column 'city'" in r.stderr
+
+
+def test_docs_from_a_collection(tmp_path, model):
+    from bert_fixtures import make_tiny_bert_gguf
+
+    from llmdesk.rag.ingest import add
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "cache.md").write_text("# Caching\n\n" + " ".join(
+        ["The prompt cache keeps the tokens of earlier requests so that a follow-up question is answered "
+         "without reading them again."] * 3) + "\n\n# Short\n\nToo short.\n")
+    assert add([docs], "notes", embedder=str(make_tiny_bert_gguf(tmp_path / "bert"))).added == 1
+    items = synth.passages("notes")
+    assert items and all(it["path"].endswith("cache.md") and it["headings"] == ["Caching"] for it in items)
+    assert items[0]["lines"] == [3, 3] and "prompt cache" in items[0]["text"]  # ("Too short." is left out)
+    with pytest.raises(LlmdeskError, match="no such file, folder or collection"):
+        synth.passages("nope")

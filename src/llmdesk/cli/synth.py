@@ -100,7 +100,7 @@ def instruct(
 
 @synth_app.command("docs")
 def docs(
-    path: Annotated[Path, typer.Argument(help="A file or folder of documents (text, Markdown, HTML, PDF, DOCX).")],
+    path: Annotated[Path, typer.Argument(help="A file or folder of documents (text, Markdown, HTML, PDF, DOCX), or a collection ('llmdesk docs list').")],
     output: OutOpt, model: ModelOpt = None, n: NOpt = 50, seed: SeedOpt = 0, temperature: TempOpt = 0.7,
     max_tokens: MaxTokOpt = 256, batch: BatchOpt = 8, min_chars: MinOpt = 10, max_chars: MaxOpt = 8000,
     lang: LangOpt = None, dedup: DedupOpt = 0.8, judge: JudgeOpt = None, min_score: ScoreOpt = None,

@@ -119,6 +119,19 @@ def search(query: str, collection: str = "default", *, k: int = 5, mode: str = "
     return hits[:k]
 
 
+def passages(collection: str = "default") -> list[Hit]:
+    """Every chunk of `collection` as a Hit (score 0), document by document in order."""
+    c = index.shared()
+    col = index.require(c, collection, counts=False)
+    ids = [r[0] for r in c.execute(
+        "SELECT chunks.id FROM chunks JOIN documents ON documents.id = chunks.document_id "
+        "WHERE chunks.collection_id = ? ORDER BY documents.path, chunks.seq", (col.id,))]
+    out: list[Hit] = []
+    for i in range(0, len(ids), 500):  # a bounded number of SQL variables per query
+        out += _hits(c, [(cid, 0.0) for cid in ids[i: i + 500]])
+    return out
+
+
 def _bm25(c: index.Conn, col: index.Collection, query: str, n: int) -> list[tuple[int, float]]:
     q = fts_query(query)
     if not q:

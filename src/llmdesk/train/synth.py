@@ -218,13 +218,23 @@ def answer_jobs(rows: list[dict], settings: SynthSettings, where: str) -> Iterat
 
 
 def passages(path: str | os.PathLike, *, budget: int = 256) -> list[dict]:
-    """The passages of a file or folder, chunked as `llmdesk docs` chunks (words as tokens)."""
+    """The passages of a file or folder, chunked as `llmdesk docs` chunks (words as tokens), or
+    of a collection `llmdesk docs add` built (its own chunks)."""
     from ..rag.chunk import chunk
     from ..rag.extract import extract, supported
 
     p = Path(path).expanduser()
     if not p.exists():
-        raise LlmdeskError(f"{p}: no such file or folder")
+        from ..rag.ingest import list_collections
+        from ..rag.search import passages as collection_passages
+
+        if str(path) not in {col.name for col in list_collections()}:
+            raise LlmdeskError(f"{p}: no such file, folder or collection ('llmdesk docs list' shows the collections)")
+        out = [{"path": h.path, "headings": h.headings, "page": h.page, "lines": [h.line_start, h.line_end],
+                "text": h.text} for h in collection_passages(str(path)) if len(h.text.split()) >= 20]
+        if not out:
+            raise LlmdeskError(f"collection {path}: no passages of at least 20 words")
+        return out
     files = sorted(x for x in p.rglob("*") if x.is_file() and supported(x)) if p.is_dir() else [p]
     out = []
     for f in files:
