@@ -101,15 +101,19 @@ class SynthReport:
 
 # -- inputs ----------------------------------------------------------------------------------------
 
-def read_rows(path: str | os.PathLike) -> list[dict]:
-    """JSONL (or a JSON list) of objects, or a plain text file with one item per line."""
-    p = Path(path).expanduser()
+def _text_of(p: Path) -> str:
     if not p.is_file():
         raise LlmdeskError(f"{p}: no such file")
     try:
-        text = p.read_text(encoding="utf-8")
+        return p.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise LlmdeskError(f"{p}: not UTF-8 text") from None
+
+
+def read_rows(path: str | os.PathLike) -> list[dict]:
+    """JSONL (or a JSON list) of objects, or a plain text file with one item per line."""
+    p = Path(path).expanduser()
+    text = _text_of(p)
     if p.suffix == ".json":
         try:
             data = json.loads(text)
@@ -128,12 +132,7 @@ def jsonl_rows(path: str | os.PathLike, text: str | None = None) -> list[tuple[s
     is not a JSON object is one error naming it)."""
     p = Path(path).expanduser()
     if text is None:
-        if not p.is_file():
-            raise LlmdeskError(f"{p}: no such file")
-        try:
-            text = p.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise LlmdeskError(f"{p}: not UTF-8 text") from None
+        text = _text_of(p)
     rows = []
     for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
