@@ -395,3 +395,33 @@ def test_ratings_equal_an_independent_fit_by_hunters_mm_algorithm():
     expected += 1000 - expected.mean()
     got = {r.model: r.rating for r in arena.leaderboard(rows, bootstrap=0)}
     assert [got[m] for m in names] == pytest.approx(expected, abs=0.05)  # the weak prior moves nothing
+
+
+def test_arena_auto_with_a_grader_as_the_judge(tmp_path, tiny_gguf):
+    """`--judge grader:SPEC`: each answer is scored by the grader with the question row's columns,
+    the higher score wins (equal: a tie); the votes say what the grader says of the stored answers;
+    a question without a column the grader reads is one line before any model answers."""
+    g = tmp_path / "g.py"
+    g.write_text("def length(prompts, completions, want, **kw):\n"
+                 "    return [len(c) if w == 'long' else -len(c) for c, w in zip(completions, want)]\n")
+    rows = [{"id": "a", "question": "Say something long.", "want": "long"},
+            {"id": "b", "question": "Say something short.", "want": "short"}]
+    questions = write_questions(tmp_path / "q.jsonl", rows)
+    judge = f"grader:python:{g}:length"
+    rc, out, err = run_cli("arena", "auto", str(DEMO), str(tiny_gguf), "--judge", judge, "--questions",
+                           str(questions), "--max-tokens", "16", "--json")
+    assert rc == 0, err
+    report = json.loads(out)
+    assert (report["judge"], report["battles"], report["votes"], report["malformed"]) == (judge, 2, 2, 0)
+    for v in arena.votes(source="auto"):
+        want = next(r["want"] for r in rows if r["question"] == v["prompt"])
+        la, lb = len(v["answer_a"]), len(v["answer_b"])
+        sa, sb = (la, lb) if want == "long" else (-la, -lb)
+        assert v["winner"] == ("a" if sa > sb else "b" if sb > sa else "tie") and v["judge"] == judge
+    again = arena.auto([str(DEMO), str(tiny_gguf)], judge, questions, max_tokens=16)
+    assert (again.done_before, again.votes, again.answered) == (2, 0, 0)
+    bad = write_questions(tmp_path / "bad.jsonl", [rows[0], {"id": "c", "question": "Hm?"}])
+    one_line_error(*run_cli("arena", "auto", str(DEMO), str(tiny_gguf), "--judge", "grader:exact:want", "--questions",
+                            str(bad))[::2], "bad.jsonl:2: grader exact:want needs a column 'want'")
+    one_line_error(*run_cli("arena", "auto", str(DEMO), str(tiny_gguf), "--judge", "grader:nope", "--questions",
+                            str(questions))[::2], "unknown grader 'nope'")

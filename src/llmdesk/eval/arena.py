@@ -302,8 +302,9 @@ def plot_leaderboard(ratings: list[Rating], path: str | Path, *, title: str = "a
 # answers cached by the model's identity (its file's sha256, or its endpoint) and the question's
 # text, so a rerun, another questions file holding the same question, or the same file under
 # another name never answers twice. Then the judge compares each battle's two answers in both
-# orders (eval.judge.pairwise) and the verdict is stored at once as a vote (source "auto"). A
-# battle already voted on by this judge is not fought again: a rerun resumes.
+# orders (eval.judge.pairwise), or a grader scores each answer (`--judge grader:SPEC`), and the
+# verdict is stored at once as a vote (source "auto"). A battle already voted on by this judge is
+# not fought again: a rerun resumes.
 
 
 @dataclass
@@ -375,11 +376,43 @@ def plan_battles(n_questions: int, models: list[str], *, rounds: int | None = No
     return [(q, a, b) if rng.random() < 0.5 else (q, b, a) for q, a, b in every]
 
 
+GRADER = "grader:"  # a judge that is a grader: grader:exact, grader:python:FILE.py:FN, ...
+
+
+class GraderJudge:
+    """A grader (eval.graders, as `tune --reward` takes them) as the arena's judge: each answer is
+    scored on its own, against the question row's columns (the reference `answer`, ...), and the
+    higher score wins; equal scores are a tie, a None score (the grader could not grade) no
+    verdict. A grader sees each answer alone, so the order of the two cannot sway it."""
+
+    def __init__(self, judge: str, path: str | Path, qs: list) -> None:
+        from . import judge as J
+        from .graders import parse_grader
+
+        self.grader = parse_grader(judge[len(GRADER):])
+        rows = dict(J._jsonl(Path(path), "the questions file"))
+        self.columns: dict[str, dict[str, Any]] = {}
+        for q in qs:  # every question has what the grader reads, checked before any model answers
+            cols = {k: v for k, v in rows[q.line].items() if k not in ("turns", "question", "question_id", "id")}
+            self.grader.check_columns(set(cols), f"{path}:{q.line}")
+            self.columns[q.id] = cols
+
+    def pairwise(self, q, answer_a: str, answer_b: str):
+        from .judge import PairVerdict
+
+        cols = {k: [v, v] for k, v in self.columns[q.id].items()}
+        sa, sb = self.grader([q.turns[-1]] * 2, [answer_a, answer_b], **cols)
+        winner = None if sa is None or sb is None else "a" if sa > sb else "b" if sb > sa else "tie"
+        return PairVerdict(winner, True, [], winner is not None, f"{self.grader.spec}: a {sa}, b {sb}",
+                           [winner, winner])
+
+
 def auto(models: list[str], judge: str, questions: str | Path, *, rounds: int | None = None, seed: int = 0,
          max_tokens: int | None = None, ctx: int | None = None, threads: int | None = None,
          constrain: bool | None = None, progress: Progress | None = None, say: Say | None = None) -> AutoReport:
     """Battles between `models` (references: a .gguf path, NAME[:TAG], openai:URL#MODEL) on the
-    questions of a JSONL file (MT-Bench's layout or {"id", "question"}), judged by `judge`, each
+    questions of a JSONL file (MT-Bench's layout or {"id", "question"}), judged by `judge` (a model,
+    or `grader:SPEC`: a grader scoring each answer against the row's columns, `GraderJudge`), each
     verdict stored as a vote (source "auto", the judge's name). A model that fails is reported
     in `failed` and its battles skipped; the votes already stored stay. `constrain`: hold the
     judge's replies to a JSON schema (default: a local judge is, a remote one is not)."""
@@ -396,27 +429,31 @@ def auto(models: list[str], judge: str, questions: str | Path, *, rounds: int | 
     if dup is not None:
         raise LlmdeskError(f"two models are named '{dup}'; give each a name of its own (e.g. 'llmdesk import FILE "
                            "--name NAME')")
-    judge_ref = resolve(judge, allow_remote=True)
+    grader = GraderJudge(judge, questions, qs) if judge.startswith(GRADER) else None
+    judge_ref = None if grader else resolve(judge, allow_remote=True)
+    judge_name = judge if grader else judge_ref.name
     battles = plan_battles(len(qs), names, rounds=rounds, seed=seed)
-    report = AutoReport(judge=judge_ref.name, models=names, questions=len(qs), battles=len(battles))
+    report = AutoReport(judge=judge_name, models=names, questions=len(qs), battles=len(battles))
     max_tokens = J.MAX_ANSWER_TOKENS if max_tokens is None else max_tokens
 
     # a battle is this question's text, these two models (either side) and this judge
     def battle_key(q, a: str, b: str) -> str:
-        return _text_key(json.dumps(q.turns), *sorted((a, b)), judge_ref.name)
+        return _text_key(json.dumps(q.turns), *sorted((a, b)), judge_name)
 
-    done = {v["details"].get("battle") for v in votes(source="auto") if v["judge"] == judge_ref.name}
+    done = {v["details"].get("battle") for v in votes(source="auto") if v["judge"] == judge_name}
     todo = [bt for bt in battles if battle_key(qs[bt[0]], bt[1], bt[2]) not in done]
     report.done_before = len(battles) - len(todo)
 
     def load_judge():
+        if grader is not None:
+            return grader
         try:
             return load(judge_ref, ctx=ctx, threads=threads)
         except LlmdeskError as e:
             raise LlmdeskError(f"the judge {judge_ref.name} could not be loaded: {e}") from None
 
     # a remote judge costs nothing to hold: reach it before the models answer, not after
-    jm = load_judge() if judge_ref.is_remote and todo else None
+    jm = load_judge() if judge_ref is not None and judge_ref.is_remote and todo else None
     try:
         answers = _answers(found, qs, todo, report, max_tokens=max_tokens, ctx=ctx, threads=threads,
                            progress=progress)
@@ -436,12 +473,15 @@ def auto(models: list[str], judge: str, questions: str | Path, *, rounds: int | 
             ans_a, ans_b = answer(a, q), answer(b, q)
             last = len(q.turns) - 1  # the judge reads the whole conversation and decides on its last turn
             try:
-                v = J.pairwise(jm, q.turns[last], ans_a[last], ans_b[last], reference=q.references[last],
-                               history_a=list(zip(q.turns[:last], ans_a[:last])) or None,
-                               history_b=list(zip(q.turns[:last], ans_b[:last])) or None, constrain=constrain,
-                               say=say)
+                if grader is not None:
+                    v = grader.pairwise(q, ans_a[last], ans_b[last])
+                else:
+                    v = J.pairwise(jm, q.turns[last], ans_a[last], ans_b[last], reference=q.references[last],
+                                   history_a=list(zip(q.turns[:last], ans_a[:last])) or None,
+                                   history_b=list(zip(q.turns[:last], ans_b[:last])) or None, constrain=constrain,
+                                   say=say)
             except LlmdeskError as e:
-                raise LlmdeskError(f"the judge {judge_ref.name} failed on question {q.id} after {report.votes} "
+                raise LlmdeskError(f"the judge {judge_name} failed on question {q.id} after {report.votes} "
                                    f"new votes (kept; a rerun resumes): {e}") from None
             if v.winner is None:
                 report.malformed += 1
@@ -451,13 +491,13 @@ def auto(models: list[str], judge: str, questions: str | Path, *, rounds: int | 
                 if last:
                     details["turns"] = q.turns
                 record_vote(q.turns[last], a, b, v.winner, answer_a=ans_a[last], answer_b=ans_b[last], source="auto",
-                            judge=judge_ref.name, details=details)
+                            judge=judge_name, details=details)
                 report.votes += 1
                 report.outcomes[v.winner] += 1
             if progress:
                 progress("verdicts", i, len(ready))
     finally:
-        if jm is not None:
+        if jm is not None and jm is not grader:
             jm.close()
     return report
 
