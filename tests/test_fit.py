@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 
 import pytest
@@ -251,3 +252,22 @@ def test_cli_train(capsys):
     assert main(["fit", "llama-3.1-8b", "--train", "qlora", "--seq-len", "1024", "--batch", "2", "--device", "rtx-4090"]) == 0
     o = capsys.readouterr().out
     assert "training (qlora, seq 1024, batch 2" in o and "optimizer" in o
+
+
+def test_an_embedding_model_has_no_kv_cache_and_does_not_decode(tmp_path, capsys):
+    from bert_fixtures import make_tiny_bert_gguf
+
+    path = make_tiny_bert_gguf(tmp_path)
+    src = resolve_shape(str(path))
+    assert src.shape.causal is False
+    e = estimate_memory(src.shape, quant=None, ctx=512, gguf_info=src.gguf)
+    assert e.kv_cache_bytes == 0 and e.ubatch == 512  # a whole text per pass
+    # every head's T x T scores: the working set grows with the square of the context
+    small = estimate_memory(src.shape, quant=None, ctx=128, gguf_info=src.gguf)
+    assert e.compute_bytes > 4 * small.compute_bytes
+    assert main(["fit", str(path), "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["kv_cache_bytes"] == 0 and d["decode_tokens_per_second"] == 0 and d["prefill_tokens_per_second"] > 0
+    assert main(["fit", str(path)]) == 0
+    o = capsys.readouterr().out
+    assert re.search(r"KV cache +none", o) and "does not decode" in o

@@ -89,11 +89,15 @@ def _print_report(r) -> None:
     t.add_row("weights", _size(m.weights_bytes), f"{mix}, {bits:.2f} bits/weight")
     if m.repack_bytes:
         t.add_row("repacked", _size(m.repack_bytes), "CPU's interleaved copy of Q4 matrices")
-    t.add_row("KV cache", _size(m.kv_cache_bytes),
-              f"{s['n_layer']} layers x {m.ctx} x {s['n_head_kv']} KV heads x {s['head_dim']} x K,V x {m.kv_type}"
-              + (f" x {m.parallel} seqs" if m.parallel > 1 else ""))
+    if s["causal"]:
+        t.add_row("KV cache", _size(m.kv_cache_bytes),
+                  f"{s['n_layer']} layers x {m.ctx} x {s['n_head_kv']} KV heads x {s['head_dim']} x K,V x {m.kv_type}"
+                  + (f" x {m.parallel} seqs" if m.parallel > 1 else ""))
+    else:
+        t.add_row("KV cache", "none", "an encoder embeds each text in one pass and keeps no cache")
     t.add_row("compute buffer", _size(m.compute_bytes), f"CPU working set (GPU: {_size(m.compute_reserved_bytes)})")
-    t.add_row("output buffer", _size(m.output_bytes), "logits per sequence")
+    t.add_row("output buffer", _size(m.output_bytes),
+              "logits per sequence" if s["causal"] else "logits and embedding per text of a batch")
     t.add_row("overhead", _size(m.overhead_bytes), "process + tokenizer tables")
     t.add_row("total (CPU)", _size(m.total_bytes),
               f"resident; {_size(m.required_bytes)} must fit" if m.repack_bytes else "resident")
@@ -107,7 +111,8 @@ def _print_report(r) -> None:
     for tg in r.targets:
         roof = f" (<{_rate(tg.decode_roofline_tokens_per_second)})" if tg.decode_roofline_tokens_per_second else ""
         tt.add_row(tg.name, _size(tg.needed_bytes), _size(tg.budget_bytes), "yes" if tg.fits else "NO",
-                   f"{tg.max_ctx:,}" if tg.max_ctx else "-", _rate(tg.decode_tokens_per_second) + roof,
+                   f"{tg.max_ctx:,}" if tg.max_ctx else "-",
+                   _rate(tg.decode_tokens_per_second) + roof if s["causal"] else "-",
                    _rate(tg.prefill_tokens_per_second))
     o.print(tt)
     if r.machine is not None:
@@ -119,8 +124,12 @@ def _print_report(r) -> None:
             err.print(f"note: {tg.name}: {tg.note}", markup=False)
     for n in r.notes + m.notes:
         err.print(f"note: {n}", markup=False)
-    o.print(f"decode reads {_size(r.bytes_per_token)} per token: tokens/s < bandwidth / that (the bound in "
-              "brackets); prefill from compute", markup=False, style="dim")
+    if s["causal"]:
+        o.print(f"decode reads {_size(r.bytes_per_token)} per token: tokens/s < bandwidth / that (the bound in "
+                "brackets); prefill from compute", markup=False, style="dim")
+    else:
+        o.print("an embedding model: it does not decode; prefill is how fast it embeds, from compute",
+                markup=False, style="dim")
     if r.training is not None:
         _print_training(o, r.training, r.machine)
 

@@ -115,6 +115,8 @@ def kv_cache_bytes(shape: ModelShape, ctx: int, parallel: int = 1, kv_type: str 
     llama.cpp's context default (`swa_full`, which llmdesk keeps, so that a conversation's cached
     prefix can be reused); with swa_full off they keep only window + micro-batch cells, as
     llama-server does by default."""
+    if not shape.causal:
+        return 0  # an encoder keeps no cache: each text is embedded in one pass
     per_elem = KV_TYPES[kv_type]
     cells = kv_cells(shape, ctx, parallel)
     total = 0.0
@@ -134,13 +136,23 @@ def compute_bytes(shape: ModelShape, ctx: int, parallel: int, ubatch: int) -> tu
     layer = 4 * T * (2 * shape.n_embd + 3 * n_ff)  # the FFN block's live f32 tensors
     attn = 4 * T * (2 * shape.n_embd + shape.n_embd_q * 2 + 2 * shape.n_embd_kv)  # q, k, v, attention out
     mask = cells * T * 2  # f16 KQ mask, one row per token
+    if not shape.causal:
+        # an encoder's ubatch is the whole context and its tokens attend only to each other:
+        # an f32 T x T mask, and the scores and their softmax materialised for every head
+        mask = T * T * 4
+        attn += 2 * 4 * shape.n_head * T * T
     work = T * max(shape.n_ff, shape.n_embd) * 34 // 32  # matmul inputs converted to Q8 blocks
     logits = 4 * T * (shape.n_vocab + 2 * shape.n_embd)  # all T tokens' logits: the worst case
     ws = max(layer, attn) + mask + work
     return ws, max(ws, logits + mask)
 
 
+EMBED_SEQS = 32  # texts per embeddings decode in the Engine (runtime.engine.EMBED_MAX_SEQS)
+
+
 def output_bytes(shape: ModelShape, parallel: int) -> int:
+    if not shape.causal:  # llama.cpp reserves logits and an embedding for every sequence of a decode
+        return 4 * (shape.n_vocab + shape.n_embd) * EMBED_SEQS
     return 4 * shape.n_vocab * parallel
 
 
@@ -190,7 +202,7 @@ def estimate_memory(shape: ModelShape, *, quant: str | None = "Q4_K_M", ctx: int
                     batch: int = 512, kv_type: str = "f16", gguf_info: Any = None,
                     repack: bool = True) -> MemoryEstimate:
     """The memory llama.cpp needs for `shape` at `quant` with `parallel` sequences of `ctx` tokens."""
-    ubatch = min(batch, 512)
+    ubatch = min(batch, 512) if shape.causal else ctx  # an encoder takes a whole text in one ubatch
     by_type, wbytes, rbytes, mapped = weights(shape, quant, gguf_info)
     if not repack:
         rbytes, mapped = 0, wbytes

@@ -217,6 +217,7 @@ def shape_of_gguf(info: Any, path: str | Path) -> ModelShape:
         n_swa=k("attention.sliding_window"),
         swa_every=2 if arch == "gemma2" and k("attention.sliding_window") else 0,
         n_merges=len(md.get("tokenizer.ggml.merges") or ()),
+        causal=md.get(f"{arch}.attention.causal", True) is not False,
         source=str(path),
         tensor_types={t.name: t.type_name for t in info.tensors},
     )

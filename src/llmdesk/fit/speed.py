@@ -47,7 +47,7 @@ def flops_per_token(shape: ModelShape, n_prompt: int = 512) -> float:
             matmul += t.n_elements * (shape.n_expert_used / shape.n_expert if t.ne2 > 1 else 1)
     if shape.tied_embeddings:
         matmul += shape.n_embd * shape.n_vocab
-    attn = 2 * 2 * shape.n_layer * shape.n_embd_q * (n_prompt / 2)
+    attn = 2 * 2 * shape.n_layer * shape.n_embd_q * (n_prompt / 2 if shape.causal else n_prompt)
     return 2 * matmul + attn
 
 
@@ -67,7 +67,7 @@ def estimate_speed(shape: ModelShape, est: MemoryEstimate, *, bandwidth_gbs: flo
                    gguf_info=None) -> SpeedEstimate:
     bpt = bytes_per_token(shape, est, depth=depth, gguf_info=gguf_info)
     fpt = flops_per_token(shape)
-    roof = bandwidth_gbs * 1e9 / bpt if bpt else 0.0
+    roof = bandwidth_gbs * 1e9 / bpt if bpt and shape.causal else 0.0  # an encoder never decodes
     return SpeedEstimate(
         decode_tokens_per_second=roof * decode_efficiency,
         decode_roofline_tokens_per_second=roof,

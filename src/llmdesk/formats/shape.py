@@ -44,6 +44,7 @@ class ModelShape:
     n_swa: int = 0  # sliding-window attention: window size (0: none)
     swa_every: int = 0  # every swa_every-th layer is global, the others use the window (gemma 2: 2)
     n_merges: int = 0  # BPE merge rules of the tokenizer (0 for SentencePiece): llama.cpp keeps them in memory
+    causal: bool = True  # False for an encoder (BERT): no KV cache, every token attends to every other
     source: str = ""  # where the numbers come from
     tensor_types: dict[str, str] = field(default_factory=dict, compare=False)  # from a GGUF: name -> type
 
