@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -36,6 +37,9 @@ def serve(
     body_timeout: Annotated[float, typer.Option("--body-timeout", help="Seconds a client has to send a request's body, plus one per 500 bytes received; then 408 and close.")] = 30.0,
     request_timeout: Annotated[float, typer.Option("--request-timeout", help="Seconds one request may take, waiting for a slot included; then it ends (with what was generated so far, finish_reason 'length').")] = 600.0,
     max_connections: Annotated[int, typer.Option("--max-connections", help="Connections open at once. Past it a new one replaces the longest-idle one, or gets 503 if all hold a request.")] = 1024,
+    mcp: Annotated[Optional[Path], typer.Option("--mcp", help="An MCP config (the mcpServers JSON of Claude Desktop or LM Studio): its servers start with the server, and a request that names one in 'tools' ({\"type\": \"mcp\", \"server_label\": NAME}) has the server call its tools. Only allowed tools run: see --allow-tool and --yes.", dir_okay=False)] = None,
+    allow_tool: Annotated[Optional[list[str]], typer.Option("--allow-tool", help="With --mcp: a tool the server may run when the model calls it: SERVER/TOOL, or SERVER for all of its tools (repeatable). An entry's \"alwaysAllow\" list in the config allows its tools too.")] = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="With --mcp: the server may run every tool of every server in the config.")] = False,
     lora: Annotated[Optional[list[str]], typer.Option("--lora", help="A LoRA adapter for the first -m model, loaded once beside it: NAME=ADAPTER.gguf[:SCALE] (NAME: the file's stem when left out; repeatable). Requests choose it by model name BASE+NAME or an 'adapters' field; the others get the base.")] = None,
 ) -> None:
     """Serve models over the OpenAI and Ollama APIs, with a web chat at http://HOST:PORT/."""
@@ -61,7 +65,8 @@ def serve(
                       max_memory=parse_size(max_memory, "--max-memory") if max_memory else None,
                       template=template, log_prompts=log_prompts, header_timeout=header_timeout,
                       body_timeout=body_timeout, max_connections=max_connections, request_timeout=request_timeout,
-                      lora=parse_lora(lora or []))
+                      lora=parse_lora(lora or []), mcp_servers=_mcp_config(mcp), allow_tools=list(allow_tool or []),
+                      allow_all_tools=yes)
     cfg.check()
     _configure_logging()
     if not cfg.is_local and not cfg.api_key:
@@ -76,6 +81,7 @@ def serve(
     except APIError as e:
         raise LlmdeskError(e.message) from None
     state = application.state.llmdesk
+    tools = application.state.mcp_tools
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     url = f"http://[{shown}]:{port}" if ":" in shown else f"http://{shown}:{port}"
     default = state.models.default.name if state.models.default else "none (requests name a model)"
@@ -87,6 +93,9 @@ def serve(
         err.print(f"  web chat:    {url}/", markup=False)
         err.print(f"  OpenAI API:  {url}/v1   (base_url for the openai client)", markup=False)
         err.print(f"  Ollama API:  {url}   (OLLAMA_HOST={url})", markup=False)
+        if tools is not None:
+            for line in _mcp_lines(tools):
+                err.print(line, markup=False)
         if cfg.api_key:
             err.print("  API key required: Authorization: Bearer <key>", markup=False)
         err.print("Ctrl-C to stop", style="dim", markup=False)
@@ -95,6 +104,30 @@ def serve(
     from ..serve.server import run
 
     run(application, host=host, port=port, on_ready=banner)  # limits and timeouts from cfg, through application.state
+
+
+def _mcp_config(path: Path | None) -> list:
+    """The servers of --mcp's config (a file that cannot be read, or is not one, stops here)."""
+    if path is None:
+        return []
+    from ..tools.mcp_client import read_config
+
+    return read_config(path)
+
+
+def _mcp_lines(tools) -> list[str]:
+    """The banner's lines for --mcp: each running server's tools that requests may use, and the
+    ones held back."""
+    lines = []
+    for s in tools.listing():
+        if not s["running"]:
+            continue
+        ok = ", ".join(t["name"] for t in s["tools"]) or "none"
+        held = f" · not allowed: {', '.join(s['not_allowed'])}" if s["not_allowed"] else ""
+        lines.append(f"  MCP server {s['server_label']}: tools {ok}{held}")
+    if any(s["not_allowed"] for s in tools.listing()):
+        lines.append("  (allow a tool with --allow-tool SERVER/TOOL, --yes, or \"alwaysAllow\" in the MCP config)")
+    return lines
 
 
 class _nothing:

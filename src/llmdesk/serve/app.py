@@ -7,7 +7,7 @@
         print(server.url)                       # for tests, notebooks and benchmarks
 
 Routes: the OpenAI API (openai.py), the Ollama API (ollama.py), document collections
-(documents.py), prompt templates (prompts.py), and here the operations ones:
+(documents.py), prompt templates (prompts.py), the MCP servers of --mcp (agent.py), and here the operations ones:
 `/health` (no key needed), `/metrics` (Prometheus), `/slots` (what each model's slots hold),
 and the web chat's static files at `/`.
 """
@@ -77,6 +77,11 @@ def create_app(config: ServeConfig) -> FastAPI:
             manager.add_startup_model(ref)
     if config.preload and manager.default is not None:
         manager.preload(manager.default)
+    mcp_tools = None
+    if config.mcp_servers:  # started once; one line in the log for each that cannot start
+        from .agent import ServerTools
+
+        mcp_tools = ServerTools(config.mcp_servers, allow=config.allow_tools, yes=config.allow_all_tools)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -84,11 +89,16 @@ def create_app(config: ServeConfig) -> FastAPI:
         try:
             yield
         finally:
-            await manager.close()
+            try:
+                await manager.close()
+            finally:
+                if mcp_tools is not None:
+                    mcp_tools.close()
 
     app = FastAPI(title="llmdesk", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.llmdesk = ServerState(config, manager, metrics)
+    app.state.mcp_tools = mcp_tools
     errors.install(app)
 
     from . import ollama, openai
@@ -97,9 +107,10 @@ def create_app(config: ServeConfig) -> FastAPI:
     app.include_router(ollama.router)
     from . import arena  # the web chat's Arena mode: battles between two anonymous models
     app.include_router(arena.router)
-    from . import documents, prompts  # collections of documents, prompt templates by name
+    from . import agent, documents, prompts  # collections of documents, prompt templates by name, MCP tools
     app.include_router(documents.router)
     app.include_router(prompts.router)
+    app.include_router(agent.router)
     # same routes without the /v1 prefix, as llama.cpp's server and vLLM also answer them
     for path, endpoint in (("/chat/completions", openai.chat_completions), ("/completions", openai.completions),
                            ("/embeddings", openai.embeddings)):

@@ -44,6 +44,11 @@ class ServeConfig:
     max_connections: int = 1024  # open at once; past it idle ones make room, or 503
     # --lora: LoRA adapters loaded with the default model, chosen per request: name -> (path, scale)
     lora: dict = field(default_factory=dict)
+    # --mcp: MCP servers (tools.mcp_client.ServerConfig) whose tools requests may ask the server
+    # to run (serve/agent.py); only allowed tools run: --yes (all), --allow-tool, "alwaysAllow"
+    mcp_servers: list = field(default_factory=list)
+    allow_tools: list[str] = field(default_factory=list)  # SERVER or SERVER/TOOL
+    allow_all_tools: bool = False
 
     def check(self) -> None:
         """One-line errors for settings that cannot work (the CLI's flags map onto these)."""
@@ -69,6 +74,13 @@ class ServeConfig:
             raise LlmdeskError("--api-key must be at least 8 characters long")
         if self.lora and not self.models:
             raise LlmdeskError("--lora needs the model its adapters were made for: add -m BASE")
+        if (self.allow_tools or self.allow_all_tools) and not self.mcp_servers:
+            raise LlmdeskError("--allow-tool and --yes say which MCP tools may run: they go with --mcp CONFIG.json")
+        names = [s.name for s in self.mcp_servers]
+        for a in self.allow_tools:
+            if a.split("/", 1)[0] not in names:
+                raise LlmdeskError(f"--allow-tool {a}: the MCP config has no server named {a.split('/', 1)[0]!r} "
+                                   f"(its servers: {', '.join(names)}); write SERVER or SERVER/TOOL")
         if not self.is_local and not self.api_key and not self.insecure:
             raise LlmdeskError(
                 f"serving on {self.host} lets anyone on the network use it: add --api-key KEY "

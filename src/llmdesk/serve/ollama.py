@@ -26,6 +26,7 @@ from ..errors import LlmdeskError
 from ..store.paths import redact
 from ..runtime import conversation, grammars, limits
 from ..runtime.conversation import finish_reason, sampling_params
+from . import agent
 from .chat import off_loop, prompt_headers
 from .config import parse_duration
 from .errors import APIError, from_library
@@ -89,6 +90,8 @@ class GenerateBody(_GenBody):
 class ChatBody(_GenBody):
     messages: list[dict[str, Any]] | None = None
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None  # llmdesk's: OpenAI's tool_choice (Ollama has none)
+    max_steps: int = 8  # rounds of MCP tool calls the server runs (serve/agent.py)
 
 
 class EmbedBody(_Body):
@@ -238,6 +241,10 @@ async def _generate_common(request: Request, body: _GenBody, *, chat: bool):
         if not body.messages:
             return await _load_only(request, body.model, keep_alive, chat=True)
         messages = conversation.normalize_messages(body.messages, images_field=True)
+        mcp = agent.mcp_entries(body.tools)
+        if mcp is not None:
+            return await _chat_with_mcp(request, body, messages, agent.chosen_tools(request, mcp), keep_alive, opts,
+                                        sampling, ignored, t_start)
     else:
         if body.images:
             raise APIError(400, "'images': this server's models read text only", param="images")
@@ -267,7 +274,8 @@ async def _generate_common(request: Request, body: _GenBody, *, chat: bool):
         common = dict(grammar=grammar, sampling=sampling, max_tokens=max_tokens, stop=opts.get("stop"),
                       logprobs=logprobs, truncate=body.truncate, time_limit=st.config.request_timeout, context=limit)
         if chat:
-            turn = await off_loop(conversation.prepare, model, messages, tools=body.tools, **common)
+            turn = await off_loop(conversation.prepare, model, messages, tools=body.tools, tool_choice=body.tool_choice,
+                                  **common)
         elif body.raw or body.context:
             turn = await off_loop(_raw_turn, model, body, limit, common)
         else:
@@ -400,6 +408,73 @@ async def _ndjson(request, body, lease, gens, turn, head, prompt, t_start, load_
         r = gens.results[0]
         note(request, gen=r.n_gen, cached=r.n_cached, ttft=round(r.ttft_s, 3), finish=r.finish_reason or "cancelled")
         record(request, lease.loaded.name, *_shown(body, chat), gens.results)
+
+
+async def _chat_with_mcp(request: Request, body: ChatBody, messages: list[dict], functions: dict, keep_alive,
+                         opts: dict, sampling, ignored: list[str], t_start: float):
+    """/api/chat whose `tools` name MCP servers: the server runs the agent loop over their tools
+    (serve/agent.py); the answer's message carries the calls it made in `mcp_calls`."""
+    st = state(request)
+    for param, given in (("format", body.format), ("logprobs", body.logprobs)):
+        if given:
+            raise APIError(400, f"'{param}' cannot be combined with MCP tools", param=param)
+    num_ctx = opts.get("num_ctx")
+    in_options = body.adapters is None
+    t_load = time.perf_counter()
+    lease = await st.models.acquire(body.model, keep_alive=keep_alive, n_ctx=num_ctx,
+                                    adapters=opts.get("adapters") if in_options else body.adapters,
+                                    adapters_param="options.adapters" if in_options else "adapters")
+    load_s = time.perf_counter() - t_load
+    try:
+        num_predict = opts.get("num_predict")
+        settings = dict(sampling=sampling, max_tokens=None if num_predict is None or num_predict < 0 else num_predict,
+                        stop=opts.get("stop"), truncate=body.truncate,
+                        context=min(num_ctx or lease.model.n_ctx, lease.model.n_ctx))
+        turn = await agent.start_turn(request, st, lease, messages, functions, tool_choice=body.tool_choice or "auto",
+                                      max_steps=body.max_steps, settings=settings)
+    except BaseException:
+        lease.release()
+        raise
+    note(request, model=lease.loaded.name)
+    head = {"model": lease.name}
+    headers = _ignored_header(ignored)
+
+    def line(obj) -> str:
+        return json.dumps(obj, ensure_ascii=False) + "\n"
+
+    def final(result) -> dict:
+        out = {**head, "created_at": _now(),
+               "message": {"role": "assistant", "content": "" if body.stream else result.text,
+                           **({} if body.stream else {"mcp_calls": turn.calls})}}
+        out.update(_final(turn.last, t_start, load_s))
+        return out
+
+    async def lines():
+        try:
+            async for kind, value in turn.events():
+                if kind == "text":
+                    yield line({**head, "created_at": _now(), "message": {"role": "assistant", "content": value},
+                                "done": False})
+                elif kind == "call":
+                    yield line({**head, "created_at": _now(),
+                                "message": {"role": "assistant", "content": "", "mcp_calls": [value]}, "done": False})
+                else:
+                    yield line(final(value))
+        except (APIError, LlmdeskError) as e:
+            yield line({"error": getattr(e, "message", None) or str(e)})
+        finally:
+            turn.stop()
+
+    if body.stream:
+        return StreamingResponse(lines(), media_type=NDJSON, headers={**headers, **STREAM_HEADERS})
+    try:
+        result = await turn.finish(request)
+    except ClientGone:
+        return Response(status_code=499)
+    finally:
+        turn.stop()
+    note(request, gen=sum(r.n_gen for r in turn.model.results), mcp_calls=len(turn.calls))
+    return JSONResponse(final(result), headers=headers)
 
 
 @router.post("/api/generate")

@@ -7,6 +7,8 @@ Extensions, ignored by OpenAI's clients: request fields `top_k`, `min_p`, `repea
 `ignore_eos`, `truncate`; response fields `timings` (llama.cpp server's) and
 `truncated_prompt_tokens`. Chat requests may also name a `collection` of documents to answer from
 (the response then has `sources`; serve/documents.py) and a `prompt_template` (serve/prompts.py).
+`tools` may name MCP servers of `serve --mcp` instead of functions: the server then runs their
+tools itself and answers with the calls it made (`mcp_calls`; serve/agent.py).
 
 `/v1/completions` with `echo` and `logprobs` also returns the prompt's own log-probabilities
 (what lm-evaluation-harness's loglikelihood needs), scored by the Engine; `/tokenize`,
@@ -31,10 +33,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..errors import LlmdeskError
 from ..runtime import conversation, grammars, limits
 from ..runtime.conversation import finish_reason, sampling_params
 from ..runtime.engine import ContextOverflow, ScoreRequest
-from . import documents, prompts
+from . import agent, documents, prompts
 from .chat import off_loop, prompt_headers, timings
 from .errors import APIError
 from .scheduler import ClientGone, admit, collect, start
@@ -131,6 +134,7 @@ class ChatCompletionRequest(_Sampling):
     collection_k: int = Field(5, ge=1, le=documents.MAX_K)
     collection_mode: Literal["hybrid", "bm25", "vector"] = "hybrid"
     prompt_template: dict[str, Any] | None = None  # {"name", "variables"} (serve/prompts.py)
+    max_steps: int = 8  # rounds of MCP tool calls the server runs before the model must answer (serve/agent.py)
 
 
 class CompletionRequest(_Sampling):
@@ -233,6 +237,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
     messages = conversation.normalize_messages(body.messages)
+    mcp = agent.mcp_entries(body.tools)
+    if mcp is not None:
+        return await _chat_with_mcp(body, request, messages, mcp)
     docs = await documents.retrieve_for(body, messages)  # from the user's own words, before any template
     if body.prompt_template is not None:
         messages = await off_loop(prompts.apply, body, messages)
@@ -344,6 +351,85 @@ async def _chat_stream(request, body: ChatCompletionRequest, lease, gens, turn, 
         note(request, gen=sum(r.n_gen for r in gens.results), cached=r0.n_cached, ttft=round(r0.ttft_s, 3),
              finish=r0.finish_reason or "cancelled")
         record(request, lease.loaded.name, *_last_user(messages), gens.results)
+
+
+async def _chat_with_mcp(body: ChatCompletionRequest, request: Request, messages: list[dict], entries: list[dict]):
+    """`tools` naming MCP servers: the server runs the agent loop over their tools (serve/agent.py)
+    and answers with the final message, the calls it made in its `mcp_calls`."""
+    st = state(request)
+    for param, given in (("n", body.n != 1), ("logprobs", body.logprobs), ("collection", body.collection),
+                         ("response_format", body.response_format)):
+        if given:
+            raise APIError(400, f"'{param}' cannot be combined with MCP tools", param=param)
+    functions = agent.chosen_tools(request, entries)
+    if body.prompt_template is not None:
+        messages = await off_loop(prompts.apply, body, messages)
+    requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    settings = dict(sampling=body.sampling(), max_tokens=requested, stop=limits.check_stop(body.stop),
+                    truncate=body.truncate, ignore_eos=body.ignore_eos)
+    lease = await st.models.acquire(body.model, adapters=body.adapters)
+    try:
+        turn = await agent.start_turn(request, st, lease, messages, functions, tool_choice=body.tool_choice or "auto",
+                                      max_steps=body.max_steps, settings=settings)
+    except BaseException:
+        lease.release()
+        raise
+    note(request, model=lease.loaded.name)
+    base = {"id": _id("chatcmpl"), "created": int(time.time()), "model": lease.name, "system_fingerprint": FINGERPRINT}
+    if body.stream:
+        return StreamingResponse(_mcp_stream(request, body, turn, base, messages), media_type="text/event-stream",
+                                 headers=STREAM_HEADERS)
+    try:
+        result = await turn.finish(request)
+    except ClientGone:
+        return Response(status_code=499)
+    finally:
+        turn.stop()
+    r = turn.last
+    note(request, gen=sum(x.n_gen for x in turn.model.results), mcp_calls=len(turn.calls))
+    record(request, lease.loaded.name, *_last_user(messages), [r])
+    message = {"role": "assistant", "content": result.text, "refusal": None, "mcp_calls": turn.calls}
+    more = {"max_steps_reached": True} if result.max_steps_reached else {}
+    return JSONResponse({**base, "object": "chat.completion",
+                         "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason(r)}],
+                         "usage": turn.usage(), "timings": timings(r), **more})
+
+
+async def _mcp_stream(request, body: ChatCompletionRequest, turn, base: dict, messages):
+    """The agent loop's answer as server-sent events: the text of every round as it comes, and
+    each call, with its result, as a chunk whose delta holds `mcp_calls`."""
+    usage_field = {"usage": None} if body.include_usage else {}
+
+    def chunk(delta: dict, finish=None, **more) -> str:
+        return _sse({**base, "object": "chat.completion.chunk",
+                     "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+                     **usage_field, **more})
+
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        result = None
+        try:
+            async for kind, value in turn.events():
+                if kind == "text":
+                    yield chunk({"content": value})
+                elif kind == "call":
+                    yield chunk({"mcp_calls": [value]})
+                else:
+                    result = value
+        except (APIError, LlmdeskError) as e:
+            yield _error_event(getattr(e, "message", None) or str(e))
+            return
+        r = turn.last
+        more = {"max_steps_reached": True} if result.max_steps_reached else {}
+        yield chunk({}, finish=finish_reason(r), timings=timings(r), **more)
+        if body.include_usage:
+            yield _sse({**base, "object": "chat.completion.chunk", "choices": [], "usage": turn.usage()})
+        yield "data: [DONE]\n\n"
+    finally:
+        turn.stop()
+        if turn.model.results:
+            note(request, gen=sum(x.n_gen for x in turn.model.results), mcp_calls=len(turn.calls))
+            record(request, turn.lease.loaded.name, *_last_user(messages), [turn.last])
 
 
 # ---------------------------------------------------------------------------------------------

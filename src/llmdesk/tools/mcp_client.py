@@ -12,7 +12,8 @@ tools as functions the agent loop calls.
 
 A server entry may also give `"startup_timeout_sec"` and `"tool_timeout_sec"` (Codex's names;
 30 s to start and list the tools, 60 s per call by default; `"timeout"`, Cline's name, is the
-per-call one too), `"disabled": true`, `"cwd"`, and `"type": "sse"` for the older SSE transport.
+per-call one too), `"disabled": true`, `"cwd"`, `"type": "sse"` for the older SSE transport, and
+`"alwaysAllow": [TOOL, ...]` (Cline's name: the tools `llmdesk serve` may run, with no one to ask).
 
 The SDK is async and the agent loop is not: the sessions live on an event loop in a thread of
 their own, each owned by one task that starts the server and, when told to stop, stops it (the
@@ -70,6 +71,7 @@ class ServerConfig:
     transport: str = "stdio"  # "stdio" | "http" | "sse"
     start_timeout: float = START_TIMEOUT  # seconds to start and list the tools
     timeout: float = CALL_TIMEOUT  # seconds per call
+    always_allow: list[str] = field(default_factory=list)  # "alwaysAllow" (Cline's name): tools run unasked
 
 
 def parse_config(data, where: str) -> list[ServerConfig]:
@@ -116,6 +118,10 @@ def parse_config(data, where: str) -> list[ServerConfig]:
             cfg.cwd = entry.get("cwd")
         else:
             raise LlmdeskError(f"{at} has neither \"command\" (a server to start) nor \"url\" (one to reach)")
+        allow = entry.get("alwaysAllow", [])
+        if not isinstance(allow, list) or not all(isinstance(a, str) for a in allow):
+            raise LlmdeskError(f"{at}.alwaysAllow must be a list of tool names")
+        cfg.always_allow = allow
         out.append(cfg)
     return out
 
@@ -157,6 +163,7 @@ class MCPTool:
     def __init__(self, owner: "MCPTools", server: "_Server", name: str, remote_name: str, description: str,
                  schema: dict):
         self._owner, self._server, self.name, self.remote_name = owner, server, name, remote_name
+        self.server = server.config.name
         fn = {"name": name, "parameters": schema}
         if description:
             fn["description"] = description
