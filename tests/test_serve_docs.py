@@ -187,6 +187,19 @@ def test_upload_search_and_remove_a_collection_over_http(server, home):
     assert r.status_code == 404 and r.json()["error"]["code"] == "collection_not_found"
 
 
+def test_docs_rm_also_removes_the_copies_the_server_kept(server, home, capsys):
+    from llmdesk.cli.main import main
+
+    r = httpx.post(server.url + "/v1/collections/scratch/files", data={"embedder": "tiny-bert:f32"},
+                   files=[("files", ("backups.md", OPS.encode(), "text/markdown"))], timeout=120)
+    assert r.status_code == 200, r.text
+    kept = home / "uploads" / "scratch"
+    assert (kept / "backups.md").exists()
+    assert main(["docs", "rm", "scratch"]) == 0
+    assert "removed collection 'scratch' (1 documents" in capsys.readouterr().out
+    assert not kept.exists() and (home / "uploads").exists()
+
+
 def test_upload_errors_are_one_line(server):
     url = server.url + "/v1/collections"
     r = httpx.post(url + "/bad name!/files", files=[("files", ("a.md", b"# A\n\ntext\n", "text/markdown"))])

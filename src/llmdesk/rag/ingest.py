@@ -22,6 +22,7 @@ import fnmatch
 import hashlib
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import LlmdeskError
-from ..store import db
+from ..store import db, paths
 from ..store.refs import looks_like_path
 from . import index
 from .chunk import DEFAULT_BUDGET, DEFAULT_OVERLAP, Chunk, chunk
@@ -280,11 +281,18 @@ def sync(collection: str = "default", *, embedder=None,
     return report
 
 
+def uploads_dir(collection: str) -> Path:
+    """Where the server keeps the files uploaded into `collection` (its own copies)."""
+    return paths.home() / "uploads" / collection
+
+
 def remove(collection: str) -> index.Collection:
-    """Delete a collection and everything in it; returns what it was."""
+    """Delete a collection and everything in it, with the copies of files uploaded into it (the
+    user's own files are never touched); returns what it was."""
     with index.connect() as c:
         col = index.require(c, collection)
         index.drop_collection(c, col)
+    shutil.rmtree(uploads_dir(collection), ignore_errors=True)
     return col
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,15 +68,11 @@ async def _searched(name: str, query: str, k: int, mode: str) -> list:
     return await asyncio.get_running_loop().run_in_executor(_SEARCH, search)
 
 
-def uploads_dir(collection: str) -> Path:
-    return paths.home() / "uploads" / collection
-
-
 def _shown(d: dict, collection: str) -> dict:
     """A passage's path for a client: an uploaded file by its name, any other as `~/...`."""
     p = Path(d["path"])
     try:
-        d["path"] = p.relative_to(uploads_dir(collection)).as_posix()
+        d["path"] = p.relative_to(ingest.uploads_dir(collection)).as_posix()
     except ValueError:
         d["path"] = paths.display(p)
     return d
@@ -216,7 +211,7 @@ def _file_name(raw: str) -> str:
 
 def _ingest(collection: str, uploads: list[tuple[str, bytes]], embedder: str | None) -> dict:
     """Write the uploads that read as documents to the collection's folder, and add them."""
-    folder = uploads_dir(collection)
+    folder = ingest.uploads_dir(collection)
     errors: list[dict] = []
     saved: dict[Path, str] = {}  # where each went -> its name as sent
     made: list[Path] = []  # files this upload created (removed again if they do not go in)
@@ -278,11 +273,6 @@ async def upload_files(name: str, request: Request):
 async def delete_collection(name: str):
     await off_loop(_require, name)
 
-    def remove() -> index.Collection:
-        col = ingest.remove(name)
-        shutil.rmtree(uploads_dir(name), ignore_errors=True)
-        return col
-
-    col = await _one_at_a_time(remove)
+    col = await _one_at_a_time(ingest.remove, name)
     return {"object": "collection.deleted", "name": col.name, "deleted": True, "documents": col.documents,
             "chunks": col.chunks}
