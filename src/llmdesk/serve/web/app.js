@@ -1,5 +1,6 @@
 // llmdesk's web chat: plain JavaScript over the server's OpenAI API (/v1/models,
-// /v1/chat/completions streamed as server-sent events). Conversations and settings live in this
+// /v1/chat/completions streamed as server-sent events; with the MCP servers of `serve --mcp`,
+// /v1/mcp/servers, and each tool call the server ran shown in the answer). Conversations and settings live in this
 // browser's localStorage; nothing is stored on the server (but the documents uploaded in the
 // Documents panel, documents.js).
 "use strict";
@@ -14,6 +15,7 @@
     max_tokens: $("max_tokens"), seed: $("seed"), messages: $("messages"), empty: $("empty"),
     form: $("composer"), input: $("input"), send: $("send"), stop: $("stop"),
     keyDialog: $("key-dialog"), keyInput: $("key-input"), keySave: $("key-save"),
+    toolsPick: $("tools-pick"), useTools: $("use-tools"),
   };
 
   // -- storage ------------------------------------------------------------------------------
@@ -28,6 +30,7 @@
   let current = conversations.find((c) => c.id === load(KEYS.current, null)) || null;
   let apiKey = load(KEYS.apiKey, "");
   let controller = null; // the AbortController of the answer being streamed
+  let mcpServers = []; // the server's running MCP servers with tools it may run (serve --mcp)
   const SETTINGS = ["system", "temperature", "top_p", "top_k", "max_tokens", "seed"];
 
   function saveConversations() {
@@ -103,6 +106,20 @@
     }
     if (wanted && [...els.model.options].some((o) => o.value === wanted)) els.model.value = wanted;
     setStatus(els.model.options.length ? "" : "this server has no models", !els.model.options.length);
+  }
+
+  // the MCP servers whose tools the server runs for a request that names them (none without --mcp)
+  async function loadTools() {
+    try {
+      const resp = await fetch("/v1/mcp/servers", { headers: headers() });
+      const data = resp.ok ? await resp.json() : { data: [] };
+      mcpServers = (data.data || []).filter((s) => s.running && s.tools.length);
+    } catch (e) {
+      mcpServers = [];
+    }
+    els.toolsPick.hidden = !mcpServers.length;
+    els.toolsPick.title = "The server may run these tools while it answers: " +
+      mcpServers.map((s) => s.tools.map((t) => `${s.server_label}/${t.name}`).join(", ")).join(", ");
   }
 
   // the one line of an error answer: OpenAI's {"error": {"message"}} or {"error": "..."}
@@ -185,9 +202,41 @@
     copy.title = "Copy this message";
     copy.addEventListener("click", () => copyText(m.content, copy));
     meta.append(stats, copy);
-    wrap.append(bubble, meta);
+    wrap.append(callList(m), bubble, meta);
     docs.decorate(wrap, bubble, m);
     return wrap;
+  }
+
+  // the tool calls the server ran for an answer: one collapsible block each, the call (server,
+  // tool, arguments) as its summary and the result (or the error) inside
+  function callList(m) {
+    const box = document.createElement("div");
+    box.className = "tool-calls";
+    for (const c of m.calls || []) {
+      const block = document.createElement("details");
+      block.className = "tool-call" + (c.error ? " failed" : "");
+      const summary = document.createElement("summary");
+      const name = document.createElement("span");
+      name.className = "tool-name";
+      name.textContent = `${c.server_label ? c.server_label + "/" : ""}${c.name}`;
+      const args = document.createElement("code");
+      args.className = "tool-args";
+      args.textContent = c.arguments;
+      summary.append(name, args);
+      if (c.error) {
+        const mark = document.createElement("span");
+        mark.className = "tool-failed";
+        mark.textContent = "failed";
+        summary.append(mark);
+      }
+      const result = document.createElement("pre");
+      result.className = "tool-result";
+      result.textContent = c.error || c.output || "";
+      block.append(summary, result);
+      box.appendChild(block);
+    }
+    box.hidden = !box.children.length;
+    return box;
   }
 
   function fillBubble(bubble, m, streaming) {
@@ -279,7 +328,7 @@
     save(KEYS.model, current.model);
     current.messages.push({ role: "user", content: text });
     const { collection } = docs.fields(); // answered from this collection of documents, if any
-    const answer = { role: "assistant", content: "", stats: "", collection };
+    const answer = { role: "assistant", content: "", stats: "", collection, calls: [] };
     current.messages.push(answer);
     current.updated = Date.now();
     saveConversations();
@@ -301,6 +350,12 @@
       ...samplingOptions(),
       ...docs.fields(),
     };
+    // the MCP tools of the server, asked for unless the answer comes from documents (the server
+    // does not run tools while quoting passages, which may carry instructions)
+    if (els.useTools.checked && !collection) {
+      await loadTools(); // a server that stopped since the page loaded is left out
+      if (mcpServers.length) body.tools = mcpServers.map((s) => ({ type: "mcp", server_label: s.server_label }));
+    }
 
     controller = new AbortController();
     busy(true);
@@ -328,6 +383,11 @@
         if (!choice) continue;
         if (chunk.timings) timings = chunk.timings;
         if (chunk.truncated_prompt_tokens) dropped = chunk.truncated_prompt_tokens;
+        const ran = choice.delta && choice.delta.mcp_calls;
+        if (ran) {
+          answer.calls.push(...ran);
+          el.querySelector(".tool-calls").replaceWith(callList(answer));
+        }
         const delta = choice.delta && choice.delta.content;
         if (delta) {
           if (tFirst === null) tFirst = performance.now();
@@ -410,6 +470,7 @@
     save(KEYS.apiKey, apiKey);
     els.keyDialog.hidden = true;
     loadModels();
+    loadTools();
   });
   els.keyInput.addEventListener("keydown", (ev) => { if (ev.key === "Enter") els.keySave.click(); });
 
@@ -420,5 +481,6 @@
   loadSettings();
   renderAll();
   loadModels().then(() => renderAll());
+  loadTools();
   els.input.focus();
 })();
