@@ -56,6 +56,8 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=0, help="pages of the manual to sample (0: all)")
     ap.add_argument("--queries", type=int, default=300)
     ap.add_argument("--seed", type=int, default=14)
+    ap.add_argument("--split", choices=("test", "dev"), default="test",
+                    help="dev: pages outside the held-out sample the reported figures come from (rag_corpus.HELD_OUT)")
     ap.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: llama.cpp's)")
     ap.add_argument("--collection", default="pydoc")
     ap.add_argument("--json", type=Path, help="also write the figures here")
@@ -65,9 +67,9 @@ def main() -> None:
     from llmdesk.rag import ingest, search
 
     corpus, pool, manifest = rag_corpus.prepare()
-    pages, queries = rag_corpus.select(corpus, pool, args.files, args.queries, args.seed)
+    pages, queries = rag_corpus.select(corpus, pool, args.files, args.queries, args.seed, args.split)
     model = rag_corpus.embed_model(args.threads)
-    name = f"{args.collection}-f{args.files}-s{args.seed}"
+    name = f"{args.collection}-f{args.files}-s{args.seed}" + ("-dev" if args.split == "dev" else "")
     have = {c.name for c in ingest.list_collections()}
     t = time.perf_counter()
     report = ingest.add([str(p) for p in pages], name, embedder=model)
