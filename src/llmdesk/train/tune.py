@@ -16,7 +16,8 @@ The whole story in one file:
      function of (seed, s), so `resume` replays exactly the losses of an uninterrupted run; the
      output head runs on the trained positions only. Under `accelerate launch` (WORLD_SIZE > 1)
      the same loop runs data parallel: each process trains its share of every micro-batch and
-     the gradients are summed (`DataParallel`); rank 0 alone writes;
+     the gradients are summed; with `fsdp` each process also holds only 1/P of the weights
+     (train/dist.py); rank 0 alone writes;
   5. validation loss every `eval_every` steps, an atomic checkpoint (trainable weights, optimizer,
      history) at the same times, and on Ctrl-C after the step in flight finishes;
   6. outputs, each written under a temporary name and renamed: the adapter in PEFT format
@@ -50,6 +51,7 @@ from llmdesk.atomic import atomic_path, write_text
 from llmdesk.errors import LlmdeskError
 from llmdesk.formats.hf import require_train_extra
 from llmdesk.store.refs import looks_like_path
+from llmdesk.train.dist import DataParallel, launch, process_rank  # noqa: F401  (the CLI's)
 from llmdesk.train.loop import lr_at, plot_loss
 
 CHECKPOINT = "checkpoint.pt"
@@ -167,6 +169,9 @@ class TuneResult:
     loss_png: Path
     history: list[dict[str, Any]] = field(default_factory=list, repr=False)
     lora_gguf: Path | None = None  # the adapter as a llama.cpp LoRA GGUF (lora_gguf=True)
+    processes: int = 1  # how many trained it (WORLD_SIZE)
+    fsdp: bool = False  # whether the model was sharded over them
+    param_bytes: int = 0  # the parameters rank 0 held: all of them, or its 1/P shard with fsdp
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items() if k != "history"}
@@ -475,136 +480,10 @@ class _Interrupt:
             signal.signal(signal.SIGINT, self._old)
 
 
-# =============================================================================================
-# more than one process: data parallel under `accelerate launch` (or torchrun)
-
-
-def process_rank() -> int:
-    """This process's rank among those `accelerate launch` started (0 when run alone)."""
-    return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
-
-
-class DataParallel:
-    """The processes of one run, as `accelerate launch` (or torchrun) describes them in the
-    environment (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT). Alone (no WORLD_SIZE, or
-    1), every method is a no-op and torch.distributed is not touched.
-
-    Every process loads the model and the data and computes the same batches (a pure function of
-    (seed, step)); of each micro-batch of batch*P examples, process r trains examples r, r+P, ...
-    Its loss is divided by the trained tokens of the whole step, so the gradients summed over the
-    processes (one all-reduce a step) are the single-process gradient of the same examples, and
-    every process applies the same update to the same weights. Only rank 0 writes."""
-
-    def __init__(self) -> None:
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = process_rank()
-        self.started = False
-
-    def start(self) -> None:
-        if self.world == 1:
-            return
-        for var, kind in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
-            if os.environ.get(var, "").lower() in ("1", "true"):
-                raise LlmdeskError(f"llmdesk tune runs data parallel (every process holds the whole model); {kind} "
-                                   f"is not supported: choose a plain multi-GPU setup in 'accelerate config'")
-        import torch
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            if torch.cuda.is_available():
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-            self.started = True
-
-    def share(self, examples: list) -> list:
-        return examples[self.rank:: self.world]
-
-    def sum(self, values: list[float]) -> list[float]:
-        """Each value summed over the processes (float64)."""
-        if self.world == 1:
-            return values
-        import torch
-        import torch.distributed as dist
-
-        t = torch.tensor(values, dtype=torch.float64, device=self._device())
-        dist.all_reduce(t)
-        return t.tolist()
-
-    def sum_grads(self, params: list) -> None:
-        """The gradients summed over the processes, in one flat all-reduce (a process whose share
-        of the step was empty adds zeros)."""
-        if self.world == 1:
-            return
-        import torch
-        import torch.distributed as dist
-
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1).float() for g in grads])
-        dist.all_reduce(flat)
-        i = 0
-        for p in params:
-            n = p.numel()
-            p.grad = flat[i: i + n].view_as(p).to(p.dtype)
-            i += n
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-
-    def close(self) -> None:
-        if self.started:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
-            self.started = False
-
-    def _device(self):
-        import torch
-
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
-
-
-def launch(processes: int, tune_args: list[str]) -> int:
-    """`llmdesk tune TUNE_ARGS` in `processes` processes on this machine, as `accelerate launch`
-    or torchrun would start them (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT; one a GPU
-    where there are GPUs, else the cores shared out). They share the terminal, so Ctrl-C reaches
-    each; when one fails the others are given a moment to fail the same way (and say so once,
-    from rank 0), then stopped. Returns the first non-zero exit code, else 0."""
-    import socket
-    import subprocess
-    import sys
-
-    with socket.socket() as sk:  # a free port for the processes to meet on
-        sk.bind(("127.0.0.1", 0))
-        port = sk.getsockname()[1]
-    env = {**os.environ, "WORLD_SIZE": str(processes), "LOCAL_WORLD_SIZE": str(processes),
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
-    cmd = [sys.executable, "-m", "llmdesk.cli.main", "tune", *tune_args]
-    procs = [subprocess.Popen(cmd, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(processes)]
-    failed_at = None
-    while True:
-        try:
-            codes = [p.poll() for p in procs]
-            if all(c is not None for c in codes):
-                return next((c for c in codes if c), 0)
-            if failed_at is None and any(c for c in codes if c is not None):
-                failed_at = time.monotonic()
-            if failed_at is not None and time.monotonic() - failed_at > 20:
-                for p in procs:
-                    if p.poll() is None:
-                        p.terminate()
-            time.sleep(0.2)
-        except KeyboardInterrupt:  # the processes got it too: they stop after the step in flight
-            continue
-
-
 def tune(base_ref: str | os.PathLike, data: list[str | os.PathLike], out_dir: str | os.PathLike,
          cfg: TuneConfig | None = None, *, val: str | os.PathLike | None = None, resume: bool = False,
          merge: bool = False, gguf: str | None = None, lora_gguf: bool = False, name: str | None = None,
-         chat_template: str | None = None,
+         chat_template: str | None = None, fsdp: bool = False,
          quantize_with: Callable[..., Any] | None = None, check_with: Callable[[Path], Any] | None = None,
          on_event: Callable[[str, dict[str, Any]], None] | None = None) -> TuneResult:
     """Fine-tune `base_ref` on `data`; everything lands in `out_dir` (see the module docstring).
@@ -617,11 +496,12 @@ def tune(base_ref: str | os.PathLike, data: list[str | os.PathLike], out_dir: st
     `llmdesk.quantize.workflow.quantize_model`). `check_with` opens a GGUF with llama.cpp's tokenizer
     for the converter's self-check (pass `llmdesk.runtime.llama.LlamaModel`). `chat_template` (a
     built-in name or a .jinja file) renders the data instead of the base's own template, and is
-    written into the adapter's and the merged model's tokenizer config (so the GGUF carries it)."""
+    written into the adapter's and the merged model's tokenizer config (so the GGUF carries it).
+    `fsdp`, in a run of several processes, shards the model over them (train/dist.py)."""
     cfg = cfg or TuneConfig()
     if cfg.epochs is not None and cfg.steps:
         raise LlmdeskError("give --epochs or --steps, not both")
-    dp = DataParallel()  # alone: does nothing
+    dp = DataParallel(fsdp)  # alone: does nothing
     emit = on_event if on_event is not None and dp.rank == 0 else (lambda _kind, _data: None)
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
@@ -704,15 +584,19 @@ def _tune(base: Base, data: list, out: Path, cfg: TuneConfig, dp: DataParallel, 
 
         emit("status", {"text": "loading the base"})
         model, device = _make_model(base, cfg)
+        core = model.get_base_model() if hasattr(model, "get_base_model") else model  # under peft's wrapper
+        token_loss = _token_loss(core)
+        dp.shard(core, token_loss)  # --fsdp: each process keeps 1/P of the weights from here
         dp.barrier()  # every process has checked the output folder before rank 0 writes into it
         trainable = [p for p in model.parameters() if p.requires_grad]
         n_trainable = sum(p.numel() for p in trainable)
         n_total = sum(p.numel() for p in model.parameters())
+        param_bytes = dp.param_bytes(model)
         opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
         start, history, seen, trained, elapsed = 0, [], 0, 0, 0.0
         if state is not None:
-            model.load_state_dict(state["weights"], strict=False)
-            opt.load_state_dict(state["optimizer"])
+            dp.load_weights(model, state["weights"])
+            dp.load_optimizer(opt, state["optimizer"], trainable)
             start, history, seen = state["step"], state["history"], state["tokens_seen"]
             trained, elapsed = state["trained_tokens"], state["seconds"]
         ctx = getattr(model.config, "max_position_embeddings", None)
@@ -726,22 +610,11 @@ def _tune(base: Base, data: list, out: Path, cfg: TuneConfig, dp: DataParallel, 
 
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         batches = Batches([len(e.input_ids) for e in d.train], cfg, dp.world)
-        core = model.get_base_model() if hasattr(model, "get_base_model") else model  # under peft's wrapper
-        decoder, head = core.get_decoder(), core.get_output_embeddings()
-        softcap = getattr(core.config, "final_logit_softcapping", None)  # Gemma 2
 
         def loss_sum(exs: list) -> tuple[Any, int, int]:
-            """The summed cross-entropy of the trained tokens. The output head (hidden x vocabulary,
-            the largest matrix of a small model) runs on the trained positions only, not on
-            padding, nor on the prompts when only the answers train."""
+            """The summed cross-entropy of the trained tokens, their count, the tokens seen."""
             ids, mask, labels = (t.to(device) for t in collate(exs, pad_id))
-            hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, T, hidden)
-            trained = labels != -100
-            logits = head(hidden[trained]).float()  # (trained tokens, vocab)
-            if softcap:
-                logits = torch.tanh(logits / softcap) * softcap
-            s = torch.nn.functional.cross_entropy(logits, labels[trained], reduction="sum")
-            return s, int(trained.sum()), int(mask.sum())
+            return token_loss(ids, mask, labels), int((labels != -100).sum()), int(mask.sum())
 
         def evaluate() -> float | None:
             if not d.val:
@@ -749,12 +622,16 @@ def _tune(base: Base, data: list, out: Path, cfg: TuneConfig, dp: DataParallel, 
             model.eval()
             total, count = 0.0, 0
             order = sorted(range(len(d.val)), key=lambda i: len(d.val[i].input_ids))
+            mbs = [order[i: i + cfg.batch] for i in range(0, len(order), cfg.batch)]
             with torch.no_grad():
-                for k, i in enumerate(range(0, len(order), cfg.batch)):
-                    if k % dp.world == dp.rank:  # with P processes, each takes every P-th micro-batch
-                        s, n, _ = loss_sum([d.val[j] for j in order[i: i + cfg.batch]])
+                rounds = -(-len(mbs) // dp.world)
+                for k in range(dp.rank, rounds * dp.world, dp.world):  # each takes every P-th micro-batch
+                    if k < len(mbs):
+                        s, n, _ = loss_sum([d.val[j] for j in mbs[k]])
                         total += s.item()
                         count += n
+                    elif dp.fsdp:  # sharded, every process runs every forward pass (they gather together)
+                        loss_sum([d.val[mbs[0][0]]])
             total, count = dp.sum([total, count])
             model.train()
             return total / max(1, count)
@@ -764,11 +641,13 @@ def _tune(base: Base, data: list, out: Path, cfg: TuneConfig, dp: DataParallel, 
         def save_checkpoint(step: int) -> None:
             nonlocal last_saved
             last_saved = step
+            # full tensors (gathered by every process when sharded): the same file however it ran
+            weights = {k: dp.gather(v) for k, v in model.named_parameters() if v.requires_grad}
+            optimizer = dp.gather_optimizer(opt.state_dict())
             if dp.rank != 0:
                 return
-            weights = {k: v.detach().cpu() for k, v in model.named_parameters() if v.requires_grad}
             with atomic_path(ckpt_path) as tmp:
-                torch.save({"weights": weights, "optimizer": opt.state_dict(), "step": step,
+                torch.save({"weights": weights, "optimizer": optimizer, "step": step,
                             "history": history, "tokens_seen": seen, "trained_tokens": trained,
                             "seconds": elapsed, "config": cfg.to_dict(), "data": d.fingerprint,
                             "base": base.identity, "processes": dp.world}, tmp)
@@ -796,6 +675,8 @@ def _tune(base: Base, data: list, out: Path, cfg: TuneConfig, dp: DataParallel, 
                     for mb in mbs:
                         mine = dp.share(mb)
                         if not mine:  # the epoch's last micro-batch, smaller than the processes
+                            if dp.fsdp:  # sharded, all run every pass: this one adds nothing
+                                (loss_sum(mb[:1])[0] * 0.0).backward()
                             continue
                         s, _n, n_tok = loss_sum(mine)
                         (s / max(1, n_step)).backward()
@@ -838,6 +719,13 @@ def _tune(base: Base, data: list, out: Path, cfg: TuneConfig, dp: DataParallel, 
                                      "checkpoint": str(ckpt_path) if last_saved is not None else None})
                 raise
 
+        # the trained weights in full (gathered when sharded, by every process), for rank 0 to save
+        full = None
+        if dp.fsdp:
+            full = {k: dp.gather(v) for k, v in model.state_dict().items()
+                    if cfg.method == "full" or "lora_" in k}
+            if dp.rank != 0:
+                full = None
         if dp.rank != 0:  # rank 0 writes the outputs
             losses = [h["loss"] for h in history if not math.isnan(h["loss"])]
             return TuneResult(
@@ -846,7 +734,8 @@ def _tune(base: Base, data: list, out: Path, cfg: TuneConfig, dp: DataParallel, 
                 tokens_seen=seen, tokens_per_second=seen / elapsed if elapsed > 0 else 0.0,
                 first_val_loss=None, val_loss=None, final_loss=losses[-1] if losses else float("nan"),
                 seconds=elapsed, peak_rss_bytes=_peak_rss(), adapter=None, merged=None, gguf=None,
-                registered=None, loss_png=out / "loss.png", history=history)
+                registered=None, loss_png=out / "loss.png", history=history, processes=dp.world, fsdp=dp.fsdp,
+                param_bytes=param_bytes)
 
         # -- 6. outputs ------------------------------------------------------------------------
         emit("status", {"text": "saving"})
@@ -854,13 +743,13 @@ def _tune(base: Base, data: list, out: Path, cfg: TuneConfig, dp: DataParallel, 
         if cfg.method == "full":
             merged_dir = out / "merged"
             with _atomic_dir(merged_dir) as tmp:
-                model.save_pretrained(tmp)
+                model.save_pretrained(tmp, state_dict=full)
                 _copy_tokenizer(base, tok, tmp, template_source)
         else:
             adapter_dir = out / "adapter"
             with _atomic_dir(adapter_dir) as tmp, warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)  # peft finds no config.json beside a GGUF base
-                model.save_pretrained(tmp)
+                model.save_pretrained(tmp, state_dict=full)
                 _copy_tokenizer(base, tok, tmp, template_source)
                 cfg_file = tmp / "adapter_config.json"
                 ac = json.loads(cfg_file.read_text())
@@ -874,7 +763,7 @@ def _tune(base: Base, data: list, out: Path, cfg: TuneConfig, dp: DataParallel, 
                                             out / "adapter.gguf")
             if want_merge:
                 emit("status", {"text": "merging"})
-                del model, opt
+                del model, opt, full
                 merged_dir = out / "merged"
                 _merge(base, adapter_dir, merged_dir, tok, template_source)
         if gguf is not None:
@@ -895,11 +784,37 @@ def _tune(base: Base, data: list, out: Path, cfg: TuneConfig, dp: DataParallel, 
         final_loss=losses[-1] if losses else float("nan"), seconds=elapsed, peak_rss_bytes=_peak_rss(),
         adapter=adapter_dir,
         merged=merged_dir, gguf=gguf_path, registered=f"{reg_name}:{reg_tag}" if gguf_path else None,
-        loss_png=out / "loss.png", history=history, lora_gguf=lora_path)
+        loss_png=out / "loss.png", history=history, lora_gguf=lora_path, processes=dp.world, fsdp=dp.fsdp,
+        param_bytes=param_bytes)
     write_text(out / "metrics.json", json.dumps({"result": result.to_dict(), "recipe": cfg.recipe(),
                                                 "config": cfg.to_dict(), "history": history}, indent=1) + "\n")
     _record(result, cfg, d, chat_template)
     return result
+
+
+def _token_loss(core):
+    """The module the loop calls: (input ids, attention mask, labels) -> the summed cross-entropy
+    of the trained tokens. The output head (hidden x vocabulary, the largest matrix of a small
+    model) runs on the trained positions only, not on padding, nor on the prompts when only the
+    answers train. One module over the decoder and the head, so that sharded (FSDP) it is the root
+    that gathers the embeddings, the final norm and the head."""
+    import torch
+
+    class TokenLoss(torch.nn.Module):
+        def __init__(self, decoder, head, softcap):
+            super().__init__()
+            self.decoder, self.head, self.softcap = decoder, head, softcap
+
+        def forward(self, ids, mask, labels):
+            hidden = self.decoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, T, hidden)
+            trained = labels != -100
+            logits = self.head(hidden[trained]).float()  # (trained tokens, vocab)
+            if self.softcap:
+                logits = torch.tanh(logits / self.softcap) * self.softcap
+            return torch.nn.functional.cross_entropy(logits, labels[trained], reduction="sum")
+
+    softcap = getattr(core.config, "final_logit_softcapping", None)  # Gemma 2
+    return TokenLoss(core.get_decoder(), core.get_output_embeddings(), softcap)
 
 
 def _make_model(base: Base, cfg: TuneConfig):
@@ -1018,7 +933,7 @@ def _record(result: TuneResult, cfg: TuneConfig, d: Data, chat_template: str | N
         metrics={k: v for k, v in result.to_dict().items()
                  if k in ("steps", "trainable_params", "total_params", "train_examples", "val_examples",
                           "trained_tokens", "tokens_seen", "tokens_per_second", "first_val_loss", "val_loss",
-                          "final_loss", "seconds", "peak_rss_bytes")})
+                          "final_loss", "seconds", "peak_rss_bytes", "processes", "param_bytes")})
 
 
 def _peak_rss() -> int:
