@@ -6,7 +6,9 @@ reward before and after, with a grader that raises counted rather than fatal."""
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
 
 import pytest
 import torch
@@ -14,7 +16,7 @@ import transformers
 
 from llmdesk.errors import LlmdeskError
 from llmdesk.eval.graders import parse_graders
-from llmdesk.train.rewards import RewardConfig, read_pairs, read_prompts, run
+from llmdesk.train.rewards import RewardConfig, last_checkpoint, read_pairs, read_prompts, run
 
 from test_tune import ASK, WORDS, base  # noqa: F401  (the module's base fixture)
 
@@ -103,7 +105,9 @@ def test_cli(base, tmp_path, user_dir, capsys):  # noqa: F811
                                              for w in WORDS])
     for argv, needle in (
             (["--method", "grpo"], "--method grpo needs graders"),
-            (["--method", "dpo", "--resume"], "--resume is not available with --method dpo"),
+            (["--method", "dpo", "--resume"], "nothing to resume (no checkpoint in trainer/)"),
+            (["--method", "dpo", "--processes", "2"], "--processes is not available with --method dpo"),
+            (["--method", "grpo", "--reward", "exact", "--epochs", "2"], "--epochs is not available with --method grpo"),
             (["--method", "dpo", "--reward", "exact"], "--reward goes with --method grpo"),
             (["--method", "lora", "--reward", "exact"], "--reward goes with --method grpo")):
         assert main(["tune", str(base), str(pairs), "-o", str(tmp_path / "x"), *argv]) == 1
@@ -114,3 +118,64 @@ def test_cli(base, tmp_path, user_dir, capsys):  # noqa: F811
     printed = capsys.readouterr().out
     assert "tuned with dpo for 2 steps" in printed and "run it: llmdesk run -m dpo-tiny:f32" in printed
     assert catalog.get("dpo-tiny", "f32") is not None and (tmp_path / "dpo" / "model-f32.gguf").is_file()
+
+
+def test_dpo_resume_is_exact_after_ctrl_c_and_the_adapter_runs_in_llama_cpp(base, tmp_path, monkeypatch):  # noqa: F811
+    """Ctrl-C after step 3 (between checkpoints at 2 and 4) leaves a whole checkpoint of step 3 and
+    no outputs; --resume replays the losses of an uninterrupted run exactly and writes the adapter,
+    also as a llama.cpp LoRA GGUF whose logits beside the base's GGUF are peft's."""
+    import numpy as np
+    import peft
+
+    from llmdesk.formats.convert import convert
+    from llmdesk.runtime.llama import LlamaModel, LoraAdapter
+    from test_lora import engine_run
+
+    pairs = [{"prompt": ASK + w, "chosen": f" [{w.upper()}]", "rejected": f" {w}"} for w in WORDS] * 3
+    data = jsonl(tmp_path / "pairs.jsonl", pairs)
+    cfg = lambda **kw: RewardConfig(**{"method": "dpo", "steps": 6, "batch": 4, "lr": 2e-3, "save_every": 2,  # noqa: E731
+                                       "dropout": 0.1, **kw})
+    full = run("dpo", base, data, tmp_path / "full", cfg())
+
+    def ctrl_c_at_3(kind, d):
+        if kind == "step" and d["step"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C sends: taken when the step in flight ends
+
+    cut = tmp_path / "cut"
+    events = []
+    with pytest.raises(KeyboardInterrupt):
+        run("dpo", base, data, cut, cfg(), on_event=lambda k, d: (events.append((k, d)), ctrl_c_at_3(k, d)))
+    assert last_checkpoint(cut).name == "checkpoint-3"
+    assert ("interrupted", {"step": 3, "checkpoint": str(cut / "trainer" / "checkpoint-3")}) in events
+    assert sorted(p.name for p in cut.iterdir()) == ["run.json", "trainer"]  # no adapter, no metrics, no .part
+    with pytest.raises(LlmdeskError, match="pass --resume"):
+        run("dpo", base, data, cut, cfg())
+    with pytest.raises(LlmdeskError, match="was trained with beta 0.1, not 0.2"):
+        run("dpo", base, data, cut, cfg(beta=0.2), resume=True)
+    with pytest.raises(LlmdeskError, match="nothing to resume"):
+        run("dpo", base, data, tmp_path / "never", cfg(), resume=True)
+    resumed = run("dpo", base, data, cut, cfg(), resume=True, lora_gguf=True)
+    assert [h["step"] for h in resumed.history] == list(range(1, 7))
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
+    assert not (cut / "trainer").exists() and resumed.lora_gguf == cut / "adapter.gguf"
+
+    tok = transformers.AutoTokenizer.from_pretrained(base)
+    ids = tok(ASK + "stone [STONE]").input_ids
+    with torch.no_grad():
+        model = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base),
+                                               str(resumed.adapter)).eval()
+        ref = model(torch.tensor([ids])).logits[0].numpy()
+    base_gguf = convert(base, tmp_path / "base-f32.gguf", out_type="f32", check_with=LlamaModel).path
+    llama = LlamaModel(base_gguf)
+    try:
+        got, _ = engine_run(llama, list(ids), lora=[(LoraAdapter(llama, resumed.lora_gguf), 1.0)])
+    finally:
+        llama.close()
+    assert float(np.abs(ref[:-1] - got).max()) < 1e-3
+
+
+def test_dpo_and_grpo_refuse_several_processes(base, tmp_path, monkeypatch):  # noqa: F811
+    data = jsonl(tmp_path / "pairs.jsonl", [{"prompt": "a", "chosen": "x", "rejected": "y"}])
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as accelerate launch or torchrun set it
+    with pytest.raises(LlmdeskError, match="--method dpo runs in one process"):
+        run("dpo", base, data, tmp_path / "out")

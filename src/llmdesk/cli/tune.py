@@ -53,6 +53,7 @@ def tune(
     max_completion: Annotated[int, typer.Option("--max-completion", help="grpo: tokens per completion; dpo: of chosen/rejected.")] = 64,
     temperature: Annotated[float, typer.Option("--temperature", help="grpo: sampling temperature of the completions.")] = 1.0,
     processes: Annotated[int, typer.Option("--processes", help="Train data parallel in N processes on this machine (one a GPU, else CPU processes), as 'accelerate launch --num_processes N' would; --batch is each one's share of a micro-batch.")] = 1,
+    fsdp: Annotated[bool, typer.Option("--fsdp", help="With --processes N (or under accelerate launch / torchrun): shard the weights, gradients and optimizer state over the processes (FSDP), each holding 1/N, instead of a whole copy in each.")] = False,
 ) -> Optional[int]:
     """Fine-tune a model on your data: LoRA (default), QLoRA or all weights.
 
@@ -60,7 +61,8 @@ def tune(
     (out/adapter/, PEFT format), the merged model (out/merged/) and a GGUF in the store.
     'llmdesk tune chats.jsonl --base BASE --inspect' shows what would be trained.
     'llmdesk tune BASE chats.jsonl -o out --processes 2' trains data parallel in two processes, as
-    'accelerate launch --multi_gpu --num_processes 2 -m llmdesk.cli.main tune BASE chats.jsonl -o out' does.
+    'accelerate launch --multi_gpu --num_processes 2 -m llmdesk.cli.main tune BASE chats.jsonl -o out' does;
+    add --fsdp to shard the model over them.
     """
     base_ref, data = (base, list(args)) if base is not None else (args[0], list(args[1:]))
     if not data:
@@ -78,6 +80,11 @@ def tune(
         raise LlmdeskError("--name goes with --gguf TYPE")
     if processes < 1:
         raise LlmdeskError(f"--processes must be at least 1, got {processes}")
+    if fsdp and processes == 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        raise LlmdeskError("--fsdp shards the model over several processes: add --processes N (or start the "
+                           "command with accelerate launch or torchrun)")
+    if fsdp and method in ("dpo", "grpo"):
+        raise LlmdeskError(f"--fsdp is not available with --method {method} yet (train it in one process)")
     if method in ("dpo", "grpo"):
         return _tune_rewards(method, base_ref, data, output, rank=rank, alpha=alpha, targets=targets, steps=steps,
                              epochs=epochs, lr=lr, batch=batch, grad_accum=grad_accum, seed=seed, val_split=val_split,
@@ -149,7 +156,7 @@ def tune(
 
     with progress, _one_voice():
         res = run_tune(base_ref, data, output, cfg, val=val, resume=resume, merge=merge, gguf=gguf, lora_gguf=lora_gguf, name=name,
-                       chat_template=chat_template, quantize_with=quantizer, check_with=LlamaModel, on_event=on_event)
+                       chat_template=chat_template, fsdp=fsdp, quantize_with=quantizer, check_with=LlamaModel, on_event=on_event)
     if process_rank() != 0:  # under accelerate launch: the first process speaks for all
         return None
     if as_json:
@@ -173,11 +180,11 @@ def _tune_rewards(method: str, base_ref: str, data: list[str], output: Path, *, 
     from ..runtime.llama import LlamaModel
     from ..train.rewards import RewardConfig, run
 
-    for flag, bad in (("--epochs", epochs is not None), ("--resume", resume), ("--processes", processes > 1),
-                      ("--lora-gguf", lora_gguf)):
-        if bad:
-            raise LlmdeskError(f"{flag} is not available with --method {method} yet (give --steps; --merge and "
-                               "--gguf TYPE work)")
+    if epochs is not None:
+        raise LlmdeskError(f"--epochs is not available with --method {method}: give --steps")
+    if processes > 1:
+        raise LlmdeskError(f"--processes is not available with --method {method}: TRL's trainer runs in one process "
+                           "here (give --processes to lora, qlora or full)")
     if len(data) != 1:
         raise LlmdeskError(f"--method {method} reads one data file: "
                            + ("prompt/chosen/rejected rows" if method == "dpo" else "prompts and the columns the graders read"))
@@ -215,16 +222,20 @@ def _tune_rewards(method: str, base_ref: str, data: list[str], output: Path, *, 
                       f"({', '.join(f'{k} {v:.3f}' for k, v in d['graders'].items())})", markup=False)
         elif kind == "status":
             err.print(d["text"] + " ...", markup=False)
+        elif kind == "interrupted":
+            err.print(f"interrupted: checkpoint {d['checkpoint']} at step {d['step']}; continue with --resume"
+                      if d["checkpoint"] else "interrupted before the first checkpoint; start again", markup=False)
 
     r = run(method, base_ref, data[0], output, cfg, graders=graders, weights=weights, merge=merge, gguf=gguf,
-            name=name, quantize_with=quantizer, check_with=LlamaModel, on_event=on_event)
+            name=name, resume=resume, lora_gguf=lora_gguf, quantize_with=quantizer, check_with=LlamaModel,
+            on_event=on_event)
     if as_json:
         out.print(json.dumps(r.to_dict()), markup=False)
         return None
     gain = (f"; held-out reward {r.reward_before:.3f} -> {r.reward_after:.3f}"
             if r.reward_before is not None and r.reward_after is not None else "")
     out.print(f"tuned with {method} for {r.steps} steps ({r.seconds:.0f} s){gain}", markup=False)
-    wrote = [str(p) for p in (r.adapter, r.merged, r.gguf, r.plot) if p is not None]
+    wrote = [str(p) for p in (r.adapter, r.lora_gguf, r.merged, r.gguf, r.plot) if p is not None]
     out.print("wrote " + " · ".join(wrote), markup=False)
     if r.registered:
         out.print(f"run it: llmdesk run -m {r.registered}", markup=False)

@@ -13,6 +13,12 @@ GRPO measures what it is for: before training and after, each held-out prompt (`
 the rows, at least one) is answered `num_generations` times by the model in transformers, and
 the graders' weighted mean reward is reported for both (`reward_before`, `reward_after`), with
 each grader's own mean; TRL logs the reward and each grader's mean at every step.
+
+A run keeps the trainer's checkpoints (adapter weights, optimizer, scheduler, RNG states, the
+data position) in DIR/trainer/ every `save_every` steps and when Ctrl-C stops it after the step
+in flight; `resume` continues from the newest whole one, with the same settings, data and base
+(DIR/run.json), and replays the steps an uninterrupted run would have taken. They are removed
+once the adapter is written.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ from ..atomic import write_text
 from ..errors import LlmdeskError
 
 METHODS = ("dpo", "grpo")
+CHECKPOINTS = "trainer"  # DIR/trainer/checkpoint-N: the trainer's own (weights, optimizer, RNG, data position)
+RUN_FILE = "run.json"  # the settings, data and base a checkpoint belongs to
 
 
 @dataclass
@@ -50,6 +58,7 @@ class RewardConfig:
     temperature: float = 1.0
     seed: int = 0
     val_split: float = 0.1
+    save_every: int = 0  # a checkpoint every N steps (0: ten a run), and on Ctrl-C
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -67,6 +76,7 @@ class RewardConfig:
             raise LlmdeskError(f"--val-split {self.val_split}: give a share in [0, 1)")
         if not self.lr:
             self.lr = 5e-5 if self.method == "dpo" else 2e-5
+        self.save_every = self.save_every or max(1, self.steps // 10)
 
 
 @dataclass
@@ -80,6 +90,7 @@ class RewardResult:
     gguf: Path | None = None
     registered: str | None = None
     plot: Path | None = None
+    lora_gguf: Path | None = None
     train_rows: int = 0
     val_rows: int = 0
     reward_before: float | None = None
@@ -211,11 +222,10 @@ def mean_reward(model, tok, rows: list[dict], graders, weights, cfg: RewardConfi
 
 # -- the runs --------------------------------------------------------------------------------------
 
-def _prepare(base_ref, cfg: RewardConfig):
-    from .tune import TuneConfig, _make_model, _quiet_hf, find_base, load_tokenizer
+def _prepare(base, cfg: RewardConfig):
+    from .tune import TuneConfig, _make_model, _quiet_hf, load_tokenizer
     from ..formats.hf import require_train_extra
 
-    base = find_base(base_ref)
     require_train_extra("torch", "transformers", "peft", "trl")
     with _quiet_hf():
         tok = load_tokenizer(base)
@@ -224,38 +234,89 @@ def _prepare(base_ref, cfg: RewardConfig):
         tc = TuneConfig(method="lora", rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets,
                         seed=cfg.seed)
         model, device = _make_model(base, tc)
-    return base, tok, model, device
+    return tok, model, device
 
 
 def _trainer_args(cls, cfg: RewardConfig, out: Path, device: str, **extra):
-    return cls(output_dir=str(out / "trainer"), max_steps=cfg.steps, per_device_train_batch_size=cfg.batch,
+    return cls(output_dir=str(out / CHECKPOINTS), max_steps=cfg.steps, per_device_train_batch_size=cfg.batch,
                gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, logging_steps=1,
-               save_strategy="no", report_to=[], bf16=device == "cuda", fp16=False, use_cpu=device == "cpu",
+               save_strategy="steps", save_steps=cfg.save_every, save_total_limit=1, report_to=[],
+               bf16=device == "cuda", fp16=False, use_cpu=device == "cpu",
                seed=cfg.seed, data_seed=cfg.seed, disable_tqdm=True, lr_scheduler_type="constant_with_warmup",
                warmup_steps=max(1, cfg.steps // 20), dataloader_num_workers=0, **extra)
 
 
 class _Progress:
-    """A transformers callback that reports each logged step through `on_event`."""
+    """A transformers callback that reports each logged step through `on_event`, and takes a
+    Ctrl-C (`interrupt.requested`) when the step in flight ends: the trainer then saves a
+    checkpoint of that step and stops."""
 
-    def __init__(self, emit):
+    def __init__(self, emit, interrupt):
         from transformers import TrainerCallback
 
+        def stop(control):
+            if interrupt.requested:
+                control.should_save = control.should_training_stop = True
+
         class CB(TrainerCallback):
+            def on_step_end(self, args, state, control, **kw):
+                stop(control)
+
             def on_log(self, args, state, control, logs=None, **kw):
-                if logs:
+                if logs and "loss" in logs:
                     emit("step", {"step": state.global_step, "max_steps": state.max_steps, **logs})
+                stop(control)  # a Ctrl-C while the step was reported: the save comes after the log
         self.callback = CB()
+
+
+def last_checkpoint(out: Path) -> Path | None:
+    """The newest whole checkpoint of a run in `out` (the trainer writes trainer_state.json last;
+    a checkpoint without it was cut short)."""
+    folder = out / CHECKPOINTS
+    done = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").is_file()] if folder.is_dir() else []
+    return max(done, key=lambda p: int(p.name.rsplit("-", 1)[1]), default=None)
+
+
+def _check_resume(out: Path, resume: bool, run: dict) -> Path | None:
+    """The checkpoint to resume from (None: start afresh), refused in one line when the run in
+    `out` is not the one asked for."""
+    ckpt = last_checkpoint(out)
+    if resume and ckpt is None:
+        raise LlmdeskError(f"{out}: nothing to resume (no checkpoint in {CHECKPOINTS}/); run without --resume")
+    if not resume and ckpt is not None:
+        raise LlmdeskError(f"{out}: holds the checkpoint of a run already started there; pass --resume to continue it, "
+                           "or choose another -o")
+    if ckpt is None:
+        return None
+    try:
+        saved = json.loads((out / RUN_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise LlmdeskError(f"{out / RUN_FILE}: missing or unreadable; the checkpoint cannot be matched to its "
+                           "settings: start again in another -o") from None
+    for k, v in run["config"].items():
+        if saved["config"].get(k) != v:
+            raise LlmdeskError(f"{ckpt}: was trained with {k} {saved['config'].get(k)!r}, not {v!r}; resume with the "
+                               "same settings")
+    if saved["data"] != run["data"]:
+        raise LlmdeskError(f"{ckpt}: was trained on other data; resume with the same file")
+    if saved["base"] != run["base"]:
+        raise LlmdeskError(f"{ckpt}: was trained on base {saved['base']}, not {run['base']}")
+    return ckpt
 
 
 def run(method: str, base_ref: str | os.PathLike, data: str | os.PathLike, out_dir: str | os.PathLike,
         cfg: RewardConfig | None = None, *, graders=None, weights=None, merge: bool = False, gguf: str | None = None,
-        name: str | None = None, quantize_with=None, check_with=None,
+        name: str | None = None, resume: bool = False, lora_gguf: bool = False, quantize_with=None, check_with=None,
         on_event: Callable[[str, dict], None] | None = None) -> RewardResult:
-    """Tune `base_ref` with DPO on preference pairs or GRPO on prompts and graders (see the module)."""
+    """Tune `base_ref` with DPO on preference pairs or GRPO on prompts and graders (see the module).
+    `resume` continues the run whose checkpoint is in `out_dir`; `lora_gguf` also writes the
+    adapter as a llama.cpp LoRA GGUF (DIR/adapter.gguf)."""
+    import shutil
     import time
 
-    from .tune import CONVERTER_TYPES, _atomic_dir, _copy_tokenizer, _export_gguf, _merge, _quiet_hf, _store_safe
+    from .synth import file_sha256
+    from .tune import (CONVERTER_TYPES, _atomic_dir, _copy_tokenizer, _export_gguf, _Interrupt, _merge, _quiet_hf,
+                       _store_safe, find_base)
 
     cfg = cfg or RewardConfig(method=method)
     if cfg.method != method:
@@ -266,6 +327,9 @@ def run(method: str, base_ref: str | os.PathLike, data: str | os.PathLike, out_d
         raise LlmdeskError(f"{out}: is a file; -o names the output folder")
     if (out / "adapter").exists():
         raise LlmdeskError(f"{out}: holds a finished run (adapter/); choose another -o")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise LlmdeskError(f"--method {method} runs in one process (TRL's trainer here is not set up for several); "
+                           "run it without accelerate launch, torchrun or --processes")
     if method == "grpo":
         if not graders:
             raise LlmdeskError("GRPO needs graders: --reward exact, regex:PATTERN, numeric, json, python:FILE.py:FN, judge:MODEL")
@@ -282,10 +346,17 @@ def run(method: str, base_ref: str | os.PathLike, data: str | os.PathLike, out_d
             raise LlmdeskError(f"--gguf {gguf}: pass a quantizer for types other than {', '.join(CONVERTER_TYPES)}")
         reg_name, reg_tag = name or _store_safe(out.resolve().name), gguf
         catalog.check_name(reg_name, reg_tag)
+    base = find_base(base_ref)  # missing, unsupported: one line before any work
+    this_run = {"config": asdict(cfg), "data": file_sha256(data), "base": base.identity}
+    ckpt = _check_resume(out, resume, this_run)
     train_rows, val_rows = _split(rows, cfg.val_split if method == "grpo" else 0.0, cfg.seed)
     emit("data", {"train": len(train_rows), "val": len(val_rows)})
     emit("status", {"text": "loading the base"})
-    base, tok, model, device = _prepare(base_ref, cfg)
+    tok, model, device = _prepare(base, cfg)
+    if ckpt is None:  # a fresh start: what a later --resume must match
+        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # checkpoints cut short before they were whole
+        out.mkdir(parents=True, exist_ok=True)
+        write_text(out / RUN_FILE, json.dumps(this_run, indent=1) + "\n")
     result = RewardResult(out_dir=out, method=method, steps=cfg.steps, base=base.identity, adapter=out / "adapter",
                           train_rows=len(train_rows), val_rows=len(val_rows))
     import datasets
@@ -305,18 +376,27 @@ def run(method: str, base_ref: str | os.PathLike, data: str | os.PathLike, out_d
                                  reward_weights=weights, beta=0.0, generation_batch_size=cfg.batch,
                                  log_completions=False)
             trainer = trl.GRPOTrainer(model=model, reward_funcs=graders, args=args, train_dataset=ds,
-                                      processing_class=tok, callbacks=[_Progress(emit).callback])
+                                      processing_class=tok)
         else:
             args = _trainer_args(trl.DPOConfig, cfg, out, device, beta=cfg.beta,
                                  max_length=cfg.max_prompt_tokens + cfg.max_completion_tokens)
-            trainer = trl.DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok,
-                                     callbacks=[_Progress(emit).callback])
+            trainer = trl.DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
         from transformers import PrinterCallback, ProgressCallback
 
         for cb in (PrinterCallback, ProgressCallback):  # progress is reported through on_event
             trainer.remove_callback(cb)
-        emit("status", {"text": f"training ({method}, {cfg.steps} steps)"})
-        trainer.train()
+        start = int(ckpt.name.rsplit("-", 1)[1]) if ckpt else 0
+        emit("status", {"text": f"training ({method}, {cfg.steps} steps" + (f", resuming at step {start})" if start else ")")})
+        with _Interrupt() as interrupt:
+            trainer.add_callback(_Progress(emit, interrupt).callback)
+            try:
+                trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+            except KeyboardInterrupt:  # the second Ctrl-C: at once, from the last whole checkpoint
+                interrupted(emit, out)
+                raise
+            if interrupt.requested:
+                interrupted(emit, out)
+                raise KeyboardInterrupt
         result.history = [h for h in trainer.state.log_history if "loss" in h or "reward" in h]
         model = trainer.model
         if method == "grpo":
@@ -329,6 +409,13 @@ def run(method: str, base_ref: str | os.PathLike, data: str | os.PathLike, out_d
             model.save_pretrained(tmp)
             _copy_tokenizer(base, tok, tmp)
         del trainer, model
+        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # the run is whole in adapter/
+        if lora_gguf:
+            from ..formats.lora_gguf import write_lora_gguf
+
+            emit("status", {"text": "writing the adapter as a llama.cpp LoRA GGUF"})
+            result.lora_gguf = write_lora_gguf(out / "adapter", base.folder / base.gguf_file if base.gguf_file
+                                               else base.folder, out / "adapter.gguf")
         if merge or gguf:
             emit("status", {"text": "merging"})
             result.merged = out / "merged"
@@ -343,6 +430,12 @@ def run(method: str, base_ref: str | os.PathLike, data: str | os.PathLike, out_d
                                                  "history": result.history}, indent=1, default=str) + "\n")
     _record(result, cfg)
     return result
+
+
+def interrupted(emit, out: Path) -> None:
+    ckpt = last_checkpoint(out)
+    emit("interrupted", {"step": int(ckpt.name.rsplit("-", 1)[1]) if ckpt else None,
+                         "checkpoint": str(ckpt) if ckpt else None})
 
 
 def _plot(result: RewardResult, path: Path) -> Path:
