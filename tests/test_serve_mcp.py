@@ -21,6 +21,7 @@ import pytest
 from conftest import llmdesk_exe
 from test_cli_run import cli, one_error_line
 from test_mcp import MARK, SERVER, entry, free_port, gone
+from test_serve_util import metric, wait_until
 
 GO = [{"role": "user", "content": "Add two digits."}]
 CALC = [{"type": "mcp", "server_label": "calc"}]
@@ -154,6 +155,24 @@ def test_a_call_that_hangs_times_out_and_the_request_completes(served):
     assert (call["name"], call["output"]) == ("slow", None)
     assert call["error"] == "error: ToolFailed: MCP server 'calc': did not answer within 2 s"
     check_add(ask(served, "add").choices[0].message.model_extra["mcp_calls"][0])  # the server is still there
+
+
+def test_a_client_that_leaves_ends_the_loop_at_its_next_round(served):
+    """The stream is closed while `slow` runs (2 s, then it times out): the loop makes no second
+    round, and the model is released once the call has ended."""
+    def generations():
+        return metric(served.url, "llmdesk_generations_total")
+
+    before = generations()
+    body = {"model": served.model, "messages": GO, "tools": CALC, "tool_choice": named("slow"), "max_steps": 4,
+            "max_tokens": 60, "temperature": 0, "stream": True}
+    with httpx.stream("POST", served.url + "/v1/chat/completions", json=body, timeout=120) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")  # the answer has begun
+        wait_until(lambda: generations() == before + 1)  # its first round (the call of slow) is done
+    wait_until(lambda: httpx.get(served.url + "/slots").json()["models"][0]["active_requests"] == 0)
+    assert generations() == before + 1  # no second round
+    check_add(ask(served, "add").choices[0].message.model_extra["mcp_calls"][0])
 
 
 def test_ollama_chat_runs_the_calls_too(served):
