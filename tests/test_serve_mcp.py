@@ -177,12 +177,18 @@ def test_a_client_that_leaves_ends_the_loop_at_its_next_round(served):
 
 def test_ollama_chat_runs_the_calls_too(served):
     # Ollama's API has no tool_choice: llmdesk takes OpenAI's (and max_steps) as extra fields
-    r = httpx.post(served.url + "/api/chat", json={
-        "model": served.model, "messages": GO, "tools": CALC, "stream": False, "tool_choice": named("add"),
-        "max_steps": 1, "options": {"num_predict": 60, "temperature": 0}}, timeout=120).json()
+    body = {"model": served.model, "messages": GO, "tools": CALC, "tool_choice": named("add"), "max_steps": 1,
+            "options": {"num_predict": 60, "temperature": 0}}
+    r = httpx.post(served.url + "/api/chat", json={**body, "stream": False}, timeout=120).json()
     assert r["done"] is True
     (call,) = r["message"]["mcp_calls"]
     check_add(call)
+    # streamed: NDJSON lines, each call in a line of its own, then the one with "done": true
+    with httpx.stream("POST", served.url + "/api/chat", json={**body, "stream": True}, timeout=120) as resp:
+        lines = [json.loads(ln) for ln in resp.iter_lines() if ln.strip()]
+    calls = [c for ln in lines for c in ln.get("message", {}).get("mcp_calls", [])]
+    assert len(calls) == 1 and [ln["done"] for ln in lines].count(True) == 1 and lines[-1]["done"]
+    check_add(calls[0])
 
 
 def test_a_server_that_dies_mid_request_is_an_error_result_and_one_line(served):

@@ -76,7 +76,10 @@ def serve(
     from ..serve.errors import APIError
 
     try:
-        with err.status(f"loading {refs[0]} ...", spinner="dots") if refs else _nothing():
+        n = len(cfg.mcp_servers)
+        starting = f"starting {n} MCP server{'s' if n > 1 else ''}" if n else ""
+        doing = " and ".join(x for x in (f"loading {refs[0]}" if refs else "", starting) if x)
+        with err.status(f"{doing} ...", spinner="dots") if doing else _nothing():
             application = create_app(cfg)
     except APIError as e:
         raise LlmdeskError(e.message) from None

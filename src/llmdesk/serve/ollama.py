@@ -464,6 +464,9 @@ async def _chat_with_mcp(request: Request, body: ChatBody, messages: list[dict],
             yield line({"error": getattr(e, "message", None) or str(e)})
         finally:
             turn.stop()
+            if turn.model.results:
+                note(request, gen=sum(r.n_gen for r in turn.model.results), mcp_calls=len(turn.calls))
+                record(request, lease.loaded.name, *_shown(body, True), [turn.last])
 
     if body.stream:
         return StreamingResponse(lines(), media_type=NDJSON, headers={**headers, **STREAM_HEADERS})
@@ -474,6 +477,7 @@ async def _chat_with_mcp(request: Request, body: ChatBody, messages: list[dict],
     finally:
         turn.stop()
     note(request, gen=sum(r.n_gen for r in turn.model.results), mcp_calls=len(turn.calls))
+    record(request, lease.loaded.name, *_shown(body, True), [turn.last])
     return JSONResponse(final(result), headers=headers)
 
 
