@@ -334,3 +334,14 @@ def test_llmdesk_mcp_over_http_keeps_the_key_rule(tmp_path, tiny_gguf, user_dir)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_chat_runs_the_tools_a_config_always_allows_without_asking(tmp_path, server_script, tiny_gguf):
+    pid = tmp_path / "calc.pid"
+    config = write_config(tmp_path, {"calc": entry(server_script, pid, alwaysAllow=["add"])})
+    p = cli("chat", "-m", tiny_gguf, "--mcp", config, "--tool-choice", "add", "--max-steps", "1", "-n", "60",
+            "-t", "0", "--threads", "1", "--no-log", stdin="add two numbers\n/bye\n", home=tmp_path, timeout=600)
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
+    assert re.search(r"^add -> " + re.escape(MARK.format("calc/add")) + r"\n-?\d+$", p.stderr, re.M), p.stderr
+    assert "[y/N]" not in p.stderr  # never asked
+    assert gone(pid)

@@ -153,6 +153,7 @@ def test_no_collection_picked_is_the_plain_chat(browser, server):  # noqa: F811
     expect(page.locator("#model")).to_have_value("tiny.gguf")
     page.evaluate("localStorage.setItem('llmdesk.collection', JSON.stringify(''))")
     page.reload()
+    expect(page.locator("#model")).to_have_value("tiny.gguf")  # the page has its models again
     page.fill("#input", "Hello")
     page.press("#input", "Enter")
     expect(page.locator(".msg.assistant .stats")).to_contain_text("token", timeout=60_000)

@@ -480,6 +480,14 @@ def _confirm(call) -> bool:
         return False
 
 
+def _confirm_unless_allowed(functions: dict):
+    """Ask for each call, except to an MCP tool its server's config lists in "alwaysAllow"."""
+    def confirm(call) -> bool:
+        return getattr(functions.get(call.name), "always_allowed", False) or _confirm(call)
+
+    return confirm
+
+
 def _check_collection(name: str) -> None:
     """--docs names a collection that exists (checked before the model loads)."""
     from ..rag.ingest import list_collections
@@ -552,7 +560,8 @@ def _answer(m, messages: list[dict], settings: dict, stop: list[str] | None, fmt
             answer, added = _answer_docs(m, messages, docs, functions, yes, tool_choice, shown, kw, max_steps)
             reply = answer.reply
         elif functions:
-            r = run_agent(m, messages, functions, confirm=None if yes else _confirm, on_run=shown,
+            r = run_agent(m, messages, functions, confirm=None if yes else _confirm_unless_allowed(functions),
+                          on_run=shown,
                           tool_choice=tool_choice, max_steps=max_steps, **kw)
             _said_max_steps(r)
             reply, added = r.reply, r.messages[len(messages):]

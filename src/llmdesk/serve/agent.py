@@ -72,7 +72,7 @@ class ServerTools:
         """May the server run this MCP tool unasked?"""
         cfg = self.configs[tool.server]
         return (self.yes or cfg.name in self.allow or f"{cfg.name}/{tool.remote_name}" in self.allow
-                or tool.remote_name in cfg.always_allow)
+                or tool.always_allowed)
 
     def running(self) -> dict[str, list]:
         """Each server still running, with its tools (allowed or not)."""

@@ -172,6 +172,11 @@ class MCPTool:
     def __call__(self, **arguments) -> str:
         return self._owner.call(self._server, self.remote_name, arguments)
 
+    @property
+    def always_allowed(self) -> bool:
+        """Listed in its server's "alwaysAllow": it runs without being asked for."""
+        return self.remote_name in self._server.config.always_allow
+
     def __repr__(self) -> str:
         return f"<MCP tool {self.remote_name} of {self._server.config.name}>"
 
