@@ -89,6 +89,7 @@ def tune(
         return _tune_rewards(method, base_ref, data, output, rank=rank, alpha=alpha, targets=targets, steps=steps,
                              epochs=epochs, lr=lr, batch=batch, grad_accum=grad_accum, seed=seed, val_split=val_split,
                              resume=resume, processes=processes, lora_gguf=lora_gguf, merge=merge, gguf=gguf,
+                             save_every=eval_every or 0,
                              name=name, reward=reward, reward_weights=reward_weights, beta=beta,
                              generations=generations, max_completion=max_completion, temperature=temperature,
                              seq_len=seq_len, as_json=as_json)
