@@ -172,6 +172,7 @@ class TuneResult:
     processes: int = 1  # how many trained it (WORLD_SIZE)
     fsdp: bool = False  # whether the model was sharded over them
     param_bytes: int = 0  # the parameters rank 0 held: all of them, or its 1/P shard with fsdp
+    peak_rss_per_process: list[int] = field(default_factory=list)  # each process's peak through training
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items() if k != "history"}
@@ -726,6 +727,7 @@ def _tune(base: Base, data: list, out: Path, cfg: TuneConfig, dp: DataParallel, 
                     if cfg.method == "full" or "lora_" in k}
             if dp.rank != 0:
                 full = None
+        peaks = [int(x) for x in dp.sum([_peak_rss() if r == dp.rank else 0 for r in range(dp.world)])]
         if dp.rank != 0:  # rank 0 writes the outputs
             losses = [h["loss"] for h in history if not math.isnan(h["loss"])]
             return TuneResult(
@@ -735,7 +737,7 @@ def _tune(base: Base, data: list, out: Path, cfg: TuneConfig, dp: DataParallel, 
                 first_val_loss=None, val_loss=None, final_loss=losses[-1] if losses else float("nan"),
                 seconds=elapsed, peak_rss_bytes=_peak_rss(), adapter=None, merged=None, gguf=None,
                 registered=None, loss_png=out / "loss.png", history=history, processes=dp.world, fsdp=dp.fsdp,
-                param_bytes=param_bytes)
+                param_bytes=param_bytes, peak_rss_per_process=peaks)
 
         # -- 6. outputs ------------------------------------------------------------------------
         emit("status", {"text": "saving"})
@@ -785,7 +787,7 @@ def _tune(base: Base, data: list, out: Path, cfg: TuneConfig, dp: DataParallel, 
         adapter=adapter_dir,
         merged=merged_dir, gguf=gguf_path, registered=f"{reg_name}:{reg_tag}" if gguf_path else None,
         loss_png=out / "loss.png", history=history, lora_gguf=lora_path, processes=dp.world, fsdp=dp.fsdp,
-        param_bytes=param_bytes)
+        param_bytes=param_bytes, peak_rss_per_process=peaks)
     write_text(out / "metrics.json", json.dumps({"result": result.to_dict(), "recipe": cfg.recipe(),
                                                 "config": cfg.to_dict(), "history": history}, indent=1) + "\n")
     _record(result, cfg, d, chat_template)
