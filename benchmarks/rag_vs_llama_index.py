@@ -1,7 +1,7 @@
 """`llmdesk docs add` / `docs search` against LlamaIndex's default pipeline, same corpus, same model, one run.
 
     .venv/bin/python benchmarks/rag_vs_llama_index.py [--files 30] [--queries 50] [--seed 14]
-        [--threads N] [--rounds 1] [--cli-runs 5] [--no-peer-256]
+        [--threads N] [--rounds 1] [--cli-runs 5] [--no-peer-fit] [--model REF]
 
 The corpus is benchmarks/rag_corpus.py's (the Python library reference from Debian's python3-doc,
 as Markdown; `--files` pages sampled, copied to one folder), the queries its docstring summaries.
@@ -19,8 +19,18 @@ LlamaIndex runs the package's model.zip with sentence-transformers (torch, CPU) 
   sentence-transformers embeds at most 256 tokens of a text and drops the rest without a word,
   so most of each 1024-token chunk is never embedded; the text each side embedded is counted
   (WordPiece tokens) and reported.
-- LlamaIndex with chunks that fit the model (`--no-peer-256` leaves it out):
-  SentenceSplitter(chunk_size=256, chunk_overlap=32), the same work as llmdesk's.
+- LlamaIndex with chunks that fit the model, so that it embeds every token as llmdesk does
+  (`--no-peer-fit` leaves it out): SentenceSplitter(chunk_size=FIT_TOKENS, chunk_overlap=32,
+  tokenizer=the model's WordPiece), so the chunk, with the metadata LlamaIndex embeds in front of
+  it, fits in the model's 256 tokens ([CLS] and [SEP] included) and nothing is cut.
+
+Work against speed: each side's tokens embedded (WordPiece, [CLS] and [SEP] included; what
+sentence-transformers cut off is not counted) per CPU-second of its ingest, so the ingest ratio
+splits into how much each side embeds (work) and how fast it embeds a token (speed):
+    LlamaIndex CPU / llmdesk CPU = (LlamaIndex tokens / llmdesk tokens) x (llmdesk tok/CPU-s / LlamaIndex tok/CPU-s)
+
+`--model` runs llmdesk with another GGUF of the same weights (all-MiniLM-L6-v2 converted to f32
+or q8_0, say) instead of the default embedder.
 
 Both models are loaded, and each has embedded one text, before any clock starts; both run in
 this process with the same thread count (`--threads`, default: all cores), timed by the wall
@@ -29,7 +39,8 @@ interleaved one by one, the side that goes first alternating. The CLI's p50 is `
 search` run as a command (a new process: Python, the index, the model), against a script that
 does the same for LlamaIndex (loads its index persisted with `storage_context.persist`, and the
 model), interleaved. Recall@5 of each side on the queries is printed too (relevance as in
-rag_corpus.py), and where llmdesk's ingest spends its CPU time, stage by stage.
+rag_corpus.py), and where llmdesk's ingest spends its CPU time, stage by stage (the embedding's
+share timed inside the ingest itself, the other stages run again one by one).
 """
 
 from __future__ import annotations
@@ -49,6 +60,7 @@ import rag_corpus  # benchmarks/, beside this script
 
 HOME = rag_corpus.CACHE / "home"
 VENV_BIN = Path(sys.executable).parent
+FIT_TOKENS = 248  # LlamaIndex's chunk budget (WordPiece, metadata included) that keeps every chunk within 256
 PEER_SCRIPT = """
 import sys, torch
 torch.set_num_threads({threads})
@@ -75,11 +87,27 @@ def pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
 
+class TimedEmbed:
+    """The model's `embed`, its CPU time (this process, all threads) added up: what the ingest
+    spent embedding, timed inside the ingest itself."""
+
+    def __init__(self, model):
+        self.model, self.inner, self.cpu, self.tokens = model, model.embed, 0.0, 0
+
+    def __call__(self, texts, **kw):
+        c = time.process_time()
+        try:
+            return self.inner(texts, **kw)
+        finally:
+            self.cpu += time.process_time() - c
+            self.tokens += sum(len(t) if isinstance(t, list) else len(self.model.tokenize(t)) for t in texts)
+
+
 def profile_ingest(folder: Path, model) -> dict[str, float]:
-    """Where llmdesk's ingest spends its CPU time: its stages run one by one on the same pages
-    (rag.extract, rag.chunk with the model's token counts, rag.guard, the model's embedding);
-    'the rest' (hashing, SQLite: FTS5, sqlite-vec, the transaction) is what `add` took beyond
-    them, from the timed ingest."""
+    """Where llmdesk's ingest spends its CPU time apart from embedding: its stages run one by one
+    on the same pages (rag.extract, rag.chunk with the model's token counts, rag.guard); the
+    embedding's CPU time and 'the rest' (hashing, SQLite: FTS5, sqlite-vec, the transaction)
+    come from the timed ingest."""
     from llmdesk.rag.chunk import DEFAULT_BUDGET, DEFAULT_OVERLAP, chunk
     from llmdesk.rag.extract import extract
     from llmdesk.rag.guard import injection_flags
@@ -98,9 +126,6 @@ def profile_ingest(folder: Path, model) -> dict[str, float]:
         for ch in chunks:
             injection_flags(ch.text)
     out["injection flags"] = t.cpu
-    with Clock() as t:
-        e.embed([ch.embed_text for ch in chunks])
-    out["embed"] = t.cpu
     return out
 
 
@@ -112,7 +137,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--rounds", type=int, default=1, help="ingests of each side, alternating")
     ap.add_argument("--cli-runs", type=int, default=5, help="`docs search` commands (and peer scripts) timed")
-    ap.add_argument("--no-peer-256", action="store_true", help="leave out LlamaIndex with 256-token chunks")
+    ap.add_argument("--no-peer-fit", action="store_true",
+                    help="leave out LlamaIndex with chunks that fit the model (every token embedded)")
+    ap.add_argument("--model", help="llmdesk's embedding GGUF (default: the default embedder, all-minilm-l6-v2:f16)")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
 
@@ -135,8 +162,14 @@ def main() -> None:
         shutil.copyfile(p, folder / p.name)
     chars = sum(len(p.read_text(encoding="utf-8")) for p in pages)
 
-    model = rag_corpus.embed_model(args.threads)
+    if args.model:
+        from llmdesk.runtime.model import load
+
+        model = load(args.model, threads=args.threads)
+    else:
+        model = rag_corpus.embed_model(args.threads)
     model.embed(["warm up"])
+    timed = model.embed = TimedEmbed(model)  # the ingest's embedding CPU time
     peer_model = HuggingFaceEmbedding(model_name=str(rag_corpus.minilm_dir()), device="cpu")
     peer_model.get_text_embedding("warm up")
     Settings.embed_model = peer_model
@@ -145,7 +178,10 @@ def main() -> None:
           f"{args.threads} threads; llmdesk: {model.name} (llama.cpp), LlamaIndex: sentence-transformers "
           f"(torch {torch.__version__})", flush=True)
 
-    sides = ["llmdesk", "llamaindex"] + ([] if args.no_peer_256 else ["llamaindex-256"])
+    sides = ["llmdesk", "llamaindex"] + ([] if args.no_peer_fit else ["llamaindex-fit"])
+
+    def wordpiece_ids(text: str) -> list[int]:  # the model's tokens, as SentenceSplitter counts them
+        return wordpiece(text, add_special_tokens=False)["input_ids"]
     ingests: dict[str, list[dict]] = {s: [] for s in sides}
     built: dict[str, object] = {}
     name = "bench-vs-li"
@@ -154,12 +190,15 @@ def main() -> None:
             if side == "llmdesk":
                 if any(c.name == name for c in ingest.list_collections()):
                     ingest.remove(name)
+                timed.cpu = 0.0
                 with Clock() as t:
                     rep = ingest.add([str(folder)], name, embedder=model)
+                embed_cpu = timed.cpu
                 assert not rep.errors, rep.errors
                 n = rep.chunks
             else:
-                splitter = SentenceSplitter() if side == "llamaindex" else SentenceSplitter(chunk_size=256, chunk_overlap=32)
+                splitter = SentenceSplitter() if side == "llamaindex" else SentenceSplitter(
+                    chunk_size=FIT_TOKENS, chunk_overlap=32, tokenizer=wordpiece_ids)
                 with Clock() as t:
                     docs = SimpleDirectoryReader(str(folder)).load_data()
                     idx = VectorStoreIndex.from_documents(docs, transformations=[splitter])
@@ -204,8 +243,9 @@ def main() -> None:
             lat[side].append((t.wall, t.cpu))
             ranks[side].append(next((k for k, s in enumerate(spans, 1) if rag_corpus.relevant(q, *s)), None))
 
-    stages = profile_ingest(folder, model)
-    stages["the rest (hashing, SQLite)"] = max(0.0, statistics.median(x["cpu"] for x in ingests["llmdesk"]) - sum(stages.values()))
+    model.embed = timed.inner
+    stages = {"embed (in the ingest)": embed_cpu, **profile_ingest(folder, model)}
+    stages["the rest (hashing, SQLite)"] = max(0.0, ingests["llmdesk"][-1]["cpu"] - sum(stages.values()))
 
     # the command line: a new process per search
     store = work / "li-store"
@@ -230,22 +270,34 @@ def main() -> None:
               "cli_p50_s": {k: statistics.median(v) for k, v in cli.items()}}
     print(f"\ningest ({args.rounds} round(s), median)")
     print(f"{'side':<16} {'wall s':>8} {'CPU s':>8} {'chunks':>7} {'chunks/s':>9} {'tokens embedded':>16} "
-          f"{'text tokens':>12}")
+          f"{'text tokens':>12} {'tok/CPU-s':>10}")
     for side in sides:
         w = statistics.median(x["wall"] for x in ingests[side])
         c = statistics.median(x["cpu"] for x in ingests[side])
         n = ingests[side][-1]["chunks"]
-        result["ingest"][side] = {"wall_s": w, "cpu_s": c, "chunks": n, "chunks_per_s": n / w, **embedded[side]}
+        rate = embedded[side]["tokens"] / c
+        result["ingest"][side] = {"wall_s": w, "cpu_s": c, "chunks": n, "chunks_per_s": n / w, **embedded[side],
+                                  "tokens_per_cpu_s": rate}
         print(f"{side:<16} {w:>8.1f} {c:>8.1f} {n:>7} {n / w:>9.1f} {embedded[side]['tokens']:>16,} "
-              f"{embedded[side]['text_tokens']:>12,}")
+              f"{embedded[side]['text_tokens']:>12,} {rate:>10,.0f}")
     li = result["ingest"]["llamaindex"]
     me = result["ingest"]["llmdesk"]
     print(f"llmdesk ingests {li['wall_s'] / me['wall_s']:.2f}x as fast as LlamaIndex's default by the wall clock, "
           f"{li['cpu_s'] / me['cpu_s']:.2f}x by CPU time (target: 3x)")
-    if "llamaindex-256" in result["ingest"]:
-        l2 = result["ingest"]["llamaindex-256"]
+    if "llamaindex-fit" in result["ingest"]:
+        l2 = result["ingest"]["llamaindex-fit"]
         print(f"  and {l2['wall_s'] / me['wall_s']:.2f}x (wall), {l2['cpu_s'] / me['cpu_s']:.2f}x (CPU) as fast as "
-              "LlamaIndex with 256-token chunks")
+              f"LlamaIndex with chunks that fit the model (chunk_size={FIT_TOKENS} WordPiece tokens)")
+    # the CPU ratio = work (tokens each side embeds) x speed (tokens per CPU-second)
+    result["work_vs_speed"] = {}
+    for side in sides[1:]:
+        other = result["ingest"][side]
+        work = other["tokens"] / me["tokens"]
+        speed = me["tokens_per_cpu_s"] / other["tokens_per_cpu_s"]
+        result["work_vs_speed"][side] = {"work": work, "speed": speed, "cpu_ratio": work * speed,
+                                         "speed_needed_for_3x": 3 / work}
+        print(f"  against {side}: {work * speed:.2f}x by CPU = work {work:.2f} (its tokens / llmdesk's) x speed "
+              f"{speed:.2f} (llmdesk's tok/CPU-s / its); 3x needs llmdesk to embed {3 / work:.1f}x as fast a token")
     result["llmdesk_ingest_cpu_s_by_stage"] = stages
     print("llmdesk's ingest by stage (CPU s): " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()))
     print(f"\nqueries (k=5, {len(queries)} each, interleaved)")
