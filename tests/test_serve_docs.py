@@ -124,6 +124,29 @@ def test_an_answer_from_a_collection_cites_sources_that_map_to_the_file_and_line
     assert chunks[-1].usage is not None  # the usage chunk still comes last
 
 
+def test_ollamas_chat_answers_from_a_collection_too(server):
+    import ollama
+
+    # Ollama's own client sends it in options; the sources come with the last line
+    r = ollama.Client(host=server.url).chat(
+        model="tiny.gguf", messages=[{"role": "user", "content": "When do backups run?"}],
+        format={"type": "string", "enum": ["Nightly at 02:00 [1]."]},
+        options={"collection": "notes", "collection_mode": "bm25", "collection_k": 3, "num_predict": 40})
+    assert r.message.content == '"Nightly at 02:00 [1]."'
+    body = {"model": "tiny.gguf", "messages": [{"role": "user", "content": "What does the vendor note say?"}],
+            "collection": "notes", "collection_mode": "bm25", "collection_k": 3, "options": {"num_predict": 8}}
+    lines = [json.loads(x) for x in httpx.post(server.url + "/api/chat", json=body, timeout=120).text.splitlines()]
+    assert all("sources" not in x for x in lines[:-1]) and lines[-1]["done"]
+    (vendor,) = lines[-1]["sources"]
+    assert vendor["path"].endswith("vendor.md") and vendor["flags"] == [ORDERS] and lines[-1]["sources_dropped"] == []
+    one = httpx.post(server.url + "/api/chat", json={**body, "stream": False}, timeout=120).json()
+    assert one["sources"] == lines[-1]["sources"]
+    r = httpx.post(server.url + "/api/chat", json={**body, "options": {"collection": "notes"}}, timeout=120)
+    assert r.status_code == 400 and "give 'collection' once" in r.json()["error"]
+    r = httpx.post(server.url + "/api/chat", json={**body, "collection": "nope"}, timeout=120)
+    assert r.status_code == 404 and "no collection named 'nope'" in r.json()["error"]
+
+
 def test_passages_that_do_not_fit_the_context_are_reported(client):
     r = client.chat.completions.create(
         model="tiny.gguf", messages=[{"role": "user", "content": "backup schedule"}], max_tokens=8,

@@ -26,7 +26,7 @@ from ..errors import LlmdeskError
 from ..store.paths import redact
 from ..runtime import conversation, grammars, limits
 from ..runtime.conversation import finish_reason, sampling_params
-from . import agent
+from . import agent, documents
 from .chat import off_loop, prompt_headers
 from .config import parse_duration
 from .errors import APIError, from_library
@@ -45,11 +45,29 @@ _OPTIONS: dict[str, type | tuple] = {
     "min_p": (int, float), "seed": int, "stop": list, "repeat_penalty": (int, float), "repeat_last_n": int,
     "presence_penalty": (int, float), "frequency_penalty": (int, float),
     "adapters": list,  # LoRA adapters (llmdesk's): ["NAME", ...] or [{"name": ..., "scale": ...}]
+    # answer /api/chat from a document collection (llmdesk's, as OpenAI's `collection` field)
+    "collection": str, "collection_k": int, "collection_mode": str,
 }
 # options Ollama knows that do not apply here (GPU offload, mmap, mirostat, ...): accepted, reported
 _IGNORED = {"numa", "num_batch", "num_gpu", "main_gpu", "low_vram", "f16_kv", "logits_all", "vocab_only",
             "use_mmap", "use_mlock", "embedding_only", "num_thread", "num_keep", "tfs_z", "typical_p", "mirostat",
             "mirostat_tau", "mirostat_eta", "penalize_newline"}
+
+
+def _collection_from_options(body: "ChatBody", opts: dict) -> None:
+    """`collection` (and `collection_k`, `collection_mode`) at the top level, or in `options`,
+    where Ollama's own clients can send it; checked as the OpenAI route checks it."""
+    for key in ("collection", "collection_k", "collection_mode"):
+        if key in opts:
+            if key in body.model_fields_set:
+                raise APIError(400, f"give '{key}' once: at the top level or in 'options'", param=key)
+            setattr(body, key, opts[key])
+    if body.collection is not None and not 0 < len(body.collection) <= 64:
+        raise APIError(400, "'collection' must name a collection (1 to 64 characters)", param="collection")
+    if not 1 <= body.collection_k <= documents.MAX_K:
+        raise APIError(400, f"'collection_k' must be 1 to {documents.MAX_K}", param="collection_k")
+    if body.collection_mode not in ("hybrid", "bm25", "vector"):
+        raise APIError(400, "'collection_mode' must be hybrid, bm25 or vector", param="collection_mode")
 
 
 def _now() -> str:
@@ -92,6 +110,10 @@ class ChatBody(_GenBody):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None  # llmdesk's: OpenAI's tool_choice (Ollama has none)
     max_steps: int = 8  # rounds of MCP tool calls the server runs (serve/agent.py)
+    # answer from a document collection (serve/documents.py), here or in options
+    collection: str | None = None
+    collection_k: int = 5
+    collection_mode: str = "hybrid"
 
 
 class EmbedBody(_Body):
@@ -139,7 +161,7 @@ def parse_options(options: dict | None) -> tuple[dict, list[str]]:
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, kind):
-            want = {int: "an integer", list: "a list of strings"}.get(kind, "a number")
+            want = {int: "an integer", list: "a list of strings", str: "a string"}.get(kind, "a number")
             raise APIError(400, f"option \"{key}\" must be {want}, got {json.dumps(value)[:40]}", param=f"options.{key}")
         out[key] = value
     if "stop" in out:
@@ -237,6 +259,7 @@ async def _generate_common(request: Request, body: _GenBody, *, chat: bool):
     opts, ignored = parse_options(body.options)
     sampling = _sampling(opts)
     grammar = await off_loop(grammars.ollama_format_grammar, body.format)
+    docs = None
     if chat:
         if not body.messages:
             return await _load_only(request, body.model, keep_alive, chat=True)
@@ -245,6 +268,8 @@ async def _generate_common(request: Request, body: _GenBody, *, chat: bool):
         if mcp is not None:
             return await _chat_with_mcp(request, body, messages, agent.chosen_tools(request, mcp), keep_alive, opts,
                                         sampling, ignored, t_start)
+        _collection_from_options(body, opts)
+        docs = await documents.retrieve_for(body, messages)  # from the user's own words
     else:
         if body.images:
             raise APIError(400, "'images': this server's models read text only", param="images")
@@ -274,6 +299,8 @@ async def _generate_common(request: Request, body: _GenBody, *, chat: bool):
         common = dict(grammar=grammar, sampling=sampling, max_tokens=max_tokens, stop=opts.get("stop"),
                       logprobs=logprobs, truncate=body.truncate, time_limit=st.config.request_timeout, context=limit)
         if chat:
+            if docs is not None:
+                messages = await off_loop(documents.quote, model, messages, docs, max_tokens)
             turn = await off_loop(conversation.prepare, model, messages, tools=body.tools, tool_choice=body.tool_choice,
                                   **common)
         elif body.raw or body.context:
@@ -290,8 +317,9 @@ async def _generate_common(request: Request, body: _GenBody, *, chat: bool):
     note(request, model=lm.name, prompt=len(prompt.tokens))
     headers = {**prompt_headers(prompt), **_ignored_header(ignored)}
     head = {"model": lease.name}
+    tail = docs.fields() if chat and docs is not None else {}  # the documents' sources, on the last line
     if body.stream:
-        return StreamingResponse(_ndjson(request, body, lease, gens, turn, head, prompt, t_start, load_s, chat),
+        return StreamingResponse(_ndjson(request, body, lease, gens, turn, head, prompt, t_start, load_s, chat, tail),
                                  media_type=NDJSON, headers={**headers, **STREAM_HEADERS})
     try:  # the lease is held until the answer is built
         events = (await collect(request, gens))[0]
@@ -314,6 +342,7 @@ async def _generate_common(request: Request, body: _GenBody, *, chat: bool):
             out["logprobs"] = _logprobs(model, events)
         if prompt.truncated_tokens:
             out["truncated_prompt_tokens"] = prompt.truncated_tokens
+        out.update(tail)
         note(request, gen=r.n_gen, cached=r.n_cached, ttft=round(r.ttft_s, 3))
         record(request, lm.name, *_shown(body, chat), gens.results)
         return JSONResponse(out, headers=headers)
@@ -357,7 +386,7 @@ def _shown(body, chat: bool) -> tuple[str, str | None]:
     return body.prompt or "", body.system
 
 
-async def _ndjson(request, body, lease, gens, turn, head, prompt, t_start, load_s, chat):
+async def _ndjson(request, body, lease, gens, turn, head, prompt, t_start, load_s, chat, tail):
     model = lease.model
     filt = turn.stream_filter()
 
@@ -401,6 +430,7 @@ async def _ndjson(request, body, lease, gens, turn, head, prompt, t_start, load_
         final.update(_final(r, t_start, load_s))
         if prompt.truncated_tokens:
             final["truncated_prompt_tokens"] = prompt.truncated_tokens
+        final.update(tail)
         yield line(final)
     finally:
         gens.cancel()
