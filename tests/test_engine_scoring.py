@@ -209,12 +209,15 @@ def test_batched_scoring_equals_one_at_a_time(llama, unified):
     with Engine(llama, n_ctx=256, n_slots=4, kv_unified=unified, **EXACT) as eng:
         batched = eng.score(reqs).wait()
         steps = eng.steps
+        computed = eng.step_tokens
     for r, (s, _) in zip(batched, solo):
         np.testing.assert_allclose(r.logprobs, s.logprobs, rtol=1e-6, atol=BATCHED)
         assert r.greedy == s.greedy
     assert steps < sum(n for _, n in solo)  # several pairs per llama_decode
     # the few-shot prefix and each question's context were computed once, then reused or copied
     assert sum(r.n_cached for r in batched) >= (len(reqs) - 1) * len(llama.tokenize(FEW_SHOT))
+    # the decodes computed exactly what no cache held: each pair's tokens less its reused ones
+    assert computed == sum(len(q.context) + len(q.continuation) - 1 - r.n_cached for q, r in zip(reqs, batched))
 
 
 @pytest.mark.parametrize("unified", [False, True], ids=["cache-per-slot", "unified-cache"])

@@ -136,6 +136,9 @@ def test_acc_and_acc_norm_equal_an_independent_computation(make, hf, tmp_path):
         r = evaluate(m, task, shots=0)
         assert r.n == 24 and set(r.metrics) == {"acc", "acc_norm"}
         assert r.stats["context_tokens_reused"] > 0  # choices shared their question's context
+        # the decodes computed what was not reused (and the continuations), less than every context
+        new = r.stats["context_tokens"] - r.stats["context_tokens_reused"]
+        assert new <= r.stats["tokens_computed"] < r.stats["context_tokens"]
         acc, acc_norm = [], []
         for it in task.items(shots=0):
             lls = one_at_a_time(alone, it)

@@ -433,7 +433,7 @@ def _score_multiple_choice(model, task, items: list, stats: dict) -> Iterator[li
         return chunk, engine.score(reqs), plan
 
     queued: list = []
-    steps0 = engine.steps
+    steps0, tokens0, seconds0 = engine.steps, engine.step_tokens, engine.step_seconds
     try:
         for chunk in chunks:
             queued.append(submit(chunk))
@@ -448,6 +448,9 @@ def _score_multiple_choice(model, task, items: list, stats: dict) -> Iterator[li
         for _, job, _ in queued:
             job.cancel()
         stats["decodes"] = stats.get("decodes", 0) + engine.steps - steps0
+        # tokens computed (what the cache did not hold) and the milliseconds inside llama_decode
+        stats["tokens_computed"] = stats.get("tokens_computed", 0) + engine.step_tokens - tokens0
+        stats["decode_ms"] = stats.get("decode_ms", 0) + round(1000 * (engine.step_seconds - seconds0))
 
 
 def _generate(model, task, items: list, stats: dict, *, chat: bool = False) -> Iterator[list[tuple[int, dict]]]:

@@ -43,6 +43,7 @@ import queue
 import threading
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import llama_cpp as C
@@ -50,8 +51,8 @@ import numpy as np
 
 from ..errors import LlmdeskError
 from . import limits
-from .llama import (AbortFlag, Batch, LlamaModel, LoraAdapter, clear_memory, decode, free_context, new_context,
-                    output_logits, pooling_of, sequence_embedding, set_adapters)
+from .llama import (AbortFlag, Batch, LlamaModel, LoraAdapter, clear_memory, decode, default_threads, free_context,
+                    new_context, output_logits, pooling_of, sequence_embedding, set_adapters)
 
 log = logging.getLogger("llmdesk.engine")
 
@@ -527,6 +528,10 @@ class Engine:
     # False: every request computes its whole prompt (no cached prefix, no copy), as a server
     # without a prompt cache would; for measuring what the reuse saves
     reuse_prefix = True
+    # an encoder's (BERT's) texts are embedded by one context of one thread per thread asked for,
+    # their decodes side by side; False: one context with all the threads, for measuring (see
+    # _embed_setup)
+    embed_side_by_side = True
 
     def __init__(
         self,
@@ -580,6 +585,9 @@ class Engine:
         # embeddings: their own context, made on first use; the model's pooling (mean for decoders)
         self.pooling = model.pooling
         self._embed_ctx = None
+        self._embed_ctxs: list = []  # _embed_ctx first; an encoder's: one per thread
+        self._embed_batches: list[Batch] = []
+        self._embed_pool: ThreadPoolExecutor | None = None  # decodes the contexts after the first
         # for sharing time between generation and embeddings: a generation step's duration and
         # an embedded token's (moving averages)
         self._step_s = 0.0
@@ -594,6 +602,10 @@ class Engine:
         self._closed = False
         self.steps = 0  # llama_decode calls, for tests and metrics
         self.aborted_steps = 0  # of those, the ones cut short (a cancel, a time limit, close)
+        # tokens fed to the generation context's llama_decode calls (aborted ones too), and the seconds
+        # those calls took: where a run's time goes (the rest is Python between the calls)
+        self.step_tokens = 0
+        self.step_seconds = 0.0
         self.seq_copies = 0  # prefixes copied from one slot's cells to another's (llama_memory_seq_cp)
         self._thread = threading.Thread(target=self._run, name="llmdesk-engine", daemon=True)
         self._thread.start()
@@ -736,10 +748,12 @@ class Engine:
                     slot.stream.result.finish_reason = "cancelled"
                     self._finish_stream(slot.stream)
             return
-        if self._embed_ctx:
-            free_context(self._embed_ctx)
-            self._embed_ctx = None
-            self._embed_batch.free()
+        if self._embed_pool is not None:
+            self._embed_pool.shutdown()
+        for ctx, b in zip(self._embed_ctxs, self._embed_batches):
+            free_context(ctx)
+            b.free()
+        self._embed_ctx, self._embed_ctxs, self._embed_batches = None, [], []
         self.batch.free()
         free_context(self.ctx)
         self.ctx = None
@@ -777,8 +791,10 @@ class Engine:
                 else:
                     self._watch_cv.wait(left)
 
-    def _decode(self, ctx, batch: Batch, work: list) -> int:
-        """llama_decode, abortable: by a cancel of any of `work`, by its time limits, by close()."""
+    def _decode(self, ctx, batch: Batch, work: list, also: list | None = None) -> int:
+        """llama_decode, abortable: by a cancel of any of `work`, by its time limits, by close().
+        `also`: more (context, batch) pairs, decoded at the same time on the embedding pool's
+        threads; the result is then the first nonzero code of them all, or 0."""
         deadlines = [w.deadline for w in work if w.deadline is not None]
         with self._lock:
             if self._closed:
@@ -791,7 +807,9 @@ class Engine:
                 self.abort.clear()
             self._watch_cv.notify()
         try:
-            return decode(ctx, batch)
+            others = [self._embed_pool.submit(decode, c, b) for c, b in also or []]
+            rcs = [decode(ctx, batch)] + [f.result() for f in others]
+            return next((rc for rc in rcs if rc), 0)
         finally:
             with self._lock:
                 self._decoding = []
@@ -1037,8 +1055,11 @@ class Engine:
             return
         t0 = time.perf_counter()
         rc = self._decode(self.ctx, b, [slot.work for slot, *_ in before])
-        self._step_s = 0.8 * self._step_s + 0.2 * (time.perf_counter() - t0) if self._step_s else time.perf_counter() - t0
+        took = time.perf_counter() - t0
+        self._step_s = 0.8 * self._step_s + 0.2 * took if self._step_s else took
         self.steps += 1
+        self.step_tokens += len(b)
+        self.step_seconds += took
         if rc == 2:
             self.aborted_steps += 1
             # aborted (a cancel, a time limit, or close): undo this batch for every slot in it;
@@ -1184,16 +1205,30 @@ class Engine:
         cache of n_ctx cells. llama.cpp pools each sequence within one ubatch (a later ubatch
         overwrites the pooled value: llama_context::decode, embd_seq), so a decode never holds
         more than one ubatch of tokens; a longer text is fed over several decodes (below). An
-        encoder (non-causal attention) must see the whole text in one ubatch: its ubatch is n_ctx."""
+        encoder (non-causal attention) must see the whole text in one ubatch: its ubatch is n_ctx.
+
+        An encoder keeps nothing between decodes, so its texts are split over one context of one
+        thread per thread asked for, decoded side by side. Within one decode llama.cpp's threads
+        wait for each other at every node of the graph, spinning; on a machine with other work,
+        a thread taken off its core stalls the rest: 920 tokens of all-MiniLM-L6-v2 took 6.6 s
+        with one context of two threads, 2.0 s with two contexts of one thread each (2 cores,
+        load average 12; benchmarks/embed_vs_sentence_transformers.py measures both)."""
         self._embed_room = self.n_ctx if not self.model.causal else max(16, min(self.n_batch, self.n_ctx))
-        self._embed_ctx = new_context(self.model, n_ctx=self.n_ctx, n_seq=EMBED_MAX_SEQS, n_batch=self._embed_room,
-                                      n_ubatch=self._embed_room, n_threads=self.n_threads, embeddings=True,
-                                      pooling=self.pooling if self.pooling in ("mean", "cls", "last") else "mean",
-                                      unified=True, cache_type=self.cache_type, flash_attn=self.flash_attn)
-        if self.lora:  # embeddings come from the same adapted model as generations
-            set_adapters(self._embed_ctx, self.lora)
-        self.abort.attach(self._embed_ctx)
-        self._embed_batch = Batch(self._embed_room)
+        threads = self.n_threads or default_threads()
+        n = threads if not self.model.causal and self.embed_side_by_side else 1
+        for _ in range(n):
+            ctx = new_context(self.model, n_ctx=self.n_ctx, n_seq=EMBED_MAX_SEQS, n_batch=self._embed_room,
+                              n_ubatch=self._embed_room, n_threads=threads if n == 1 else 1, embeddings=True,
+                              pooling=self.pooling if self.pooling in ("mean", "cls", "last") else "mean",
+                              unified=True, cache_type=self.cache_type, flash_attn=self.flash_attn)
+            self._embed_ctxs.append(ctx)
+            self._embed_batches.append(Batch(self._embed_room))
+            if self.lora:  # embeddings come from the same adapted model as generations
+                set_adapters(ctx, self.lora)
+            self.abort.attach(ctx)
+        self._embed_ctx, self._embed_batch = self._embed_ctxs[0], self._embed_batches[0]
+        if n > 1:
+            self._embed_pool = ThreadPoolExecutor(n - 1, thread_name_prefix="llmdesk-embed")
         got = pooling_of(self._embed_ctx)
         if got not in ("mean", "cls", "last"):
             raise LlmdeskError(f"{self.model.path.name}: llama.cpp pools its embeddings as {got!r}, not mean, CLS or last")
@@ -1213,11 +1248,12 @@ class Engine:
         budget = self._step_s if self.busy_slots and self._step_s else EMBED_SLICE_S
         return max(8, min(self._embed_room, int(budget / self._embed_token_s)))
 
-    def _embed_decode(self, b, work: list) -> int:
+    def _embed_decode(self, b, work: list, also: list | None = None) -> int:
         t0 = time.perf_counter()
-        rc = self._decode(self._embed_ctx, b, work)
-        if rc == 0 and len(b):
-            per_token = (time.perf_counter() - t0) / len(b)
+        rc = self._decode(self._embed_ctx, b, work, also)
+        n = len(b) + sum(len(x) for _, x in also or [])
+        if rc == 0 and n:
+            per_token = (time.perf_counter() - t0) / n
             self._embed_token_s = 0.8 * self._embed_token_s + 0.2 * per_token if self._embed_token_s else per_token
         self.steps += 1
         return rc
@@ -1248,32 +1284,38 @@ class Engine:
         if self._embed_long is not None:
             self._embed_piece()
             return
-        # pack whole texts, in order, while they fit in one ubatch
-        b = self._embed_batch
-        b.clear()
-        packed: list[EmbedJob] = []
+        # pack whole texts, in order, while they fit: each into the least filled context's ubatch
+        bs = self._embed_batches
+        for b in bs:
+            b.clear()
+        seqs = [0] * len(bs)
+        packed: list[tuple[EmbedJob, int, int]] = []  # (job, context, sequence), in the jobs' order
         for job in jobs:
             for toks in job.inputs[len(job.vectors):]:
-                if len(packed) == EMBED_MAX_SEQS or len(b) + len(toks) > room:
+                i = min(range(len(bs)), key=lambda i: (seqs[i] == EMBED_MAX_SEQS, len(bs[i])))
+                if seqs[i] == EMBED_MAX_SEQS or len(bs[i]) + len(toks) > room:
                     break
-                seq = len(packed)
                 for pos, t in enumerate(toks):
-                    b.add(t, pos, seq, True)  # pooled embeddings need every token as an output
-                packed.append(job)
+                    bs[i].add(t, pos, seqs[i], True)  # pooled embeddings need every token as an output
+                packed.append((job, i, seqs[i]))
+                seqs[i] += 1
             else:
                 continue
             break
-        clear_memory(self._embed_ctx)
-        rc = self._embed_decode(b, list(dict.fromkeys(packed)))
+        used = [i for i in range(len(bs)) if seqs[i]]
+        for i in used:
+            clear_memory(self._embed_ctxs[i])
+        work = list(dict.fromkeys(job for job, _, _ in packed))
+        rc = self._embed_decode(bs[0], work, [(self._embed_ctxs[i], bs[i]) for i in used if i])  # the first is never empty
         if rc == 2:
             self.aborted_steps += 1
             return  # aborted: the next loop sees why
         if rc != 0:
-            for job in dict.fromkeys(packed):
+            for job in work:
                 self._pop_job(job, f"llama.cpp failed to compute the embedding (code {rc})")
             return
-        for seq, job in enumerate(packed):
-            self._embed_done(job, sequence_embedding(self._embed_ctx, seq, self.model.n_embd))
+        for job, i, seq in packed:
+            self._embed_done(job, sequence_embedding(self._embed_ctxs[i], seq, self.model.n_embd))
 
     def _embed_piece(self) -> None:
         """The next ubatch of a text too long for one: its cells stay for the next piece (causal
