@@ -101,14 +101,14 @@ def make_checkpoint() -> Path:
     return ckpt
 
 
-def make_gguf(ckpt: Path) -> Path:
-    out = WORK / "tinyllama-shape-f16.gguf"
+def make_gguf(ckpt: Path, out_type: str = "f16") -> Path:
+    out = WORK / f"tinyllama-shape-{out_type}.gguf"
     if not out.is_file():
         from llmdesk.formats.convert import convert
         from llmdesk.runtime.llama import LlamaModel
 
         tmp = out.with_suffix(".part")
-        convert(ckpt, tmp, out_type="f16", name="tinyllama-shape", check_with=LlamaModel)
+        convert(ckpt, tmp, out_type=out_type, name="tinyllama-shape", check_with=LlamaModel)
         tmp.rename(out)
     return out
 
@@ -154,12 +154,16 @@ def run_lm_eval(ckpt: Path, data: Path, shots: int, limit: int, dtype: str, batc
     out = simple_evaluate(model=lm, tasks=["bench_mmlu"], num_fewshot=shots, limit=limit, task_manager=manager,
                           log_samples=True, bootstrap_iters=0)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-    chosen, lls = {}, {}
+    chosen, lls, tokens = {}, {}, 0
     for s in out["samples"]["bench_mmlu"]:
+        # lm-eval's forward pass per question: context + continuation less its last token (its
+        # logits cache answers the four one-token choices from one pass)
+        context, continuation = s["arguments"][0]
+        tokens += sum(len(x) for x in lm._encode_pair(context, continuation)) - 1
         ll = [float(r[0][0]) for r in s["resps"]]
         chosen[int(s["doc_id"])] = max(range(len(ll)), key=ll.__getitem__)
         lls[int(s["doc_id"])] = ll
-    return {"seconds": seconds, "cpu": cpu, "chosen": chosen, "loglikelihoods": lls}
+    return {"seconds": seconds, "cpu": cpu, "chosen": chosen, "loglikelihoods": lls, "tokens": tokens}
 
 
 def main() -> None:
@@ -170,42 +174,54 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--batch", type=int, default=8, help="lm-eval's --batch_size")
     ap.add_argument("--slots", type=int, default=8, help="llmdesk's slots (llmdesk eval run --slots)")
+    ap.add_argument("--type", default="f16", choices=["f16", "bf16"], help="llmdesk's GGUF")
+    ap.add_argument("--threads", type=int, default=None, help="llmdesk's threads (default: llama.cpp's, all cores)")
     ap.add_argument("--skip-peer", action="store_true")
     a = ap.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     ckpt = make_checkpoint()
-    gguf = make_gguf(ckpt)
+    gguf = make_gguf(ckpt, a.type)
     data = write_data(a.items)
-    mine = run_llmdesk(gguf, data, a.shots, a.items, a.slots)
+    mine = run_llmdesk(gguf, data, a.shots, a.items, a.slots, a.threads)
     print(f"llmdesk  : {a.items} items in {mine['seconds']:.1f} s = {a.items / mine['seconds']:.3f} items/s, "
-          f"{mine['cpu'] / a.items:.2f} CPU-s an item (GGUF F16, {a.slots} slots, unified KV cache)", flush=True)
+          f"{mine['cpu'] / a.items:.2f} CPU-s an item (GGUF {a.type.upper()}, {a.slots} slots, unified KV cache)")
+    decode_s = mine["decode_ms"] / 1000
+    print(f"  where  : {mine['tokens_computed'] / a.items:.1f} tokens computed an item ({mine['tokens_computed']} in "
+          f"{mine['decodes']} llama_decode calls, the few-shot prefix once); {decode_s:.1f} s in llama_decode "
+          f"({100 * decode_s / mine['seconds']:.0f}% of the run) = {mine['tokens_computed'] / decode_s:.1f} tokens/s",
+          flush=True)
     if a.skip_peer:
         return
     n_peer = a.peer_items or a.items
     peer = run_lm_eval(ckpt, data, a.shots, n_peer, a.dtype, a.batch)
     print(f"lm-eval  : {n_peer} items in {peer['seconds']:.1f} s = {n_peer / peer['seconds']:.3f} items/s, "
           f"{peer['cpu'] / n_peer:.2f} CPU-s an item (transformers {a.dtype}, batch {a.batch})")
+    print(f"  where  : {peer['tokens'] / n_peer:.1f} tokens computed an item (the whole 5-shot prompt, once for "
+          f"its four one-token choices) = {peer['tokens'] / peer['seconds']:.1f} tokens/s")
     same = sum(mine["chosen"][i] == c for i, c in peer["chosen"].items())
     diffs = [abs(x - y) for i, ll in peer["loglikelihoods"].items() for x, y in zip(ll, mine["loglikelihoods"][i])]
     print(f"speed    : {(a.items / mine['seconds']) / (n_peer / peer['seconds']):.1f}x lm-eval's items/s "
           f"(wall clock), {(peer['cpu'] / n_peer) / (mine['cpu'] / a.items):.1f}x by CPU time an item")
+    # each side's log-likelihoods per item, to compare another run (another GGUF type) with
+    (WORK / f"last-run-{a.type}.json").write_text(json.dumps({"llmdesk": mine["loglikelihoods"],
+                                                              "lm_eval": peer["loglikelihoods"]}))
     print(f"agreement: same choice on {same}/{len(peer['chosen'])} items ({100 * same / len(peer['chosen']):.1f}%); "
           f"loglikelihoods differ by {max(diffs):.4f} at most, {sum(diffs) / len(diffs):.4f} on average")
 
 
-def run_llmdesk(gguf: Path, data: Path, shots: int, items: int, slots: int) -> dict:
+def run_llmdesk(gguf: Path, data: Path, shots: int, items: int, slots: int, threads: int | None = None) -> dict:
     """llmdesk's built-in mmlu task on the GGUF, as `llmdesk eval run` runs it; returns seconds
     scoring (the model loaded first, results computed afresh) and the choice per item."""
     from llmdesk.eval.harness import evaluate, open_model
     from llmdesk.eval.tasks import load_task
 
-    model, ident = open_model(str(gguf), slots=slots)
+    model, ident = open_model(str(gguf), slots=slots, threads=threads)
     try:
         task = load_task(f"mmlu_{SUBJECT}", data=data)
         t0, c0 = time.perf_counter(), time.process_time()
         r = evaluate(model, task, limit=items, shots=shots, identity=ident, fresh=True)
         seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-        stats = {"engine_seq_copies": model.engine.seq_copies}
+        stats = {"engine_seq_copies": model.engine.seq_copies, **r.stats}
     finally:
         model.close()
     lls = {i: x["ll"] for i, x in r.items.items()}
