@@ -18,7 +18,7 @@ from llmdesk.formats.synth import SynthConfig, write_llama_gguf
 from llmdesk.rag import index, ingest
 from llmdesk.rag.chunk import chunk
 from llmdesk.rag.extract import extract
-from llmdesk.rag.search import search
+from llmdesk.rag.search import VECTOR_WEIGHT, fuse, search
 
 # ---------------------------------------------------------------------------------------------
 # files of every kind
@@ -369,6 +369,62 @@ def test_without_sqlite_vec_search_is_exact_with_a_notice(corpus, tiny_gguf, mon
     with index.connect() as c:
         col = index.require(c, "kb")
         assert col.vec_ok and c.execute(f"SELECT count(*) FROM vec_{col.id}").fetchone()[0] == col.chunks
+
+
+# ---------------------------------------------------------------------------------------------
+# hybrid: the two scores fused (search.fuse), orders worked out by hand
+
+
+def test_fusion_keeps_a_clear_bm25_winner_that_rank_fusion_would_drop():
+    # the case that made reciprocal rank fusion lose to BM25 on the Python manual: BM25 ranks the
+    # right chunk A first by a wide margin, the vectors rank a neighbour B first and A third;
+    # rank fusion puts B first (1/62 + 1/61 > 1/61 + 1/63), the scores keep A first.
+    bm25 = {1: 20.0, 2: 10.0, 3: 9.0}
+    cos = {1: 0.40, 2: 0.50, 3: 0.48}
+    # w = 0.5: A = .5 * 20/20 + .5 * 1.4/1.5 = .9667; B = .5 * 10/20 + .5 * 1.5/1.5 = .75;
+    # C = .5 * 9/20 + .5 * 1.48/1.5 = .7183
+    got = fuse(bm25, cos, 0.5)
+    assert [cid for cid, _ in got] == [1, 2, 3]
+    assert [round(s, 4) for _, s in got] == [0.9667, 0.75, 0.7183]
+
+
+def test_fusion_follows_the_vectors_when_bm25_cannot_tell():
+    # BM25 nearly level (10.0 against 9.8), the vectors sure: A = .5 + .5 * 1.1/1.7 = .8235,
+    # B = .5 * .98 + .5 = .99
+    assert [cid for cid, _ in fuse({1: 10.0, 2: 9.8}, {1: 0.1, 2: 0.7}, 0.5)] == [2, 1]
+    # no candidate has a word of the query: the cosine alone orders them, and none scores NaN
+    got = fuse({}, {1: 0.2, 2: 0.6, 3: -0.3}, 0.5)
+    assert [cid for cid, _ in got] == [2, 1, 3] and all(0.0 <= s <= 1.0 for _, s in got)
+
+
+def test_hybrid_search_fuses_both_scores_of_every_candidate(tmp_path, tiny_gguf):
+    d = tmp_path / "notes"
+    d.mkdir()
+    topics = ["the kettle boils water for tea", "the garden hose waters the roses", "tea leaves and the kettle",
+              "roses need water in summer", "the boiler heats water at night", "a cat sleeps by the boiler",
+              "summer tea in the garden", "night trains and sleeper cars"]
+    for i, text in enumerate(topics):
+        (d / f"n{i}.md").write_text(f"# Note {i}\n\n{text}.\n")
+    ingest.add([d], "kb", embedder=str(tiny_gguf))
+    query = "kettle roses garden"
+    # each chunk's own scores, from the single modes (every chunk: k past the collection's size)
+    b = {h.chunk_id: h.score for h in search(query, "kb", mode="bm25", k=100)}
+    v = {h.chunk_id: h.score for h in search(query, "kb", mode="vector", k=100)}
+    assert len(v) == len(topics) and 0 < len(b) < len(topics)
+    # k = 1: 4 candidates from each list; a candidate of one list is scored by the other too (its
+    # BM25, 0 without a word of the query; its cosine), then both scaled and mixed
+    bm4, vec4 = set(sorted(b, key=lambda c: -b[c])[:4]), set(sorted(v, key=lambda c: -v[c])[:4])
+    # the lists disagree: one of the vectors' 4 has words of the query but is not among BM25's 4
+    # (its BM25 is looked up, not taken as 0), and one has none of them (its BM25 is 0)
+    assert any(c in b for c in vec4 - bm4) and any(c not in b for c in vec4)
+    cands, w = bm4 | vec4, VECTOR_WEIGHT
+    top_b, top_v = max(b[c] for c in bm4), max(v[c] for c in vec4)
+    want = {c: (1 - w) * b.get(c, 0.0) / top_b + w * (1 + v[c]) / (1 + top_v) for c in cands}
+    seen = []
+    top = search(query, "kb", k=1, rerank=lambda q, hits: seen.extend(hits) or hits)
+    assert [h.chunk_id for h in seen] == sorted(want, key=lambda c: (-want[c], c))[:4]  # the best 4k go on
+    assert [h.score for h in seen] == pytest.approx([want[h.chunk_id] for h in seen])
+    assert top == seen[:1]
 
 
 # ---------------------------------------------------------------------------------------------
