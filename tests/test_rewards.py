@@ -76,6 +76,25 @@ def test_dpo_prefers_the_chosen_answers(base, tmp_path):  # noqa: F811
     assert saved["result"]["method"] == "dpo" and saved["config"]["beta"] == 0.1
 
 
+def test_dpo_with_sft_weight_raises_the_chosen_answers_too(base, tmp_path):  # noqa: F811
+    """--sft-weight (RPO): the chosen answers' own loss beside DPO's; their log-probability rises
+    (plain DPO only widens the margin, and can lower both), and the margin still grows."""
+    import peft
+
+    pairs = [{"prompt": ASK + w, "chosen": f" [{w.upper()}]", "rejected": f" {w}"} for w in WORDS] * 3
+    data = jsonl(tmp_path / "pairs.jsonl", pairs)
+    r = run("dpo", base, data, tmp_path / "out", RewardConfig(method="dpo", steps=8, batch=4, lr=2e-3, sft_weight=1.0))
+    tok = transformers.AutoTokenizer.from_pretrained(base)
+    before = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    after = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                                           str(r.adapter))
+    chosen = lambda m: sum(logp(m, tok, p["prompt"], p["chosen"]) for p in pairs[:8]) / 8  # noqa: E731
+    margin = lambda m: sum(logp(m, tok, p["prompt"], p["chosen"]) - logp(m, tok, p["prompt"], p["rejected"])  # noqa: E731
+                           for p in pairs[:8]) / 8
+    assert chosen(after) > chosen(before) + 1.0
+    assert margin(after) > margin(before) + 0.5
+
+
 @pytest.mark.slow
 def test_grpo_logs_rewards_and_measures_the_held_out_prompts(base, tmp_path):  # noqa: F811
     rng = random.Random(0)
@@ -109,6 +128,8 @@ def test_cli(base, tmp_path, user_dir, capsys):  # noqa: F811
             (["--method", "dpo", "--processes", "2"], "--processes is not available with --method dpo"),
             (["--method", "grpo", "--reward", "exact", "--epochs", "2"], "--epochs is not available with --method grpo"),
             (["--method", "dpo", "--reward", "exact"], "--reward goes with --method grpo"),
+            (["--method", "lora", "--sft-weight", "1"], "--sft-weight goes with --method dpo"),
+            (["--method", "grpo", "--reward", "exact", "--sft-weight", "1"], "--sft-weight goes with --method dpo"),
             (["--method", "lora", "--reward", "exact"], "--reward goes with --method grpo")):
         assert main(["tune", str(base), str(pairs), "-o", str(tmp_path / "x"), *argv]) == 1
         e = capsys.readouterr().err

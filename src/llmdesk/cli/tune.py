@@ -49,6 +49,7 @@ def tune(
     reward: Annotated[Optional[list[str]], typer.Option("--reward", help="grpo: graders, comma-separated or repeated: exact[:COLUMN], regex:PATTERN, numeric[:COLUMN[:TOL]], json[:SCHEMA.json], python:FILE.py:FUNCTION, judge:MODEL.")] = None,
     reward_weights: Annotated[Optional[str], typer.Option("--reward-weights", help="grpo: a weight per grader, comma-separated (default 1 each).")] = None,
     beta: Annotated[float, typer.Option("--beta", help="dpo: how far from the base the preferences may pull the model (KL weight).")] = 0.1,
+    sft_weight: Annotated[float, typer.Option("--sft-weight", help="dpo: weight of the chosen answers' own loss beside the preference loss (RPO; keeps DPO from lowering the chosen answers with the rejected ones); 0: plain DPO.")] = 0.0,
     generations: Annotated[int, typer.Option("--generations", help="grpo: completions per prompt, scored against each other.")] = 4,
     max_completion: Annotated[int, typer.Option("--max-completion", help="grpo: tokens per completion; dpo: of chosen/rejected.")] = 64,
     temperature: Annotated[float, typer.Option("--temperature", help="grpo: sampling temperature of the completions.")] = 1.0,
@@ -89,12 +90,14 @@ def tune(
         return _tune_rewards(method, base_ref, data, output, rank=rank, alpha=alpha, targets=targets, steps=steps,
                              epochs=epochs, lr=lr, batch=batch, grad_accum=grad_accum, seed=seed, val_split=val_split,
                              resume=resume, processes=processes, lora_gguf=lora_gguf, merge=merge, gguf=gguf,
-                             save_every=eval_every or 0,
+                             save_every=eval_every or 0, sft_weight=sft_weight,
                              name=name, reward=reward, reward_weights=reward_weights, beta=beta,
                              generations=generations, max_completion=max_completion, temperature=temperature,
                              seq_len=seq_len, as_json=as_json)
     if reward or reward_weights:
         raise LlmdeskError("--reward goes with --method grpo")
+    if sft_weight:
+        raise LlmdeskError("--sft-weight goes with --method dpo")
     if processes > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise LlmdeskError("--processes under accelerate launch (or torchrun): give the processes to one of them")
 
@@ -198,6 +201,8 @@ def _tune_rewards(method: str, base_ref: str, data: list[str], output: Path, *, 
         graders, weights = parse_graders(specs, reward_weights)
     elif reward or reward_weights:
         raise LlmdeskError("--reward goes with --method grpo")
+    if kw["sft_weight"] and method != "dpo":
+        raise LlmdeskError("--sft-weight goes with --method dpo")
     gguf, name, merge = kw.pop("gguf"), kw.pop("name"), kw.pop("merge")
     quantizer = None
     if gguf is not None and gguf.lower() not in ("f32", "f16", "bf16", "q8_0"):

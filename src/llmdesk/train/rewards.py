@@ -52,6 +52,7 @@ class RewardConfig:
     batch: int = 4  # DPO: pairs per step; GRPO: completions per step (a multiple of num_generations)
     grad_accum: int = 1
     beta: float = 0.1  # DPO: the KL weight; GRPO: 0 (no reference model, TRL's default)
+    sft_weight: float = 0.0  # DPO: weight of the chosen answers' own loss beside the preference loss (RPO)
     num_generations: int = 4  # GRPO: completions per prompt
     max_prompt_tokens: int = 256
     max_completion_tokens: int = 64
@@ -74,6 +75,8 @@ class RewardConfig:
                                    "(each prompt's completions are scored together)")
         if not 0 <= self.val_split < 1:
             raise LlmdeskError(f"--val-split {self.val_split}: give a share in [0, 1)")
+        if self.sft_weight < 0:
+            raise LlmdeskError(f"--sft-weight {self.sft_weight}: give 0 or more")
         if not self.lr:
             self.lr = 5e-5 if self.method == "dpo" else 2e-5
         self.save_every = self.save_every or max(1, self.steps // 10)
@@ -378,8 +381,12 @@ def run(method: str, base_ref: str | os.PathLike, data: str | os.PathLike, out_d
             trainer = trl.GRPOTrainer(model=model, reward_funcs=graders, args=args, train_dataset=ds,
                                       processing_class=tok)
         else:
+            # plain DPO lowers the rejected answers, and can lower the chosen ones with them (the margin is
+            # all it sees): `sft_weight` adds the chosen answers' negative log-likelihood, as RPO does
+            # (Pang et al. 2024, "Iterative Reasoning Preference Optimization", eq. 2; TRL's "sft" loss)
+            losses = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, cfg.sft_weight]} if cfg.sft_weight else {}
             args = _trainer_args(trl.DPOConfig, cfg, out, device, beta=cfg.beta,
-                                 max_length=cfg.max_prompt_tokens + cfg.max_completion_tokens)
+                                 max_length=cfg.max_prompt_tokens + cfg.max_completion_tokens, **losses)
             trainer = trl.DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
         from transformers import PrinterCallback, ProgressCallback
 
