@@ -36,6 +36,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import time
 from pathlib import Path
 
@@ -166,6 +167,52 @@ def run_lm_eval(ckpt: Path, data: Path, shots: int, limit: int, dtype: str, batc
     return {"seconds": seconds, "cpu": cpu, "chosen": chosen, "loglikelihoods": lls, "tokens": tokens}
 
 
+def cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)  # every thread of this process
+    return r.ru_utime + r.ru_stime
+
+
+def per_token(ckpt: Path, types: list[str], n: int, rounds: int = 2) -> None:
+    """Each engine's speed on one forward pass of n tokens, one thread, in tokens per CPU-second:
+    llama.cpp (one llama_decode, llama.cpp's defaults: flash attention, f16 KV cache) on each GGUF
+    type, and torch fp32 (transformers, the model lm-eval loads). The first pass is a warm-up."""
+    import torch
+    import transformers
+
+    from llmdesk.runtime.llama import Batch, LlamaModel, clear_memory, decode, free_context, new_context
+
+    rng = random.Random(0)
+    ids = [rng.randrange(100, 1900) for _ in range(n)]
+    for t in types:
+        llama = LlamaModel(make_gguf(ckpt, t))
+        ctx = new_context(llama, n_ctx=max(256, 2 * n), n_batch=n, n_threads=1)
+        b = Batch(n)
+        for r in range(rounds + 1):
+            b.clear()
+            for i, tok in enumerate(ids):
+                b.add(tok, i, 0, i == n - 1)
+            c0 = cpu_seconds()
+            if decode(ctx, b) != 0:
+                raise SystemExit("llama_decode failed")
+            took = cpu_seconds() - c0
+            clear_memory(ctx)
+            if r:
+                print(f"llama.cpp {t.upper():>4}: {n} tokens in {took:.2f} CPU-s = {n / took:.1f} tokens per CPU-second")
+        b.free()
+        free_context(ctx)
+        llama.close()
+    torch.set_num_threads(1)
+    model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        for r in range(rounds + 1):
+            c0 = cpu_seconds()
+            model(x)
+            took = cpu_seconds() - c0
+            if r:
+                print(f"torch fp32    : {n} tokens in {took:.2f} CPU-s = {n / took:.1f} tokens per CPU-second")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--items", type=int, default=200)
@@ -177,9 +224,14 @@ def main() -> None:
     ap.add_argument("--type", default="f16", choices=["f16", "bf16"], help="llmdesk's GGUF")
     ap.add_argument("--threads", type=int, default=None, help="llmdesk's threads (default: llama.cpp's, all cores)")
     ap.add_argument("--skip-peer", action="store_true")
+    ap.add_argument("--per-token", type=int, metavar="N", default=0,
+                    help="only each engine's tokens per CPU-second on one N-token pass, one thread (F16, BF16, torch)")
     a = ap.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     ckpt = make_checkpoint()
+    if a.per_token:
+        per_token(ckpt, ["f16", "bf16"], a.per_token)
+        return
     gguf = make_gguf(ckpt, a.type)
     data = write_data(a.items)
     mine = run_llmdesk(gguf, data, a.shots, a.items, a.slots, a.threads)
