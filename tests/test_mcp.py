@@ -344,4 +344,5 @@ def test_chat_runs_the_tools_a_config_always_allows_without_asking(tmp_path, ser
     assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
     assert re.search(r"^add -> " + re.escape(MARK.format("calc/add")) + r"\n-?\d+$", p.stderr, re.M), p.stderr
     assert "[y/N]" not in p.stderr  # never asked
+    assert 'tools: add, slow, note, die (each call is shown and asked for, except to add: "alwaysAllow")' in p.stderr
     assert gone(pid)

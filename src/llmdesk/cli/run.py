@@ -341,7 +341,9 @@ def chat(
         err.print(f"answering from the collection '{docs}': passages are quoted to the model as data", style="dim",
                   markup=False)
     if tools_now():
-        asked = " (each call is shown and asked for)" if not yes else (
+        unasked = [n for n, f in tools_now().items() if getattr(f, "always_allowed", False)]
+        asked = (" (each call is shown and asked for" + (f", except to {', '.join(unasked)}: \"alwaysAllow\")"
+                                                          if unasked else ")")) if not yes else (
             " (with --docs, a call proposed while passages are in the context is asked for, --yes or not)"
             if docs is not None else "")
         err.print(f"tools: {', '.join(tools_now())}{asked}", style="dim", markup=False)
