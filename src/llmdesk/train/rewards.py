@@ -28,6 +28,7 @@ import math
 import os
 import random
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -366,7 +367,7 @@ def run(method: str, base_ref: str | os.PathLike, data: str | os.PathLike, out_d
     import trl
 
     t0 = time.perf_counter()
-    with _quiet_hf(), warnings.catch_warnings():
+    with _quiet_hf(), _quiet_datasets(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ds = datasets.Dataset.from_list(_as_chat(train_rows, tok))
         if method == "grpo":
@@ -437,6 +438,20 @@ def run(method: str, base_ref: str | os.PathLike, data: str | os.PathLike, out_d
                                                  "history": result.history}, indent=1, default=str) + "\n")
     _record(result, cfg)
     return result
+
+
+@contextmanager
+def _quiet_datasets():
+    """TRL's "Tokenizing train dataset" bars (the datasets library's) would cut into llmdesk's output."""
+    import datasets
+
+    on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if on:
+            datasets.enable_progress_bars()
 
 
 def interrupted(emit, out: Path) -> None:
