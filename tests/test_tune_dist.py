@@ -93,9 +93,18 @@ def test_fsdp_holds_half_the_weights_in_each_and_resumes_as_one_run(base, data, 
     import torch
 
     ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
-    assert 1 <= ckpt["step"] < 6 and ckpt["processes"] == 2 and not (out / "adapter").exists()
+    step = ckpt["step"]
+    assert 1 <= step < 6 and ckpt["processes"] == 2 and not (out / "adapter").exists()
+    # a shard a process: rank 0's in checkpoint.pt, rank 1's beside it, each half the rows of a weight
+    other = torch.load(out / f"checkpoint.rank1.step{step}.pt", weights_only=False)
     whole = torch.load(one.out_dir / "checkpoint.pt", weights_only=False)["weights"]  # one process's
-    assert {k: v.shape for k, v in ckpt["weights"].items()} == {k: v.shape for k, v in whole.items()}
+    assert ckpt["weights"].keys() == other["weights"].keys() == whole.keys()
+    for k, w in whole.items():
+        assert torch.cat([ckpt["weights"][k], other["weights"][k]]).shape == w.shape, k
+        assert ckpt["weights"][k].shape[0] == (w.shape[0] + 1) // 2, k
+    # resumed without --fsdp, it says how it was trained
+    r = run([*cmd[:cmd.index("--fsdp")], *cmd[cmd.index("--fsdp") + 1:], "--resume"], user_dir)
+    assert r.returncode != 0 and "was trained with --fsdp" in r.stderr and "Traceback" not in r.stderr, r.stderr
     r = run([*cmd, "--resume", "--json"], user_dir)
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout.strip().splitlines()[-1])
@@ -105,6 +114,7 @@ def test_fsdp_holds_half_the_weights_in_each_and_resumes_as_one_run(base, data, 
     losses = [h["loss"] for h in history if h["step"] > 0]
     assert losses == pytest.approx([h["loss"] for h in one.history[1:]], rel=1e-4)
     same_adapter(one.adapter, out / "adapter")
+    assert sorted(p.name for p in out.glob("checkpoint*")) == ["checkpoint.pt", "checkpoint.rank1.step6.pt"]
 
 
 def test_deepspeed_is_refused_and_fsdp_needs_processes(base, data, tmp_path, monkeypatch):  # noqa: F811

@@ -15,15 +15,18 @@ single-process gradient of the same examples, and every process applies the same
   drops them after, and the gradients are reduce-scattered (summed, not averaged: the loss is
   already divided by the whole step's tokens). It runs with gloo on CPU and NCCL on GPUs.
 
-Checkpoints and outputs hold full tensors either way (gathered when sharded), so a run's files do
-not depend on how it was run. Only rank 0 writes. Alone (no WORLD_SIZE, or 1), nothing here
-touches torch.distributed.
+The outputs (adapter, merged model, GGUF) hold full tensors either way, gathered for rank 0 when
+sharded, so they do not depend on how the run was made; only rank 0 writes them. A sharded
+checkpoint is a shard a process (rank 0's `checkpoint.pt`, the others' `checkpoint.rankR.stepS.pt`
+beside it), so that no process ever holds the whole training state. Alone (no WORLD_SIZE, or 1),
+nothing here touches torch.distributed.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 from llmdesk.errors import LlmdeskError
@@ -106,37 +109,70 @@ class DataParallel:
             t = t.full_tensor()
         return t.detach().cpu()
 
-    def gather_optimizer(self, state: dict) -> dict:
-        """An optimizer's state_dict with full tensors: the same shape as one process's."""
-        return {**state, "state": {i: {k: self.gather(v) if hasattr(v, "detach") else v for k, v in s.items()}
-                                   for i, s in state["state"].items()}}
+    # -- checkpoints: a shard a process when sharded ---------------------------------------------
 
-    def load_weights(self, model, weights: dict) -> None:
-        """Full tensors (a checkpoint's) into the model, each process taking its shard."""
+    def trained_state(self, model, opt) -> tuple[dict, dict]:
+        """(trainable weights by name, the optimizer's state_dict): this process's shards when
+        sharded (plain tensors), else the tensors themselves."""
+        from torch.distributed.tensor import DTensor
+
+        local = lambda t: t.to_local().detach().clone() if isinstance(t, DTensor) else t.detach()  # noqa: E731
+        weights = {k: local(v) for k, v in model.named_parameters() if v.requires_grad}
+        state = opt.state_dict()
+        state = {**state, "state": {i: {k: local(v) if hasattr(v, "detach") else v for k, v in st.items()}
+                                    for i, st in state["state"].items()}}
+        return weights, state
+
+    def shard_path(self, ckpt: Path, step: int) -> Path:
+        """Where this process keeps its shard of the checkpoint of `step` (rank 0's is in `ckpt`)."""
+        return ckpt.with_name(f"{ckpt.stem}.rank{self.rank}.step{step}{ckpt.suffix}")
+
+    def drop_old_shards(self, ckpt: Path, step: int) -> None:
+        """Once rank 0 has written the checkpoint of `step`, the other steps' shards are not needed."""
+        for f in ckpt.parent.glob(f"{ckpt.stem}.rank*.step*{ckpt.suffix}"):
+            if not f.name.endswith(f".step{step}{ckpt.suffix}"):
+                f.unlink(missing_ok=True)
+
+    def own_shard(self, ckpt: Path, state: dict) -> dict:
+        """A checkpoint as this process resumes it: rank 0's file, with this process's own
+        weights and optimizer state when sharded. One line when it was sharded and this run is not,
+        or the other way round."""
+        if bool(state.get("fsdp")) != self.fsdp:
+            how = "with --fsdp (a shard a process)" if state.get("fsdp") else "without --fsdp"
+            raise LlmdeskError(f"{ckpt}: was trained {how}; resume it the same way")
+        if not self.fsdp or self.rank == 0:
+            return state
+        import torch
+
+        path = self.shard_path(ckpt, state["step"])
+        if not path.is_file():
+            raise LlmdeskError(f"{path}: missing (process {self.rank}'s part of the checkpoint of step "
+                               f"{state['step']}); this checkpoint cannot be resumed")
+        shard = torch.load(path, map_location="cpu", weights_only=False)
+        return {**state, "weights": shard["weights"], "optimizer": shard["optimizer"]}
+
+    def load_trained_state(self, model, opt, params: list, weights: dict, optimizer: dict) -> None:
+        """What `trained_state` saved, back into the model and the optimizer (over `params`)."""
         if not self.fsdp:
             model.load_state_dict(weights, strict=False)
+            opt.load_state_dict(optimizer)
             return
         import torch
+        from torch.distributed.tensor import DTensor
 
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if name in weights:
-                    p.copy_(self._like(weights[name], p))
+                    p.to_local().copy_(weights[name])
 
-    def load_optimizer(self, opt, state: dict, params: list) -> None:
-        """An optimizer state of full tensors (a checkpoint's) into `opt` over `params`, sharded as they are."""
-        if self.fsdp:
-            state = {**state, "state": {
-                i: {k: self._like(v, params[int(i)]) if hasattr(v, "shape") and v.shape == params[int(i)].shape else v
-                    for k, v in s.items()} for i, s in state["state"].items()}}
-        opt.load_state_dict(state)
+        def like(v, p):  # a state tensor's shard, as a shard of the whole (AdamW's moments)
+            if hasattr(v, "dim") and v.dim() > 0:
+                return DTensor.from_local(v.to(p.dtype), p.device_mesh, p.placements, shape=p.shape,
+                                          stride=p.stride())
+            return v
 
-    @staticmethod
-    def _like(full, param):
-        """`full` cut as the sharded `param` is (every process holds `full`: nothing is sent)."""
-        from torch.distributed.tensor import distribute_tensor
-
-        return distribute_tensor(full.to(param.dtype), param.device_mesh, param.placements, src_data_rank=None)
+        opt.load_state_dict({**optimizer, "state": {i: {k: like(v, params[int(i)]) for k, v in st.items()}
+                                                    for i, st in optimizer["state"].items()}})
 
     # -- data parallel -------------------------------------------------------------------------
 

@@ -503,6 +503,9 @@ def tune(base_ref: str | os.PathLike, data: list[str | os.PathLike], out_dir: st
     if cfg.epochs is not None and cfg.steps:
         raise LlmdeskError("give --epochs or --steps, not both")
     dp = DataParallel(fsdp)  # alone: does nothing
+    if dp.fsdp and cfg.method == "qlora":
+        raise LlmdeskError("--fsdp does not shard QLoRA's 4-bit base here; use --method lora with --fsdp (or qlora "
+                           "without it)")
     emit = on_event if on_event is not None and dp.rank == 0 else (lambda _kind, _data: None)
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
@@ -582,9 +585,10 @@ def _tune(base: Base, data: list, out: Path, cfg: TuneConfig, dp: DataParallel, 
                 raise LlmdeskError(f"{ckpt_path}: was trained by {state.get('processes', 1)} processes, not "
                                    f"{dp.world}; resume with as many (each one's --batch is its share of a "
                                    f"micro-batch)")
+            state = dp.own_shard(ckpt_path, state)  # sharded: this process's part
 
         emit("status", {"text": "loading the base"})
-        model, device = _make_model(base, cfg)
+        model, device = _make_model(base, cfg, move=not dp.fsdp)
         core = model.get_base_model() if hasattr(model, "get_base_model") else model  # under peft's wrapper
         token_loss = _token_loss(core)
         dp.shard(core, token_loss)  # --fsdp: each process keeps 1/P of the weights from here
@@ -596,8 +600,7 @@ def _tune(base: Base, data: list, out: Path, cfg: TuneConfig, dp: DataParallel, 
         opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
         start, history, seen, trained, elapsed = 0, [], 0, 0, 0.0
         if state is not None:
-            dp.load_weights(model, state["weights"])
-            dp.load_optimizer(opt, state["optimizer"], trainable)
+            dp.load_trained_state(model, opt, trainable, state["weights"], state["optimizer"])
             start, history, seen = state["step"], state["history"], state["tokens_seen"]
             trained, elapsed = state["trained_tokens"], state["seconds"]
         ctx = getattr(model.config, "max_position_embeddings", None)
@@ -642,16 +645,23 @@ def _tune(base: Base, data: list, out: Path, cfg: TuneConfig, dp: DataParallel, 
         def save_checkpoint(step: int) -> None:
             nonlocal last_saved
             last_saved = step
-            # full tensors (gathered by every process when sharded): the same file however it ran
-            weights = {k: dp.gather(v) for k, v in model.named_parameters() if v.requires_grad}
-            optimizer = dp.gather_optimizer(opt.state_dict())
+            # the trainable weights and the optimizer state; sharded, each process writes its own
+            # shard (gathering them on one would cost it the memory sharding saves), beside rank
+            # 0's checkpoint, which it writes last, once every shard is in place
+            weights, optimizer = dp.trained_state(model, opt)
+            if dp.fsdp and dp.rank != 0:
+                with atomic_path(dp.shard_path(ckpt_path, step)) as tmp:
+                    torch.save({"weights": weights, "optimizer": optimizer, "step": step}, tmp)
+            if dp.fsdp:
+                dp.barrier()
             if dp.rank != 0:
                 return
             with atomic_path(ckpt_path) as tmp:
                 torch.save({"weights": weights, "optimizer": optimizer, "step": step,
                             "history": history, "tokens_seen": seen, "trained_tokens": trained,
                             "seconds": elapsed, "config": cfg.to_dict(), "data": d.fingerprint,
-                            "base": base.identity, "processes": dp.world}, tmp)
+                            "base": base.identity, "processes": dp.world, "fsdp": dp.fsdp}, tmp)
+            dp.drop_old_shards(ckpt_path, step)
 
         # -- 4. the loop -----------------------------------------------------------------------
         if start == 0 and d.val and not history:
@@ -723,10 +733,12 @@ def _tune(base: Base, data: list, out: Path, cfg: TuneConfig, dp: DataParallel, 
         # the trained weights in full (gathered when sharded, by every process), for rank 0 to save
         full = None
         if dp.fsdp:
-            full = {k: dp.gather(v) for k, v in model.state_dict().items()
-                    if cfg.method == "full" or "lora_" in k}
-            if dp.rank != 0:
-                full = None
+            full = {}
+            for k, v in model.state_dict().items():
+                if cfg.method == "full" or "lora_" in k:
+                    t = dp.gather(v)  # every process takes part; one tensor at a time in memory but rank 0's
+                    if dp.rank == 0:
+                        full[k] = t
         peaks = [int(x) for x in dp.sum([_peak_rss() if r == dp.rank else 0 for r in range(dp.world)])]
         if dp.rank != 0:  # rank 0 writes the outputs
             losses = [h["loss"] for h in history if not math.isnan(h["loss"])]
@@ -819,7 +831,9 @@ def _token_loss(core):
     return TokenLoss(core.get_decoder(), core.get_output_embeddings(), softcap)
 
 
-def _make_model(base: Base, cfg: TuneConfig):
+def _make_model(base: Base, cfg: TuneConfig, move: bool = True):
+    """The model to train, on the GPU when there is one (`move=False`: left on the CPU, for FSDP,
+    which moves each unit to the GPU as it shards it, so a GPU never holds the whole model)."""
     import torch
 
     cuda = torch.cuda.is_available()
@@ -828,7 +842,8 @@ def _make_model(base: Base, cfg: TuneConfig):
     torch.manual_seed(cfg.seed)  # LoRA's A matrices start from the seed
     model = _load_model(base, four_bit=cfg.method == "qlora", dtype=dtype)
     if cfg.method == "full":
-        model.to(device)
+        if move:
+            model.to(device)
         model.config.use_cache = False
         return model, device
     import peft
@@ -845,7 +860,7 @@ def _make_model(base: Base, cfg: TuneConfig):
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
         raise LlmdeskError(f"--targets {cfg.targets}: not all are modules of {base.name} (its linear modules: "
                            f"{', '.join(linear)}; or all-linear)") from None
-    if cfg.method != "qlora":
+    if cfg.method != "qlora" and move:
         model.to(device)
     model.config.use_cache = False
     return model, device
