@@ -329,10 +329,11 @@ def prepare() -> tuple[Path, list[dict], dict]:
 HELD_OUT = (60, 14)
 
 
-def select(corpus: Path, pool: list[dict], files: int, queries: int, seed: int,
-           split: str = "test") -> tuple[list[Path], list[dict]]:
-    """A seeded sample of `files` pages (0: all) and of `queries` pool entries documented in them.
-    split "test": from every page; "dev": only from pages outside the held-out sample (HELD_OUT)."""
+def select(corpus: Path, pool: list[dict], files: int, queries: int, seed: int, split: str = "test",
+           style: str = "docstring") -> tuple[list[Path], list[dict]]:
+    """A seeded sample of `files` pages (0: all) and of `queries` pool entries documented in them,
+    in a query `style` (`reword`). split "test": from every page; "dev": only from pages outside
+    the held-out sample (HELD_OUT)."""
     pages = sorted(corpus.glob("*.md"))
     if split == "dev":
         held = set(random.Random(HELD_OUT[1]).sample(pages, HELD_OUT[0]))
@@ -342,19 +343,22 @@ def select(corpus: Path, pool: list[dict], files: int, queries: int, seed: int,
     if files:
         pages = sorted(random.Random(seed).sample(pages, min(files, len(pages))))
     names = {p.name for p in pages}
-    mine = [q for q in pool if q["file"] in names]
+    mine = reword(corpus, [q for q in pool if q["file"] in names], style)
     return pages, sorted(random.Random(seed + 1).sample(mine, min(queries, len(mine))), key=lambda q: q["id"])
 
 
-# ---------------------------------------------------------------- a second style of query: no shared words
+# ---------------------------------------------------------------- other styles of query: fewer shared words
 
-STYLES = ("docstring", "unshared")
-MIN_UNSHARED = 3  # words a reworded query keeps at least; fewer and the query is dropped
+STYLES = ("docstring", "no-names", "unshared")
+MIN_KEPT = 3  # words with meaning (not in STOP) a reworded query keeps at least; fewer and it is dropped
+STOP = set("""a an and are as at be been but by can do does for from has have how i if in into is it its
+not of on or so than that the their then there these this to was we what when where which who why will
+with you your""".split())
 
 
 def stems(texts: list[str]) -> list[list[str]]:
     """Each text's words as FTS5's porter tokenizer (the one the index uses) stems them, one per
-    word of `re.findall(r"[^\\W_]+", text)`."""
+    match of `[^\\W_]+` in the text."""
     import sqlite3
 
     c = sqlite3.connect(":memory:")
@@ -368,27 +372,37 @@ def stems(texts: list[str]) -> list[list[str]]:
     return out
 
 
-def unshared(corpus: Path, queries: list[dict]) -> list[dict]:
-    """The queries reworded so that they share no word with their relevant entry: every word of the
-    summary whose stem occurs in the entry (its signature and description) is left out; a query
-    left with fewer than MIN_UNSHARED words is dropped. What is left is the part of the docstring
-    said in other words than the manual's: BM25 can only find the entry through the words around
-    it, the vectors through the meaning. `Prints a usage message incorporating the message to
-    stderr and exits.` (argparse's error; the manual: "prints a usage message including the
-    message to the standard error and terminates") becomes `incorporating stderr exits.`"""
+def reword(corpus: Path, queries: list[dict], style: str) -> list[dict]:
+    """The queries in another style, made from the same docstrings without a model:
+
+    - "docstring": as they are;
+    - "no-names": every word of the summary that shares a stem with the entry's signature line
+      or the object's dotted name is left out: the question of someone who does not know the
+      API's names (`Return True if lock is acquired.`, asyncio.Lock.locked, becomes `Return True
+      if is acquired.`);
+    - "unshared": every word that shares a stem with the entry (signature and description) is left
+      out: what is left is what the docstring says in other words than the manual, which BM25 can
+      find only through the text around the entry and the vectors through its meaning (argparse's
+      `Prints a usage message incorporating the message to stderr and exits.` becomes
+      `incorporating stderr exits.`; the manual says "including ... standard error and terminates").
+
+    A reworded query left with fewer than MIN_KEPT words outside STOP is dropped."""
+    if style == "docstring":
+        return queries
+    if style not in STYLES:
+        raise ValueError(f"style is one of {', '.join(STYLES)}, not {style!r}")
     texts = {f: (corpus / f).read_text(encoding="utf-8") for f in {q["file"] for q in queries}}
-    qs = [q["query"] for q in queries]
-    entries = stems([texts[q["file"]][q["char_start"]: q["char_end"]] for q in queries])
+    entries = [texts[q["file"]][q["char_start"]: q["char_end"]] for q in queries]
+    if style == "no-names":
+        entries = [e.split("\n", 1)[0] + " " + q["id"] for e, q in zip(entries, queries)]
     out = []
-    for q, words_of_query, entry in zip(queries, stems(qs), entries):
-        shared = set(entry)
-        stemmed = iter(words_of_query)
-        kept = []
+    for q, stemmed, shared in zip(queries, stems([q["query"] for q in queries]), stems(entries)):
+        shared, stemmed, kept = set(shared), iter(stemmed), []
         for word in q["query"].split():
             mine = [next(stemmed) for _ in re.findall(r"[^\W_]+", word)]
             if not all(t in shared for t in mine):
                 kept.append(word)
-        if len(kept) >= MIN_UNSHARED:
+        if sum(1 for w in kept if re.sub(r"\W", "", w.lower()) not in STOP) >= MIN_KEPT:
             out.append({**q, "query": " ".join(kept)})
     return out
 

@@ -1,21 +1,25 @@
 """Retrieval quality of `llmdesk docs search` on the Python library reference: bm25, vector, hybrid.
 
     .venv/bin/python benchmarks/rag_quality.py [--files 0] [--queries 300] [--seed 14] [--threads N]
+                                               [--split test|dev] [--style docstring|no-names|unshared]
 
 The corpus and the queries are benchmarks/rag_corpus.py's: the library reference of Debian's
 python3-doc as Markdown (`--files` pages sampled, 0 = all 317), and as queries the summaries of
 the functions' own docstrings (`inspect.getdoc`), each with one relevant passage, the function's
 entry in the manual. A hit is relevant when it comes from that page and its character span
-overlaps the entry's.
+overlaps the entry's. `--split dev` samples only pages outside the ones the reported figures
+come from (hybrid's vector weight was chosen there); `--style` rewords the queries
+(`rag_corpus.reword`: without the API's names, or without any word of the entry, where the
+vectors are the better list).
 
-The pages are added with `llmdesk.rag.ingest.add` to the collection `pydoc` in
-~/.cache/llmdesk-bench-docs/home (LLMDESK_HOME; unchanged pages are skipped on a second run,
+The pages are added with `llmdesk.rag.ingest.add` to the collection `pydoc-f<files>-s<seed>[-dev]`
+in ~/.cache/llmdesk-bench-docs/home (LLMDESK_HOME; unchanged pages are skipped on a second run,
 the default embedding model is converted there once), then every query is searched in the three
 modes with `llmdesk.rag.search.search(k=10)`. Reported: recall@5 (the share of queries whose
 relevant entry is among the first 5 hits) and MRR@10 (the mean of 1/rank of the first relevant
-hit, 0 past rank 10), per mode, with a 95% bootstrap interval of hybrid's lead over the better of
-the other two (paired, over queries), and what other reciprocal-rank fusions of the same two
-lists would score.
+hit, 0 past rank 10) and ms per query, per mode, with a 95% bootstrap interval of hybrid's lead
+over the better of the other two (paired, over queries); which list finds what; and, over the
+same lists, the reciprocal rank fusion search.py used before and hybrid at other vector weights.
 """
 
 from __future__ import annotations
@@ -32,6 +36,10 @@ import rag_corpus  # benchmarks/, beside this script
 
 HOME = rag_corpus.CACHE / "home"
 MODES = ("bm25", "vector", "hybrid")
+WEIGHTS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # hybrid's vector weight, swept (search.VECTOR_WEIGHT)
+STYLE_SAYS = {"docstring": "docstring summaries of functions documented in these pages",
+              "no-names": "the same without the words of the function's name and signature",
+              "unshared": "the same without any word of the function's entry in the manual"}
 
 
 def bootstrap_lead(a: list[float], b: list[float], n: int = 2000, seed: int = 0) -> tuple[float, float]:
@@ -42,12 +50,12 @@ def bootstrap_lead(a: list[float], b: list[float], n: int = 2000, seed: int = 0)
     return means[int(0.025 * n)], means[int(0.975 * n) - 1]
 
 
-def fuse(bm25: list, vector: list, c: int, w_bm25: float, w_vector: float) -> list:
-    """Hits of both lists by weighted reciprocal rank: sum of w / (c + rank)."""
+def rrf(bm25: list, vector: list, c: int = 60) -> list:
+    """Hits of both lists by reciprocal rank: sum of 1 / (c + rank) (Cormack et al. 2009)."""
     score: dict[int, list] = {}
-    for hits, w in ((bm25, w_bm25), (vector, w_vector)):
+    for hits in (bm25, vector):
         for rank, h in enumerate(hits, 1):
-            score.setdefault(h.chunk_id, [0.0, h])[0] += w / (c + rank)
+            score.setdefault(h.chunk_id, [0.0, h])[0] += 1 / (c + rank)
     return [h for _, h in sorted(score.values(), key=lambda x: -x[0])]
 
 
@@ -58,6 +66,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=14)
     ap.add_argument("--split", choices=("test", "dev"), default="test",
                     help="dev: pages outside the held-out sample the reported figures come from (rag_corpus.HELD_OUT)")
+    ap.add_argument("--style", choices=rag_corpus.STYLES, default="docstring",
+                    help="the queries' style (rag_corpus.reword): docstring summaries as they are, without the "
+                         "API's names, or without any word of the relevant entry")
     ap.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: llama.cpp's)")
     ap.add_argument("--collection", default="pydoc")
     ap.add_argument("--json", type=Path, help="also write the figures here")
@@ -67,7 +78,7 @@ def main() -> None:
     from llmdesk.rag import ingest, search
 
     corpus, pool, manifest = rag_corpus.prepare()
-    pages, queries = rag_corpus.select(corpus, pool, args.files, args.queries, args.seed, args.split)
+    pages, queries = rag_corpus.select(corpus, pool, args.files, args.queries, args.seed, args.split, args.style)
     model = rag_corpus.embed_model(args.threads)
     name = f"{args.collection}-f{args.files}-s{args.seed}" + ("-dev" if args.split == "dev" else "")
     have = {c.name for c in ingest.list_collections()}
@@ -84,19 +95,33 @@ def main() -> None:
 
     ranks: dict[str, list[int | None]] = {m: [] for m in MODES}
     seconds: dict[str, float] = {m: 0.0 for m in MODES}
-    lists: list[tuple[list, list]] = []  # each query's bm25 and vector top 20, for the fusion variants
+    top1: dict[str, list[int | None]] = {m: [] for m in MODES}
     for q in queries:
-        got = {}
         for m in MODES:
             t = time.perf_counter()
-            got[m] = search.search(q["query"], name, k=10 if m == "hybrid" else 20, mode=m, embedder=model)
+            hits = search.search(q["query"], name, k=10, mode=m, embedder=model)
             seconds[m] += time.perf_counter() - t
-            ranks[m].append(rag_corpus.first_relevant(q, got[m][:10]))
-        lists.append((got["bm25"], got["vector"]))
-    result = {"command": " ".join(["benchmarks/rag_quality.py", *sys.argv[1:]]), "pages": len(pages),
-              "characters": chars, "chunks": getattr(col, "chunks", None) or report.chunks, "queries": len(queries),
-              "embedding_model": model.name, "modes": {}}
-    print(f"{len(queries)} queries (docstring summaries of functions documented in these pages)\n")
+            ranks[m].append(rag_corpus.first_relevant(q, hits))
+            top1[m].append(hits[0].chunk_id if hits else None)
+    # the fusion before this one, for reference: reciprocal rank over the top 40 of each list
+    # (what search(k=10) fused), and hybrid at other vector weights
+    rrf_ranks = []
+    for q in queries:
+        b, v = (search.search(q["query"], name, k=40, mode=m, embedder=model) for m in ("bm25", "vector"))
+        rrf_ranks.append(rag_corpus.first_relevant(q, rrf(b, v)[:10]))
+    chosen = search.VECTOR_WEIGHT
+    by_weight = {}
+    for w in WEIGHTS:
+        search.VECTOR_WEIGHT = w
+        by_weight[w] = [rag_corpus.first_relevant(q, search.search(q["query"], name, k=10, embedder=model))
+                        for q in queries]
+    search.VECTOR_WEIGHT = chosen
+
+    result = {"command": " ".join(["benchmarks/rag_quality.py", *sys.argv[1:]]), "split": args.split,
+              "style": args.style, "pages": len(pages), "characters": chars,
+              "chunks": getattr(col, "chunks", None) or report.chunks, "queries": len(queries),
+              "embedding_model": model.name, "vector_weight": chosen, "modes": {}}
+    print(f"{len(queries)} queries ({args.style} style: {STYLE_SAYS[args.style]}), {args.split} split\n")
     print(f"{'mode':<8} {'recall@5':>9} {'MRR@10':>8} {'ms/query':>9}")
     for m in MODES:
         s = rag_corpus.scores(ranks[m])
@@ -104,26 +129,41 @@ def main() -> None:
         result["modes"][m] = s
         print(f"{m:<8} {s['recall@5']:>9.3f} {s['mrr@10']:>8.3f} {s['ms_per_query']:>9.1f}")
 
-    def per_query(m: str, metric: str) -> list[float]:
+    def per_query(r: list[int | None], metric: str) -> list[float]:
         if metric == "recall@5":
-            return [1.0 if r is not None and r <= 5 else 0.0 for r in ranks[m]]
-        return [1 / r if r is not None and r <= 10 else 0.0 for r in ranks[m]]
+            return [1.0 if x is not None and x <= 5 else 0.0 for x in r]
+        return [1 / x if x is not None and x <= 10 else 0.0 for x in r]
 
     print()
     for metric in ("recall@5", "mrr@10"):
         best = max(("bm25", "vector"), key=lambda m: result["modes"][m][metric])
-        lo, hi = bootstrap_lead(per_query("hybrid", metric), per_query(best, metric))
+        lo, hi = bootstrap_lead(per_query(ranks["hybrid"], metric), per_query(ranks[best], metric))
         lead = result["modes"]["hybrid"][metric] - result["modes"][best][metric]
         result[f"hybrid_lead_{metric}"] = {"over": best, "lead": lead, "ci95": [lo, hi]}
         print(f"hybrid - {best} on {metric}: {lead:+.3f} (95% interval {lo:+.3f} to {hi:+.3f})")
-    # reciprocal rank fusion of the same two lists (top 20 of each), other constants and weights
-    print("\nfusion variants over the bm25 and vector top 20 (score = sum of w / (c + rank)):")
-    result["fusion_variants"] = []
-    for c, wb, wv in ((60, 1, 1), (10, 1, 1), (60, 2, 1)):
-        fr = [rag_corpus.first_relevant(q, fuse(b, v, c, wb, wv)[:10]) for q, (b, v) in zip(queries, lists)]
-        sc = rag_corpus.scores(fr)
-        result["fusion_variants"].append({"c": c, "w_bm25": wb, "w_vector": wv, **sc})
-        print(f"  c={c:<3} bm25:vector {wb}:{wv}  recall@5 {sc['recall@5']:.3f}  MRR@10 {sc['mrr@10']:.3f}")
+    in5 = {m: {i for i, r in enumerate(ranks[m]) if r is not None and r <= 5} for m in MODES}
+    both = len(in5["bm25"] & in5["vector"])
+    differs = sum(1 for a, b in zip(top1["hybrid"], top1["bm25"]) if a != b)
+    result["top5_sets"] = {"both": both, "bm25_only": len(in5["bm25"] - in5["vector"]),
+                           "vector_only": len(in5["vector"] - in5["bm25"]),
+                           "hybrid_not_bm25": len(in5["hybrid"] - in5["bm25"]),
+                           "bm25_not_hybrid": len(in5["bm25"] - in5["hybrid"]), "top1_differs_from_bm25": differs}
+    print(f"entry in the top 5: of both lists {both}, of bm25's only {len(in5['bm25'] - in5['vector'])}, of the "
+          f"vectors' only {len(in5['vector'] - in5['bm25'])}; hybrid finds {len(in5['hybrid'] - in5['bm25'])} that "
+          f"bm25 does not and misses {len(in5['bm25'] - in5['hybrid'])} that bm25 finds; its first hit is not "
+          f"bm25's for {differs} of {len(queries)} queries")
+
+    print("\nother fusions of the same two lists:")
+    sc = rag_corpus.scores(rrf_ranks)
+    result["rrf_c60"] = sc
+    print(f"  reciprocal rank, 1/(60 + rank), top 40 each (the fusion before)  recall@5 {sc['recall@5']:.3f}  "
+          f"MRR@10 {sc['mrr@10']:.3f}")
+    result["by_vector_weight"] = {}
+    for w, r in by_weight.items():
+        sc = rag_corpus.scores(r)
+        result["by_vector_weight"][w] = sc
+        print(f"  score fusion, vector weight {w:.1f}{' (search.py)' if w == chosen else ''}"
+              f"{' ' * (13 if w != chosen else 1)}recall@5 {sc['recall@5']:.3f}  MRR@10 {sc['mrr@10']:.3f}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
 
