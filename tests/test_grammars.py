@@ -473,3 +473,23 @@ def test_probe_refuses_over_budget_and_remembers(llama):
 def test_probe_refuses_unparsable_grammars(llama):
     with pytest.raises(LlmdeskError, match="could not be parsed"):
         check_grammar_cost(llama, 'root ::= "unclosed')
+
+
+@pytest.mark.parametrize("schema, said", [
+    ({"type": "strin"}, "'strin' is not valid under any of the given schemas"),
+    ({"type": "object", "properties": {"a": {"type": "integer", "minimum": "x"}}},
+     ".properties.a.minimum is not valid JSON Schema: 'x' is not of type 'number'"),
+    ({"type": "object", "required": "a"}, ".required is not valid JSON Schema"),
+])
+def test_a_schema_that_is_not_json_schema_says_where(schema, said):
+    assert said in refused(schema)
+
+
+def test_run_schema_file_errors_name_the_file(tmp_path, capsys):
+    from llmdesk.cli.main import main
+
+    bad = tmp_path / "answer.json"
+    bad.write_text('{"type": "object", "properties": {"n": {"type": "intger"}}}')
+    assert main(["run", "--schema", str(bad), "hi"]) == 1
+    e = capsys.readouterr().err
+    assert e.startswith(f"error: {bad}.properties.n.type is not valid JSON Schema") and e.count("\n") == 1

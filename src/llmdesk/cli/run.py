@@ -134,6 +134,9 @@ def _response_format(json_mode: bool, schema: Path | None) -> dict | None:
             raise LlmdeskError(f"cannot read the schema {schema}: {e.strerror}") from None
         except json.JSONDecodeError as e:
             raise LlmdeskError(f"{schema} is not JSON: {e.msg} at line {e.lineno}") from None
+        from ..runtime.grammars import check_schema
+
+        check_schema(data, str(schema))  # what is wrong, said of the file (and before a model loads)
         return {"type": "json_schema", "json_schema": {"name": schema.stem, "schema": data}}
     return {"type": "json_object"} if json_mode else None
 

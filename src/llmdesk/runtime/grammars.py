@@ -690,12 +690,27 @@ def check_schema(schema, where: str) -> None:
 
     positions = [0]
     deep(schema, 0)
-    walk(schema, where)
+    walk(schema, where)  # the specific messages first, then any other fault
+    _check_meta(schema, where)
     try:
         _LiveParses(_integer_ranges(schema), where).check()
     except (TypeError, AttributeError) as e:  # keywords of the wrong type where a $ref leads
         raise InvalidRequest(f"{where} is not a schema llmdesk can read: {type(e).__name__}: {e}"[:300],
                        where) from None
+
+
+def _check_meta(schema, where: str) -> None:
+    """The schema is a JSON Schema (checked against its draft's meta-schema, 2020-12 unless it
+    says otherwise in $schema)."""
+    import jsonschema
+
+    try:
+        jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator).check_schema(schema)
+    except jsonschema.SchemaError as e:
+        at = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e.absolute_path)
+        raise InvalidRequest(f"{_short(where + at)} is not valid JSON Schema: {e.message[:200]}", where) from None
+    except RecursionError:
+        raise InvalidRequest(f"{where} is nested too deeply to check", where) from None
 
 
 def _short(loc: str) -> str:
