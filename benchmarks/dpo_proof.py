@@ -13,8 +13,10 @@ right about a quarter of the time, greedy. Then, as a user would, with the CLI o
 The held-out questions are word triples that neither the SFT rows nor the DPO prompts hold. The
 tuned model's win rate against the base (a tie half a win each way, as the arena counts it) is
 reported with the arena's 95% bootstrap interval, turned from ratings into win probabilities.
+`--control` also tunes on the chosen answers alone (plain SFT, `llmdesk tune`) and lets that model
+battle too: what the rejected answers add. docs/rewards.md has the figures.
 
-    .venv/bin/python benchmarks/dpo_proof.py [--sft-steps 30] [--dpo-steps 40] [--held-out 300]
+    .venv/bin/python benchmarks/dpo_proof.py [--work DIR] [--sft-weight 1] [--control]
 """
 
 from __future__ import annotations
@@ -100,6 +102,8 @@ def main() -> int:
                     help="the chosen answers' own loss beside DPO's (RPO); 0: plain DPO, which lowered the chosen "
                          "answers with the rejected ones here and did not win")
     ap.add_argument("--held-out", type=int, default=300, help="arena questions (triples never trained on)")
+    ap.add_argument("--control", action="store_true",
+                    help="also SFT on the chosen answers alone (tune --method lora, the same steps) and let it battle too")
     ap.add_argument("--work", type=Path, default=None)
     a = ap.parse_args()
 
@@ -110,7 +114,7 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     os.environ["LLMDESK_HOME"] = str(work / "home")
     rng, seen = random.Random(0), set()
-    base = build_base(work / "base")
+    base = work / "base" if (work / "base" / "config.json").is_file() else build_base(work / "base")
     sft_rows = [{"messages": [{"role": "user", "content": ASK + " ".join(t)},
                               {"role": "assistant", "content": f"[{t[-1].upper()}]"}]}
                 for t in triples(rng, a.sft_rows, seen)]
@@ -122,52 +126,67 @@ def main() -> int:
     (work / "grader.py").write_text(GRADER)
     grader = f"python:{work / 'grader.py'}:correct"
 
+    # each stage is skipped when its output is there: a run cut short continues with the same --work
     t0 = time.perf_counter()
-    sft = tune(base, [jsonl(work / "sft.jsonl", sft_rows)], work / "sft",
-               TuneConfig(method="full", steps=a.sft_steps, lr=a.sft_lr, batch=8, val_split=0.0),
-               gguf="f32", name="proof-sft", check_with=LlamaModel)
+    if not (work / "sft" / "merged").is_dir():
+        tune(base, [jsonl(work / "sft.jsonl", sft_rows)], work / "sft",
+             TuneConfig(method="full", steps=a.sft_steps, lr=a.sft_lr, batch=8, val_split=0.0),
+             gguf="f32", name="proof-sft", check_with=LlamaModel)
     t_sft = time.perf_counter() - t0
     t0 = time.perf_counter()
-    said = cli("synth", "answers", str(work / "prompts.jsonl"), "-o", str(work / "answers.jsonl"), "-m", "proof-sft:f32",
-               "-k", str(a.k), "-t", str(a.temperature), "--max-tokens", "8", "--rank", grader,
-               "--pairs", str(work / "pairs.jsonl"))
-    print(said, end="")
+    if not (work / "pairs.jsonl").is_file():
+        print(cli("synth", "answers", str(work / "prompts.jsonl"), "-o", str(work / "answers.jsonl"), "-m",
+                  "proof-sft:f32", "-k", str(a.k), "-t", str(a.temperature), "--max-tokens", "8", "--rank", grader,
+                  "--pairs", str(work / "pairs.jsonl")), end="")
     t_synth = time.perf_counter() - t0
     cands = [json.loads(x) for x in (work / "answers.jsonl").read_text().splitlines()]
     right = sum(c.strip().startswith(p["answer"]) for r, p in zip(cands, prompts) for c in r["candidates"])
+    pairs = [json.loads(x) for x in (work / "pairs.jsonl").read_text().splitlines()]
     t0 = time.perf_counter()
-    said = cli("tune", str(sft.merged), str(work / "pairs.jsonl"), "-o", str(work / "dpo"), "--method", "dpo",
-               "--steps", str(a.dpo_steps), "--batch", "8", "--lr", str(a.lr), "--beta", str(a.beta),
-               "--sft-weight", str(a.sft_weight), "--rank", "8", "--gguf", "f32", "--name", "proof-dpo")
-    print(said, end="")
+    if not (work / "dpo" / "model-f32.gguf").is_file():
+        print(cli("tune", str(work / "sft" / "merged"), str(work / "pairs.jsonl"), "-o", str(work / "dpo"), "--method",
+                  "dpo", "--steps", str(a.dpo_steps), "--batch", "8", "--lr", str(a.lr), "--beta", str(a.beta),
+                  "--sft-weight", str(a.sft_weight), "--rank", "8", "--gguf", "f32", "--name", "proof-dpo"), end="")
     t_dpo = time.perf_counter() - t0
+    models = ["proof-sft:f32", "proof-dpo:f32"]
+    if a.control:  # the chosen answers alone, as SFT rows: what the preference adds beyond them
+        rows = [{"messages": [{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": p["chosen"]}]}
+                for p in pairs]
+        if not (work / "chosen" / "model-f32.gguf").is_file():
+            print(cli("tune", str(work / "sft" / "merged"), str(jsonl(work / "chosen.jsonl", rows)), "-o",
+                      str(work / "chosen"), "--steps", str(a.dpo_steps), "--batch", "8", "--lr", str(a.lr), "--rank", "8",
+                      "--dropout", "0", "--val-split", "0", "--gguf", "f32", "--name", "proof-chosen"), end="")
+        models.append("proof-chosen:f32")
     hist = json.loads((work / "dpo" / "metrics.json").read_text())["history"]
-    said = cli("arena", "auto", "proof-sft:f32", "proof-dpo:f32", "--judge", f"grader:{grader}",
-               "--questions", str(work / "heldout.jsonl"), "--max-tokens", "8")
-    print(said, end="")
+    print(cli("arena", "auto", *models, "--judge", f"grader:{grader}", "--questions", str(work / "heldout.jsonl"),
+              "--max-tokens", "8"), end="")
     board = json.loads(cli("arena", "leaderboard", "--source", "auto", "--anchor", "proof-sft:f32", "--json"))
-    tuned = next(m for m in board["models"] if m["model"] == "proof-dpo:f32")
 
     def p_win(rating: float) -> float:  # the arena's Bradley-Terry, against the base at 1000
         return 1 / (1 + 10 ** ((1000 - rating) / 400))
 
-    votes = [v for v in _votes(work)]
-    right_held = {m: sum(1 for v in votes for side in "ab" if v[f"model_{side}"] == m
-                         and v[f"answer_{side}"].strip().startswith(_answer(v["prompt"]))) for m in ("proof-sft:f32", "proof-dpo:f32")}
+    votes = _votes(work)
     print(f"\nwork folder: {work}")
-    print(f"SFT: {a.sft_steps} steps in {t_sft:.0f} s; synth answers: {len(prompts)} prompts x {a.k} in {t_synth:.0f} s "
-          f"({right / (len(prompts) * a.k):.3f} of the candidates right); DPO: {a.dpo_steps} steps in {t_dpo:.0f} s")
+    took = lambda t: f"in {t:.0f} s" if t > 1 else "(done before)"  # noqa: E731
+    print(f"SFT: {a.sft_steps} steps {took(t_sft)}; synth answers: {len(prompts)} prompts x {a.k} {took(t_synth)} "
+          f"({right / (len(prompts) * a.k):.3f} of the candidates right, {len(pairs)} pairs); "
+          f"DPO: {a.dpo_steps} steps {took(t_dpo)}")
     for h in (hist[0], hist[len(hist) // 2], hist[-1]):
         print(f"  DPO step {h['step']}: loss {h['loss']:.4f} · reward margin {h.get('rewards/margins', float('nan')):.3f} · "
               f"log p chosen {h.get('logps/chosen', float('nan')):.2f} · rejected {h.get('logps/rejected', float('nan')):.2f}")
-    n = len(votes)
-    print(f"held out ({n} questions, greedy in llama.cpp): right {right_held['proof-sft:f32']} base, "
-          f"{right_held['proof-dpo:f32']} tuned")
-    w, t, l = tuned["wins"], tuned["ties"], tuned["losses"]
-    print(f"arena auto (judge: the grader): tuned W/T/L {w}/{t}/{l}; win rate {(w + t / 2) / n:.3f} "
-          f"(ties half), 95% CI {p_win(tuned['low']):.3f} to {p_win(tuned['high']):.3f}; "
-          f"of decided battles {w / max(1, w + l):.3f}")
-    print(f"rating {tuned['rating']:.0f} (base 1000), 95% CI {tuned['low']:.0f} to {tuned['high']:.0f}")
+    answers = {(v["prompt"], v[f"model_{s}"]): v[f"answer_{s}"] for v in votes for s in "ab"}
+    print(f"held out ({len(held)} questions, greedy in llama.cpp), right: " + ", ".join(
+        f"{m} {sum(ans.strip().startswith(_answer(q)) for (q, mm), ans in answers.items() if mm == m)}" for m in models))
+    for m, other in [(m, "proof-sft:f32") for m in models[1:]] + [tuple(models[:0:-1])] * a.control:
+        vs = [v for v in votes if {v["model_a"], v["model_b"]} == {m, other}]
+        won = [v[f"model_{v['winner']}"] for v in vs if v["winner"] in ("a", "b")]
+        w, l = won.count(m), won.count(other)
+        t = len(vs) - w - l
+        r = next(x for x in board["models"] if x["model"] == m)
+        ci = (f", 95% CI {p_win(r['low']):.3f} to {p_win(r['high']):.3f}" if other == "proof-sft:f32" else "")
+        print(f"arena auto, {m} against {other} (judge: the grader): W/T/L {w}/{t}/{l}; win rate "
+              f"{(w + t / 2) / len(vs):.3f} (ties half){ci}; of decided battles {w / max(1, w + l):.3f}"
+              + (f"; rating {r['rating']:.0f} ({r['low']:.0f} to {r['high']:.0f})" if ci else ""))
     return 0
 
 
