@@ -101,13 +101,14 @@ def search(query: str, collection: str = "default", *, k: int = 5, mode: str = "
     n = k * CANDIDATES if mode == "hybrid" or rerank else k
     c = index.shared()
     col = index.require(c, collection, counts=False)
+    if mode != "bm25":  # the query is embedded on the Engine's thread while BM25 runs here
+        from .ingest import embedder_for
+
+        embedding = embedder_for(embedder, col).start([query])
     if mode != "vector":  # hybrid: every chunk's BM25 (all of them are computed to rank anyway)
         bm25 = _bm25(c, col, query, n if mode == "bm25" else -1)
     if mode != "bm25":
-        from .ingest import embedder_for
-
-        e = embedder_for(embedder, col)
-        q = e.embed([query])[0]
+        q = embedding()[0]
         if not c.vec and on_notice is None:
             warnings.warn(index.vec_notice(), RuntimeWarning, stacklevel=2)
         elif not c.vec:
