@@ -30,10 +30,13 @@ function and method documented in the corpus:
   which would test string matching rather than retrieval. The counts of each are printed and
   written to `manifest.json`. What is left is the pool (`pool.jsonl`).
 
-A benchmark takes `select(pool, files, queries, seed)`: a seeded sample of `files` pages (0: all
-of them; the others stay out of the collection) and a seeded sample of `queries` from the pool
-entries in those pages. The result is cached in ~/.cache/llmdesk-bench-docs/python<ver>-library/
-(corpus/*.md, pool.jsonl, manifest.json), rebuilt when missing.
+A benchmark takes `select(corpus, pool, files, queries, seed, split, style)`: a seeded sample of
+`files` pages (0: all of them; the others stay out of the collection) and a seeded sample of
+`queries` from the pool entries in those pages. split "dev" samples only pages outside the
+held-out sample the reported figures come from (HELD_OUT), to choose settings on; `style`
+rewords the queries (`reword`: without the API's names, or without any word of the entry). The
+corpus and pool are cached in ~/.cache/llmdesk-bench-docs/python<ver>-library/ (corpus/*.md,
+pool.jsonl, manifest.json), rebuilt when missing.
 """
 
 from __future__ import annotations
