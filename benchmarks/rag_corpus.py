@@ -461,12 +461,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=14)
     ap.add_argument("--split", choices=("test", "dev"), default="test",
                     help="dev: only pages outside the held-out sample the reported figures come from")
+    ap.add_argument("--style", choices=STYLES, default="docstring", help="the queries' style (see reword)")
     ap.add_argument("--rebuild", action="store_true", help="build again even if cached")
     args = ap.parse_args()
     if args.rebuild:
         shutil.rmtree(CACHE / f"python{sys.version_info.major}.{sys.version_info.minor}-library", ignore_errors=True)
     corpus, pool, manifest = prepare()
-    pages, queries = select(corpus, pool, args.files, args.queries, args.seed, args.split)
+    pages, queries = select(corpus, pool, args.files, args.queries, args.seed, args.split, args.style)
     print(json.dumps(manifest, indent=1))
     print(f"corpus: {corpus}: {len(pages)} pages, {sum(p.stat().st_size for p in pages)} bytes; {len(queries)} queries")
     for q in queries[:8]:
