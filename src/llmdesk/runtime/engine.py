@@ -1210,9 +1210,11 @@ class Engine:
         An encoder keeps nothing between decodes, so its texts are split over one context of one
         thread per thread asked for, decoded side by side. Within one decode llama.cpp's threads
         wait for each other at every node of the graph, spinning; on a machine with other work,
-        a thread taken off its core stalls the rest: 920 tokens of all-MiniLM-L6-v2 took 6.6 s
-        with one context of two threads, 2.0 s with two contexts of one thread each (2 cores,
-        load average 12; benchmarks/embed_vs_sentence_transformers.py measures both)."""
+        a thread taken off its core stalls the rest. On a 2-core VM at load average 8-13, 60
+        chunks of the Python manual (12,490 tokens of all-MiniLM-L6-v2) took 62-65 s with one
+        context of two threads, 17 s side by side (the same as one thread alone); in another
+        run the two were even (benchmarks/embed_vs_sentence_transformers.py measures both). A
+        single text (a search's query) then runs on one thread."""
         self._embed_room = self.n_ctx if not self.model.causal else max(16, min(self.n_batch, self.n_ctx))
         threads = self.n_threads or default_threads()
         n = threads if not self.model.causal and self.embed_side_by_side else 1
