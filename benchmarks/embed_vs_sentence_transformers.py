@@ -58,6 +58,7 @@ def main() -> None:
     ref = args.model or default_embedder(progress=print)
     Engine.embed_side_by_side = False  # read when a model first embeds
     one = open_embedder(ref, threads=args.threads)
+    texts = [t for t in texts if len(one.tokenize(t)) <= one.n_ctx]  # a passage of code can outgrow the context
     one.embed(texts[:8])
     Engine.embed_side_by_side = True
     with tempfile.TemporaryDirectory() as tmp, open_embedder(ref, threads=args.threads) as m, one:
