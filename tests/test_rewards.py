@@ -102,18 +102,36 @@ def test_grpo_logs_rewards_and_measures_the_held_out_prompts(base, tmp_path):  #
     data = jsonl(tmp_path / "prompts.jsonl", rows)
     grader = tmp_path / "g.py"
     grader.write_text("def flaky(prompts, completions, **kw):\n    raise RuntimeError('down')\n")
-    graders, weights = parse_graders([r"regex:\[", f"python:{grader}:flaky"], "1,0.5")
+    specs = [r"regex:e", f"python:{grader}:flaky"]
+    graders, weights = parse_graders(specs, "1,0.5")
     events = []
     r = run("grpo", base, data, tmp_path / "out",
             RewardConfig(method="grpo", steps=3, batch=8, num_generations=4, max_completion_tokens=8),
             graders=graders, weights=weights, on_event=lambda k, d: events.append((k, d)))
     assert r.val_rows == 2 and r.train_rows == 22
     assert r.reward_before is not None and r.reward_after is not None
-    assert set(r.grader_before) == {r"regex:\[", "python:g.py:flaky"}
+    assert set(r.grader_before) == {r"regex:e", "python:g.py:flaky"}
     assert r.graded_none["python:g.py:flaky"] > 0  # every call raised: counted, the run went on
     steps = [h for h in r.history if "reward" in h]
-    assert len(steps) == 3 and all(r"rewards/regex:\[/mean" in h for h in steps)
+    assert len(steps) == 3 and all(r"rewards/regex:e/mean" in h for h in steps)
     assert [d["when"] for k, d in events if k == "reward"] == ["before", "after"]
+
+    # Ctrl-C after step 2, then --resume: the sampled completions, so the rewards, are those of the run above
+    # (step 3 samples from the weights the resumed run rebuilt)
+    def ctrl_c_at_2(kind, d):
+        if kind == "step" and d["step"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    cfg = RewardConfig(method="grpo", steps=3, batch=8, num_generations=4, max_completion_tokens=8)
+    with pytest.raises(KeyboardInterrupt):
+        run("grpo", base, data, tmp_path / "cut", cfg, graders=parse_graders(specs, "1,0.5")[0], weights=weights,
+            on_event=ctrl_c_at_2)
+    assert last_checkpoint(tmp_path / "cut").name == "checkpoint-2"
+    again = run("grpo", base, data, tmp_path / "cut", cfg, graders=parse_graders(specs, "1,0.5")[0], weights=weights,
+                resume=True)
+    assert [h[r"rewards/regex:e/mean"] for h in again.history] == [h[r"rewards/regex:e/mean"] for h in steps]
+    assert len({h[r"rewards/regex:e/mean"] for h in steps}) > 1  # (the rewards moved: the check is not vacuous)
+    assert again.reward_after == r.reward_after
 
 
 def test_cli(base, tmp_path, user_dir, capsys):  # noqa: F811
