@@ -87,8 +87,15 @@ class Embedder:
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """(n, dim) float32, L2-normalised."""
+        return self.start(texts)()
+
+    def start(self, texts: list[str]) -> Callable[[], np.ndarray]:
+        """Start embedding `texts` on the model's Engine thread; the function returned waits for
+        the vectors, (n, dim) float32, L2-normalised. Meanwhile the caller can do other work (a
+        search its BM25 query: SQLite and llama.cpp both run without Python's lock)."""
         ids = [self.model.tokenize(t)[: self.n_ctx] or self.model.tokenize(" ") for t in texts]
-        return np.asarray(self.model.embed(ids), dtype=np.float32).reshape(len(texts), self.dim)
+        job = self.model.engine.embed(ids)
+        return lambda: np.asarray(job.wait(), dtype=np.float32).reshape(len(texts), self.dim)
 
 
 _sha_cache: dict[tuple, str] = {}
