@@ -35,7 +35,7 @@ def tune(
     val_split: Annotated[float, typer.Option("--val-split", help="Share of the rows held out for validation.")] = 0.1,
     eval_every: Annotated[Optional[int], typer.Option("--eval-every", help="Validation loss (and a checkpoint) every N steps (default: 10 times a run).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Random seed: the same seed gives the same run.")] = 0,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUTPUT/checkpoint.pt, exactly.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUTPUT/checkpoint.pt (dpo and grpo: OUTPUT/trainer/), exactly.")] = False,
     merge: Annotated[bool, typer.Option("--merge", help="Also write the merged model (OUTPUT/merged/).")] = False,
     gguf: Annotated[Optional[str], typer.Option("--gguf", help="Convert the merged model to GGUF of this type (f16, q8_0, q4_k_m, ...) and add it to the store as NAME:TYPE.")] = None,
     lora_gguf: Annotated[bool, typer.Option("--lora-gguf", help="Also write the adapter as a llama.cpp LoRA GGUF (OUTPUT/adapter.gguf), to run with --lora beside the base's GGUF.")] = False,
