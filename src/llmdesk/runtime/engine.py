@@ -494,6 +494,7 @@ def _time_limit_message(limit: float | None, what: str) -> str:
 
 
 EMBED_MAX_SEQS = 32  # texts per embeddings decode
+EMBED_PROBE = 8  # an encoder's embeddings step tries the way it found slower once in this many steps
 
 
 class Engine:
@@ -528,10 +529,10 @@ class Engine:
     # False: every request computes its whole prompt (no cached prefix, no copy), as a server
     # without a prompt cache would; for measuring what the reuse saves
     reuse_prefix = True
-    # an encoder's (BERT's) texts are embedded by one context of one thread per thread asked for,
-    # their decodes side by side; False: one context with all the threads, for measuring (see
-    # _embed_setup)
-    embed_side_by_side = True
+    # an encoder's (BERT's) texts: True, split over contexts of one thread, decoded side by side;
+    # False, one context with all the threads; None, whichever has been faster per token lately
+    # (see _embed_setup). True and False are for measuring and tests
+    embed_side_by_side: bool | None = None
 
     def __init__(
         self,
@@ -588,6 +589,8 @@ class Engine:
         self._embed_ctxs: list = []  # _embed_ctx first; an encoder's: one per thread
         self._embed_batches: list[Batch] = []
         self._embed_pool: ThreadPoolExecutor | None = None  # decodes the contexts after the first
+        self._embed_rates: dict[bool, float] = {}  # side by side or not -> seconds a token (moving average)
+        self._embed_choices = 0  # steps that chose between the two
         # for sharing time between generation and embeddings: a generation step's duration and
         # an embedded token's (moving averages)
         self._step_s = 0.0
@@ -1207,20 +1210,21 @@ class Engine:
         more than one ubatch of tokens; a longer text is fed over several decodes (below). An
         encoder (non-causal attention) must see the whole text in one ubatch: its ubatch is n_ctx.
 
-        An encoder keeps nothing between decodes, so its texts are split over one context of one
-        thread per thread asked for, decoded side by side. Within one decode llama.cpp's threads
-        wait for each other at every node of the graph, spinning; on a machine with other work,
-        a thread taken off its core stalls the rest. On a 2-core VM at load average 8-13, 60
-        chunks of the Python manual (12,490 tokens of all-MiniLM-L6-v2) took 62-65 s with one
-        context of two threads, 17 s side by side (the same as one thread alone); in another
-        run the two were even (benchmarks/embed_vs_sentence_transformers.py measures both). A
-        single text (a search's query) then runs on one thread."""
+        An encoder keeps nothing between decodes, so its texts can also be split over one context
+        of one thread per thread asked for, decoded side by side. Within one decode llama.cpp's
+        threads wait for each other at every node of the graph, spinning; on a machine with other
+        work, a thread taken off its core stalls the rest, and side by side is much faster; on a
+        quiet one, one context with every thread is (the side-by-side decodes of a step end
+        unevenly). Measured with `docs add` of 8 pages of the Python manual (173 chunks, 2 cores):
+        one context 123.6 s, side by side 24.5 s at load average 6; 14.3 s and 19.1 s at load
+        average 4. So each step takes the way that has embedded a token faster lately
+        (`_embed_split`), trying the other once in EMBED_PROBE steps."""
         self._embed_room = self.n_ctx if not self.model.causal else max(16, min(self.n_batch, self.n_ctx))
         threads = self.n_threads or default_threads()
-        n = threads if not self.model.causal and self.embed_side_by_side else 1
-        for _ in range(n):
+        n = threads if not self.model.causal and self.embed_side_by_side is not False else 1
+        for i in range(n):
             ctx = new_context(self.model, n_ctx=self.n_ctx, n_seq=EMBED_MAX_SEQS, n_batch=self._embed_room,
-                              n_ubatch=self._embed_room, n_threads=threads if n == 1 else 1, embeddings=True,
+                              n_ubatch=self._embed_room, n_threads=threads if i == 0 else 1, embeddings=True,
                               pooling=self.pooling if self.pooling in ("mean", "cls", "last") else "mean",
                               unified=True, cache_type=self.cache_type, flash_attn=self.flash_attn)
             self._embed_ctxs.append(ctx)
@@ -1249,6 +1253,27 @@ class Engine:
             return min(self._embed_room, 32)
         budget = self._step_s if self.busy_slots and self._step_s else EMBED_SLICE_S
         return max(8, min(self._embed_room, int(budget / self._embed_token_s)))
+
+    def _embed_split(self) -> bool:
+        """Whether this step splits its texts over the side-by-side contexts (the first then
+        runs one thread) or gives them to the first with every thread: as asked
+        (embed_side_by_side), else each way once, then the faster a token lately, the other
+        again once in EMBED_PROBE steps (the machine's load changes)."""
+        if len(self._embed_ctxs) == 1:
+            return False
+        split = self.embed_side_by_side
+        if split is None:
+            self._embed_choices += 1
+            rates = self._embed_rates
+            if len(rates) < 2:
+                split = True not in rates
+            else:
+                best = rates[True] <= rates[False]
+                split = best if self._embed_choices % EMBED_PROBE else not best
+        n = 1 if split else len(self._embed_ctxs)
+        if C.llama_n_threads(self._embed_ctx) != n:
+            C.llama_set_n_threads(self._embed_ctx, n, n)
+        return split
 
     def _embed_decode(self, b, work: list, also: list | None = None) -> int:
         t0 = time.perf_counter()
@@ -1287,7 +1312,8 @@ class Engine:
             self._embed_piece()
             return
         # pack whole texts, in order, while they fit: each into the least filled context's ubatch
-        bs = self._embed_batches
+        split = self._embed_split()
+        bs = self._embed_batches if split else self._embed_batches[:1]
         for b in bs:
             b.clear()
         seqs = [0] * len(bs)
@@ -1308,7 +1334,13 @@ class Engine:
         for i in used:
             clear_memory(self._embed_ctxs[i])
         work = list(dict.fromkeys(job for job, _, _ in packed))
+        t0 = time.perf_counter()
         rc = self._embed_decode(bs[0], work, [(self._embed_ctxs[i], bs[i]) for i in used if i])  # the first is never empty
+        n = sum(len(bs[i]) for i in used)
+        if rc == 0 and len(self._embed_ctxs) > 1 and n >= self._embed_room // 2:  # a query's cost is mostly fixed
+            per_token = (time.perf_counter() - t0) / n
+            old = self._embed_rates.get(split)
+            self._embed_rates[split] = per_token if old is None else 0.7 * old + 0.3 * per_token
         if rc == 2:
             self.aborted_steps += 1
             return  # aborted: the next loop sees why
