@@ -73,6 +73,7 @@ def test_two_processes_of_batch_4_train_as_one_of_batch_8(base, data, one, tmp_p
         tune(base, [data], out, TuneConfig(batch=4, **SETTINGS), resume=True)
 
 
+@pytest.mark.slow  # three runs of two processes (one interrupted, one refused, one resumed)
 @pytest.mark.timeout(900)
 def test_fsdp_holds_half_the_weights_in_each_and_resumes_as_one_run(base, data, one, tmp_path, user_dir):  # noqa: F811
     """`--processes 2 --fsdp`, interrupted by Ctrl-C after its first checkpoint, then resumed: the
