@@ -871,13 +871,14 @@ def _merge(base: Base, adapter_dir: Path, merged_dir: Path, tok, template_source
     import peft
     import torch
 
-    model = _load_model(base, dtype=torch.float32)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        model = peft.PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-    with _atomic_dir(merged_dir) as tmp:
-        model.save_pretrained(tmp)
-        _copy_tokenizer(base, tok, tmp, template_source)
+    with _quiet_hf():  # also where the merge runs in the launching process of --processes N
+        model = _load_model(base, dtype=torch.float32)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            model = peft.PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+        with _atomic_dir(merged_dir) as tmp:
+            model.save_pretrained(tmp)
+            _copy_tokenizer(base, tok, tmp, template_source)
 
 
 def _copy_tokenizer(base: Base, tok, dest: Path, template_source: str | None = None) -> None:
