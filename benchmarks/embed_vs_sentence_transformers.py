@@ -1,15 +1,15 @@
 """The default embedding model through llmdesk (llama.cpp) against sentence-transformers (PyTorch),
 same weights, same passages, same threads, in one run.
 
-    .venv/bin/python benchmarks/embed_vs_sentence_transformers.py [--passages 128] [-t 2] [--rounds 3]
+    .venv/bin/python benchmarks/embed_vs_sentence_transformers.py [--passages 128] [-t 2] [--rounds 4]
         [--model all-minilm-l6-v2:f16]
 
 Passages are cut from this repository's docs (20 to 110 words each, a fixed seed). Every side
 embeds all of them per round (llmdesk: one `Model.embed` call; sentence-transformers: `encode`,
 batch 32, normalised); rounds rotate which side goes first and follow an untimed warm-up. llmdesk
-runs twice: as it embeds (an encoder's texts split over one context of one thread per thread,
-decoded side by side) and with one context of all the threads (`Engine.embed_side_by_side =
-False`, what llama.cpp does by itself), to show what the split is worth on this machine.
+runs three ways: as it embeds (each step the faster way lately, measured), always side by side
+(an encoder's texts split over contexts of one thread: `engine.embed_side_by_side = True`) and
+always one context of every thread (`False`, what llama.cpp does by itself).
 
 Reports tokens/s (wall clock) and tokens per CPU-second (this process, all threads) of each side
 (the model's word pieces, [CLS] and [SEP] included), the ratios (medians over rounds), and how
@@ -42,7 +42,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--passages", type=int, default=128)
     ap.add_argument("-t", "--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--model", default=None, help="an embedding GGUF or NAME:TAG (default: the default embedder)")
     args = ap.parse_args()
 
@@ -51,17 +51,14 @@ def main() -> None:
     from tokenizers import Tokenizer
 
     from llmdesk.rag.embedder import default_embedder, open_embedder, package_zip
-    from llmdesk.runtime.engine import Engine
 
     torch.set_num_threads(args.threads)
     texts = passages(args.passages)
     ref = args.model or default_embedder(progress=print)
-    Engine.embed_side_by_side = False  # read when a model first embeds
-    one = open_embedder(ref, threads=args.threads)
+    one, split = open_embedder(ref, threads=args.threads), open_embedder(ref, threads=args.threads)
+    one.engine.embed_side_by_side, split.engine.embed_side_by_side = False, True  # before their first text
     texts = [t for t in texts if len(one.tokenize(t)) <= one.n_ctx]  # a passage of code can outgrow the context
-    one.embed(texts[:8])
-    Engine.embed_side_by_side = True
-    with tempfile.TemporaryDirectory() as tmp, open_embedder(ref, threads=args.threads) as m, one:
+    with tempfile.TemporaryDirectory() as tmp, open_embedder(ref, threads=args.threads) as m, one, split:
         with zipfile.ZipFile(package_zip()) as z:
             z.extractall(tmp)
         st = SentenceTransformer(tmp, device="cpu")
@@ -80,16 +77,21 @@ def main() -> None:
         def run_one_context():
             return np.array(one.embed(texts))
 
+        def run_side_by_side():
+            return np.array(split.embed(texts))
+
         def run_st():
             return st.encode(texts, batch_size=32, normalize_embeddings=True)
 
+        one.embed(texts[:8])
+        split.embed(texts[:8])
         sides = [("llmdesk", run_llmdesk), ("llmdesk, one context", run_one_context),
-                 ("sentence-transformers", run_st)]
+                 ("llmdesk, side by side", run_side_by_side), ("sentence-transformers", run_st)]
         times: dict[str, list[float]] = {name: [] for name, _ in sides}
         cpu: dict[str, list[float]] = {name: [] for name, _ in sides}
         vecs = {}
         for r in range(args.rounds):
-            for name, fn in sides[r % 3:] + sides[:r % 3]:
+            for name, fn in sides[r % len(sides):] + sides[:r % len(sides)]:
                 t0, c0 = time.perf_counter(), time.process_time()
                 vecs[name] = fn()
                 times[name].append(time.perf_counter() - t0)
@@ -97,10 +99,10 @@ def main() -> None:
     cos = (vecs["llmdesk"] * vecs["sentence-transformers"]).sum(1)
     print(f"{ref}: {len(texts)} passages, {n_tok} tokens, {args.threads} threads, {args.rounds} rounds")
     for name, ts in times.items():
-        print(f"  {name:22s} {n_tok / statistics.median(ts):7.0f} tokens/s  {n_tok / statistics.median(cpu[name]):7.0f} "
+        print(f"  {name:24s} {n_tok / statistics.median(ts):7.0f} tokens/s  {n_tok / statistics.median(cpu[name]):7.0f} "
               "tokens/CPU-s  (rounds, tokens/s: " + ", ".join(f"{n_tok / t:.0f}" for t in ts) + ")")
     st_w, st_c = statistics.median(times["sentence-transformers"]), statistics.median(cpu["sentence-transformers"])
-    for name in ("llmdesk", "llmdesk, one context"):
+    for name in ("llmdesk", "llmdesk, one context", "llmdesk, side by side"):
         print(f"  {name} / sentence-transformers speed: {st_w / statistics.median(times[name]):.2f}x by the wall clock, "
               f"{st_c / statistics.median(cpu[name]):.2f}x by CPU time")
     print(f"  vectors: min cos {cos[agree].min():.6f} over the {int(agree.sum())} passages whose tokens agree "
