@@ -50,25 +50,10 @@ metrics: [exact_match]
 
 
 def build_base(folder: Path) -> Path:
-    import json as _json
-
-    import torch
-    import transformers
-
-    from llmdesk.train.tokenizer import save_hf_tokenizer, train_bpe
+    from llmdesk.train.tokenizer import tiny_chat_llama
 
     text = [f"{ASK}{w}. [{w.upper()}] " for w in WORDS] * 20 + ["The quick brown fox jumps over the lazy dog."] * 10
-    tok = train_bpe(text, 320)
-    eos = tok.token_to_id("<|endoftext|>")
-    cfg = transformers.LlamaConfig(
-        vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
-        bos_token_id=eos, eos_token_id=eos, tie_word_embeddings=False, initializer_range=0.1)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
-    save_hf_tokenizer(tok, folder)
-    (folder / "generation_config.json").write_text(_json.dumps({"eos_token_id": eos, "bos_token_id": eos}))
-    return folder
+    return tiny_chat_llama(folder, text, vocab_size=320)
 
 
 def jsonl(path: Path, rows: list[dict]) -> Path:

@@ -28,7 +28,7 @@ from llmdesk.formats.convert import convert  # noqa: E402
 from llmdesk.runtime.llama import LlamaModel  # noqa: E402
 from llmdesk.runtime.templates import BUILTIN_TEMPLATES  # noqa: E402
 from llmdesk.store import catalog, results  # noqa: E402
-from llmdesk.train.tokenizer import save_hf_tokenizer, train_bpe  # noqa: E402
+from llmdesk.train.tokenizer import tiny_chat_llama  # noqa: E402
 from llmdesk.train.tune import TuneConfig, tune  # noqa: E402
 
 LLMDESK = llmdesk_exe()
@@ -53,18 +53,7 @@ def base(tmp_path_factory) -> Path:
     """A random-weight 2-layer Llama (64 wide) with a BPE tokenizer and the ChatML template. The
     weights are drawn wide (std 0.1) so that its fixed output head can express confident answers
     once LoRA moves the hidden states."""
-    ck = tmp_path_factory.mktemp("tune") / "base"
-    tok = train_bpe(TEXT, 320)
-    eos = tok.token_to_id("<|endoftext|>")
-    cfg = transformers.LlamaConfig(
-        vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
-        bos_token_id=eos, eos_token_id=eos, tie_word_embeddings=False, initializer_range=0.1)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(ck)
-    save_hf_tokenizer(tok, ck)
-    (ck / "generation_config.json").write_text(json.dumps({"eos_token_id": eos, "bos_token_id": eos}))
-    return ck
+    return tiny_chat_llama(tmp_path_factory.mktemp("tune") / "base", TEXT)
 
 
 @pytest.fixture(scope="module")

@@ -86,3 +86,24 @@ def load_tokenizer(path: str | Path):
         return Tokenizer.from_file(str(p))
     except Exception as e:
         raise LlmdeskError(f"{p}: cannot read the tokenizer ({e}); give a tokenizer.json or its folder") from None
+
+
+def tiny_chat_llama(folder: Path, texts: list[str], *, vocab_size: int = 320, seed: int = 0) -> Path:
+    """A random-weight 2-layer Llama (64 wide) in transformers' format, with a BPE tokenizer
+    trained on `texts` and the ChatML template: a real chat model small enough to fine-tune in
+    seconds (the tests' and the reward proofs' base). Its weights are drawn wide (std 0.1) so that
+    the fixed output head can express confident answers once LoRA moves the hidden states."""
+    import torch
+    import transformers
+
+    tok = train_bpe(texts, vocab_size)
+    eos = tok.token_to_id(EOS)
+    cfg = transformers.LlamaConfig(
+        vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
+        bos_token_id=eos, eos_token_id=eos, tie_word_embeddings=False, initializer_range=0.1)
+    torch.manual_seed(seed)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
+    save_hf_tokenizer(tok, Path(folder))
+    (Path(folder) / "generation_config.json").write_text(json.dumps({"eos_token_id": eos, "bos_token_id": eos}))
+    return Path(folder)
