@@ -1,7 +1,8 @@
 """`llmdesk eval run` against lm-evaluation-harness's transformers backend, same items, one run.
 
     .venv/bin/python benchmarks/eval_vs_lm_eval.py [--items 200] [--shots 5] [--peer-items N]
-        [--dtype float32|bfloat16] [--batch 8] [--slots 8]
+        [--dtype float32|bfloat16] [--batch 8] [--slots 8] [--type f16|bf16] [--threads N]
+    .venv/bin/python benchmarks/eval_vs_lm_eval.py --per-token 256
 
 The model is a TinyLlama-1.1B-shape Llama checkpoint (22 layers, 2048 wide, 32 heads, 4 KV heads,
 5632 FFN, 32,000 vocabulary) with random weights, written with transformers: its answers are
@@ -24,10 +25,14 @@ those N; llmdesk always scores all `--items`.
 
 Measured on this project's 2-vCPU VM (Xeon, AVX-512 without BF16/FP16 arithmetic), quiet:
 llmdesk 200 items in 249 s = 0.802 items/s (2.41 CPU-s an item, 8 slots); lm-eval 32 items in
-162 s = 0.198 items/s (9.62 CPU-s an item, fp32, batch 8): 4.1x (4.0x by CPU time); the same
-choice on 32/32 items, log-likelihoods within 0.0053. The target was 5x: llmdesk computes 6x fewer
-tokens (78 against 470 a question), at 63-76 tokens/s for llama.cpp's F16 prompt processing
-against torch fp32's 93 here.
+162 s = 0.198 items/s (9.62 CPU-s an item, fp32, batch 8): 4.1x (4.0x by CPU time). Again, loaded
+by other work: 0.123 against 0.047 items/s, 2.6x by the wall clock, 4.2x by CPU time (2.66 against
+11.17 CPU-s an item). The same choice on 32/32 items both times, log-likelihoods within 0.0053.
+The target was 5x: llmdesk computes 6.8x fewer tokens (71 against 482 a question), but llama.cpp
+computes a token at 0.59-0.66 of torch fp32's speed here (`--per-token 256`: F16 34.5-37.4, BF16
+38.3-41.0, torch 56.3-58.1 tokens per CPU-second, one thread); see docs/eval.md.
+
+`--per-token N` only measures that: one N-token forward pass per engine, one thread, by CPU time.
 """
 
 from __future__ import annotations
