@@ -28,6 +28,8 @@ llmdesk 200 items in 249 s = 0.802 items/s (2.41 CPU-s an item, 8 slots); lm-eva
 162 s = 0.198 items/s (9.62 CPU-s an item, fp32, batch 8): 4.1x (4.0x by CPU time). Again, loaded
 by other work: 0.123 against 0.047 items/s, 2.6x by the wall clock, 4.2x by CPU time (2.66 against
 11.17 CPU-s an item). The same choice on 32/32 items both times, log-likelihoods within 0.0053.
+`--type bf16`, load average 1.5-3: 0.566 against 0.129 items/s, 4.4x (3.9x by CPU time), 32/32,
+within 0.058.
 The target was 5x: llmdesk computes 6.8x fewer tokens (71 against 482 a question), but llama.cpp
 computes a token at 0.59-0.66 of torch fp32's speed here (`--per-token 256`: F16 34.5-37.4, BF16
 38.3-41.0, torch 56.3-58.1 tokens per CPU-second, one thread); see docs/eval.md.
