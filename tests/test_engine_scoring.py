@@ -28,6 +28,7 @@ from llmdesk.eval.ppl import perplexity  # noqa: E402
 from llmdesk.formats.convert import convert  # noqa: E402
 from llmdesk.formats.synth import SynthConfig, write_llama_gguf  # noqa: E402
 from llmdesk.runtime.engine import ContextOverflow, Engine, Request, SamplingParams, ScoreRequest  # noqa: E402
+from llmdesk.runtime import engine as engine_mod  # noqa: E402
 from llmdesk.runtime.limits import InvalidRequest  # noqa: E402
 from llmdesk.runtime.llama import LlamaModel  # noqa: E402
 from llmdesk.runtime.model import Model  # noqa: E402
@@ -378,7 +379,10 @@ EMBED_TEXTS = ["The quick brown fox", "Hello, world! How are you today?", "def m
 
 
 @pytest.mark.parametrize("pooling", ["mean", "cls", "last"])
-def test_batched_embeddings_equal_one_at_a_time(tmp_path, pooling):
+def test_batched_embeddings_equal_one_at_a_time(tmp_path, pooling, monkeypatch):
+    # an idle Engine's embeddings decode may take as long as it needs: on a loaded machine the
+    # default slice (EMBED_SLICE_S) would cut the texts into pieces, and this is about packing
+    monkeypatch.setattr(engine_mod, "EMBED_SLICE_S", 60.0)
     path = write_llama_gguf(tmp_path / f"{pooling}.gguf", SynthConfig(n_layer=2, pooling=pooling, seed=3))
     m = LlamaModel(path)
     try:
@@ -399,9 +403,10 @@ def test_batched_embeddings_equal_one_at_a_time(tmp_path, pooling):
 
 
 @pytest.mark.parametrize("pooling", ["mean", "cls", "last"])
-def test_embeddings_beside_a_generation_come_in_small_pieces_and_the_same(tmp_path, pooling):
+def test_embeddings_beside_a_generation_come_in_small_pieces_and_the_same(tmp_path, pooling, monkeypatch):
     """While a slot generates, an embeddings decode takes about one generation step's time (a
     text in pieces), so a flood of embeddings cannot stall chats; the vectors do not change."""
+    monkeypatch.setattr(engine_mod, "EMBED_SLICE_S", 60.0)  # alone: whole texts whatever the load
     path = write_llama_gguf(tmp_path / f"{pooling}.gguf", SynthConfig(n_layer=2, pooling=pooling, seed=3))
     m = LlamaModel(path)
     try:
