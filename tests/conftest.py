@@ -92,6 +92,17 @@ def sigint_as_a_terminal_sends_it() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def ctrl_c_in_the_tests_own_process() -> None:
+    """The tests' own process as a terminal runs it: in the background (nohup, `make test &`)
+    it starts with SIGINT ignored, and a test that sends itself Ctrl-C (a training run
+    interrupted in process) would never see it."""
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def llmdesk_exe() -> str:
     """The `llmdesk` console script, found as a user's shell finds it: on PATH, with this venv's
     bin directory (where the interpreter running the tests lives) first. Fails the test, saying

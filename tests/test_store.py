@@ -98,10 +98,10 @@ def test_failed_migration_rolls_back(monkeypatch):
         c.execute("CREATE TABLE half (x)")
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(db, "MIGRATIONS", db.MIGRATIONS + [m998_broken])
-    with pytest.raises(RuntimeError):
+    # monkeypatch.context(): undoing the fixture itself would also undo the test's LLMDESK_HOME
+    with monkeypatch.context() as m, pytest.raises(RuntimeError):
+        m.setattr(db, "MIGRATIONS", db.MIGRATIONS + [m998_broken])
         db.connect()
-    monkeypatch.undo()
     conn = db.connect()
     assert conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'half'").fetchone() is None
     assert conn.execute("SELECT 1 FROM migrations WHERE name = 'm998_broken'").fetchone() is None
@@ -263,10 +263,9 @@ def test_interrupted_import_leaves_no_temp_file(tiny_gguf, user_dir, monkeypatch
     def crash(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(catalog.os, "replace", crash)
-    with pytest.raises(KeyboardInterrupt):
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):  # the test's LLMDESK_HOME stays
+        m.setattr(catalog.os, "replace", crash)
         catalog.add_file(tiny_gguf, "x")
-    monkeypatch.undo()
     assert store_files(user_dir) == []
     assert rows("models") == []
 
