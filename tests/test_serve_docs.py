@@ -145,6 +145,9 @@ def test_ollamas_chat_answers_from_a_collection_too(server):
     assert r.status_code == 400 and "give 'collection' once" in r.json()["error"]
     r = httpx.post(server.url + "/api/chat", json={**body, "collection": "nope"}, timeout=120)
     assert r.status_code == 404 and "no collection named 'nope'" in r.json()["error"]
+    r = httpx.post(server.url + "/api/generate", json={"model": "tiny.gguf", "prompt": "hi", "stream": False,
+                                                        "options": {"collection": "notes"}}, timeout=120)
+    assert r.status_code == 400 and "send it to /api/chat" in r.json()["error"]
 
 
 def test_passages_that_do_not_fit_the_context_are_reported(client):

@@ -271,6 +271,8 @@ async def _generate_common(request: Request, body: _GenBody, *, chat: bool):
         _collection_from_options(body, opts)
         docs = await documents.retrieve_for(body, messages)  # from the user's own words
     else:
+        if "collection" in opts:
+            raise APIError(400, "a collection answers a chat: send it to /api/chat", param="options.collection")
         if body.images:
             raise APIError(400, "'images': this server's models read text only", param="images")
         if body.suffix:
