@@ -283,14 +283,7 @@ async def _generate_common(request: Request, body: _GenBody, *, chat: bool):
         if not body.prompt and not body.context:
             return await _load_only(request, body.model, keep_alive, chat=False)
     num_ctx = opts.get("num_ctx")
-    if body.adapters is not None and "adapters" in opts:
-        raise APIError(400, "give 'adapters' once: at the top level or in 'options'", param="adapters")
-    in_options = body.adapters is None
-    t_load = time.perf_counter()
-    lease = await st.models.acquire(body.model, keep_alive=keep_alive, n_ctx=num_ctx,
-                                    adapters=opts.get("adapters") if in_options else body.adapters,
-                                    adapters_param="options.adapters" if in_options else "adapters")
-    load_s = time.perf_counter() - t_load
+    lease, load_s = await _acquire(st, body, opts, keep_alive)
     try:
         lm = lease.loaded
         model = lease.model
@@ -442,6 +435,19 @@ async def _ndjson(request, body, lease, gens, turn, head, prompt, t_start, load_
         record(request, lease.loaded.name, *_shown(body, chat), gens.results)
 
 
+async def _acquire(st, body: _GenBody, opts: dict, keep_alive):
+    """The request's model leased (loaded if need be), with its LoRA adapters from the top level
+    or from `options` (where Ollama's clients can send them): (lease, seconds the load took)."""
+    if body.adapters is not None and "adapters" in opts:
+        raise APIError(400, "give 'adapters' once: at the top level or in 'options'", param="adapters")
+    in_options = body.adapters is None
+    t_load = time.perf_counter()
+    lease = await st.models.acquire(body.model, keep_alive=keep_alive, n_ctx=opts.get("num_ctx"),
+                                    adapters=opts.get("adapters") if in_options else body.adapters,
+                                    adapters_param="options.adapters" if in_options else "adapters")
+    return lease, time.perf_counter() - t_load
+
+
 async def _chat_with_mcp(request: Request, body: ChatBody, messages: list[dict], functions: dict, keep_alive,
                          opts: dict, sampling, ignored: list[str], t_start: float):
     """/api/chat whose `tools` name MCP servers: the server runs the agent loop over their tools
@@ -451,12 +457,7 @@ async def _chat_with_mcp(request: Request, body: ChatBody, messages: list[dict],
         if given:
             raise APIError(400, f"'{param}' cannot be combined with MCP tools", param=param)
     num_ctx = opts.get("num_ctx")
-    in_options = body.adapters is None
-    t_load = time.perf_counter()
-    lease = await st.models.acquire(body.model, keep_alive=keep_alive, n_ctx=num_ctx,
-                                    adapters=opts.get("adapters") if in_options else body.adapters,
-                                    adapters_param="options.adapters" if in_options else "adapters")
-    load_s = time.perf_counter() - t_load
+    lease, load_s = await _acquire(st, body, opts, keep_alive)
     try:
         num_predict = opts.get("num_predict")
         settings = dict(sampling=sampling, max_tokens=None if num_predict is None or num_predict < 0 else num_predict,
