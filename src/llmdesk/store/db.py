@@ -11,6 +11,7 @@ add a new function at the end; never edit or reorder one that has shipped.
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -50,7 +51,7 @@ def connect(path: str | Path | None = None) -> sqlite3.Connection:
     try:
         conn.row_factory = sqlite3.Row
         conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-        conn.execute("PRAGMA journal_mode = WAL")
+        _use_wal(conn)
         conn.execute("PRAGMA foreign_keys = ON")
         migrate(conn)
     except sqlite3.DatabaseError as e:
@@ -63,6 +64,21 @@ def connect(path: str | Path | None = None) -> sqlite3.Connection:
             "move it away (or set LLMDESK_HOME to another directory) to start afresh"
         ) from None
     return conn
+
+
+def _use_wal(conn: sqlite3.Connection) -> None:
+    """Switch the database to WAL. The switch takes an exclusive lock and SQLite does not wait
+    for it with the busy handler, so a fresh database opened by several processes at once
+    would fail here: retry until the busy timeout instead."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
 
 
 @contextmanager
