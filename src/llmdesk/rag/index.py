@@ -51,7 +51,7 @@ def connect(path: str | Path | None = None):
     try:
         conn.row_factory = sqlean.Row
         conn.execute(f"PRAGMA busy_timeout = {int(db.BUSY_TIMEOUT_S * 1000)}")
-        conn.execute("PRAGMA journal_mode = WAL")
+        db.use_wal(conn)
         conn.execute("PRAGMA synchronous = NORMAL")  # WAL: durable at checkpoints, never corrupt
         conn.execute("PRAGMA foreign_keys = ON")
         db.migrate(conn, MIGRATIONS)

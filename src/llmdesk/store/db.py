@@ -51,7 +51,7 @@ def connect(path: str | Path | None = None) -> sqlite3.Connection:
     try:
         conn.row_factory = sqlite3.Row
         conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-        _use_wal(conn)
+        use_wal(conn)
         conn.execute("PRAGMA foreign_keys = ON")
         migrate(conn)
     except sqlite3.DatabaseError as e:
@@ -66,7 +66,7 @@ def connect(path: str | Path | None = None) -> sqlite3.Connection:
     return conn
 
 
-def _use_wal(conn: sqlite3.Connection) -> None:
+def use_wal(conn) -> None:
     """Switch the database to WAL. The switch takes an exclusive lock and SQLite does not wait
     for it with the busy handler, so a fresh database opened by several processes at once
     would fail here: retry until the busy timeout instead."""
@@ -75,7 +75,7 @@ def _use_wal(conn: sqlite3.Connection) -> None:
         try:
             conn.execute("PRAGMA journal_mode = WAL")
             return
-        except sqlite3.OperationalError as e:
+        except Exception as e:  # sqlite3's or another binding's (sqlean) OperationalError
             if "locked" not in str(e) or time.monotonic() > deadline:
                 raise
             time.sleep(0.02)
