@@ -23,7 +23,9 @@ takes the longest prefix already computed, from its own cells or copied from ano
 (`llama_memory_seq_cp`), and waits a step for a slot that is computing that prefix right now.
 
 Embeddings are batched on a second context (several texts per `llama_decode`, pooled the way
-the model says: mean, CLS or last token) and interleaved with generation steps too.
+the model says: mean, CLS or last token) and interleaved with generation steps too. An encoder
+(BERT: an embedding model) has only its embeddings contexts: no generation context, no slots'
+cache, no logits.
 
 LoRA adapters: a generation or a score request may carry its own adapter set (`adapters`, pairs
 of a loaded `LoraAdapter` and a scale); without one it uses the Engine's (`Engine(lora=...)`).
@@ -558,13 +560,19 @@ class Engine:
         self.cache_type = cache_type
         self.flash_attn = flash_attn
         self.kv_unified = kv_unified
-        self.ctx = new_context(model, n_ctx=n_ctx * n_slots, n_seq=n_slots, n_batch=self.n_batch,
-                               n_threads=n_threads, cache_type=cache_type, flash_attn=flash_attn,
-                               unified=kv_unified)
+        # the generation context: its slots' KV cache, compute buffer and logits. An encoder
+        # (BERT) never generates nor scores (_check_generates): it has only its embeddings
+        # contexts, made on the first embedding (_embed_setup), and `ctx`, `mem`, `batch` stay None
+        self.ctx = self.mem = self.batch = None
+        if model.causal:
+            self.ctx = new_context(model, n_ctx=n_ctx * n_slots, n_seq=n_slots, n_batch=self.n_batch,
+                                   n_threads=n_threads, cache_type=cache_type, flash_attn=flash_attn,
+                                   unified=kv_unified)
+        self.freed = False  # True once close() has freed every context (none is left decoding)
         self.lora = list(lora or [])
         self._sets: dict[tuple, tuple] = {}
         self.lora_set = self._set_of(self.lora)  # the default set, as a key
-        if self.lora:
+        if self.lora and self.ctx is not None:
             try:
                 set_adapters(self.ctx, self.lora)
             except BaseException:
@@ -573,11 +581,13 @@ class Engine:
         self._ctx_set = self.lora_set  # the set applied to self.ctx now
         self.lora_switches = 0  # llama_set_adapters_lora calls between steps, for tests and metrics
         self.abort = AbortFlag()  # read by llama.cpp during a decode: set, the decode returns early
-        self.abort.attach(self.ctx)
-        # per slot; llama.cpp rounds its cache up (to 256 cells), the limit is what was asked for
-        self.n_ctx = min(n_ctx, C.llama_n_ctx_seq(self.ctx))
-        self.mem = C.llama_get_memory(self.ctx)
-        self.batch = Batch(self.n_batch)
+        self.n_ctx = n_ctx  # tokens per slot (an encoder's: per text)
+        if self.ctx is not None:
+            self.abort.attach(self.ctx)
+            # per slot; llama.cpp rounds its cache up (to 256 cells), the limit is what was asked for
+            self.n_ctx = min(n_ctx, C.llama_n_ctx_seq(self.ctx))
+            self.mem = C.llama_get_memory(self.ctx)
+            self.batch = Batch(self.n_batch)
         self.slots = [_Slot(i, self.lora_set) for i in range(n_slots)]
         self.waiting: deque[Stream] = deque()
         self.score_queue: deque[_ScoreTask] = deque()  # score requests waiting for a slot
@@ -757,9 +767,11 @@ class Engine:
             free_context(ctx)
             b.free()
         self._embed_ctx, self._embed_ctxs, self._embed_batches = None, [], []
-        self.batch.free()
-        free_context(self.ctx)
-        self.ctx = None
+        if self.ctx is not None:
+            self.batch.free()
+            free_context(self.ctx)
+        self.ctx = self.mem = self.batch = None
+        self.freed = True
 
     def __enter__(self):
         return self

@@ -131,7 +131,7 @@ class Model:
     # -- lifecycle ----------------------------------------------------------------------------
     def close(self) -> None:
         self.engine.close()
-        if self.engine.ctx is None:  # closed cleanly: no context (or step left running) uses them
+        if self.engine.freed:  # closed cleanly: no context (or step left running) uses them
             for a in self.adapters:
                 a.close()
             self.llama.close()
