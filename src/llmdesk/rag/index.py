@@ -12,6 +12,10 @@ the stdlib one here may not) and migrated like llmdesk.db (store/db.py), with it
 The vectors are kept in `chunks.embedding` as well: if sqlite-vec cannot load, search reads them
 and ranks exactly with numpy (with a notice), and a `vec0` table written meanwhile is rebuilt
 from them when the extension is back (`collections.vec_ok`).
+
+A rebuild writes its new collection aside, under a name no user can give (a leading '.'), and
+`replace_collection` puts it in the old one's place in one transaction; such collections are
+never listed.
 """
 
 from __future__ import annotations
@@ -145,6 +149,9 @@ class Collection:
         return {k: v for k, v in self.__dict__.items() if k not in ("id", "vec_ok")}
 
 
+LISTED = "name NOT LIKE '.%'"  # a collection being built aside (a rebuild's) is not the user's yet
+
+
 def get_collection(c: Conn, name: str, *, counts: bool = True) -> Collection | None:
     if not counts:
         row = c.execute("SELECT * FROM collections WHERE name = ?", (name,)).fetchone()
@@ -159,7 +166,7 @@ def get_collection(c: Conn, name: str, *, counts: bool = True) -> Collection | N
 def require(c: Conn, name: str, *, counts: bool = True) -> Collection:
     col = get_collection(c, name, counts=counts)
     if col is None:
-        names = [r[0] for r in c.execute("SELECT name FROM collections ORDER BY name")]
+        names = [r[0] for r in c.execute(f"SELECT name FROM collections WHERE {LISTED} ORDER BY name")]
         have = f"the collections are: {', '.join(names)}" if names else "there are no collections yet"
         raise LlmdeskError(f"no collection named '{name}' ({have}); create it with `llmdesk docs add PATH "
                            f"--collection {name}`")
@@ -170,7 +177,7 @@ def list_all(c: Conn) -> list[Collection]:
     rows = c.execute(
         "SELECT *, (SELECT count(*) FROM documents d WHERE d.collection_id = collections.id) AS documents, "
         "(SELECT count(*) FROM chunks k WHERE k.collection_id = collections.id) AS chunks "
-        "FROM collections ORDER BY name").fetchall()
+        f"FROM collections WHERE {LISTED} ORDER BY name").fetchall()
     return [_collection(r) for r in rows]
 
 
@@ -202,6 +209,14 @@ def drop_collection(c: Conn, col: Collection) -> None:
         c.execute("DELETE FROM sources WHERE collection_id = ?", (col.id,))
         c.execute("DELETE FROM collections WHERE id = ?", (col.id,))
         _drop_vec(c, col.id)
+
+
+def replace_collection(c: Conn, old: Collection, new: Collection) -> None:
+    """`new` (built aside) takes `old`'s place and name, in one transaction: a reader sees the
+    one or the other, whole."""
+    with db.transaction(c.db):
+        drop_collection(c, old)
+        c.execute("UPDATE collections SET name = ? WHERE id = ?", (old.name, new.id))
 
 
 def _drop_vec(c: Conn, cid: int) -> None:

@@ -13,7 +13,10 @@ that disappeared and adds again what the collection's sources (the paths given t
 
 A collection keeps the embedding model it was built with (name, sha256, dimension); adding with
 another model is refused (vectors of two models cannot be compared), `rebuild=True` re-embeds
-the collection with the new one.
+the collection with the new one: into a new collection built aside (the old one is searched
+meanwhile), which replaces the old one in one transaction when it is whole. An interrupted
+rebuild leaves the old collection as it was; what it built is dropped at once, or, when its
+process was killed, by the next `add` or `list_collections` (`clear_leftovers`).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from ..atomic import part_owner, pid_alive, unique_part_path
 from ..errors import LlmdeskError
 from ..store import db, paths
 from ..store.refs import looks_like_path
@@ -130,9 +134,13 @@ def open_model(ref: str):
 
 
 def embedder_for(embedder, col: index.Collection | None, say: Callable[[str], None] | None = None) -> Embedder:
-    """The Embedder to use: `embedder` (a Model or a reference), else the collection's own model,
-    else the default; checked against the collection's model."""
-    if embedder is None or isinstance(embedder, str):
+    """The Embedder to use: `embedder` (an Embedder, a Model or a reference), else the
+    collection's own model, else the default; checked against the collection's model. An
+    Embedder is a model its caller loaded and keeps (the server's, counted in its memory), with
+    the reference a new collection records."""
+    if isinstance(embedder, Embedder):
+        e = embedder
+    elif embedder is None or isinstance(embedder, str):
         ref = embedder or (col.model if col else None)
         if ref is None:  # the default: made at its first use (saying so), the store's after
             from .embedder import default_embedder
@@ -170,7 +178,7 @@ def check_ref(col: index.Collection, embedder) -> None:
         if sha != col.model_sha256:
             refuse(col, embedder, sha)
     elif embedder is not None:
-        check_model(col, Embedder(embedder, str(embedder.path)))
+        check_model(col, embedder if isinstance(embedder, Embedder) else Embedder(embedder, str(embedder.path)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,46 +228,87 @@ def add(paths: Iterable[str | os.PathLike], collection: str = "default", *, incl
         exclude: list[str] | None = None, embedder=None, on_event: Callable[[Event], None] | None = None,
         rebuild: bool = False, chunk_tokens: int | None = None, overlap: int | None = None) -> IngestReport:
     """Add files and folders to `collection` (made if new). `embedder`: a loaded Model or a
-    model reference; None is the collection's own model, or the default for a new collection."""
+    model reference; None is the collection's own model, or the default for a new collection.
+    `rebuild`: embed everything the collection holds (and `paths`) again, into a new collection
+    that replaces it only when whole; until then the old one is searched."""
     report = IngestReport(collection)
     t0 = time.perf_counter()
     include, exclude = list(include or []), list(exclude or [])
     check_name(collection)
     with index.connect() as c:
-        col = index.get_collection(c, collection)
-        if col is not None and rebuild:
-            prior = [Path(r[0]) for r in c.execute("SELECT path FROM documents WHERE collection_id = ?", (col.id,))]
-            sources = c.execute("SELECT path, include, exclude FROM sources WHERE collection_id = ?",
-                                (col.id,)).fetchall()
+        clear_leftovers(c)
+        col = old = index.get_collection(c, collection)
+        files: list[Path] = []
+        if old is not None and rebuild:
             e = embedder_for(embedder, None, _sayer(on_event))
-            index.drop_collection(c, col)
-            col = None
-            jobs = [(p, [], []) for p in prior if p.exists()]
-            sources = [(s["path"], json.loads(s["include"]), json.loads(s["exclude"])) for s in sources]
+            prior = _documents(c, old)
+            files = [Path(p) for p in prior if Path(p).exists()]
+            # built aside under a temporary name that says whose it is (`.NAME-HEX.PID.part`, never a
+            # collection's name): a process killed meanwhile leaves it to `clear_leftovers`
+            col = index.create_collection(c, unique_part_path("", collection).name, e.ref, e.sha256, e.dim,
+                                          chunk_tokens or DEFAULT_BUDGET,
+                                          DEFAULT_OVERLAP if overlap is None else overlap)
         else:
-            if col is not None:
-                check_ref(col, embedder)
+            if old is not None:
+                check_ref(old, embedder)
+            old = None
             e = None  # loaded when a file needs embedding
-            jobs, sources = [], []
-        files: list[Path] = [p for p, _, _ in jobs]
+        sources: list[tuple[str, list[str], list[str]]] = []
         for p in paths:
             path = Path(p).expanduser().absolute()
             found = gather(path, include, exclude, report, on_event)
             if path.exists():
                 sources.append((str(path), include, exclude))
             files.extend(found)
-        files = list(dict.fromkeys(files))
         state = _State(c, collection, col, e, embedder, report, on_event, chunk_tokens, overlap)
         try:
-            state.ingest(files)
+            state.ingest(list(dict.fromkeys(files)))
+            if old is not None:
+                _replace(c, old, prior, state.col, sources)
+        except BaseException:
+            if old is not None:  # the old collection stays as it was; the new one goes
+                index.drop_collection(c, state.col)
+            raise
         finally:
-            if state.col is not None:
-                with db.transaction(c.db):
-                    for src, inc, exc in sources:
-                        c.execute("INSERT OR REPLACE INTO sources (collection_id, path, include, exclude) "
-                                  "VALUES (?, ?, ?, ?)", (state.col.id, src, json.dumps(inc), json.dumps(exc)))
+            if old is None and state.col is not None:
+                _write_sources(c, state.col, sources)
             report.seconds = time.perf_counter() - t0
     return report
+
+
+def _documents(c: index.Conn, col: index.Collection) -> dict[str, str]:
+    return dict(c.execute("SELECT path, sha256 FROM documents WHERE collection_id = ?", (col.id,)).fetchall())
+
+
+def _write_sources(c: index.Conn, col: index.Collection, sources: list[tuple[str, list[str], list[str]]]) -> None:
+    with db.transaction(c.db):
+        for src, inc, exc in sources:
+            c.execute("INSERT OR REPLACE INTO sources (collection_id, path, include, exclude) VALUES (?, ?, ?, ?)",
+                      (col.id, src, json.dumps(inc), json.dumps(exc)))
+
+
+def _replace(c: index.Conn, old: index.Collection, prior: dict[str, str], new: index.Collection,
+             sources: list[tuple[str, list[str], list[str]]]) -> None:
+    """A rebuild's last step: `new` takes `old`'s name, with its sources and the new ones, in one
+    transaction; refused if `old` changed since the rebuild read it (its new files would be lost)."""
+    with db.transaction(c.db):
+        now = index.get_collection(c, old.name, counts=False)
+        if now is None or now.id != old.id or _documents(c, now) != prior:
+            raise LlmdeskError(f"collection '{old.name}' changed while it was being rebuilt (another llmdesk "
+                               "added to it or removed it), so it was left as it is: run the rebuild again")
+        c.execute("INSERT INTO sources (collection_id, path, include, exclude) SELECT ?, path, include, exclude "
+                  "FROM sources WHERE collection_id = ?", (new.id, old.id))
+        _write_sources(c, new, sources)
+        index.replace_collection(c, old, new)
+
+
+def clear_leftovers(c: index.Conn) -> None:
+    """Drop the collections that rebuilds left half-built when their process was killed."""
+    for (name,) in c.execute("SELECT name FROM collections WHERE NOT " + index.LISTED).fetchall():
+        pid = part_owner(name)
+        col = index.get_collection(c, name, counts=False)
+        if pid is not None and not pid_alive(pid) and col is not None:
+            index.drop_collection(c, col)
 
 
 def sync(collection: str = "default", *, embedder=None,
@@ -305,6 +354,7 @@ def remove(collection: str) -> index.Collection:
 
 def list_collections() -> list[index.Collection]:
     with index.connect() as c:
+        clear_leftovers(c)
         return index.list_all(c)
 
 
