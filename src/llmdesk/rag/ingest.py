@@ -237,22 +237,14 @@ def add(paths: Iterable[str | os.PathLike], collection: str = "default", *, incl
     check_name(collection)
     with index.connect() as c:
         clear_leftovers(c)
-        col = old = index.get_collection(c, collection)
-        files: list[Path] = []
-        if old is not None and rebuild:
+        col = index.get_collection(c, collection)
+        rebuild = rebuild and col is not None
+        e = None  # loaded when a file needs embedding
+        if rebuild:
             e = embedder_for(embedder, None, _sayer(on_event))
-            prior = _documents(c, old)
-            files = [Path(p) for p in prior if Path(p).exists()]
-            # built aside under a temporary name that says whose it is (`.NAME-HEX.PID.part`, never a
-            # collection's name): a process killed meanwhile leaves it to `clear_leftovers`
-            col = index.create_collection(c, unique_part_path("", collection).name, e.ref, e.sha256, e.dim,
-                                          chunk_tokens or DEFAULT_BUDGET,
-                                          DEFAULT_OVERLAP if overlap is None else overlap)
-        else:
-            if old is not None:
-                check_ref(old, embedder)
-            old = None
-            e = None  # loaded when a file needs embedding
+        elif col is not None:
+            check_ref(col, embedder)
+        files: list[Path] = []
         sources: list[tuple[str, list[str], list[str]]] = []
         for p in paths:
             path = Path(p).expanduser().absolute()
@@ -260,14 +252,25 @@ def add(paths: Iterable[str | os.PathLike], collection: str = "default", *, incl
             if path.exists():
                 sources.append((str(path), include, exclude))
             files.extend(found)
+        old = prior = None
+        if rebuild:
+            old, prior = col, _documents(c, col)
+            files = [Path(p) for p in prior if Path(p).exists()] + files
+            # built aside under a temporary name that says whose it is (`.NAME-HEX.PID.part`, never a
+            # collection's name): a process killed meanwhile leaves it to `clear_leftovers`
+            col = index.create_collection(c, unique_part_path("", collection).name, e.ref, e.sha256, e.dim,
+                                          chunk_tokens or DEFAULT_BUDGET,
+                                          DEFAULT_OVERLAP if overlap is None else overlap)
         state = _State(c, collection, col, e, embedder, report, on_event, chunk_tokens, overlap)
         try:
             state.ingest(list(dict.fromkeys(files)))
             if old is not None:
                 _replace(c, old, prior, state.col, sources)
         except BaseException:
-            if old is not None:  # the old collection stays as it was; the new one goes
-                index.drop_collection(c, state.col)
+            if old is not None:  # the old collection stays as it was; the new one goes, if not in its place yet
+                aside = index.get_collection(c, col.name, counts=False)
+                if aside is not None:
+                    index.drop_collection(c, aside)
             raise
         finally:
             if old is None and state.col is not None:
