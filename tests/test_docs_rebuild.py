@@ -177,13 +177,18 @@ def built_aside() -> tuple[int, int]:
 
 
 def interrupt_midway(sig: int, cwd: Path, other: Path) -> subprocess.CompletedProcess:
-    """`docs add many --rebuild`, sent `sig` once the rebuild has written some files aside."""
+    """`docs add many --rebuild`, sent `sig` once the rebuild has written some files aside.
+    Meanwhile another llmdesk lists the collections: it shows the old one, and leaves the running
+    rebuild's work alone."""
     proc = subprocess.Popen([llmdesk_exe(), "docs", "add", "many", "-c", "kb", "--rebuild", "--embed-model",
                              str(other)], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=os.environ.copy(), preexec_fn=sigint_as_a_terminal_sends_it)
     while proc.poll() is None and built_aside()[1] == 0:
         time.sleep(0.01)
+    listed = [(c.name, c.documents) for c in ingest.list_collections()]
+    aside = built_aside()
     assert proc.poll() is None, f"the rebuild ended before it could be interrupted: {proc.communicate()}"
+    assert listed == [("kb", len(WORDS))] and aside[0] == 1 and aside[1] > 0
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
