@@ -44,8 +44,8 @@ def _votes(source: str | None) -> list[dict]:
 
 @arena_app.command("auto")
 def auto(
-    models: Annotated[list[str], typer.Argument(help="Two or more models: .gguf paths, NAME[:TAG] or openai:URL#MODEL.")],
-    judge: Annotated[str, typer.Option("--judge", help="The model that decides each battle (local or openai:URL#MODEL), or grader:SPEC: a grader (as tune --reward takes them: grader:exact, grader:python:FILE.py:FN, ...) scoring each answer against the question row's columns; the higher score wins.")],
+    models: Annotated[list[str], typer.Argument(help="Two or more models: .gguf paths, NAME[:TAG] or openai:URL#MODEL; BASE+ADAPTER applies a LoRA adapter (a LoRA GGUF, a PEFT or 'tune -o' folder, or an adapter imported into the store), e.g. qwen qwen+out/.")],
+    judge: Annotated[str, typer.Option("--judge", help="The model that decides each battle (local, BASE+ADAPTER or openai:URL#MODEL), or grader:SPEC: a grader (as tune --reward takes them: grader:exact, grader:python:FILE.py:FN, ...) scoring each answer against the question row's columns; the higher score wins.")],
     questions: Annotated[Path, typer.Option("--questions", help="JSONL questions: MT-Bench's layout (question_id, turns) or id/question.")],
     rounds: Annotated[Optional[int], typer.Option("--rounds", min=1, help="Fight this many random battles (question, pair) instead of every pair on every question.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random battles and sides.")] = 0,

@@ -79,7 +79,7 @@ def _stderr(se: float | None) -> str:
 
 @eval_app.command("run")
 def run_cmd(
-    models: Annotated[List[str], typer.Argument(help="Models: .gguf files, NAME[:TAG], hf:..., HF checkpoint folders, openai:URL#MODEL.")],
+    models: Annotated[List[str], typer.Argument(help="Models: .gguf files, NAME[:TAG], hf:..., HF checkpoint folders, openai:URL#MODEL; BASE+ADAPTER applies a LoRA adapter (a LoRA GGUF, a PEFT or 'tune -o' folder, or an adapter imported into the store; ADAPTER:SCALE scales it).")],
     task: Annotated[str, typer.Option("--task", help="Task names or spec files (.yaml), comma-separated.")],
     data: Annotated[Optional[Path], typer.Option("--data", help="The task's data (a file or folder) when it is not where the spec says.")] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Only the first N items of each task.")] = None,

@@ -43,10 +43,10 @@ def _file_label(name: str) -> str:
 
 @eval_app.command("judge")
 def judge_cmd(
-    judge: Annotated[str, typer.Option("--judge", "-j", metavar="REF", help="The judge: a .gguf, NAME[:TAG], hf:..., or openai:URL#MODEL.")],
+    judge: Annotated[str, typer.Option("--judge", "-j", metavar="REF", help="The judge: a .gguf, NAME[:TAG], hf:..., or openai:URL#MODEL; BASE+ADAPTER applies a LoRA adapter.")],
     questions: Annotated[Path, typer.Option("--questions", "-q", metavar="FILE", help="Questions, JSONL: MT-Bench's layout (question_id, turns, reference) or rows with id and question.", dir_okay=False)],
     answers: Annotated[Optional[list[str]], typer.Option("--answers", metavar="MODEL=FILE", help="MODEL=FILE: MODEL's answers, JSONL (question_id with answer, turns or MT-Bench's choices). Repeatable.")] = None,
-    models: Annotated[Optional[list[str]], typer.Option("--models", "-m", metavar="REF", help="A model that answers the questions first (temperature 0; its answers are saved under the user dir); repeatable.")] = None,
+    models: Annotated[Optional[list[str]], typer.Option("--models", "-m", metavar="REF", help="A model that answers the questions first (temperature 0; its answers are saved under the user dir): a .gguf, NAME[:TAG], openai:URL#MODEL, or BASE+ADAPTER (a LoRA adapter applied); repeatable.")] = None,
     mode: Annotated[str, typer.Option("--mode", metavar="single|pairwise", help="single: grade each answer 1-10; pairwise: compare every two models, both orders.")] = "single",
     reference_column: Annotated[Optional[str], typer.Option("--reference-column", metavar="COL", help="The questions' column with reference answers (default: 'reference' where a row has it).")] = None,
     run: Annotated[Optional[str], typer.Option("--run", metavar="NAME", help="Store the verdicts under this name; a rerun with the same name skips stored verdicts.")] = None,
@@ -59,10 +59,8 @@ def judge_cmd(
 ) -> None:
     """A model judges answers to a questions file: single grades (1-10) or pairwise comparisons."""
     from ..eval import judge as J
-    from ..eval.common import text_sha256
-    from ..runtime.model import load
+    from ..eval.common import resolve_choice, text_sha256
     from ..store import paths
-    from ..store.refs import resolve
 
     if mode not in ("single", "pairwise"):
         raise LlmdeskError(f"--mode must be single or pairwise, got {mode!r}")
@@ -86,20 +84,21 @@ def judge_cmd(
             raise LlmdeskError(f"--answers names {label} twice")
         answer_sets[label] = J.read_answers(file, qs)
     run = run or J.new_run_name()
+    judge_ref = resolve_choice(judge, say=_say)
+    found_models = [resolve_choice(ref, say=_say) for ref in models or []]  # all found before any loads
     loaded = []
     try:
         with err.status(f"loading the judge {judge} ...", spinner="dots"):
-            jm = load(judge, ctx=ctx, threads=threads, slots=parallel)
+            jm = judge_ref.load(ctx=ctx, threads=threads, slots=parallel)
         loaded.append(jm)
         files: dict[str, str] = {}
         sha: dict[str, str] = {}
-        for ref in models or []:
-            found = resolve(ref, allow_remote=True)
+        for found in found_models:
             if found.name in answer_sets:
                 raise LlmdeskError(f"{found.name} is given twice (as --models or --answers)")
-            if found.entry is not None:
-                sha[found.name] = found.entry.sha256
-            m = jm if ref == judge else load(found, ctx=ctx, threads=threads)
+            if found.sha256 is not None:
+                sha[found.name] = found.sha256
+            m = jm if found.key == judge_ref.key else found.load(ctx=ctx, threads=threads)
             try:
                 dest = paths.home() / "judge" / _file_label(run) / f"{_file_label(found.name)}.jsonl"
                 with _progress(not as_json, f"{found.name} answers") as update:

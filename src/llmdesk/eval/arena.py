@@ -299,9 +299,9 @@ def plot_leaderboard(ratings: list[Rating], path: str | Path, *, title: str = "a
 # Battles judged by a model: `llmdesk arena auto`
 #
 # Every model answers the questions first (temperature 0, one model loaded at a time), the
-# answers cached by the model's identity (its file's sha256, or its endpoint) and the question's
-# text, so a rerun, another questions file holding the same question, or the same file under
-# another name never answers twice. Then the judge compares each battle's two answers in both
+# answers cached by the model's identity (its file's sha256 with its LoRA adapters', or its
+# endpoint) and the question's text, so a rerun, another questions file holding the same
+# question, or the same file under another name never answers twice. Then the judge compares each battle's two answers in both
 # orders (eval.judge.pairwise), or a grader scores each answer (`--judge grader:SPEC`), and the
 # verdict is stored at once as a vote (source "auto"). A battle already voted on by this judge is
 # not fought again: a rerun resumes.
@@ -337,17 +337,6 @@ Say = Callable[[str], None]
 
 def _text_key(*parts: str) -> str:
     return hashlib.sha256("\x1f".join(parts).encode("utf-8")).hexdigest()[:20]
-
-
-def _identity(found) -> str:
-    """What makes two references the same model to the answer cache: the file's bytes, or the endpoint."""
-    if found.is_remote:
-        return found.name
-    if found.entry is not None:
-        return found.entry.sha256
-    from ..store.catalog import sha256_file
-
-    return sha256_file(found.path)
 
 
 def _cached_answers(path: Path) -> dict[str, list[str]]:
@@ -410,27 +399,27 @@ class GraderJudge:
 def auto(models: list[str], judge: str, questions: str | Path, *, rounds: int | None = None, seed: int = 0,
          max_tokens: int | None = None, ctx: int | None = None, threads: int | None = None,
          constrain: bool | None = None, progress: Progress | None = None, say: Say | None = None) -> AutoReport:
-    """Battles between `models` (references: a .gguf path, NAME[:TAG], openai:URL#MODEL) on the
-    questions of a JSONL file (MT-Bench's layout or {"id", "question"}), judged by `judge` (a model,
-    or `grader:SPEC`: a grader scoring each answer against the row's columns, `GraderJudge`), each
+    """Battles between `models` (references: a .gguf path, NAME[:TAG], openai:URL#MODEL, any of
+    them with LoRA adapters as BASE+ADAPTER: eval.common.resolve_choice) on the questions of a
+    JSONL file (MT-Bench's layout or {"id", "question"}), judged by `judge` (a model, or
+    `grader:SPEC`: a grader scoring each answer against the row's columns, `GraderJudge`), each
     verdict stored as a vote (source "auto", the judge's name). A model that fails is reported
     in `failed` and its battles skipped; the votes already stored stay. `constrain`: hold the
     judge's replies to a JSON schema (default: a local judge is, a remote one is not)."""
-    from ..runtime.model import load
-    from ..store.refs import resolve
     from . import judge as J
+    from .common import resolve_choice
 
     qs = J.read_questions(questions)
-    found = [resolve(m, allow_remote=True) for m in models]
-    names = [f.name for f in found]
-    if len(found) < 2:
+    if len(models) < 2:
         raise LlmdeskError("an arena needs at least two models")
+    found = [resolve_choice(m, say=say) for m in models]
+    names = [f.name for f in found]
     dup = next((n for n in names if names.count(n) > 1), None)
     if dup is not None:
         raise LlmdeskError(f"two models are named '{dup}'; give each a name of its own (e.g. 'llmdesk import FILE "
                            "--name NAME')")
     grader = GraderJudge(judge, questions, qs) if judge.startswith(GRADER) else None
-    judge_ref = None if grader else resolve(judge, allow_remote=True)
+    judge_ref = None if grader else resolve_choice(judge, say=say)
     judge_name = judge if grader else judge_ref.name
     battles = plan_battles(len(qs), names, rounds=rounds, seed=seed)
     report = AutoReport(judge=judge_name, models=names, questions=len(qs), battles=len(battles))
@@ -448,7 +437,7 @@ def auto(models: list[str], judge: str, questions: str | Path, *, rounds: int | 
         if grader is not None:
             return grader
         try:
-            return load(judge_ref, ctx=ctx, threads=threads)
+            return judge_ref.load(ctx=ctx, threads=threads)
         except LlmdeskError as e:
             raise LlmdeskError(f"the judge {judge_ref.name} could not be loaded: {e}") from None
 
@@ -505,9 +494,8 @@ def auto(models: list[str], judge: str, questions: str | Path, *, rounds: int | 
 def _answers(found: list, qs: list, todo: list[tuple[int, str, str]], report: AutoReport, *, max_tokens: int,
              ctx: int | None, threads: int | None, progress: Progress | None) -> dict[str, dict[str, list[str]]]:
     """Each model's answers to the questions of its battles ({model: {question key: turns}}), one
-    model loaded at a time, cached by (model identity, max_tokens) and the question's text. A model
+    model loaded at a time, cached by (ModelChoice.key, max_tokens) and the question's text. A model
     that fails is noted in `report.failed`; what it answered before is still used."""
-    from ..runtime.model import load
     from . import judge as J
 
     answers: dict[str, dict[str, list[str]]] = {}
@@ -516,7 +504,7 @@ def _answers(found: list, qs: list, todo: list[tuple[int, str, str]], report: Au
         if not need:
             continue
         asked = [J.Question(_text_key(*qs[i].turns), qs[i].turns, qs[i].references, qs[i].line) for i in need]
-        cache = paths.cache_dir() / "arena" / f"{_text_key(_identity(f), str(max_tokens))}.jsonl"
+        cache = paths.cache_dir() / "arena" / f"{_text_key(f.key, str(max_tokens))}.jsonl"
         before = _cached_answers(cache).keys()
         report.cached += sum(q.id in before for q in asked)
         step = [0]
@@ -529,7 +517,7 @@ def _answers(found: list, qs: list, todo: list[tuple[int, str, str]], report: Au
         if progress:
             progress(f"{f.name} answers", 0, len(asked))
         try:
-            with load(f, ctx=ctx, threads=threads) as m:
+            with f.load(ctx=ctx, threads=threads) as m:
                 answers[f.name] = J.generate_answers(m, asked, cache, max_tokens=max_tokens, progress=tick)
         except LlmdeskError as e:
             report.failed[f.name] = f"after {step[0]} of {len(asked)} answers: {e}"

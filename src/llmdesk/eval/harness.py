@@ -198,16 +198,14 @@ class Identity:
 
 
 def identify(ref: str, *, say: Callable[[str], None] | None = None):
-    """(Identity, local MeasuredModel or None) of a model reference, without loading it: a local
-    reference is resolved to its file (an HF checkpoint folder converted first, once) and hashed;
-    `openai:...` is known by its name."""
-    from ..store.refs import REMOTE_PREFIX, parse_remote
-    from .common import resolve_model
+    """(Identity, eval.common.ModelChoice) of a model reference, without loading it: a local
+    reference is resolved to its file (an HF checkpoint folder converted first, once) and hashed,
+    with the LoRA adapters of `BASE+ADAPTER` (`eval.common.resolve_choice`); `openai:...` is
+    known by its name."""
+    from .common import resolve_choice
 
-    if str(ref).startswith(REMOTE_PREFIX):
-        return Identity(parse_remote(str(ref)).name, None), None
-    m = resolve_model(ref, say=say)
-    return Identity(m.name, m.sha256), m
+    choice = resolve_choice(ref, say=say)
+    return Identity(choice.name, choice.sha256), choice
 
 
 def open_model(ref: str, *, slots: int = 4, ctx: int | None = None, threads: int | None = None,
@@ -215,15 +213,11 @@ def open_model(ref: str, *, slots: int = 4, ctx: int | None = None, threads: int
     """Load a model for evaluation: (the model, its Identity). A local model gets `slots`
     sequences sharing one KV cache (kv_unified: the choices of a question share their context's
     cells instead of copying them). `found`: what `identify(ref)` gave, if it was asked before."""
-    from ..runtime.model import load
-
-    ident, local = found if found is not None else identify(ref, say=say)
-    if local is None:
-        model = load(str(ref))
+    ident, choice = found if found is not None else identify(ref, say=say)
+    if choice.is_remote:
+        model = choice.load()
         return model, Identity(model.name, None)  # (openai:NAME learns its model id when loaded)
-    model = load(str(local.path), slots=slots, ctx=ctx, threads=threads, kv_unified=True)
-    model.name = local.name
-    return model, ident
+    return choice.load(slots=slots, ctx=ctx, threads=threads, kv_unified=True), ident
 
 
 # ---------------------------------------------------------------------------------------------
