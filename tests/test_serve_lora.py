@@ -156,7 +156,7 @@ def test_an_adapter_for_another_base_stops_serve_in_one_line(hf, other_base, tmp
             home=tmp_path)
     lines = p.stderr.strip().splitlines()
     assert p.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: "), p.stderr
-    assert "wrong.gguf" in lines[0] and "refused it as a LoRA adapter" in lines[0]
+    assert "wrong.gguf" in lines[0] and "no -m model can take it as a LoRA adapter" in lines[0]
     for bad, needle in [(f"{tmp_path / 'none.gguf'}", "no such file"), (f"a b={wrong}", "cannot name an adapter")]:
         p = cli("serve", "-m", hf["gguf"], "--lora", bad, "--port", "0", home=tmp_path)
         lines = p.stderr.strip().splitlines()

@@ -40,7 +40,7 @@ def serve(
     mcp: Annotated[Optional[Path], typer.Option("--mcp", help="An MCP config (the mcpServers JSON of Claude Desktop or LM Studio): its servers start with the server, and a request that names one in 'tools' ({\"type\": \"mcp\", \"server_label\": NAME}) has the server call its tools. Only allowed tools run: see --allow-tool and --yes.", dir_okay=False)] = None,
     allow_tool: Annotated[Optional[list[str]], typer.Option("--allow-tool", help="With --mcp: a tool the server may run when the model calls it: SERVER/TOOL, or SERVER for all of its tools (repeatable). An entry's \"alwaysAllow\" list in the config allows its tools too.")] = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="With --mcp: the server may run every tool of every server in the config.")] = False,
-    lora: Annotated[Optional[list[str]], typer.Option("--lora", help="A LoRA adapter for the first -m model, loaded once beside it: NAME=ADAPTER.gguf[:SCALE] (NAME: the file's stem when left out; repeatable). Requests choose it by model name BASE+NAME or an 'adapters' field; the others get the base.")] = None,
+    lora: Annotated[Optional[list[str]], typer.Option("--lora", help="A LoRA adapter, loaded once beside each -m model it was made for: NAME=ADAPTER.gguf[:SCALE] (NAME: the file's stem when left out; repeatable). Requests choose it by model name BASE+NAME or an 'adapters' field; the others get the base.")] = None,
 ) -> None:
     """Serve models over the OpenAI and Ollama APIs, with a web chat at http://HOST:PORT/."""
     from ..runtime.llama import parse_gpu_layers
@@ -92,7 +92,8 @@ def serve(
     def banner() -> None:  # once the socket listens: the addresses it gives can be used at once
         err.print(f"llmdesk {_version()} serving {default} · {parallel} slots per model", markup=False)
         if cfg.lora:
-            err.print(f"  LoRA adapters: {', '.join(f'{default}+{n}' for n in cfg.lora)}", markup=False)
+            shown = [v for s in state.models.started for v in state.models.variants(s)]
+            err.print(f"  LoRA adapters: {', '.join(shown)}", markup=False)
         err.print(f"  web chat:    {url}/", markup=False)
         err.print(f"  OpenAI API:  {url}/v1   (base_url for the openai client)", markup=False)
         err.print(f"  Ollama API:  {url}   (OLLAMA_HOST={url})", markup=False)

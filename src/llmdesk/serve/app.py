@@ -75,6 +75,7 @@ def create_app(config: ServeConfig) -> FastAPI:
     if config.models:
         for ref in config.models:
             manager.add_startup_model(ref)
+        manager.check_lora()
     if config.preload and manager.default is not None:
         manager.preload(manager.default)
     mcp_tools = None

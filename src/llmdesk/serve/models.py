@@ -11,10 +11,12 @@ open arbitrary files. Before a load, the memory it needs is compared with the me
 (`memory.estimate_load_bytes`); idle models are unloaded (least recently used first) to make
 room, and a load that still would not fit is refused with a clear error.
 
-LoRA adapters (`--lora NAME=PATH.gguf[:SCALE]`) are loaded once with the default model, beside
-its weights. A request chooses them by model name (`BASE+NAME`, `BASE+A+B`) or by an `adapters`
-field; `lease.adapters` is then the set its Engine requests carry (`scheduler.start` attaches
-it), and other requests go on with the base in the same batches (docs/lora.md).
+LoRA adapters (`--lora NAME=PATH.gguf[:SCALE]`) are loaded once with each model they were made
+for (`adapters_for`: llama.cpp's checks, from the files' headers), beside its weights; an adapter
+no -m model can take stops the start. A request chooses them by model name (`BASE+NAME`,
+`BASE+A+B`) or by an `adapters` field; `lease.adapters` is then the set its Engine requests
+carry (`scheduler.start` attaches it), and other requests go on with the base in the same
+batches (docs/lora.md).
 
 Every method runs on the event loop; loads and unloads happen in a worker thread under one lock,
 so two loads never race for the same memory.
@@ -139,8 +141,9 @@ class ModelManager:
         self.started: list[ModelRef] = []  # the -m models, in order
         self.default: ModelRef | None = None
         self.loaded: dict[str, LoadedModel] = {}
-        # --lora: name -> (path, scale), loaded with the default model
+        # --lora: name -> (path, scale), loaded with each model it fits (adapters_for)
         self.lora: dict[str, tuple] = dict(config.lora or {})
+        self._fits: dict[str, dict[str, tuple]] = {}  # model name -> the --lora adapters it takes
         self._load_lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._reaper: asyncio.Task | None = None
@@ -195,11 +198,12 @@ class ModelManager:
             base, *names = name.split("+")
             src = self.find(base)
         chosen = [(n, None) for n in names] + self._adapter_field(adapters, param)
-        have = list(self.lora) if self.default is not None and src.name == self.default.name else []
+        have = list(self.adapters_for(src))
         for i, (n, _) in enumerate(chosen):
             if n not in have:
                 served = (f"it has {', '.join(have)}" if have else
-                          "adapters are loaded for the first -m model only, with --lora NAME=ADAPTER.gguf")
+                          f"it takes none of {', '.join(self.lora)}" if self.lora else
+                          "serve with --lora NAME=ADAPTER.gguf to load one")
                 where = (f"model '{name}' not found: '{src.name}' has no LoRA adapter '{n}'" if i < len(names)
                          else f"'{param}': '{src.name}' has no LoRA adapter '{n}'")
                 raise APIError(404 if i < len(names) else 400, f"{where} ({served}; GET /v1/models lists them)",
@@ -233,9 +237,33 @@ class ModelManager:
 
     def variants(self, src: ModelRef) -> list[str]:
         """The `BASE+NAME` names a request may use for `src`'s adapters."""
-        if self.default is None or src.name != self.default.name:
-            return []
-        return [f"{src.name}+{n}" for n in self.lora]
+        return [f"{src.name}+{n}" for n in self.adapters_for(src)]
+
+    def adapters_for(self, src: ModelRef) -> dict[str, tuple]:
+        """The --lora adapters `src` takes ({name: (path, scale)}): those made for a model of its
+        architecture and tensor shapes (formats.lora_gguf.lora_mismatch)."""
+        if not self.lora:
+            return {}
+        if src.name not in self._fits:
+            from ..formats.lora_gguf import lora_mismatch
+
+            try:
+                info = read_gguf(src.path)
+            except LlmdeskError:
+                return {}
+            self._fits[src.name] = {n: (p, sc) for n, (p, sc) in self.lora.items()
+                                    if lora_mismatch(read_gguf(p), info) is None}
+        return self._fits[src.name]
+
+    def check_lora(self) -> None:
+        """Every --lora adapter fits some -m model, or the start stops in one line saying why not."""
+        from ..formats.lora_gguf import lora_mismatch
+
+        for name, (path, _scale) in self.lora.items():
+            if not any(name in self.adapters_for(s) for s in self.started):
+                info = read_gguf(path)
+                why = "; ".join(lora_mismatch(info, read_gguf(s.path)) or "" for s in self.started)
+                raise LlmdeskError(f"--lora {name}={path}: no -m model can take it as a LoRA adapter ({why})")
 
     def available(self) -> list[ModelRef]:
         """Every model a request may name: the -m models first (the default first of all), then the store."""
@@ -293,7 +321,7 @@ class ModelManager:
         try:
             model = Model(src.path, name=src.name, ctx=n_ctx, threads=cfg.threads, slots=cfg.parallel,
                           template=cfg.template, gpu_layers=cfg.gpu_layers,
-                          adapters=self.lora if self.default is not None and src.name == self.default.name else None)
+                          adapters=self.adapters_for(src) or None)
         except LlmdeskError as e:
             raise APIError(500, f"cannot load model '{src.name}': {redact(str(e))}", code="model_load_failed") from None
         lm = LoadedModel(src, model, est, info, Gate(cfg.parallel, cfg.max_queue), keep_alive=cfg.keep_alive)

@@ -762,8 +762,11 @@ async def embed_texts(lease, items: list, *, truncate: bool, metrics, time_limit
     model = lease.model
     n_ctx = model.engine.n_ctx
     if lease.adapters:
-        raise APIError(400, f"embeddings come from the base model: LoRA adapters apply to generation and scoring; "
-                            f"ask '{lease.loaded.name}'", param="model")
+        # llama.cpp could adapt an embeddings context too (llama_set_adapters_lora is per context), but
+        # the Engine's embeddings contexts hold the model's own adapter set, not a request's
+        raise APIError(400, f"'{lease.name}': embeddings come from the base model: per-request LoRA adapters "
+                            f"apply to generation and scoring only (embeddings are computed on contexts of their "
+                            f"own, which carry no request's adapters); ask '{lease.loaded.name}'", param="model")
 
     def tokens() -> tuple[list[list[int]], int]:
         out, truncated = [], 0
