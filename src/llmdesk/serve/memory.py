@@ -58,6 +58,9 @@ def estimate_load_bytes(info: GGUFInfo, path: str | os.PathLike, *, n_ctx: int, 
     # fit's total: the mapped file pages that must stay, plus anonymous memory; the server has
     # already paid the process baseline
     anonymous = est.repack_bytes + est.kv_cache_bytes + est.compute_bytes + est.output_bytes + est.overhead_bytes
+    if not shape.causal:  # an encoder's Engine has only its embeddings context: fit's buffers are its
+        return LoadEstimate(weights=est.required_bytes - anonymous, other=anonymous - PROCESS_BASELINE_BYTES,
+                            kv_cache=0, n_ctx_total=n_ctx, embeddings=est.compute_bytes + est.output_bytes)
     one = estimate_memory(shape, quant=None, ctx=n_ctx, parallel=1, gguf_info=info, repack=cpu_repacks())
     embeddings = one.kv_cache_bytes + one.compute_bytes
     return LoadEstimate(weights=est.required_bytes - anonymous, other=anonymous - PROCESS_BASELINE_BYTES + embeddings,
