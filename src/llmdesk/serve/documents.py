@@ -15,6 +15,11 @@ room for the answer. The answer streams as usual, and the response carries `sour
 passages shown, as [n] in the answer points at them) and `sources_dropped` (retrieved, left out to
 fit the context): in the JSON answer, or in a last chunk (no choices) before `data: [DONE]`.
 
+The collection's embedding model (to embed a question, or an upload's passages) is one of the
+server's models (serve/models.py, `acquire_embedder`): counted against --max-memory, listed by
+/api/ps and /v1/models, unloaded after keep_alive or to make room, and a 503 when it does not
+fit. A search by words only ("bm25") needs no model.
+
 Uploaded files are kept in $LLMDESK_HOME/uploads/COLLECTION/ (a collection reads its files again on
 `llmdesk docs sync`) and named by their file name there. An upload is bounded by the server's
 --max-body and MAX_FILES files. Each file is read (its kind, its text) before it is written, so a
@@ -38,12 +43,14 @@ from ..atomic import atomic_path
 from ..errors import LlmdeskError
 from ..rag import index, ingest
 from ..rag.answer import frame, passage_dict, retrieve
+from ..rag.embedder import default_embedder
 from ..rag.extract import extract
 from ..store import catalog, paths
 from ..store.paths import redact
-from ..store.refs import looks_like_path
+from ..store.refs import looks_like_path, resolve
 from .chat import off_loop
 from .errors import APIError
+from .models import ModelManager
 
 router = APIRouter()
 MAX_FILES = 64  # files in one upload
@@ -55,17 +62,25 @@ MAX_NAME = 200  # characters in an uploaded file's name
 # the embedding model can take anyway
 _INGEST = ThreadPoolExecutor(1, thread_name_prefix="llmdesk-ingest")
 _queued = 0  # uploads and removals running or waiting
-# retrieval embeds the question, and the first one loads the collection's embedding model: longer
-# than off_loop's bound for preparing a request may allow on a busy machine, so threads of its own
+# retrieval waits for the question's embedding, behind other work on the embedding model's
+# Engine: longer than off_loop's bound for preparing a request may allow on a busy machine, so
+# threads of its own
 _SEARCH = ThreadPoolExecutor(2, thread_name_prefix="llmdesk-search")
 
 
-async def _searched(name: str, query: str, k: int, mode: str) -> list:
-    def search() -> list:
-        _require(name)
-        return retrieve(query, name, k=k, mode=mode)
-
-    return await asyncio.get_running_loop().run_in_executor(_SEARCH, search)
+async def _searched(models: ModelManager, name: str, query: str, k: int, mode: str) -> list:
+    """The k passages of collection `name` for `query`, embedded (unless "bm25") by the
+    collection's model held from the server's models."""
+    loop = asyncio.get_running_loop()
+    col = await loop.run_in_executor(_SEARCH, _require, name)
+    if mode == "bm25":
+        return await loop.run_in_executor(_SEARCH, lambda: retrieve(query, name, k=k, mode=mode))
+    lease = await models.acquire_embedder(col.model, col.model_sha256, collection=name)
+    try:
+        return await loop.run_in_executor(_SEARCH, lambda: retrieve(query, name, k=k, mode=mode,
+                                                                     embedder=lease.model))
+    finally:
+        lease.release()
 
 
 def _shown(d: dict, collection: str) -> dict:
@@ -115,12 +130,12 @@ def _question(messages: list[dict]) -> str:
     return last.get("content") or ""
 
 
-async def retrieve_for(body, messages: list[dict]) -> Retrieved | None:
+async def retrieve_for(models: ModelManager, body, messages: list[dict]) -> Retrieved | None:
     """The passages of `body.collection` for the last user message (None: no collection named)."""
     if body.collection is None:
         return None
     question = _question(messages)
-    return Retrieved(body.collection, await _searched(body.collection, question, body.collection_k,
+    return Retrieved(body.collection, await _searched(models, body.collection, question, body.collection_k,
                                                       body.collection_mode))
 
 
@@ -177,8 +192,8 @@ class SearchRequest(BaseModel):
 
 
 @router.post("/v1/collections/{name}/search")
-async def search_collection(name: str, body: SearchRequest):
-    hits = await _searched(name, body.query, body.k, body.mode)
+async def search_collection(name: str, body: SearchRequest, request: Request):
+    hits = await _searched(request.app.state.llmdesk.models, name, body.query, body.k, body.mode)
     return {"object": "list", "data": [_shown(passage_dict(h, n), name) for n, h in enumerate(hits, 1)]}
 
 
@@ -209,8 +224,22 @@ def _file_name(raw: str) -> str:
     return name
 
 
-def _ingest(collection: str, uploads: list[tuple[str, bytes]], embedder: str | None) -> dict:
-    """Write the uploads that read as documents to the collection's folder, and add them."""
+def _embedding_model(collection: str, embedder: str | None) -> tuple[str, str]:
+    """(reference, sha256) of the embedding model an upload into `collection` uses: the
+    collection's own (another `embedder` is refused), else `embedder`, else the default
+    (converted and added to the store at its first use)."""
+    col = index.get_collection(index.shared(), collection, counts=False)
+    if col is not None:
+        if embedder is not None:
+            ingest.check_ref(col, embedder)
+        return col.model, col.model_sha256
+    ref = embedder or default_embedder()
+    return ref, resolve(ref).entry.sha256
+
+
+def _ingest(collection: str, uploads: list[tuple[str, bytes]], embedder) -> dict:
+    """Write the uploads that read as documents to the collection's folder, and add them with
+    `embedder` (a model the server holds, and the reference a new collection records)."""
     folder = ingest.uploads_dir(collection)
     errors: list[dict] = []
     saved: dict[Path, str] = {}  # where each went -> its name as sent
@@ -232,7 +261,7 @@ def _ingest(collection: str, uploads: list[tuple[str, bytes]], embedder: str | N
     report = ingest.IngestReport(collection)
     try:
         if saved:
-            report = ingest.add(list(saved), collection, embedder=embedder)
+            report = ingest.add(list(saved), collection, embedder=ingest.Embedder(*embedder))
     except BaseException:
         for p in made:
             p.unlink(missing_ok=True)
@@ -266,7 +295,13 @@ async def upload_files(name: str, request: Request):
         uploads = [(f.filename or "", await f.read()) for f in files]
     finally:
         await form.close()
-    return await _one_at_a_time(_ingest, name, uploads, embedder)
+    _check_queue()
+    ref, sha256 = await asyncio.to_thread(_embedding_model, name, embedder)
+    lease = await request.app.state.llmdesk.models.acquire_embedder(ref, sha256, collection=name)
+    try:  # held while the upload waits and is ingested: the model is not unloaded meanwhile
+        return await _one_at_a_time(_ingest, name, uploads, (lease.model, ref))
+    finally:
+        lease.release()
 
 
 @router.delete("/v1/collections/{name}")

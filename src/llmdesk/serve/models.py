@@ -11,6 +11,11 @@ open arbitrary files. Before a load, the memory it needs is compared with the me
 (`memory.estimate_load_bytes`); idle models are unloaded (least recently used first) to make
 room, and a load that still would not fit is refused with a clear error.
 
+The embedding model of a collection (a chat request's `collection`, a search, an upload) is held
+the same way (`acquire_embedder`): it counts against --max-memory, is listed with the other
+loaded models, unloaded after `keep_alive`, made room for or refused by the same rule. An
+encoder (BERT) is loaded with at most the context it was trained on: its positions end there.
+
 LoRA adapters (`--lora NAME=PATH.gguf[:SCALE]`) are loaded once with each model they were made
 for (`adapters_for`: llama.cpp's checks, from the files' headers), beside its weights; an adapter
 no -m model can take stops the start. A request chooses them by model name (`BASE+NAME`,
@@ -174,6 +179,8 @@ class ModelManager:
         for key in (name, name.removesuffix(":" + catalog.DEFAULT_TAG)):
             if key in self.sources:
                 return self.sources[key]
+            if key in self.loaded:  # a collection's embedding model, loaded from its file
+                return self.loaded[key].source
         if not name.startswith("hf:") and not looks_like_path(name):
             try:
                 n, tag = catalog.parse_name(name)
@@ -266,14 +273,36 @@ class ModelManager:
                 raise LlmdeskError(f"--lora {name}={path}: no -m model can take it as a LoRA adapter ({why})")
 
     def available(self) -> list[ModelRef]:
-        """Every model a request may name: the -m models first (the default first of all), then the store."""
+        """Every model a request may name: the -m models first (the default first of all), then the
+        store, then the models loaded from elsewhere (a collection's embedding model, from its file)."""
         out = list(self.started)
         names = {s.name for s in out}
         for entry in catalog.list_models():
             if entry.ref not in names and entry.path.is_file():
                 out.append(from_entry(entry))
                 names.add(entry.ref)
+        out += [lm.source for lm in list(self.loaded.values()) if lm.name not in names]
         return out
+
+    def embedder_source(self, ref: str, sha256: str) -> ModelRef:
+        """The embedding model a collection was built with (its reference as the collection keeps
+        it, NAME:TAG or a file, and its sha256), as this server names it: a -m model or a model in
+        the store with the same bytes when there is one (so it is loaded once, under one name),
+        else its file. Server-side data, never a client's: a path is allowed here."""
+        by_path = {s.path: s for s in self.started}
+        for entry in catalog.list_models():
+            if entry.sha256 == sha256 and entry.path.is_file():
+                return by_path.get(entry.path.resolve()) or from_entry(entry)
+        found = resolve(ref)
+        path = found.path.resolve()
+        if path in by_path:
+            return by_path[path]
+        if found.entry is None:
+            taken = self.sources.get(found.name) or (self.loaded[found.name].source if found.name in self.loaded
+                                                     else None)
+            if taken is not None and taken.path != path:  # another file of the same name (no path shown)
+                return dataclasses.replace(found, name=f"{found.name}@{sha256[:12]}", path=path)
+        return dataclasses.replace(found, path=path)
 
     # -- leases ----------------------------------------------------------------------------------
     async def acquire(self, name: str | None, *, keep_alive: float | None = None, n_ctx: int | None = None,
@@ -283,6 +312,18 @@ class ModelManager:
         reloaded when idle. LoRA adapters named in `name` (BASE+NAME) or `adapters` (the
         request's field, `adapters_param` in errors) become `lease.adapters`."""
         src, chosen = self.find_variant(name, adapters, adapters_param)
+        return await self._hold(src, chosen, keep_alive=keep_alive, n_ctx=n_ctx, adapters_param=adapters_param)
+
+    async def acquire_embedder(self, ref: str, sha256: str, *, collection: str | None = None) -> Lease:
+        """Hold the embedding model a collection was built with (`embedder_source`), loading it
+        first if needed, as `acquire` holds a model a request names: counted in --max-memory,
+        listed, unloaded after keep_alive. `collection` names it in a refusal."""
+        src = await asyncio.to_thread(self.embedder_source, ref, sha256)
+        return await self._hold(src, [], purpose=f"the embedding model of collection '{collection}'" if collection
+                                else "an embedding model")
+
+    async def _hold(self, src: ModelRef, chosen: list, *, keep_alive: float | None = None, n_ctx: int | None = None,
+                    adapters_param: str = "adapters", purpose: str | None = None) -> Lease:
         lm = self.loaded.get(src.name)
         if n_ctx is not None:
             self._check_ctx(src, lm.info if lm is not None else await asyncio.to_thread(read_gguf, src.path), n_ctx)
@@ -297,7 +338,7 @@ class ModelManager:
                     await self._unload_locked(lm, "reload")
                     lm = None
                 if lm is None:
-                    lm = await self._load_locked(src, n_ctx)
+                    lm = await self._load_locked(src, n_ctx, purpose)
         if keep_alive is not None:
             lm.keep_alive = keep_alive
         lm.active += 1
@@ -311,6 +352,8 @@ class ModelManager:
         info = read_gguf(src.path)
         if n_ctx is None:
             n_ctx = self.config.ctx or min(info.context_length or DEFAULT_CTX, DEFAULT_CTX)
+            if info.metadata.get(f"{info.architecture}.attention.causal") is False and info.context_length:
+                n_ctx = min(n_ctx, info.context_length)  # an encoder: no positions past its trained context
         return info, n_ctx, estimate_load_bytes(info, src.path, n_ctx=n_ctx, n_slots=self.config.parallel)
 
     def _open(self, src: ModelRef, info: GGUFInfo, n_ctx: int, est: LoadEstimate) -> LoadedModel:
@@ -349,17 +392,17 @@ class ModelManager:
         self.loaded[src.name] = lm
         return lm
 
-    async def _load_locked(self, src: ModelRef, n_ctx: int | None) -> LoadedModel:
+    async def _load_locked(self, src: ModelRef, n_ctx: int | None, purpose: str | None = None) -> LoadedModel:
         info, n_ctx, est = await asyncio.to_thread(self._prepare, src, n_ctx)
         # idle models make room, least recently used first; but only when unloading them all
         # would make enough: a load that will be refused anyway unloads nothing
         idle = sorted((lm for lm in self.loaded.values() if lm.active == 0), key=lambda lm: lm.last_used)
         free = self.free_bytes()
         if est.total > free + sum(lm.estimate.total for lm in idle):
-            self._check_fits(src, est, free)
+            self._check_fits(src, est, free, purpose)
         while est.total > self.free_bytes() and idle:
             await self._unload_locked(idle.pop(0), "memory")
-        self._check_fits(src, est, self.free_bytes())
+        self._check_fits(src, est, self.free_bytes(), purpose)
         lm = await asyncio.to_thread(self._open, src, info, n_ctx, est)
         self.loaded[src.name] = lm
         return lm
@@ -371,7 +414,7 @@ class ModelManager:
             return self.config.max_memory - sum(lm.estimate.total for lm in self.loaded.values())
         return available_memory_bytes() - sum(lm.estimate.weights for lm in self.loaded.values())
 
-    def _check_fits(self, src: ModelRef, est: LoadEstimate, free: int) -> None:
+    def _check_fits(self, src: ModelRef, est: LoadEstimate, free: int, purpose: str | None = None) -> None:
         if est.total <= free:
             return
         from ..runtime.llama import gpu_offload
@@ -388,9 +431,10 @@ class ModelManager:
         busy = [lm.name for lm in self.loaded.values()]
         others = f" (in use by {', '.join(busy)})" if busy else ""
         self.metrics.inc("llmdesk_rejected_total", model=src.name, reason="memory")
+        what = f"{purpose}, '{src.name}'," if purpose else f"model '{src.name}'"
         raise APIError(
             503,
-            f"model '{src.name}' would not fit: it needs about {est.describe()}, but only "
+            f"{what} would not fit: it needs about {est.describe()}, but only "
             f"{format_bytes(max(free, 0))} of {where} is left{others}; unload a model (keep_alive 0), "
             "or serve with a smaller --ctx or --parallel, or use a smaller quantization",
             code="insufficient_memory", type="server_error")

@@ -269,7 +269,7 @@ async def _generate_common(request: Request, body: _GenBody, *, chat: bool):
             return await _chat_with_mcp(request, body, messages, agent.chosen_tools(request, mcp), keep_alive, opts,
                                         sampling, ignored, t_start)
         _collection_from_options(body, opts)
-        docs = await documents.retrieve_for(body, messages)  # from the user's own words
+        docs = await documents.retrieve_for(st.models, body, messages)  # from the user's own words
     else:
         if "collection" in opts:
             raise APIError(400, "a collection answers a chat: send it to /api/chat", param="options.collection")

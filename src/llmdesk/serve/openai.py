@@ -240,7 +240,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     mcp = agent.mcp_entries(body.tools)
     if mcp is not None:
         return await _chat_with_mcp(body, request, messages, mcp)
-    docs = await documents.retrieve_for(body, messages)  # from the user's own words, before any template
+    docs = await documents.retrieve_for(st.models, body, messages)  # from the user's own words, before any template
     if body.prompt_template is not None:
         messages = await off_loop(prompts.apply, body, messages)
     sampling = body.sampling()
