@@ -71,8 +71,8 @@ def test_arena_auto_between_a_base_and_its_adapter(hf, tuned, stored, tmp_path):
         assert got[base] == answer(hf["gguf"], q["question"])
         assert got[tuned_name] == answer(hf["gguf"], q["question"], lora=[tuned["lora"]])
         differ += got[base] != got[tuned_name]
-        want = "a" if len(v["answer_a"]) > len(v["answer_b"]) else "b" if len(v["answer_b"]) > len(v["answer_a"]) else "tie"
-        assert v["winner"] == want
+        la, lb = len(v["answer_a"]), len(v["answer_b"])
+        assert v["winner"] == ("a" if la > lb else "b" if lb > la else "tie")
     assert differ  # the adapter was applied
     rc, out, err = run_cli("arena", "leaderboard", "--source", "auto", "--json", "--bootstrap", "20")
     assert rc == 0, err

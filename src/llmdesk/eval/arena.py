@@ -301,10 +301,10 @@ def plot_leaderboard(ratings: list[Rating], path: str | Path, *, title: str = "a
 # Every model answers the questions first (temperature 0, one model loaded at a time), the
 # answers cached by the model's identity (its file's sha256 with its LoRA adapters', or its
 # endpoint) and the question's text, so a rerun, another questions file holding the same
-# question, or the same file under another name never answers twice. Then the judge compares each battle's two answers in both
-# orders (eval.judge.pairwise), or a grader scores each answer (`--judge grader:SPEC`), and the
-# verdict is stored at once as a vote (source "auto"). A battle already voted on by this judge is
-# not fought again: a rerun resumes.
+# question, or the same file under another name never answers twice. Then the judge compares
+# each battle's two answers in both orders (eval.judge.pairwise), or a grader scores each answer
+# (`--judge grader:SPEC`), and the verdict is stored at once as a vote (source "auto"). A battle
+# already voted on by this judge is not fought again: a rerun resumes.
 
 
 @dataclass

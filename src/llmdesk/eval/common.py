@@ -137,7 +137,7 @@ def resolve_choice(ref: str | os.PathLike, *, say: Callable[[str], None] | None 
             raise LlmdeskError(f"'{text}': no LoRA adapter '{a}' (no such file, folder or store name); "
                                f"give {ADAPTER_KINDS}")
         path, label, sha, scale = got
-        why = lora_mismatch(read_gguf(path), base_info)
+        why = lora_mismatch(read_gguf(path), base_info, (label, m.name))
         if why is not None:
             raise LlmdeskError(f"'{text}': {why}")
         path, scale = lora_spec((path, scale))  # a finite scale

@@ -338,14 +338,16 @@ def write_lora_gguf(adapter_dir: str | os.PathLike, base_dir_or_config: Any, out
     return convert_lora(adapter_dir, base_dir_or_config, out_path, out_type=out_type).path
 
 
-def lora_mismatch(adapter, base) -> str | None:
-    """Why the LoRA GGUF `adapter` cannot apply to the model `base` (both formats.gguf.GGUFInfo),
-    or None when it can: the checks llama.cpp's llama_adapter_lora_init makes, from the headers
-    alone (a model's weight is ne (in, out); its lora_a (in, r), its lora_b (r, out))."""
+def lora_mismatch(adapter, base, names: tuple[str, str] | None = None) -> str | None:
+    """Why the LoRA GGUF `adapter` cannot apply to the model `base` (both formats.gguf.GGUFInfo;
+    `names`: the two as the user knows them, default their file names), or None when it can: the
+    checks llama.cpp's llama_adapter_lora_init makes, from the headers alone (a model's weight is
+    ne (in, out); its lora_a (in, r), its lora_b (r, out))."""
+    mine, shown = names or (adapter.path.name, base.path.name)
     if adapter.get("general.type") != "adapter" or adapter.get("adapter.type") != "lora":
-        return f"{adapter.path.name} is not a LoRA adapter (a {adapter.get('general.type') or 'model'} file)"
+        return f"{mine} is not a LoRA adapter (a {adapter.get('general.type') or 'model'} file)"
     if adapter.architecture != base.architecture:
-        return (f"{adapter.path.name} is an adapter for {adapter.architecture!r} models, and {base.path.name} "
+        return (f"{mine} is an adapter for {adapter.architecture!r} models, and {shown} "
                 f"is {base.architecture!r}")
     weights = {t.name: t.shape for t in base.tensors}
     loras = {t.name: t.shape for t in adapter.tensors}
@@ -355,9 +357,9 @@ def lora_mismatch(adapter, base) -> str | None:
         target = name[: -len(".lora_a")]
         b, w = loras.get(target + ".lora_b"), weights.get(target)
         if w is None:
-            return f"{adapter.path.name} adapts {target}, which {base.path.name} does not have"
+            return f"{mine} adapts {target}, which {shown} does not have"
         if b is None or len(a) < 2 or len(b) < 2 or len(w) < 2 or (w[0], w[1]) != (a[0], b[1]):
             got = f"{a[0]} x {b[1]}" if b is not None and len(a) > 1 and len(b) > 1 else "unpaired"
-            return (f"{adapter.path.name} adapts {target} as {got}, but it is {w[0]} x {w[1]} in {base.path.name}: "
+            return (f"{mine} adapts {target} as {got}, but it is {w[0]} x {w[1]} in {shown}: "
                     "the adapter was made for another base model")
     return None

@@ -259,7 +259,7 @@ class ModelManager:
             except LlmdeskError:
                 return {}
             self._fits[src.name] = {n: (p, sc) for n, (p, sc) in self.lora.items()
-                                    if lora_mismatch(read_gguf(p), info) is None}
+                                    if lora_mismatch(read_gguf(p), info, (p.name, src.name)) is None}
         return self._fits[src.name]
 
     def check_lora(self) -> None:
@@ -269,7 +269,8 @@ class ModelManager:
         for name, (path, _scale) in self.lora.items():
             if not any(name in self.adapters_for(s) for s in self.started):
                 info = read_gguf(path)
-                why = "; ".join(lora_mismatch(info, read_gguf(s.path)) or "" for s in self.started)
+                why = "; ".join(lora_mismatch(info, read_gguf(s.path), (path.name, s.name)) or ""
+                                for s in self.started)
                 raise LlmdeskError(f"--lora {name}={path}: no -m model can take it as a LoRA adapter ({why})")
 
     def available(self) -> list[ModelRef]:
