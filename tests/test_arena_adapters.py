@@ -15,6 +15,7 @@ import pytest
 
 import llmdesk
 from llmdesk.eval import arena
+from llmdesk.eval.common import resolve_choice
 from llmdesk.eval.harness import evaluate, identify, open_model
 from llmdesk.eval.tasks import load_task
 from llmdesk.serve.config import parse_lora
@@ -192,3 +193,27 @@ def test_an_adapter_for_another_base_is_one_line(hf, other_base, tmp_path):
                    "the adapter was made for another base model")
     one_line_error(*run_cli("eval", "ppl", f"{hf['gguf']}+{wrong}", str(questions))[::2],
                    "this measures one model file, without LoRA adapters")
+
+
+# ---------------------------------------------------------------------------------------------
+# eval judge
+
+
+def test_eval_judge_grades_the_adapted_models_answers(hf, tuned, tmp_path):
+    """`eval judge --models BASE+ADAPTER`: the answers judged are the adapted model's, stored
+    under its name, and the results row carries its identity."""
+    from llmdesk.demo import default_model_path
+    from llmdesk.eval import judge as J
+
+    questions = write_questions(tmp_path / "q.jsonl", QUESTIONS[:1])
+    ref = f"{hf['gguf']}+{tuned['lora']}"
+    name = f"{hf['gguf'].name}+{tuned['lora'].name}"
+    rc, out, err = run_cli("eval", "judge", "--judge", str(default_model_path()), "--models", ref, "--questions",
+                           str(questions), "--max-tokens", str(N), "--ctx", "2048", "--threads", "1", "--json")
+    assert rc == 0, err
+    report = json.loads(out)
+    got = J.read_answers(report["answers"][name], J.read_questions(questions))
+    assert got[QUESTIONS[0]["id"]] == [answer(hf["gguf"], QUESTIONS[0]["question"], lora=[tuned["lora"]])]
+    [row] = results.query("judge")
+    assert row["model"] == name
+    assert row["model_sha256"] == resolve_choice(ref).sha256 != resolve_choice(str(hf["gguf"])).sha256
