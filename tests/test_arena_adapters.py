@@ -139,8 +139,9 @@ def test_eval_run_with_an_adapter_scores_the_adapted_model(hf, tuned, tmp_path, 
 
 def test_a_server_with_two_models_answers_the_second_with_an_adapter(hf, tuned, tiny_gguf):
     """`serve -m tiny.gguf -m tiny-f32.gguf --lora style=...`: the adapter fits the second model
-    only; `tiny-f32+style` answers as the base with the adapter applied, the first model's name
-    with '+style' is a 404 that says why, and embeddings with an adapter are a 400 that says why."""
+    only; `tiny-f32+style` answers as the base with the adapter applied (OpenAI, Ollama, and a
+    side of the web arena, whose vote names it), the first model's name with '+style' is a 404
+    that says why, and embeddings with an adapter are a 400 that says why."""
     with llmdesk.Model(hf["gguf"], ctx=256, threads=1, lora=[tuned["lora"]]) as m:
         want = m.generate("The quick brown fox", temperature=0, max_tokens=N, ignore_eos=True)
     lora = parse_lora([f"style={tuned['lora']}"])
@@ -161,6 +162,22 @@ def test_a_server_with_two_models_answers_the_second_with_an_adapter(hf, tuned, 
                                                        "stream": False, "raw": True,
                                                        "options": {"temperature": 0, "num_predict": N}})
         assert r.status_code == 200, r.text
+        # the web chat's arena: a battle between the base and its adapter, voted on
+        question = QUESTIONS[0]["question"]
+        battle = httpx.post(s.url + "/api/arena/battles", json={
+            "prompt": question, "models": ["tiny-f32", "tiny-f32+style"], "temperature": 0, "max_tokens": N}).json()
+        texts = {}
+        for side in ("a", "b"):
+            r = httpx.post(f"{s.url}/api/arena/battles/{battle['id']}/{side}", timeout=120)
+            assert r.status_code == 200, r.text
+            texts[side] = "".join(json.loads(b[6:]).get("content", "") for b in r.text.split("\n\n")
+                                  if b.startswith("data: {"))
+        vote = httpx.post(f"{s.url}/api/arena/battles/{battle['id']}/vote", json={"winner": "a"}).json()
+        got = {vote["model_a"]: texts["a"], vote["model_b"]: texts["b"]}
+        assert got == {"tiny-f32.gguf": answer(hf["gguf"], question),
+                       "tiny-f32.gguf+style": answer(hf["gguf"], question, lora=[tuned["lora"]])}
+        [v] = arena.votes(source="web")
+        assert (v["model_a"], v["model_b"], v["winner"]) == (vote["model_a"], vote["model_b"], "a")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Arena battles for the web chat: one prompt, two anonymous models, a person's vote.
 
     POST /api/arena/battles              {"prompt": "..."} or {"messages": [...]}, optional sampling
-                                         and "models" (the names to draw from; default: the -m
-                                         models, or all) -> {"id", "sides": ["a", "b"]}
+                                         and "models" (the names to draw from, BASE+ADAPTER too;
+                                         default: the -m models and their adapters' variants, or
+                                         all) -> {"id", "sides": ["a", "b"]}
     POST /api/arena/battles/{id}/{a|b}   that side's answer, streamed as server-sent events:
                                          {"content": "..."} ..., {"finish_reason", "timings"}, [DONE]
     GET  /api/arena/battles/{id}         where the battle stands (names only once voted)
@@ -42,6 +43,7 @@ from ..runtime import conversation
 from ..runtime.conversation import SamplingParams, finish_reason, sampling_params
 from .chat import off_loop, timings
 from .errors import APIError, from_library
+from .models import variant_name
 from .openai import STREAM_HEADERS, note, record, state
 from .scheduler import start
 
@@ -145,9 +147,9 @@ def hidden(err: APIError, battle: "Battle") -> APIError:
 
 def draw_from(models) -> list[str]:
     """The models a battle draws from when the request names none: those the server was started
-    with (`-m`), when there are two or more (the ones its user meant to compare); else every
-    model it can serve, the store's too."""
-    started = list(dict.fromkeys(ref.name for ref in models.started))
+    with (`-m`) and their LoRA adapters' variants (BASE+NAME), when there are two or more (the
+    ones its user meant to compare); else every model it can serve, the store's too."""
+    started = list(dict.fromkeys(n for ref in models.started for n in (ref.name, *models.variants(ref))))
     return started if len(started) >= 2 else list(dict.fromkeys(ref.name for ref in models.available()))
 
 
@@ -188,7 +190,8 @@ async def create_battle(body: BattleRequest, request: Request):
     sampling = sampling_params(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, min_p=body.min_p,
                                seed=body.seed)
     if body.models is not None:
-        names = list(dict.fromkeys(st.models.find(m).name for m in body.models))
+        found = [st.models.find_variant(m) for m in body.models]
+        names = list(dict.fromkeys(variant_name(src.name, chosen) for src, chosen in found))
     else:
         names = draw_from(st.models)
     if len(names) < 2:

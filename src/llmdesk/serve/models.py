@@ -113,6 +113,11 @@ class LoadedModel:
         self.expires_at = None if self.keep_alive < 0 else self.last_used + self.keep_alive
 
 
+def variant_name(base: str, chosen: list) -> str:
+    """What a model with LoRA adapters chosen ([(name, scale or None)]) answers as: BASE+A+B."""
+    return base + "".join(f"+{n}" for n, _ in chosen)
+
+
 class Lease:
     """A request's hold on a loaded model: the model is not unloaded while any lease is held."""
 
@@ -123,7 +128,7 @@ class Lease:
         chosen = chosen or []  # [(adapter name, scale or None)]
         # the LoRA set for this request's Engine work (None: the base), and the name it answers as
         self.adapters = loaded.model.adapter_set(chosen) if chosen else None
-        self.name = loaded.name + "".join(f"+{n}" for n, _ in chosen)
+        self.name = variant_name(loaded.name, chosen)
 
     @property
     def model(self):

@@ -40,6 +40,7 @@ from ..runtime.engine import ContextOverflow, ScoreRequest
 from . import agent, documents, prompts
 from .chat import off_loop, prompt_headers, timings
 from .errors import APIError
+from .models import variant_name
 from .scheduler import ClientGone, admit, collect, start
 
 log = logging.getLogger("llmdesk.serve")
@@ -871,7 +872,7 @@ async def list_models(request: Request):
 async def get_model(model: str, request: Request):
     st = state(request)
     src, chosen = st.models.find_variant(model)
-    return _model_card(st, src, src.name + "".join(f"+{n}" for n, _ in chosen))
+    return _model_card(st, src, variant_name(src.name, chosen))
 
 
 # ---------------------------------------------------------------------------------------------
