@@ -209,7 +209,7 @@ def test_an_adapter_for_another_base_is_one_line(hf, other_base, tmp_path):
                             "grader:exact:want", "--questions", str(questions))[::2],
                    "the adapter was made for another base model")
     one_line_error(*run_cli("eval", "ppl", f"{hf['gguf']}+{wrong}", str(questions))[::2],
-                   "this measures one model file, without LoRA adapters")
+                   "this command takes one model file, not a model with LoRA adapters")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -42,9 +42,9 @@ def resolve_model(ref: str | os.PathLike, *, say: Callable[[str], None] | None =
 
     p = Path(ref).expanduser()
     if ADAPTER_SEP in str(ref) and not p.exists():
-        raise LlmdeskError(f"'{ref}': this measures one model file, without LoRA adapters (BASE+ADAPTER works with "
-                           "'eval run', 'eval judge' and 'arena auto'); merge the adapter into the model first "
-                           "('llmdesk tune --merge --gguf TYPE')")
+        raise LlmdeskError(f"'{ref}': this command takes one model file, not a model with LoRA adapters "
+                           "(BASE+ADAPTER works with 'eval run', 'eval judge' and 'arena auto'); merge the adapter "
+                           "into the model first ('llmdesk tune --merge --gguf TYPE')")
     if p.is_dir() and (p / "config.json").is_file():
         return _convert_hf(p, say)
     r = refs.resolve(str(ref))
