@@ -174,6 +174,13 @@ def run_lm_eval(ckpt: Path, data: Path, shots: int, limit: int, dtype: str, batc
     return {"seconds": seconds, "cpu": cpu, "chosen": chosen, "loglikelihoods": lls, "tokens": tokens}
 
 
+def build() -> str:
+    """Which matrix products llama.cpp runs on: ggml's own, or a BLAS library (`make mkl`)."""
+    from llmdesk.runtime.llama import blas
+
+    return f"llama.cpp on {blas()}" if blas() else "llama.cpp's own matrix products"
+
+
 def cpu_seconds() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)  # every thread of this process
     return r.ru_utime + r.ru_stime
@@ -204,7 +211,7 @@ def per_token(ckpt: Path, types: list[str], n: int, rounds: int = 2) -> None:
             took = cpu_seconds() - c0
             clear_memory(ctx)
             if r:
-                print(f"llama.cpp {t.upper():>4}: {n} tokens in {took:.2f} CPU-s = {n / took:.1f} tokens per CPU-second")
+                print(f"llama.cpp {t.upper():>4} ({build()}): {n} tokens in {took:.2f} CPU-s = {n / took:.1f} tokens per CPU-second")
         b.free()
         free_context(ctx)
         llama.close()
@@ -243,7 +250,7 @@ def main() -> None:
     data = write_data(a.items)
     mine = run_llmdesk(gguf, data, a.shots, a.items, a.slots, a.threads)
     print(f"llmdesk  : {a.items} items in {mine['seconds']:.1f} s = {a.items / mine['seconds']:.3f} items/s, "
-          f"{mine['cpu'] / a.items:.2f} CPU-s an item (GGUF {a.type.upper()}, {a.slots} slots, unified KV cache)")
+          f"{mine['cpu'] / a.items:.2f} CPU-s an item (GGUF {a.type.upper()}, {a.slots} slots, unified KV cache, {build()})")
     decode_s = mine["decode_ms"] / 1000
     print(f"  where  : {mine['tokens_computed'] / a.items:.1f} tokens computed an item ({mine['tokens_computed']} in "
           f"{mine['decodes']} llama_decode calls, the few-shot prefix once); {decode_s:.1f} s in llama_decode "

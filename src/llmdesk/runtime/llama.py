@@ -18,8 +18,12 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-import llama_cpp as C
-import numpy as np
+# A llama.cpp built against Intel MKL (`make mkl`) runs MKL's threads on the GNU OpenMP runtime
+# that ggml's own threads use: one runtime in the process, not two competing for the cores.
+os.environ.setdefault("MKL_THREADING_LAYER", "GNU")
+
+import llama_cpp as C  # noqa: E402
+import numpy as np  # noqa: E402
 
 from ..errors import BadModelFile, LlmdeskError
 
@@ -60,6 +64,19 @@ def init_backend() -> None:
         C.llama_log_set(_log_callback, ctypes.c_void_p(0))
         C.llama_backend_init()
         _initialized = True
+
+
+def blas() -> str | None:
+    """The BLAS library llama.cpp's prompt processing uses ("MKL", "OpenBLAS", ...), None for
+    ggml's own matrix products (the default build; `make mkl` builds one on MKL)."""
+    lib = Path(C.__file__).parent / "lib" / "libggml-blas.so"
+    if not lib.is_file():
+        return None
+    data = lib.read_bytes()
+    for needle, name in ((b"libmkl_rt", "MKL"), (b"libopenblas", "OpenBLAS"), (b"libblis", "BLIS")):
+        if needle in data:
+            return name
+    return "BLAS"
 
 
 def last_error() -> str:
