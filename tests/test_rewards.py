@@ -218,3 +218,23 @@ def test_dpo_and_grpo_refuse_several_processes(base, tmp_path, monkeypatch):  # 
     monkeypatch.setenv("WORLD_SIZE", "2")  # as accelerate launch or torchrun set it
     with pytest.raises(LlmdeskError, match="--method dpo runs in one process"):
         run("dpo", base, data, tmp_path / "out")
+
+
+def test_grpo_completions_end_with_the_assistant_turn(base, tmp_path):  # noqa: F811
+    """The tiny ChatML model's end of text is <|endoftext|>, its turns end with <|im_end|>: once it
+    has learnt the task, its sampled completions stop at <|im_end|>, so `exact` can match them
+    (they ran on to the token limit, and the held-out reward was 0 for a model that answered right)."""
+    from llmdesk.train.tune import TuneConfig, tune
+
+    rng = random.Random(0)
+    sft_rows = [{"messages": [{"role": "user", "content": ASK + w}, {"role": "assistant", "content": f"[{w.upper()}]"}]}
+                for w in (rng.choice(WORDS) for _ in range(200))]
+    sft = tune(base, [jsonl(tmp_path / "sft.jsonl", sft_rows)], tmp_path / "sft",
+               TuneConfig(steps=60, lr=1e-2, rank=8, batch=8, dropout=0.0, val_split=0.0), merge=True)
+    rows = [{"prompt": ASK + w, "answer": f"[{w.upper()}]"} for w in WORDS * 2]
+    r = run("grpo", sft.merged, jsonl(tmp_path / "prompts.jsonl", rows), tmp_path / "grpo",
+            RewardConfig(method="grpo", steps=1, batch=8, num_generations=4, max_completion_tokens=8, temperature=0.3,
+                         val_split=0.5),
+            graders=parse_graders("exact")[0], weights=[1.0])
+    assert r.reward_before > 0.3
+    assert r.history[0]["completions/clipped_ratio"] < 1.0
