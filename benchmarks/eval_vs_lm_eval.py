@@ -34,6 +34,10 @@ The target was 5x: llmdesk computes 6.8x fewer tokens (71 against 482 a question
 computes a token at 0.59-0.66 of torch fp32's speed here (`--per-token 256`: F16 34.5-37.4, BF16
 38.3-41.0, torch 56.3-58.1 tokens per CPU-second, one thread); see docs/eval.md.
 
+With llama.cpp built on MKL (`make mkl`; the first line says which build ran), BF16, loaded VM,
+two runs: 0.526 against 0.101 and 0.594 against 0.123 items/s, 5.2x and 4.8x by the wall clock,
+5.1x by CPU time both times (1.90 and 1.87 against 9.76 and 9.60 CPU-s an item), 32/32.
+
 `--per-token N` only measures that: one N-token forward pass per engine, one thread, by CPU time.
 """
 
