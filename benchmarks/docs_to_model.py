@@ -3,20 +3,25 @@
 The path issue 16 asks for, run with the CLI as a user runs it, on models this machine can make:
 
 1. **A teacher.** No capable model can be downloaded here, so one is made: a small Llama (random
-   weights, real architecture, a BPE tokenizer, ChatML) is taught with `llmdesk tune` the generic
-   skill `synth docs` asks of a model, "passage -> one question it answers, and the answer", on
-   400 passages about OTHER festivals than the user's ("The Kelo festival is held in Bari every
-   May. It was founded by Tamo. ..."). This small world has 40 names of festivals, 40 of towns
-   and 40 of people, and every passage is a new draw of them: no festival's facts can be
-   remembered from one passage to the next, so the teacher learns to read them off the passage.
-2. **The documents.** A folder of Markdown files about the user's 24 festivals (the same kind of
+   weights, real architecture, 2 layers 128 wide, a BPE tokenizer, ChatML) is taught with
+   `llmdesk tune` the generic skill `synth docs` asks of a model, "passage -> one question it
+   answers, and the answer", on 400 passages about OTHER festivals than the user's ("The Kelo
+   festival is held in Bari every May. It was founded by Tamo. ..."), in `synth docs`'s own
+   prompt. This small world has 60 names of festivals, 60 of towns and 60 of people, and every
+   passage is a new draw of them: no festival's facts can be remembered from one passage to the
+   next, so the teacher learns to read them off the passage. It is taught to ask where a festival
+   is held (`--kinds place`): asked for three kinds of fact (`--kinds place,month,founder`), 400
+   steps taught it to copy the festival's name into the question, but the answer was still one
+   fixed name for every passage; a single kind is learnt in 300.
+2. **The documents.** A folder of Markdown files about the user's 48 festivals (the same kind of
    sentences, facts the teacher never saw), and `llmdesk synth docs FOLDER -m teacher --n N`
    makes the Q/A set from them, each row keeping its passage.
-3. **SFT.** The student is tuned on that set: `llmdesk tune --gguf`. It is asked without the
+3. **SFT.** The student (the untaught base) is tuned on that set: `llmdesk tune --gguf`. It is asked without the
    passage, so it must learn the documents' facts.
 4. **GRPO.** The SFT model is sharpened with `llmdesk tune --method grpo --reward exact` on the
-   set's questions, the grader checking that the answer is the fact and nothing else (the
-   reference is the synth row's answer: still no human label).
+   set's questions and two rewordings of each ("Which town holds the X festival?"), the grader
+   checking that the answer is the set's answer and nothing else (still no human label): the
+   behaviour it sharpens is giving the fact, and only it, however the question is put.
 5. **Measured** on held-out questions about the documents, asked in phrasings neither the teacher
    nor the Q/A set ever used ("Where does the X festival take place?"), with the documents' own
    facts as references: `llmdesk eval run --chat` (llama.cpp, greedy) for base, SFT and GRPO,
@@ -25,7 +30,7 @@ The path issue 16 asks for, run with the CLI as a user runs it, on models this m
 6. **Served.** `llmdesk serve` the final GGUF and one held-out question through the official
    `openai` client.
 
-    .venv/bin/python benchmarks/docs_to_model.py [--work DIR] [--festivals 24] [--n 160]
+    .venv/bin/python benchmarks/docs_to_model.py [--work DIR] [--festivals 48] [--kinds place] [--n 160]
 
 Each stage is skipped when its output is there: a run cut short continues with the same --work.
 """
@@ -213,7 +218,7 @@ def main() -> int:
     ap.add_argument("--synth-temperature", type=float, default=0.7)
     ap.add_argument("--sft-steps", type=int, default=150)
     ap.add_argument("--sft-lr", type=float, default=3e-3)
-    ap.add_argument("--grpo-steps", type=int, default=40)
+    ap.add_argument("--grpo-steps", type=int, default=80)
     ap.add_argument("--grpo-lr", type=float, default=1e-3)
     ap.add_argument("--grpo-temperature", type=float, default=1.0)
     a = ap.parse_args()
@@ -350,7 +355,7 @@ def main() -> int:
     print(cmp1 + cmp2, end="")
     diffs = {models[1]: _diff(cmp1, models[1]), models[2]: _diff(cmp2, models[2])}
     brng = random.Random(0)
-    print(f"\nheld-out questions: {len(held)} ({a.festivals} festivals x 3 facts, phrasings never trained on); "
+    print(f"\nheld-out questions: {len(held)} ({a.festivals} festivals x {len(kinds)} kind(s) of fact: {a.kinds}; phrasings never trained on); "
           f"llama.cpp, greedy")
     print(f"{'step':<26}{'exact match':>16}{'diff vs previous':>20}   arena vs previous (grader:exact)")
     for i, m in enumerate(models):
