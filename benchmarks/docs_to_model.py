@@ -281,11 +281,12 @@ def main() -> int:
         cli("synth", "synth", "docs", str(docs), "-o", str(qa), "-m", "dtm-teacher:f32", "--n", str(a.n),
             "-t", str(a.synth_temperature), "--max-tokens", "32")
     rows = read_jsonl(qa)
-    truth = {f["e"]: f for f in user_facts}
+    truth = {f"{f['e'].lower()}.md": f for f in user_facts}
     right = 0
-    for r in rows:  # is the answer the fact the passage gives for what the question asks?
+    for r in rows:  # a question about the passage's festival, answered with the passage's fact?
         kind, e = parse(r["messages"][0]["content"])
-        right += bool(kind and e in truth and r["messages"][1]["content"] == truth[e][kind])
+        f = truth[Path(r["provenance"]["passage"]["path"]).name]
+        right += bool(kind and e == f["e"] and r["messages"][1]["content"] == f[kind])
     covered = {(r["messages"][0]["content"], r["messages"][1]["content"]) for r in rows}
     print(f"synth docs: {len(rows)} rows kept; {right} are a question in the teacher's phrasings whose answer is the "
           f"passage's fact; {len(covered)} distinct")
