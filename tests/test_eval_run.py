@@ -22,6 +22,7 @@ from llmdesk.eval.compare import compare, plot
 from llmdesk.eval.harness import Identity, evaluate, record
 from llmdesk.eval.tasks import load_task
 from llmdesk.runtime.engine import Engine
+from llmdesk.runtime.llama import blas
 from llmdesk.runtime.model import Model
 from llmdesk.store import results
 from llmdesk.store.db import connect
@@ -187,7 +188,9 @@ def test_loglikelihoods_match_transformers(hf, tmp_path):
 
 def test_generation_exact_match(tmp_path):
     task = gsm_task(tmp_path, 6)
-    with Model(DEMO, slots=3) as m:
+    # greedy text batched (3 slots) equals it alone on the default build; on a BLAS build (`make
+    # mkl`) the prompts' sums differ with the batch and a near tie can flip: one slot there
+    with Model(DEMO, slots=3 if blas() is None else 1) as m:
         r = evaluate(m, task, shots=0)
         for it in task.items(shots=0):
             text = m.generate(it.context, max_tokens=task.max_tokens, temperature=0, stop=task.until)
