@@ -206,7 +206,7 @@ def test_rebuild_command_interrupted_or_killed_changes_nothing(notes, tmp_path, 
     r = interrupt_midway(signal.SIGINT, tmp_path, other_gguf)  # Ctrl-C: what it built goes at once
     assert (r.returncode, r.stderr.strip().splitlines()[-1]) == (130, "interrupted"), r.stderr
     assert "Traceback" not in r.stderr
-    assert built_aside() == (0, 0)
+    assert built_aside() == (0, 0), r.stderr
     assert snapshot() == before
 
     r = interrupt_midway(signal.SIGKILL, tmp_path, other_gguf)  # killed: nothing can clean up ...

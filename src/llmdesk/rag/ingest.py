@@ -268,6 +268,8 @@ def add(paths: Iterable[str | os.PathLike], collection: str = "default", *, incl
                 _replace(c, old, prior, state.col, sources)
         except BaseException:
             if old is not None:  # the old collection stays as it was; the new one goes, if not in its place yet
+                if c.db.in_transaction:  # cut off between BEGIN and its try: the drop must not nest in it
+                    c.db.rollback()
                 aside = index.get_collection(c, col.name, counts=False)
                 if aside is not None:
                     index.drop_collection(c, aside)

@@ -108,11 +108,13 @@ def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
             raise
         conn.execute("RELEASE llmdesk_tx")
         return
-    conn.execute("BEGIN IMMEDIATE")
     try:
+        # inside the try: a Ctrl-C that lands just after BEGIN still rolls it back
+        conn.execute("BEGIN IMMEDIATE")
         yield conn
     except BaseException:
-        conn.rollback()
+        if conn.in_transaction:
+            conn.rollback()
         raise
     conn.commit()
 

@@ -165,9 +165,12 @@
     let tFirst = null, pieces = 0, pending = false;
     const repaint = () => {
       pending = false;
+      // a frame due after the answer ended must not put the running count (pieces of text, not
+      // tokens) over the final figures
+      if (s.done || s.error) return;
       const secs = tFirst === null ? 0 : (performance.now() - tFirst) / 1000;
       s.stats = chat.describe(pieces, secs > 0.2 ? (pieces - 1) / secs : 0, tFirst === null ? null : (tFirst - t0) / 1000);
-      if (!s.done && !s.error) paint(side, true);
+      paint(side, true);
     };
     paint(side, true);
     try {
