@@ -43,7 +43,7 @@ demo-model: $(STAMP)
 	$(BIN)/python -m llmdesk.demo.build
 
 # optional, x86-64: llama.cpp's prompt processing (scoring, embedding, long prompts) on Intel MKL's
-# matrix products, 1.3-1.4x faster than ggml's own on this project's benchmark CPU. Installs MKL
+# matrix products, 1.2-1.4x faster than ggml's own on this project's benchmark CPU. Installs MKL
 # into the venv (about 300 MB) and builds llama.cpp again (about 7 minutes on 2 cores; not cached,
 # so that pip's cache keeps the default build). `make test` does not need it.
 MKL_VERSION := 2026.2.0
