@@ -36,7 +36,8 @@ computes a token at 0.59-0.66 of torch fp32's speed here (`--per-token 256`: F16
 
 With llama.cpp built on MKL (`make mkl`; the first line says which build ran), BF16, loaded VM,
 two runs: 0.526 against 0.101 and 0.594 against 0.123 items/s, 5.2x and 4.8x by the wall clock,
-5.1x by CPU time both times (1.90 and 1.87 against 9.76 and 9.60 CPU-s an item), 32/32.
+5.1x by CPU time both times (1.90 and 1.87 against 9.76 and 9.60 CPU-s an item), 32/32. Quiet: 1.122
+against 0.181 items/s, 6.2x (6.1x by CPU time), 32/32.
 
 `--per-token N` only measures that: one N-token forward pass per engine, one thread, by CPU time.
 """
