@@ -16,7 +16,7 @@ from ..errors import LlmdeskError
 from .app import app, err, out
 
 # -- options shared by run and chat -----------------------------------------------------------
-ModelOpt = Annotated[Optional[str], typer.Option("-m", "--model", help="A .gguf path, NAME[:TAG] from 'llmdesk list', hf:OWNER/REPO/FILE.gguf, or a model behind an OpenAI-compatible API: openai:URL#MODEL, openai:NAME (from endpoints.toml). Default: $LLMDESK_MODEL.")]
+ModelOpt = Annotated[Optional[str], typer.Option("-m", "--model", help="A .gguf path, NAME[:TAG] from 'llmdesk list', hf:OWNER/REPO/FILE.gguf, or a model behind an OpenAI-compatible API: openai:URL#MODEL, openai:NAME (from endpoints.toml); BASE+ADAPTER[:SCALE] applies a LoRA adapter (a LoRA GGUF, a 'tune -o' or PEFT folder, or one imported into the store; '+' again for more). Default: $LLMDESK_MODEL.")]
 SystemOpt = Annotated[Optional[str], typer.Option("--system", help="System prompt.")]
 MaxTokensOpt = Annotated[int, typer.Option("-n", "--max-tokens", help="Most tokens to generate (-1: until the context is full).")]
 TempOpt = Annotated[float, typer.Option("-t", "--temperature", help="0 is greedy (always the most likely token).")]
@@ -34,7 +34,7 @@ TemplateOpt = Annotated[Optional[str], typer.Option("--template", help="Chat tem
 NoLogOpt = Annotated[bool, typer.Option("--no-log", help="Do not record this conversation in 'llmdesk logs'.")]
 PromptOpt = Annotated[Optional[str], typer.Option("-p", "--prompt", help="A prompt template ('llmdesk prompt list') or a .yaml file: its system prompt, exemplars, task, format and settings.")]
 VarOpt = Annotated[Optional[list[str]], typer.Option("-v", "--var", help="A prompt template's variable: NAME=VALUE (repeatable; NAME=@FILE reads a file).")]
-LoraOpt = Annotated[Optional[list[str]], typer.Option("--lora", help="Apply a LoRA adapter: ADAPTER.gguf[:SCALE], a llama.cpp LoRA GGUF made for this model ('llmdesk convert --lora'); repeatable, scale 1 by default.")]
+LoraOpt = Annotated[Optional[list[str]], typer.Option("--lora", help="Apply a LoRA adapter: ADAPTER.gguf[:SCALE], a llama.cpp LoRA GGUF made for this model ('llmdesk convert --lora'); repeatable, scale 1 by default, after those of -m BASE+ADAPTER.")]
 
 
 def default_model_ref(model: str | None) -> str:
@@ -65,7 +65,7 @@ def _load(model: str | None, ctx: int | None, threads: int | None, template: str
     ref = default_model_ref(model)
     with err.status(f"loading {ref} ...", spinner="dots"):
         return load(ref, ctx=ctx, threads=threads, template=template, gpu_layers=parse_gpu_layers(gpu_layers),
-                    lora=adapters)
+                    lora=adapters, say=lambda text: err.print(text, style="dim", markup=False))
 
 
 def _explicit(context, kw: dict) -> dict:

@@ -7,10 +7,9 @@ LoRA adapters (`ModelChoice`, `resolve_choice`).
     resolve_choice("tiny.gguf+out/adapter.gguf:0.5+terse.gguf")   # two adapters, one at half
     resolve_choice("openai:http://h/v1#tiny+style")   # the endpoint applies it (llmdesk serve)
 
-After the `+`: a LoRA GGUF (`llmdesk convert --lora`, `tune --lora-gguf`), a folder `llmdesk
-tune -o` wrote (its adapter.gguf, else its PEFT adapter), a PEFT adapter folder (converted once
-against the base, kept in the cache), or NAME[:TAG] of an adapter GGUF imported into the store;
-`:SCALE` after it scales it (1 by default).
+`BASE+ADAPTER` is read as `llmdesk.load`, `run`, `chat` and `serve -m` read it
+(runtime/adapters.py): after the `+` a LoRA GGUF, a `tune -o` or PEFT folder, or an adapter in
+the store, with `:SCALE` after it.
 """
 
 from __future__ import annotations
@@ -41,10 +40,10 @@ def resolve_model(ref: str | os.PathLike, *, say: Callable[[str], None] | None =
     from ..store import catalog, refs
 
     p = Path(ref).expanduser()
-    if ADAPTER_SEP in str(ref) and not p.exists():
+    if "+" in str(ref) and not p.exists():
         raise LlmdeskError(f"'{ref}': this command takes one model file, not a model with LoRA adapters "
-                           "(BASE+ADAPTER works with 'eval run', 'eval judge' and 'arena auto'); merge the adapter "
-                           "into the model first ('llmdesk tune --merge --gguf TYPE')")
+                           "(BASE+ADAPTER works with run, chat, serve, 'eval run', 'eval judge' and 'arena auto'); "
+                           "merge the adapter into the model first ('llmdesk tune --merge --gguf TYPE')")
     if p.is_dir() and (p / "config.json").is_file():
         return _convert_hf(p, say)
     r = refs.resolve(str(ref))
@@ -55,11 +54,6 @@ def resolve_model(ref: str | os.PathLike, *, say: Callable[[str], None] | None =
 
 # ---------------------------------------------------------------------------------------------
 # BASE+ADAPTER: a model with LoRA adapters applied to everything it computes
-
-ADAPTER_SEP = "+"
-ADAPTER_KINDS = ("a LoRA GGUF ('llmdesk convert --lora', 'tune --lora-gguf'), a PEFT adapter folder or a "
-                 "'tune -o' folder, or NAME[:TAG] of an adapter GGUF imported with 'llmdesk import'")
-
 
 @dataclass
 class ModelChoice:
@@ -93,27 +87,11 @@ class ModelChoice:
         return model
 
 
-def split_adapters(ref: str) -> tuple[str, list[str]]:
-    """`BASE+A+B` -> ("BASE", ["A", "B"]). A reference that names an existing file or folder as a
-    whole, or a remote one (its server resolves `+`), is not split."""
-    if ADAPTER_SEP not in ref or Path(ref).expanduser().exists():
-        return ref, []
-    from ..store.refs import REMOTE_PREFIX
-
-    if ref.startswith(REMOTE_PREFIX):
-        return ref, []
-    base, *adapters = ref.split(ADAPTER_SEP)
-    if not base.strip():
-        raise LlmdeskError(f"'{ref}': no model before '+'; write BASE+ADAPTER (e.g. qwen:q4+style)")
-    if any(not a.strip() for a in adapters):
-        raise LlmdeskError(f"'{ref}': no adapter after '+'; write BASE+ADAPTER, where ADAPTER is {ADAPTER_KINDS}")
-    return base, adapters
-
-
 def resolve_choice(ref: str | os.PathLike, *, say: Callable[[str], None] | None = None) -> ModelChoice:
     """What a model reference of `eval run`, `eval judge` or `arena auto` names (see the module):
-    every file found and every adapter checked against its base (llama.cpp's checks, from the
-    files' headers) before any model loads; one-line errors."""
+    every file found and every adapter checked against its base (runtime/adapters.py, as
+    `llmdesk.load` finds them) before any model loads; one-line errors."""
+    from ..runtime.adapters import adapted_name, find_adapters, split_adapters
     from ..store import refs
 
     text = str(ref)
@@ -125,93 +103,11 @@ def resolve_choice(ref: str | os.PathLike, *, say: Callable[[str], None] | None 
     found = refs.ModelRef("store" if m.store_name else "file", m.name, path=m.path)
     if not adapters:
         return ModelChoice(found, m.name, m.sha256, [], m)
-    from ..formats.gguf import read_gguf
-    from ..formats.lora_gguf import lora_mismatch
-    from ..runtime.model import lora_spec
-
-    base_info = read_gguf(m.path)
-    lora, labels, digest = [], [], hashlib.sha256(m.sha256.encode())
-    for a in adapters:
-        got = _find_adapter(a, m, say) or _scaled(a, m, say)
-        if got is None:
-            raise LlmdeskError(f"'{text}': no LoRA adapter '{a}' (no such file, folder or store name); "
-                               f"give {ADAPTER_KINDS}")
-        path, label, sha, scale = got
-        why = lora_mismatch(read_gguf(path), base_info, (label, m.name))
-        if why is not None:
-            raise LlmdeskError(f"'{text}': {why}")
-        path, scale = lora_spec((path, scale))  # a finite scale
-        lora.append((path, scale))
-        labels.append(label + (f":{scale:g}" if scale != 1.0 else ""))
-        digest.update(f"+{sha}:{scale!r}".encode())
-    return ModelChoice(found, m.name + "".join(ADAPTER_SEP + x for x in labels), digest.hexdigest(), lora, m)
-
-
-def _scaled(text: str, base: MeasuredModel, say) -> tuple[Path, str, str, float] | None:
-    """ADAPTER:SCALE (tried when ADAPTER:SCALE as a whole names nothing)."""
-    head, sep, tail = text.rpartition(":")
-    if not sep or not head:
-        return None
-    try:
-        scale = float(tail)
-    except ValueError:
-        if Path(head).expanduser().is_file():
-            raise LlmdeskError(f"LoRA adapter '{text}': the scale after the last colon must be a number, not "
-                               f"{tail!r} (write ADAPTER or ADAPTER:SCALE)") from None
-        return None
-    got = _find_adapter(head, base, say)
-    return None if got is None else (*got[:3], scale)
-
-
-def _find_adapter(text: str, base: MeasuredModel, say) -> tuple[Path, str, str, float] | None:
-    """(LoRA GGUF, label, sha256, scale 1) of an adapter reference, or None when it names nothing."""
-    from ..store import catalog, refs
-
-    p = Path(text).expanduser()
-    if p.is_file():
-        return p, p.name, catalog.sha256_file(p, progress=False), 1.0
-    if p.is_dir():
-        label = p.resolve().name
-        if (p / "adapter.gguf").is_file():  # what `tune -o DIR --lora-gguf` writes
-            return p / "adapter.gguf", label, catalog.sha256_file(p / "adapter.gguf", progress=False), 1.0
-        peft = next((d for d in (p, p / "adapter") if (d / "adapter_config.json").is_file()), None)
-        if peft is None:
-            raise LlmdeskError(f"{text}: a folder with no LoRA adapter in it (adapter.gguf, or a PEFT adapter's "
-                               "adapter_config.json)")
-        path, sha = _converted(peft, base, say)
-        return path, label, sha, 1.0
-    if refs.looks_like_path(text):
-        return None
-    try:
-        name, tag = catalog.parse_name(text)
-    except LlmdeskError:
-        return None
-    entry = catalog.get(name, tag)
-    if entry is None or not entry.path.is_file():
-        return None
-    return entry.path, entry.ref, entry.sha256, 1.0
-
-
-def _converted(folder: Path, base: MeasuredModel, say) -> tuple[Path, str]:
-    """A PEFT adapter folder as a LoRA GGUF for `base`, converted once and kept in the cache
-    (keyed by the folder's files and the base), as `llmdesk convert --lora` writes it."""
-    from ..formats.lora_gguf import convert_lora
-    from ..store import paths
-
-    h = hashlib.sha256(base.sha256.encode())
-    for f in sorted(folder.iterdir()):
-        if f.is_file():
-            h.update(f.name.encode())
-            with open(f, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(block)
-    key = h.hexdigest()
-    out = paths.cache_dir() / "lora" / f"{key[:32]}.gguf"
-    if not out.is_file():
-        if say:
-            say(f"converting the PEFT adapter {folder} to a LoRA GGUF for {base.name} first")
-        convert_lora(folder, base.path, out)
-    return out, key
+    chosen = find_adapters(text, adapters, found, base_sha256=m.sha256, say=say)
+    digest = hashlib.sha256(m.sha256.encode())
+    for a in chosen:
+        digest.update(f"+{a.sha256}:{a.scale!r}".encode())
+    return ModelChoice(found, adapted_name(m.name, chosen), digest.hexdigest(), [(a.path, a.scale) for a in chosen], m)
 
 
 def _convert_hf(folder: Path, say: Callable[[str], None] | None) -> MeasuredModel:

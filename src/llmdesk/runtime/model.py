@@ -7,7 +7,6 @@ same calls.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ from ..errors import LlmdeskError
 from ..formats.gguf import GGUFInfo, read_gguf
 from . import limits
 from .engine import Engine, Request, Result, ScoreRequest, ScoreResult, Stream, sampling_params
+from .adapters import lora_spec
 from .llama import LlamaModel, LoraAdapter
 from .templates import ChatTemplate, resolve_template
 
@@ -55,28 +55,6 @@ class Completion:
                 for t in self.logprobs
             ]
         return d
-
-
-def lora_spec(item: Any) -> tuple[Path, float]:
-    """(path, scale) of one adapter: a (path, scale) pair, or a path with an optional ":SCALE"
-    ("style.gguf:0.5", what `--lora` takes; the scale defaults to 1)."""
-    if isinstance(item, (tuple, list)):
-        if len(item) != 2:
-            raise LlmdeskError(f"a LoRA adapter is a path or a (path, scale) pair, not {item!r}")
-        path, scale = item
-    else:
-        path, scale = str(item), 1.0
-        head, sep, tail = path.rpartition(":")
-        if sep and head and not tail.startswith(("/", "\\")):  # "a.gguf:0.5" (not "C:\\x.gguf")
-            try:
-                path, scale = head, float(tail)
-            except ValueError:
-                if not Path(path).exists():
-                    raise LlmdeskError(f"LoRA adapter '{item}': the scale after the last colon must be a number, "
-                                       f"not {tail!r} (write ADAPTER.gguf or ADAPTER.gguf:SCALE)") from None
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise LlmdeskError(f"LoRA adapter {path}: the scale must be a finite number, not {scale!r}")
-    return Path(path).expanduser(), float(scale)
 
 
 class Model:
@@ -370,16 +348,21 @@ class Model:
 
 def load(ref, *, ctx: int | None = None, threads: int | None = None, slots: int = 1,
          template: str | None = None, gpu_layers: int = 0, kv_unified: bool = False, lora: list | None = None,
-         adapters: dict | None = None):
+         adapters: dict | None = None, say=None):
     """Load a model by reference (a string, a Path or a store.refs.ModelRef): a .gguf path,
     NAME[:TAG] in the store or hf:OWNER/REPO/FILE.gguf gives a Model; openai:URL#MODEL or
     openai:NAME (an endpoint in endpoints.toml) gives a runtime.remote.RemoteModel, with the same
     calls. For a remote model ctx, threads, slots, gpu_layers and kv_unified are its server's
-    business. `lora`: LoRA adapters to apply, `adapters`: LoRA adapters requests may choose (see
-    `Model`), local models only."""
-    from ..store.refs import ModelRef, resolve
+    business. `BASE+ADAPTER[:SCALE][+...]` names a local model with LoRA adapters applied to
+    everything it computes (a LoRA GGUF, a `tune -o` or PEFT folder, an adapter in the store:
+    runtime/adapters.py), each checked against the base before it loads; the Model is named
+    so (`BASE+ADAPTER`). `lora`: more LoRA adapters to apply, after those; `adapters`: LoRA
+    adapters requests may choose (see `Model`), local models only. `say(text)` hears what is
+    done first (a PEFT folder converted once)."""
+    from ..store.refs import ModelRef
+    from .adapters import adapted_name, resolve
 
-    found = ref if isinstance(ref, ModelRef) else resolve(str(ref), allow_remote=True)
+    found, chosen = (ref, []) if isinstance(ref, ModelRef) else resolve(str(ref), say=say)
     if found.is_remote:
         from .remote import RemoteModel
 
@@ -389,5 +372,6 @@ def load(ref, *, ctx: int | None = None, threads: int | None = None, slots: int 
         if lora or adapters:
             raise LlmdeskError(f"{found.name} is a remote model: LoRA adapters can only be applied to a local GGUF")
         return RemoteModel(found)
-    return Model(found.path, name=found.name, ctx=ctx, threads=threads, slots=slots, template=template,
-                 gpu_layers=gpu_layers, kv_unified=kv_unified, lora=lora, adapters=adapters)
+    return Model(found.path, name=adapted_name(found.name, chosen), ctx=ctx, threads=threads, slots=slots,
+                 template=template, gpu_layers=gpu_layers, kv_unified=kv_unified,
+                 lora=[(a.path, a.scale) for a in chosen] + list(lora or []), adapters=adapters)
