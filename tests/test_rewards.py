@@ -220,6 +220,24 @@ def test_dpo_and_grpo_refuse_several_processes(base, tmp_path, monkeypatch):  # 
         run("dpo", base, data, tmp_path / "out")
 
 
+@pytest.mark.parametrize("template, stops", [
+    (None, ["<|endoftext|>", "<|im_end|>"]),  # the base's own ChatML: turns end with <|im_end|>, text with eos
+    ("{% for m in messages %}{{ m['content'] + eos_token }}{% endfor %}", ["<|endoftext|>"]),  # turns end with eos
+    ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] }}\n{% endfor %}", ["<|endoftext|>"]),  # no token
+])
+def test_grpo_sampling_stops_where_sft_trains_the_turn_to_end(base, template, stops):  # noqa: F811
+    from llmdesk.train.rewards import _stop_at_end_of_turn
+
+    tok = transformers.AutoTokenizer.from_pretrained(base)
+    model = transformers.AutoModelForCausalLM.from_pretrained(base)
+    assert tok.eos_token == "<|endoftext|>"
+    if template is not None:
+        tok.chat_template = template
+    _stop_at_end_of_turn(model, tok)
+    eos = model.generation_config.eos_token_id
+    assert tok.convert_ids_to_tokens(eos if isinstance(eos, list) else [eos]) == stops
+
+
 def test_grpo_completions_end_with_the_assistant_turn(base, tmp_path):  # noqa: F811
     """The tiny ChatML model's end of text is <|endoftext|>, its turns end with <|im_end|>: once it
     has learnt the task, its sampled completions stop at <|im_end|>, so `exact` can match them

@@ -32,6 +32,7 @@ from llmdesk.train.sft_data import (
     Row,
     build_dataset,
     build_example,
+    end_of_turn_token,
     inspect,
     read_rows,
 )
@@ -461,6 +462,29 @@ def test_a_template_without_special_terminators_trains_each_answer_only():
              "{% if add_generation_prompt %}assistant: {% endif %}")
     ex = build_example(Row("chat.jsonl:1", CHAT), tok, chat_template=_jinja(plain))
     assert trained_spans(tok, ex) == [m["content"] for m in CHAT if m["role"] == "assistant"]
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_the_end_of_turn_token_is_the_one_trained_after_each_answer(name):
+    """end_of_turn_token (where GRPO's sampling stops) is the token SFT trains at the end of every
+    answer: the template's own end of turn (<|im_end|>, <|eot_id|>, <end_of_turn>, Phi-3's <|end|>
+    before its final EOS), or the EOS where the template ends turns with it (Llama 2, Mistral)."""
+    fam, tok = FAMILIES[name], make_tokenizer(name)
+    mark = end_of_turn_token(tok)
+    assert mark == fam.end.strip()
+    ex = build_example(Row("chat.jsonl:1", CHAT[1:]), tok)  # no system message: not every template takes one
+    ends = [label for label, after in zip(ex.labels, [*ex.labels[1:], IGNORE]) if label != IGNORE and after == IGNORE]
+    assert ends == [tok.convert_tokens_to_ids(mark)] * 3
+
+
+def test_no_end_of_turn_token_without_one_in_the_template():
+    """A template that ends turns with a newline, or no template at all: no token to stop on."""
+    tok = make_tokenizer("chatml")
+    plain = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    assert end_of_turn_token(tok, _jinja(plain)) == ""
+    tok.chat_template = None
+    assert end_of_turn_token(tok) == ""
+    assert end_of_turn_token(tok, "chatml") == "<|im_end|>"  # given by name
 
 
 def _jinja(source: str) -> str:

@@ -244,23 +244,21 @@ def _prepare(base, cfg: RewardConfig):
 
 def _stop_at_end_of_turn(model, tok) -> None:
     """Sampling stops where the chat template ends an assistant turn (ChatML's <|im_end|>, Llama 3's
-    <|eot_id|>) as well as at the end of text: a model whose tokenizer's eos is <|endoftext|> ends
-    its turns with <|im_end|>, and without this every completion ran on to the token limit (TRL's
-    GRPO and `mean_reward` stop at `generation_config.eos_token_id`), so `exact` never matched."""
-    if not getattr(tok, "chat_template", None):
-        return
-    mark = "\u2063answer\u2063"
-    text = tok.apply_chat_template([{"role": "user", "content": "q"}, {"role": "assistant", "content": mark}],
-                                   tokenize=False)
-    after = tok(text.split(mark, 1)[-1], add_special_tokens=False).input_ids
-    special = set(tok.all_special_ids) | {i for i, t in getattr(tok, "added_tokens_decoder", {}).items() if t.special}
-    if not after or after[0] not in special:
+    <|eot_id|>: the token SFT trains after each answer) as well as at the end of text: a model whose
+    tokenizer's eos is <|endoftext|> ends its turns with <|im_end|>, and without this every
+    completion ran on to the token limit (TRL's GRPO and `mean_reward` stop at
+    `generation_config.eos_token_id`), so `exact` never matched."""
+    from .sft_data import end_of_turn_token
+
+    mark = end_of_turn_token(tok)
+    if not mark:
         return
     cfg = model.generation_config
     eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id, tok.eos_token_id]
     eos = list(dict.fromkeys(i for i in eos if i is not None))
-    if after[0] not in eos:
-        cfg.eos_token_id = [*eos, after[0]]
+    end = tok.convert_tokens_to_ids(mark)
+    if end not in eos:
+        cfg.eos_token_id = [*eos, end]
 
 
 def _trainer_args(cls, cfg: RewardConfig, out: Path, device: str, **extra):

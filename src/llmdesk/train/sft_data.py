@@ -444,11 +444,11 @@ def _check_turns(where: str, messages: list[dict], problems: _Problems) -> bool:
 class _Prepared:
     """What a tokenizer and template need once, not per row."""
 
-    def __init__(self, tokenizer: Any, chat_template: str | None) -> None:
+    def __init__(self, tokenizer: Any, chat_template: str | None, *, offsets: bool = True) -> None:
         self.tokenizer = tokenizer
         self.chat_template = chat_template
         self._template = None
-        if not getattr(tokenizer, "is_fast", False):
+        if offsets and not getattr(tokenizer, "is_fast", False):
             raise LlmdeskError("the tokenizer is not a fast tokenizer: llmdesk needs one (a tokenizer.json) "
                                "to map rendered text to tokens")
         self.bos_id = tokenizer.bos_token_id
@@ -464,14 +464,20 @@ class _Prepared:
         self.markers = sorted((m for m in markers if m), key=len, reverse=True)
 
     @property
+    def own_template(self) -> str | None:
+        """The tokenizer's own chat template (of several named ones, the default), if it has one."""
+        own = getattr(self.tokenizer, "chat_template", None)
+        if isinstance(own, dict):
+            own = own.get("default")
+        return own if own and own.strip() else None
+
+    @property
     def template(self):
         if self._template is None:
             from llmdesk.runtime.templates import resolve_template
 
-            own = getattr(self.tokenizer, "chat_template", None)
-            if isinstance(own, dict):  # several named templates: the default one
-                own = own.get("default")
-            if not self.chat_template and not (own and own.strip()):
+            own = self.own_template
+            if not self.chat_template and not own:
                 raise LlmdeskError("the tokenizer has no chat template, so chat rows cannot be rendered: give one "
                                    "(--chat-template chatml, llama-3, ... or a .jinja file)")
             self._template = resolve_template(own, self.chat_template,
@@ -484,6 +490,16 @@ class _Prepared:
             return self.template.render(messages, add_generation_prompt=add_generation_prompt)
         except LlmdeskError as e:
             raise LlmdeskError(f"{source}: {e}") from None
+
+    def end_of_turn(self, upto: list[dict], source: str, marked: str | None = None) -> str:
+        """What the template writes after the content of the assistant turn `upto` ends with, to
+        end it (the terminator of that tail): found in a render of the conversation ending with this
+        turn, its content SENTINEL (`marked`, when already rendered), so that no next turn is taken
+        for it."""
+        if marked is None:
+            marked = self.render([*upto[:-1], {**upto[-1], "content": SENTINEL}], source)
+        tail = marked[marked.find(SENTINEL) + len(SENTINEL):] if SENTINEL in marked else ""
+        return self.terminator(tail)
 
     def terminator(self, after: str, *, specials_only: bool = False) -> str:
         """The end-of-turn text the model must learn to write: what the template writes after the
@@ -577,12 +593,8 @@ def _assistant_spans(row: Row, prep: _Prepared, full: str) -> list[tuple[int, in
 
 def _terminator(full: str, end: int, prep: _Prepared, upto: list[dict], marked: str | None, source: str) -> str:
     """What the template writes after an answer's content to end the turn, as it stands in `full`
-    after `end`: found in a render of the conversation ending with this turn (so that the next
-    turns are not taken for it), up to its first special token."""
-    if marked is None:
-        marked = prep.render([*upto[:-1], {**upto[-1], "content": SENTINEL}], source)
-    tail = marked[marked.find(SENTINEL) + len(SENTINEL):] if SENTINEL in marked else ""
-    term = prep.terminator(tail)
+    after `end`, up to its first special token."""
+    term = prep.end_of_turn(upto, source, marked)
     if full.startswith(term, end):
         return term
     special = prep.terminator(full[end:], specials_only=True)  # the turn ends differently mid-conversation
@@ -627,6 +639,17 @@ def _covered(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> li
             k += 1
         out.append(end > start and k < len(spans) and spans[k][0] < end)
     return out
+
+
+def end_of_turn_token(tokenizer: Any, chat_template: str | None = None) -> str:
+    """The token the chat template ends an assistant turn with (`<|im_end|>`, `<|eot_id|>`,
+    `</s>`, `<end_of_turn>`, `<|end|>`): what SFT trains after each answer, and where sampling a
+    reply stops. "" when the template ends turns with no added token, or there is no template."""
+    prep = _Prepared(tokenizer, chat_template, offsets=False)
+    if not (chat_template or prep.own_template):
+        return ""
+    turn = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": SENTINEL}]
+    return prep.first_marker(prep.end_of_turn(turn, "the chat template"))
 
 
 def build_example(row: Row, tokenizer: Any, *, chat_template: str | None = None,
