@@ -307,6 +307,11 @@ def test_bad_input_is_one_line_each_and_the_rest_goes_in(corpus, tmp_path, tiny_
     assert "no such file or folder" in msgs[str(tmp_path / "missing.md")]
     with index.connect() as c:
         assert c.execute("SELECT count(*) FROM documents").fetchone()[0] == 1
+    # sync tries again what can change (a PDF that gets repaired), not a missing path or a kind never read
+    r = ingest.sync("kb")
+    assert r.added == 0 and r.unchanged == 1
+    assert not {str(bad / "data.xyz"), str(tmp_path / "missing.md")} & set(dict(r.errors))
+    assert "encrypted" in dict(r.errors)[str(bad / "locked.pdf")]
 
     # a collection that does not exist
     for call in (lambda: search("x", "nope"), lambda: ingest.sync("nope"), lambda: ingest.remove("nope")):

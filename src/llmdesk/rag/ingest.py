@@ -249,7 +249,7 @@ def add(paths: Iterable[str | os.PathLike], collection: str = "default", *, incl
         for p in paths:
             path = Path(p).expanduser().absolute()
             found = gather(path, include, exclude, report, on_event)
-            if path.exists():
+            if path.is_dir() or (path.is_file() and supported(path)):  # what `sync` can read again
                 sources.append((str(path), include, exclude))
             files.extend(found)
         old = prior = None
@@ -334,7 +334,7 @@ def sync(collection: str = "default", *, embedder=None,
         files: list[Path] = []
         for row in c.execute("SELECT path, include, exclude FROM sources WHERE collection_id = ?", (col.id,)).fetchall():
             p = Path(row["path"])
-            if p.exists():
+            if p.is_dir() or (p.is_file() and supported(p)):
                 files.extend(gather(p, json.loads(row["include"]), json.loads(row["exclude"]), report, on_event))
         state = _State(c, collection, col, None, embedder, report, on_event, None, None)
         state.ingest(list(dict.fromkeys(files)))
