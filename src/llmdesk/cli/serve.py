@@ -17,7 +17,7 @@ from .run import GpuLayersOpt
 
 @app.command()
 def serve(
-    model: Annotated[Optional[list[str]], typer.Option("-m", "--model", help="A model to serve (repeatable; the first is the default): a .gguf path, NAME[:TAG] from 'llmdesk list', or hf:OWNER/REPO/FILE.gguf. Default: $LLMDESK_MODEL or the bundled demo model. Models in the store are served too, loaded on first use.")] = None,
+    model: Annotated[Optional[list[str]], typer.Option("-m", "--model", help="A model to serve (repeatable; the first is the default): a .gguf path, NAME[:TAG] from 'llmdesk list', or hf:OWNER/REPO/FILE.gguf; BASE+ADAPTER[:SCALE] serves BASE with a LoRA adapter (as 'llmdesk run' takes it), answering as BASE+ADAPTER and, for the first, to requests that name no model. Default: $LLMDESK_MODEL or the bundled demo model. Models in the store are served too, loaded on first use.")] = None,
     host: Annotated[str, typer.Option("--host", help="Address to listen on. Anything but 127.0.0.1/localhost needs --api-key (or --insecure).")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8080,
     parallel: Annotated[int, typer.Option("--parallel", help="Requests per model decoded together (slots); each gets its own --ctx tokens.")] = 4,
@@ -57,6 +57,7 @@ def serve(
             if not list_models():
                 raise
             refs = []  # no default model, but the store has some: requests name one
+    refs, adapters, first = _with_adapters(refs, parse_lora(lora or []))
     cfg = ServeConfig(models=refs, host=host, port=port, parallel=parallel, ctx=ctx, threads=threads,
                       gpu_layers=parse_gpu_layers(gpu_layers),
                       api_key=api_key, insecure=insecure, keep_alive=parse_duration(keep_alive, "--keep-alive"),
@@ -65,7 +66,7 @@ def serve(
                       max_memory=parse_size(max_memory, "--max-memory") if max_memory else None,
                       template=template, log_prompts=log_prompts, header_timeout=header_timeout,
                       body_timeout=body_timeout, max_connections=max_connections, request_timeout=request_timeout,
-                      lora=parse_lora(lora or []), mcp_servers=_mcp_config(mcp), allow_tools=list(allow_tool or []),
+                      lora=adapters, default_adapters=first, mcp_servers=_mcp_config(mcp), allow_tools=list(allow_tool or []),
                       allow_all_tools=yes)
     cfg.check()
     _configure_logging()
@@ -74,6 +75,7 @@ def serve(
                   "machine can use it", style="bold yellow", markup=False)
     from ..serve.app import create_app
     from ..serve.errors import APIError
+    from ..serve.models import variant_name
 
     try:
         n = len(cfg.mcp_servers)
@@ -87,7 +89,8 @@ def serve(
     tools = application.state.mcp_tools
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     url = f"http://[{shown}]:{port}" if ":" in shown else f"http://{shown}:{port}"
-    default = state.models.default.name if state.models.default else "none (requests name a model)"
+    default = (variant_name(state.models.default.name, [(n, None) for n in first]) if state.models.default
+               else "none (requests name a model)")
 
     def banner() -> None:  # once the socket listens: the addresses it gives can be used at once
         err.print(f"llmdesk {_version()} serving {default} · {parallel} slots per model", markup=False)
@@ -108,6 +111,30 @@ def serve(
     from ..serve.server import run
 
     run(application, host=host, port=port, on_ready=banner)  # limits and timeouts from cfg, through application.state
+
+
+def _with_adapters(refs: list[str], lora: dict) -> tuple[list[str], dict, list[str]]:
+    """-m BASE+ADAPTER (runtime/adapters.py, as 'llmdesk run' reads it): BASE is served, and each
+    adapter is loaded beside it as --lora NAME=ADAPTER would load it, NAME as 'run' names it
+    (the file's or folder's name, NAME:TAG in the store) -> (the -m models, the --lora
+    adapters, the names a request that names no model gets: the first model's)."""
+    from ..runtime.adapters import resolve, split_adapters
+
+    models, first = [], []
+    for i, ref in enumerate(refs):
+        base, texts = split_adapters(ref)
+        models.append(base)
+        if not texts:
+            continue
+        _found, chosen = resolve(ref, say=lambda text: err.print(text, style="dim", markup=False))
+        for a in chosen:
+            given = (a.path.resolve(), a.scale)
+            if lora.setdefault(a.label, given) != given:
+                raise LlmdeskError(f"-m {ref}: another adapter is already named {a.label!r} (with --lora or another "
+                                   "-m); name one apart with --lora NAME=ADAPTER.gguf")
+        if i == 0:
+            first = [a.label for a in chosen]
+    return models, lora, first
 
 
 def _mcp_config(path: Path | None) -> list:

@@ -44,6 +44,8 @@ class ServeConfig:
     max_connections: int = 1024  # open at once; past it idle ones make room, or 503
     # --lora: LoRA adapters loaded with the default model, chosen per request: name -> (path, scale)
     lora: dict = field(default_factory=dict)
+    # -m BASE+ADAPTER first: the --lora names a request that names no model gets (BASE+ADAPTER)
+    default_adapters: list[str] = field(default_factory=list)
     # --mcp: MCP servers (tools.mcp_client.ServerConfig) whose tools requests may ask the server
     # to run (serve/agent.py); only allowed tools run: --yes (all), --allow-tool, "alwaysAllow"
     mcp_servers: list = field(default_factory=list)

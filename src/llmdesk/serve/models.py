@@ -201,7 +201,7 @@ class ModelManager:
         """The model and LoRA adapters a request names: `BASE+A+B` and/or an `adapters` field
         (["A", ...] or [{"name": "A", "scale": 0.5}, ...]); [(name, scale or None)] in order.
         Raises APIError 404 for a name that is not served, 400 for a malformed field."""
-        names: list[str] = []
+        names: list[str] = [] if name else list(self.config.default_adapters)  # -m BASE+ADAPTER first
         try:
             src = self.find(name)
         except APIError:
