@@ -113,8 +113,8 @@ def _check_remote(ref: str) -> None:
     local = [a for a in model.split(ADAPTER_SEP)[1:] if _names_path(a, True)]
     if ADAPTER_SEP in target or local:
         raise LlmdeskError(f"'{ref}': a model behind an HTTP API cannot take a local LoRA adapter; serve the base "
-                           "with it ('llmdesk serve -m BASE --lora NAME=ADAPTER.gguf') and name "
-                           "openai:URL#BASE+NAME, or run a local BASE+ADAPTER")
+                           "with it ('llmdesk serve -m BASE+ADAPTER') and name the variant it lists "
+                           "(openai:URL#BASE+NAME), or run BASE+ADAPTER locally")
 
 
 def resolve(ref: str, *, say: Callable[[str], None] | None = None):
