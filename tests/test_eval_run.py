@@ -431,6 +431,73 @@ def test_cli_run_compare_and_results(hf, tmp_path, capsys):
     assert code == 0 and o.count("mmlu, acc") == 4 and "n 12" in o and "n 8" in o
 
 
+def on_a_terminal(args: list[str], columns: int) -> str:
+    """What a terminal `columns` wide shows of a command (stdout and stderr, escapes removed)."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import termios
+
+    primary, secondary = pty.openpty()
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    p = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=secondary, stderr=secondary, env=env)
+    os.close(secondary)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(primary, 65536)
+        except OSError:  # the command has ended and closed its side
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(primary)
+    assert p.wait(timeout=120) == 0, shown
+    return re.sub(r"\x1b\[[0-9;]*m", "", shown.decode().replace("\r\n", "\n"))
+
+
+def test_cli_compare_fits_long_names_in_the_terminal(hf, tmp_path, capsys):
+    """BASE+ADAPTER with a long adapter name on a terminal 100 columns wide: each row is one line,
+    the name shortened in the middle (the base and the adapter's end kept), the whole name under
+    the table, and the plot's line last; piped, the names are whole."""
+    import subprocess
+
+    from conftest import llmdesk_exe
+    from llmdesk.formats.lora_gguf import write_lora_gguf
+    from test_lora import peft_model
+
+    mmlu_task(tmp_path / "mmlu", 4)
+    run_dir = tmp_path / "words-lora-rank16-lr1e-2-steps120-seed0"  # what `tune -o` writes: adapter.gguf
+    peft_model(hf["ckpt"]).save_pretrained(tmp_path / "peft")
+    write_lora_gguf(tmp_path / "peft", hf["ckpt"], run_dir / "adapter.gguf")
+    models = [str(hf["gguf"]), f"{hf['gguf']}+{run_dir}"]
+    code, o, e = run(capsys, "eval", "run", *models, "--task", "mmlu", "--data", tmp_path / "mmlu", "--shots", "0")
+    assert code == 0, e
+    long = f"{hf['gguf'].name}+{run_dir.name}"
+    assert f"\n{long}  acc " in o
+
+    compare = [llmdesk_exe(), "eval", "compare", *models, "--task", "mmlu"]
+    lines = on_a_terminal([*compare, "--plot", str(tmp_path / "c.png")], 100).splitlines()
+    assert max(len(ln) for ln in lines) <= 100, lines
+    assert lines[0].startswith("mmlu (0-shot, task ") and lines[1].split()[:2] == ["MODEL", "METRIC"]
+    rows = [ln.split() for ln in lines[2:6]]
+    assert [r[:2] for r in rows[:2]] == [[hf["gguf"].name, "acc"], [hf["gguf"].name, "acc_norm"]]
+    short = rows[2][0]
+    assert [r[:2] for r in rows[2:]] == [[short, "acc"], [short, "acc_norm"]] and rows[3][-1] == "(paired)"
+    head, tail = short.split("…")
+    assert long.startswith(head) and long.endswith(tail) and head.startswith(hf["gguf"].name + "+")
+    assert tail.endswith("seed0") and len(short) < len(long)
+    assert lines[6:] == [f"{short} = {long}", f"plot: {tmp_path / 'c.png'}"]
+
+    piped = subprocess.run(compare, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert piped.returncode == 0, piped.stderr
+    assert [ln.split()[0] for ln in piped.stdout.splitlines()[2:]] == [hf["gguf"].name] * 2 + [long] * 2
+    assert "…" not in piped.stdout and len(piped.stdout.splitlines()) == 6
+
+
 def test_cli_bad_input(tmp_path, capsys):
     mmlu_task(tmp_path / "mmlu", 4)
     data = ("--data", tmp_path / "mmlu")

@@ -77,6 +77,45 @@ def _stderr(se: float | None) -> str:
     return "n/a" if se is None else f"{se:.4f}"
 
 
+NAME_MIN = 12  # the narrowest a shortened model name gets, however narrow the terminal
+
+
+def _models_table(columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    """A results table: MODEL, then `columns` (numbers on the right), one row a line, columns two
+    spaces apart. In a terminal, a model name too long to leave the other columns room is
+    shortened in the middle (`tiny:f32+/home/…/words/adapter.gguf`: both ends kept, the base and
+    the adapter, the endpoint and the model) and given whole under the table; piped, names are
+    whole."""
+    from rich.cells import cell_len
+    from rich.markup import escape
+
+    heads = ("MODEL", *columns)
+    widths = [max(cell_len(x) for x in (h, *(r[i] for r in rows))) for i, h in enumerate(heads)]
+    room = max(NAME_MIN, out.width - sum(widths[1:]) - 2 * len(columns)) if out.is_terminal else widths[0]
+    short = {r[0]: _middle(r[0], room) for r in rows}
+    widths[0] = max(cell_len(x) for x in ("MODEL", *short.values()))
+
+    def line(cells) -> str:
+        pad = [" " * (w - cell_len(c)) for c, w in zip(cells, widths)]
+        return "  ".join(p + c if h in ("N", "SCORE ± STDERR", "DIFF ± STDERR") else c + p
+                         for h, c, p in zip(heads, cells, pad)).rstrip()
+
+    out.print(f"[bold]{escape(line(heads))}[/bold]")
+    for r in rows:
+        out.print(line((short[r[0]], *r[1:])), markup=False)
+    for name, cut in short.items():
+        if cut != name:
+            out.print(f"{cut} = {name}", markup=False)
+
+
+def _middle(name: str, width: int) -> str:
+    """`name` in at most `width` characters: its start and its end, with "…" for the middle."""
+    if len(name) <= width:
+        return name
+    head = (width - 1) // 2
+    return name[:head] + "…" + name[len(name) - (width - 1 - head):]
+
+
 @eval_app.command("run")
 def run_cmd(
     models: Annotated[List[str], typer.Argument(help="Models: .gguf files, NAME[:TAG], hf:..., HF checkpoint folders, openai:URL#MODEL; BASE+ADAPTER applies a LoRA adapter (a LoRA GGUF, a PEFT or 'tune -o' folder, or an adapter imported into the store; ADAPTER:SCALE scales it).")],
@@ -129,14 +168,9 @@ def run_cmd(
     for name, t in tasks:
         rows = [r for r in done if r.task == t.name]
         out.print(f"{t.name} ({_shots(rows[0].shots, seed)})", markup=False)
-        table = Table(box=None, pad_edge=False, header_style="bold")
-        for col in ("MODEL", "METRIC", "SCORE ± STDERR", "N"):
-            table.add_column(col, justify="left" if col in ("MODEL", "METRIC") else "right", overflow="fold",
-                             no_wrap=col != "MODEL")
-        for r in rows:
-            for k, m in r.metrics.items():
-                table.add_row(r.model, k, f"{m.value:.4f} ± {_stderr(m.stderr)}", str(r.n))
-        out.print(table)
+        _models_table(("METRIC", "SCORE ± STDERR", "N"),
+                      [(r.model, k, f"{m.value:.4f} ± {_stderr(m.stderr)}", str(r.n))
+                       for r in rows for k, m in r.metrics.items()])
 
 
 @eval_app.command("compare")
@@ -152,27 +186,25 @@ def compare_cmd(
     from ..eval.harness import identify
 
     c = cmp.compare([identify(ref, say=_say)[0] for ref in models], task)
-    if plot is not None:
-        _say(f"plot: {cmp.plot(c, plot)}")
+    drawn = cmp.plot(c, plot) if plot is not None else None
     if as_json:
         out.print_json(data=c.to_dict())
-        return
-    out.print(f"{c.task} ({_shots(c.shots, c.seed)}, task {c.task_sha256[:8]}); differences to {c.entries[0].model}",
-              markup=False)
-    table = Table(box=None, pad_edge=False, header_style="bold")
-    for col in ("MODEL", "METRIC", "SCORE ± STDERR", "N", "DIFF ± STDERR", "BEYOND NOISE"):
-        table.add_column(col, justify="right" if col in ("N", "SCORE ± STDERR", "DIFF ± STDERR") else "left",
-                         overflow="fold", no_wrap=col != "MODEL")
-    for e in c.entries:
-        for k in c.metrics:
-            m, d = e.metrics[k], e.diff.get(k)
-            if d is None:
-                diff = ("", "")
-            else:
-                noise = ("yes" if d.significant else "no") + (" (paired)" if d.paired else "")
-                diff = (f"{d.value:+.4f} ± {_stderr(d.stderr)}", noise)
-            table.add_row(e.model, k, f"{m.value:.4f} ± {_stderr(m.stderr)}", str(e.n), *diff)
-    out.print(table)
+    else:
+        out.print(f"{c.task} ({_shots(c.shots, c.seed)}, task {c.task_sha256[:8]}); differences to "
+                  f"{c.entries[0].model}", markup=False)
+        rows = []
+        for e in c.entries:
+            for k in c.metrics:
+                m, d = e.metrics[k], e.diff.get(k)
+                if d is None:
+                    diff = ("", "")
+                else:
+                    noise = ("yes" if d.significant else "no") + (" (paired)" if d.paired else "")
+                    diff = (f"{d.value:+.4f} ± {_stderr(d.stderr)}", noise)
+                rows.append((e.model, k, f"{m.value:.4f} ± {_stderr(m.stderr)}", str(e.n), *diff))
+        _models_table(("METRIC", "SCORE ± STDERR", "N", "DIFF ± STDERR", "BEYOND NOISE"), rows)
+    if drawn is not None:
+        _say(f"plot: {drawn}")
 
 
 @eval_app.command("ppl")
