@@ -162,7 +162,7 @@ def wrong(other_base, tmp_path):
     ("openai:http://127.0.0.1:9/v1#tiny", ("--lora", "{lora}"), "is a remote model: LoRA adapters can only"),
 ])
 def test_bad_references_are_one_line(hf, tuned, wrong, ref, extra, says):
-    """`run` and `chat` stop in one line (and `llmdesk.load` raises that line) for an adapter that
+    """`run`, `chat` and `serve` stop in one line (and `llmdesk.load` raises it) for an adapter that
     does not exist, one made for another base (naming both), a bad scale, and a remote model
     with an adapter."""
     fill = dict(gguf=hf["gguf"], lora=tuned["lora"], wrong=wrong)
@@ -170,6 +170,8 @@ def test_bad_references_are_one_line(hf, tuned, wrong, ref, extra, says):
     one_line_error(*run_cli("run", "-m", ref, *extra, "--no-log", "hi")[::2], says)
     one_line_error(*run_cli("chat", "-m", ref, *extra, "--no-log")[::2], says)
     if not extra:
+        # (a port out of range: had the reference been taken, the start would stop there, not serve)
+        one_line_error(*run_cli("serve", "-m", ref, "--port", "-1")[::2], says)
         with pytest.raises(LlmdeskError) as e:
             llmdesk.load(ref)
         assert says in str(e.value) and "\n" not in str(e.value)

@@ -37,10 +37,11 @@ class MeasuredModel:
 def resolve_model(ref: str | os.PathLike, *, say: Callable[[str], None] | None = None) -> MeasuredModel:
     """A .gguf path, NAME[:TAG], hf:... or a Hugging Face checkpoint folder (converted to an f16
     GGUF in the store first, once)."""
+    from ..runtime.adapters import ADAPTER_SEP
     from ..store import catalog, refs
 
     p = Path(ref).expanduser()
-    if "+" in str(ref) and not p.exists():
+    if ADAPTER_SEP in str(ref) and not p.exists():
         raise LlmdeskError(f"'{ref}': this command takes one model file, not a model with LoRA adapters "
                            "(BASE+ADAPTER works with run, chat, serve, 'eval run', 'eval judge' and 'arena auto'); "
                            "merge the adapter into the model first ('llmdesk tune --merge --gguf TYPE')")
