@@ -8,18 +8,19 @@ python3-doc as Markdown (`--files` pages sampled, 0 = all 317), and as queries t
 the functions' own docstrings (`inspect.getdoc`), each with one relevant passage, the function's
 entry in the manual. A hit is relevant when it comes from that page and its character span
 overlaps the entry's. `--split dev` samples only pages outside the ones the reported figures
-come from (hybrid's vector weight was chosen there); `--style` rewords the queries
+come from (hybrid's weights were chosen there); `--style` rewords the queries
 (`rag_corpus.reword`: without the API's names, or without any word of the entry, where the
 vectors are the better list).
 
 The pages are added with `llmdesk.rag.ingest.add` to the collection `pydoc-f<files>-s<seed>[-dev]`
-in ~/.cache/llmdesk-bench-docs/home (LLMDESK_HOME; unchanged pages are skipped on a second run,
+in ~/.cache/llmdesk-bench-docs/home (LLMDESK_HOME, or `--home`; unchanged pages are skipped on a second run,
 the default embedding model is converted there once), then every query is searched in the three
 modes with `llmdesk.rag.search.search(k=10)`. Reported: recall@5 (the share of queries whose
 relevant entry is among the first 5 hits) and MRR@10 (the mean of 1/rank of the first relevant
 hit, 0 past rank 10) and ms per query, per mode, with a 95% bootstrap interval of hybrid's lead
 over the better of the other two (paired, over queries); which list finds what; and, over the
-same lists, the reciprocal rank fusion search.py used before and hybrid at other vector weights.
+same lists, the fusions search.py used before (reciprocal rank; scores with a fixed vector weight)
+and hybrid with other constants.
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ import rag_corpus  # benchmarks/, beside this script
 
 HOME = rag_corpus.CACHE / "home"
 MODES = ("bm25", "vector", "hybrid")
-WEIGHTS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # hybrid's vector weight, swept (search.VECTOR_WEIGHT)
+# hybrid's constants (search.VECTOR_WEIGHT, search.MATCH_POWER), compared on the same queries; power 0 is a
+# fixed vector weight (0.6 was search.py's before the weight followed how much of the query BM25 matched)
+SETTINGS = ((0.6, 0.0), (0.8, 0.0), (0.5, 1.0), (0.5, 1.5), (0.5, 2.0), (0.4, 1.5), (0.6, 1.5))
 STYLE_SAYS = {"docstring": "docstring summaries of functions documented in these pages",
               "no-names": "the same without the words of the function's name and signature",
               "unshared": "the same without any word of the function's entry in the manual"}
@@ -71,10 +74,11 @@ def main() -> None:
                          "API's names, or without any word of the relevant entry")
     ap.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: llama.cpp's)")
     ap.add_argument("--collection", default="pydoc")
+    ap.add_argument("--home", type=Path, default=HOME, help=f"LLMDESK_HOME of the collections (default: {HOME})")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
 
-    os.environ["LLMDESK_HOME"] = str(HOME)
+    os.environ["LLMDESK_HOME"] = str(args.home)
     from llmdesk.rag import ingest, search
 
     corpus, pool, manifest = rag_corpus.prepare()
@@ -103,24 +107,25 @@ def main() -> None:
             seconds[m] += time.perf_counter() - t
             ranks[m].append(rag_corpus.first_relevant(q, hits))
             top1[m].append(hits[0].chunk_id if hits else None)
-    # the fusion before this one, for reference: reciprocal rank over the top 40 of each list
-    # (what search(k=10) fused), and hybrid at other vector weights
+    # the fusions before, for reference: reciprocal rank over the top 40 of each list (what
+    # search(k=10) fused), and scores with a fixed vector weight; and hybrid with other constants
     rrf_ranks = []
     for q in queries:
         b, v = (search.search(q["query"], name, k=40, mode=m, embedder=model) for m in ("bm25", "vector"))
         rrf_ranks.append(rag_corpus.first_relevant(q, rrf(b, v)[:10]))
-    chosen = search.VECTOR_WEIGHT
-    by_weight = {}
-    for w in WEIGHTS:
-        search.VECTOR_WEIGHT = w
-        by_weight[w] = [rag_corpus.first_relevant(q, search.search(q["query"], name, k=10, embedder=model))
-                        for q in queries]
-    search.VECTOR_WEIGHT = chosen
+    chosen = (search.VECTOR_WEIGHT, search.MATCH_POWER)
+    by_setting = {}
+    for w, p in SETTINGS:
+        search.VECTOR_WEIGHT, search.MATCH_POWER = w, p
+        by_setting[w, p] = [rag_corpus.first_relevant(q, search.search(q["query"], name, k=10, embedder=model))
+                            for q in queries]
+    search.VECTOR_WEIGHT, search.MATCH_POWER = chosen
 
     result = {"command": " ".join(["benchmarks/rag_quality.py", *sys.argv[1:]]), "split": args.split,
               "style": args.style, "pages": len(pages), "characters": chars,
               "chunks": getattr(col, "chunks", None) or report.chunks, "queries": len(queries),
-              "embedding_model": model.name, "vector_weight": chosen, "modes": {}}
+              "embedding_model": model.name, "vector_weight": chosen[0],
+              "match_power": chosen[1], "modes": {}}
     print(f"{len(queries)} queries ({args.style} style: {STYLE_SAYS[args.style]}), {args.split} split\n")
     print(f"{'mode':<8} {'recall@5':>9} {'MRR@10':>8} {'ms/query':>9}")
     for m in MODES:
@@ -158,12 +163,13 @@ def main() -> None:
     result["rrf_c60"] = sc
     print(f"  reciprocal rank, 1/(60 + rank), top 40 each (the fusion before)  recall@5 {sc['recall@5']:.3f}  "
           f"MRR@10 {sc['mrr@10']:.3f}")
-    result["by_vector_weight"] = {}
-    for w, r in by_weight.items():
+    result["by_setting"] = {}
+    for (w, p), r in by_setting.items():
         sc = rag_corpus.scores(r)
-        result["by_vector_weight"][w] = sc
-        print(f"  score fusion, vector weight {w:.1f}{' (search.py)' if w == chosen else ''}"
-              f"{' ' * (13 if w != chosen else 1)}recall@5 {sc['recall@5']:.3f}  MRR@10 {sc['mrr@10']:.3f}")
+        result["by_setting"][f"w{w}-p{p}"] = sc
+        what = (f"score fusion, fixed vector weight {w:.1f}" + (" (the fusion before)" if w == 0.6 else "") if p == 0
+                else f"score fusion, w = 1 - {1 - w:.1f} * matched ** {p:g}" + (" (search.py)" if (w, p) == chosen else ""))
+        print(f"  {what:<64} recall@5 {sc['recall@5']:.3f}  MRR@10 {sc['mrr@10']:.3f}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
 

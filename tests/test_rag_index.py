@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from llmdesk.formats.synth import SynthConfig, write_llama_gguf
 from llmdesk.rag import index, ingest
 from llmdesk.rag.chunk import chunk
 from llmdesk.rag.extract import extract
-from llmdesk.rag.search import VECTOR_WEIGHT, fuse, search
+from llmdesk.rag.search import MATCH_POWER, VECTOR_WEIGHT, fuse, search
 
 # ---------------------------------------------------------------------------------------------
 # files of every kind
@@ -422,7 +423,16 @@ def test_hybrid_search_fuses_both_scores_of_every_candidate(tmp_path, tiny_gguf)
     # the lists disagree: one of the vectors' 4 has words of the query but is not among BM25's 4
     # (its BM25 is looked up, not taken as 0), and one has none of them (its BM25 is 0)
     assert any(c in b for c in vec4 - bm4) and any(c not in b for c in vec4)
-    cands, w = bm4 | vec4, VECTOR_WEIGHT
+    # the vectors' weight: BM25's best ("the garden hose waters the roses") holds two of the query's
+    # three words, each in 2 of the 8 chunks, so the same IDF (FTS5's: log((8 - 2 + .5) / (2 + .5)))
+    # and it matched 2/3 of the query's: w = 1 - (1 - VECTOR_WEIGHT) * (2/3) ** MATCH_POWER
+    best = search(query, "kb", mode="bm25", k=1)[0].text
+    idf = {word: math.log((8 - n + 0.5) / (n + 0.5)) for word in query.split()
+           for n in [sum(word in t for t in topics)]}
+    assert "roses" in best and "garden" in best and "kettle" not in best and len(set(idf.values())) == 1
+    matched = (idf["roses"] + idf["garden"]) / sum(idf.values())
+    cands, w = bm4 | vec4, 1 - (1 - VECTOR_WEIGHT) * matched ** MATCH_POWER
+    assert VECTOR_WEIGHT < w < 1
     top_b, top_v = max(b[c] for c in bm4), max(v[c] for c in vec4)
     want = {c: (1 - w) * b.get(c, 0.0) / top_b + w * (1 + v[c]) / (1 + top_v) for c in cands}
     seen = []
@@ -473,3 +483,24 @@ def test_vectors_find_paraphrases_and_bm25_finds_exact_names(tmp_path, minilm_gg
     # an exact code: BM25 has it at the top, and hybrid keeps it there
     assert search("HR-112", "hb", mode="bm25", k=1)[0].path.endswith("leave.md")
     assert search("HR-112", "hb", k=1)[0].path.endswith("leave.md")
+
+
+def test_hybrid_follows_bm25_where_it_matched_the_query_and_the_vectors_where_it_did_not(tmp_path, minilm_gguf):
+    d = tmp_path / "handbook"
+    d.mkdir()
+    for name, text in PASSAGES.items():
+        (d / name).write_text(text)
+    ingest.add([d], "hb", embedder=str(minilm_gguf))
+
+    # every word of the query is in one passage: it stays first, though the vectors prefer another
+    assert search("two working days", "hb", mode="vector", k=1)[0].path.endswith("leave.md")
+    assert search("two working days", "hb", mode="bm25", k=1)[0].path.endswith("laptop.md")
+    assert search("two working days", "hb", k=1)[0].path.endswith("laptop.md")
+
+    # no word in common with the passage that answers, one ("leave") with another: BM25's only
+    # candidate holds a small share of the query, so hybrid follows the vectors (a fixed weight put
+    # the leave passage first: any BM25 score outweighed the cosines' margin)
+    question = "where can I leave my car overnight?"
+    assert [h.path.rsplit("/", 1)[-1] for h in search(question, "hb", mode="bm25")] == ["leave.md"]
+    assert search(question, "hb", mode="vector", k=1)[0].path.endswith("parking.md")
+    assert search(question, "hb", k=1)[0].path.endswith("parking.md")

@@ -1,4 +1,4 @@
-"""Searching a collection: BM25 (FTS5), vectors (sqlite-vec KNN) or both fused by rank.
+"""Searching a collection: BM25 (FTS5), vectors (sqlite-vec KNN) or both, their scores fused.
 
     hits = search("how do I rotate the API key?", "default", k=5)          # hybrid
     hits = search("ERR_4021", mode="bm25")                                  # exact words only
@@ -14,13 +14,26 @@
   cosine), then fused by a convex combination of the two scores, each scaled from its
   theoretical minimum (BM25 0, cosine -1) to the best candidate's score:
 
-      score = (1 - w) * bm25 / max bm25  +  w * (1 + cos) / (1 + max cos)      w = VECTOR_WEIGHT
+      score = (1 - w) * bm25 / max bm25  +  w * (1 + cos) / (1 + max cos)
 
   (Bruch, Gai & Ingber, "An Analysis of Fusion Functions for Hybrid Retrieval", ACM TOIS 2023:
   their TM2C2). Unlike reciprocal rank fusion it keeps how far ahead a list's best is: a chunk
   whose words match far better than the next one's stays first though the vectors rank it
   8th, and a chunk the two lists both rank second or third does not pass it on agreement alone.
-  w was chosen on pages and queries apart from the ones reported (docs/documents-bench.md).
+
+  The vectors' weight w follows how much of the query BM25 actually matched: `matched` is the
+  share of the query's IDF (FTS5's own, per word or phrase, over the whole index) held by the
+  words that BM25's best candidate contains, and
+
+      w = 1 - (1 - VECTOR_WEIGHT) * matched ** MATCH_POWER
+
+  A query whose best BM25 candidate holds all its words keeps BM25's lead (w = VECTOR_WEIGHT);
+  one whose meaningful words are absent from it (BM25 found only its common words somewhere)
+  leans on the vectors (w near 1; no BM25 candidate at all: the vectors alone). A single w could
+  not serve both: the cosines of the top candidates differ by a few hundredths, so any BM25 share
+  decides the order, which is right where BM25 matched the query and wrong where it did not.
+  Both constants were chosen on pages and queries apart from the ones reported
+  (docs/documents-bench.md).
 
 `rerank(query, hits) -> hits` is the hook for a re-ranker (a cross-encoder, say): it gets the
 fused candidates (4k of them) and its order is kept, cut to k.
@@ -29,6 +42,7 @@ fused candidates (4k of them) and its order is kept, cut to k.
 from __future__ import annotations
 
 import json
+import math
 import re
 import warnings
 from collections.abc import Callable
@@ -40,7 +54,8 @@ from ..errors import LlmdeskError
 from . import index
 
 MODES = ("hybrid", "bm25", "vector")
-VECTOR_WEIGHT = 0.6  # w: the cosine's share of the hybrid score (chosen on the dev split, see above)
+VECTOR_WEIGHT = 0.5  # w, the cosine's share of the hybrid score, when BM25's best holds every word of the query
+MATCH_POWER = 1.5  # how fast w grows towards 1 as BM25's best matches less of the query (0: w is VECTOR_WEIGHT)
 CANDIDATES = 4  # each list gives k * CANDIDATES candidates to the fusion
 
 _STOP = set("""a an and are as at be but by can do does for from has have how i if in into is it its of on or
@@ -122,7 +137,8 @@ def search(query: str, collection: str = "default", *, k: int = 5, mode: str = "
         every, cos = dict(bm25), dict(vector)
         candidates = [cid for cid, _ in bm25[:n]] + [cid for cid, _ in vector]
         cos.update(_cosine_of(c, q, [cid for cid in candidates if cid not in cos]))
-        scored = fuse({cid: every.get(cid, 0.0) for cid in candidates}, cos)[:n]
+        w = vector_weight(_matched(c, query, bm25[0][0]) if bm25 else 0.0)
+        scored = fuse({cid: every.get(cid, 0.0) for cid in candidates}, cos, w)[:n]
     hits = _hits(c, scored)
     if rerank is not None:
         hits = list(rerank(query, hits))
@@ -138,6 +154,11 @@ def fuse(bm25: dict[int, float], cosine: dict[int, float], vector_weight: float 
     top_v = (1.0 + max(cosine.values(), default=0.0)) or 1.0
     fused = {cid: (1 - w) * bm25.get(cid, 0.0) / top_b + w * (1.0 + cos) / top_v for cid, cos in cosine.items()}
     return sorted(fused.items(), key=lambda x: (-x[1], x[0]))
+
+
+def vector_weight(matched: float) -> float:
+    """w for a query whose best BM25 candidate holds `matched` (0 to 1) of its IDF; see the module's doc."""
+    return 1.0 - (1.0 - VECTOR_WEIGHT) * matched ** MATCH_POWER
 
 
 def passages(collection: str = "default") -> list[Hit]:
@@ -163,6 +184,22 @@ def _bm25(c: index.Conn, col: index.Collection, query: str, n: int) -> list[tupl
                      "JOIN chunks ON chunks.id = chunks_fts.rowid WHERE chunks_fts MATCH ? AND chunks.collection_id = ? "
                      "ORDER BY s LIMIT ?", (q, col.id, n)).fetchall()
     return [(r[0], -r[1]) for r in rows]
+
+
+def _matched(c: index.Conn, query: str, top: int) -> float:
+    """The share of the query's IDF held by the terms (words or phrases of `fts_query`) that chunk
+    `top` contains. IDF as FTS5's bm25() computes it (sqlite's fts5_aux.c): log((N - n + 0.5) /
+    (n + 0.5)), at least 1e-6, n the chunks holding the term and N all chunks, over the whole index."""
+    terms = fts_query(query).split(" OR ")
+    rows = c.execute("SELECT count(*) FROM chunks").fetchone()[0]  # = the FTS index's rows (kept in step)
+    whole = held = 0.0
+    for term in terms:
+        n, mine = c.execute("SELECT count(*), coalesce(sum(rowid = ?), 0) FROM chunks_fts WHERE chunks_fts MATCH ?",
+                            (top, term)).fetchone()
+        idf = max(math.log((rows - n + 0.5) / (n + 0.5)), 1e-6)
+        whole += idf
+        held += idf if mine else 0.0
+    return held / whole if whole else 0.0
 
 
 def _cosine_of(c: index.Conn, q: np.ndarray, ids: list[int]) -> dict[int, float]:
