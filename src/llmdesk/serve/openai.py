@@ -772,7 +772,7 @@ async def embed_texts(lease, items: list, *, truncate: bool, metrics, time_limit
     def tokens() -> tuple[list[list[int]], int]:
         out, truncated = [], 0
         for i, it in enumerate(items):
-            toks = list(it) if isinstance(it, list) else model.tokenize(it)
+            toks = list(it) if isinstance(it, list) else model.embed_tokens(it)
             if not toks:
                 raise APIError(400, f"input[{i}] is empty", param="input")
             if len(toks) > n_ctx:
