@@ -376,8 +376,9 @@ class ModelManager:
         lm = LoadedModel(src, model, est, info, Gate(cfg.parallel, cfg.max_queue), keep_alive=cfg.keep_alive)
         lm.touch()
         self.metrics.inc("llmdesk_model_loads_total", model=src.name)
-        log.info("loaded %s in %.1f s: %d slots of %d tokens, about %s", src.name, time.perf_counter() - t0,
-                 cfg.parallel, model.n_ctx, est.describe())
+        room = (f"{cfg.parallel} slots of {model.n_ctx} tokens" if model.llama.causal
+                else f"an embedding model, texts of up to {model.n_ctx} tokens")  # an encoder has no slots
+        log.info("loaded %s in %.1f s: %s, about %s", src.name, time.perf_counter() - t0, room, est.describe())
         return lm
 
     @staticmethod
