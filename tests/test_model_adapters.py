@@ -136,6 +136,9 @@ def test_serve_m_base_plus_adapter(hf, tuned, tmp_path):
         assert complete() == (adapted, want)
         assert complete(model=adapted) == (adapted, want)
         assert complete(model=hf["gguf"].name) == (hf["gguf"].name, base)
+        # listed first, so the web chat and clients that take the first model get what -m named
+        ids = [c["id"] for c in httpx.get(url + "/v1/models", timeout=10).json()["data"]]
+        assert ids[0] == adapted and hf["gguf"].name in ids
     finally:
         proc.terminate()
         proc.wait(timeout=30)

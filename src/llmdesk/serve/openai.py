@@ -864,8 +864,15 @@ def _model_card(st, src, name: str | None = None) -> dict:
 @router.get("/v1/models")
 async def list_models(request: Request):
     st = state(request)
-    return {"object": "list", "data": [_model_card(st, s, v) for s in st.models.available()
-                                       for v in [s.name, *st.models.variants(s)]]}
+    cards = [_model_card(st, s, v) for s in st.models.available() for v in [s.name, *st.models.variants(s)]]
+    # the model a request that names none gets comes first (`-m BASE+ADAPTER`: that variant); the web
+    # chat and most clients pick the first
+    try:
+        src, chosen = st.models.find_variant(None)
+        first = variant_name(src.name, chosen)
+    except APIError:  # no default model: the order they were given in
+        first = None
+    return {"object": "list", "data": sorted(cards, key=lambda c: c["id"] != first)}
 
 
 @router.get("/v1/models/{model:path}")
