@@ -3,6 +3,7 @@
     rows = read_rows(["chats.jsonl"])                   # every problem reported at once, file:line
     report = build_dataset(rows, tokenizer, seq_len=1024)   # token ids + labels (-100: not trained)
     print(inspect(rows, tokenizer))                      # lengths, and rows with trained tokens lit
+    end_of_turn_token(tokenizer)                         # "<|im_end|>": trained after each answer, GRPO stops on it
 
 The shapes read (JSONL, JSON, CSV, Parquet; docs/tune-data.md has one example of each):
     {"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}
