@@ -53,7 +53,7 @@ def tune(
     generations: Annotated[int, typer.Option("--generations", help="grpo: completions per prompt, scored against each other.")] = 4,
     max_completion: Annotated[int, typer.Option("--max-completion", help="grpo: tokens per completion; dpo: of chosen/rejected.")] = 64,
     temperature: Annotated[float, typer.Option("--temperature", help="grpo: sampling temperature of the completions.")] = 1.0,
-    processes: Annotated[int, typer.Option("--processes", help="Train data parallel in N processes on this machine (one a GPU, else CPU processes), as 'accelerate launch --num_processes N' would; --batch is each one's share of a micro-batch.")] = 1,
+    processes: Annotated[int, typer.Option("--processes", help="Train data parallel in N processes on this machine (one a GPU, else CPU processes), as 'accelerate launch --num_processes N' would; --batch is each one's share of a micro-batch (dpo: pairs, grpo: completions; grpo's --batch x N must be a multiple of --generations).")] = 1,
     fsdp: Annotated[bool, typer.Option("--fsdp", help="With --processes N (or under accelerate launch / torchrun): shard the weights, gradients and optimizer state over the processes (FSDP), each holding 1/N, instead of a whole copy in each.")] = False,
 ) -> Optional[int]:
     """Fine-tune a model on your data: LoRA (default), QLoRA or all weights.
@@ -85,9 +85,11 @@ def tune(
         raise LlmdeskError("--fsdp shards the model over several processes: add --processes N (or start the "
                            "command with accelerate launch or torchrun)")
     if fsdp and method in ("dpo", "grpo"):
-        raise LlmdeskError(f"--fsdp is not available with --method {method} yet (train it in one process)")
+        raise LlmdeskError(f"--fsdp is not available with --method {method} yet (train it data parallel, without --fsdp)")
+    if processes > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise LlmdeskError("--processes under accelerate launch (or torchrun): give the processes to one of them")
     if method in ("dpo", "grpo"):
-        return _tune_rewards(method, base_ref, data, output, rank=rank, alpha=alpha, targets=targets, steps=steps,
+        return _tune_rewards(ctx, method, base_ref, data, output, rank=rank, alpha=alpha, targets=targets, steps=steps,
                              epochs=epochs, lr=lr, batch=batch, grad_accum=grad_accum, seed=seed, val_split=val_split,
                              resume=resume, processes=processes, lora_gguf=lora_gguf, merge=merge, gguf=gguf,
                              save_every=eval_every or 0, sft_weight=sft_weight,
@@ -98,8 +100,6 @@ def tune(
         raise LlmdeskError("--reward goes with --method grpo")
     if sft_weight:
         raise LlmdeskError("--sft-weight goes with --method dpo")
-    if processes > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise LlmdeskError("--processes under accelerate launch (or torchrun): give the processes to one of them")
 
     from ..train.tune import TuneConfig, process_rank, tune as run_tune
 
@@ -177,18 +177,17 @@ def tune(
     return None
 
 
-def _tune_rewards(method: str, base_ref: str, data: list[str], output: Path, *, steps, epochs, processes, resume,
-                  lora_gguf, reward, reward_weights, generations, max_completion, seq_len, as_json, **kw) -> None:
-    """--method dpo|grpo: LoRA on TRL's trainers (train/rewards.py)."""
+def _tune_rewards(ctx: typer.Context, method: str, base_ref: str, data: list[str], output: Path, *, steps, epochs,
+                  processes, resume, lora_gguf, reward, reward_weights, generations, max_completion, seq_len, as_json,
+                  **kw) -> Optional[int]:
+    """--method dpo|grpo: LoRA on TRL's trainers (train/rewards.py), data parallel with --processes N."""
     from ..eval.graders import parse_graders
     from ..runtime.llama import LlamaModel
     from ..train.rewards import RewardConfig, run
+    from ..train.tune import find_base, process_rank
 
     if epochs is not None:
         raise LlmdeskError(f"--epochs is not available with --method {method}: give --steps")
-    if processes > 1:
-        raise LlmdeskError(f"--processes is not available with --method {method}: TRL's trainer runs in one process "
-                           "here (give --processes to lora, qlora or full)")
     if len(data) != 1:
         raise LlmdeskError(f"--method {method} reads one data file: "
                            + ("prompt/chosen/rejected rows" if method == "dpo" else "prompts and the columns the graders read"))
@@ -214,7 +213,11 @@ def _tune_rewards(method: str, base_ref: str, data: list[str], output: Path, *, 
     lr, val_split = kw.pop("lr"), kw.pop("val_split")
     cfg = RewardConfig(method=method, steps=steps or 50, lr=lr or 0.0, num_generations=generations,
                        max_prompt_tokens=seq_len, max_completion_tokens=max_completion,
-                       val_split=val_split if method == "grpo" else 0.0, **kw)
+                       val_split=val_split if method == "grpo" else 0.0, processes=processes if processes > 1 else 0,
+                       **kw)
+    if processes > 1:  # the settings and the base are checked: now the same command in each process
+        find_base(base_ref)
+        return _launch(ctx, processes)
 
     def on_event(kind: str, d: dict) -> None:
         if as_json:
@@ -232,9 +235,12 @@ def _tune_rewards(method: str, base_ref: str, data: list[str], output: Path, *, 
             err.print(f"interrupted: checkpoint {d['checkpoint']} at step {d['step']}; continue with --resume"
                       if d["checkpoint"] else "interrupted before the first checkpoint; start again", markup=False)
 
-    r = run(method, base_ref, data[0], output, cfg, graders=graders, weights=weights, merge=merge, gguf=gguf,
-            name=name, resume=resume, lora_gguf=lora_gguf, quantize_with=quantizer, check_with=LlamaModel,
-            on_event=on_event)
+    with _one_voice():
+        r = run(method, base_ref, data[0], output, cfg, graders=graders, weights=weights, merge=merge, gguf=gguf,
+                name=name, resume=resume, lora_gguf=lora_gguf, quantize_with=quantizer, check_with=LlamaModel,
+                on_event=on_event)
+    if process_rank() != 0:  # the first process speaks for all
+        return None
     if as_json:
         out.print(json.dumps(r.to_dict()), markup=False)
         return None

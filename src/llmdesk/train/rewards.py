@@ -19,6 +19,19 @@ data position) in DIR/trainer/ every `save_every` steps and when Ctrl-C stops it
 in flight; `resume` continues from the newest whole one, with the same settings, data and base
 (DIR/run.json), and replays the steps an uninterrupted run would have taken. They are removed
 once the adapter is written.
+
+Several processes (`tune --processes N`, `accelerate launch` or torchrun: WORLD_SIZE > 1) train
+data parallel as TRL's trainers do under accelerate: the model is wrapped in DDP (gloo on CPU, NCCL
+on GPUs), `batch` is each process's share of a step, so a step takes `batch` x P pairs (DPO) or
+completions (GRPO). DPO's step is the one-process step of `batch` x P pairs: process r takes
+the r-th `batch` of the same shuffled order and the gradients are averaged. GRPO draws
+`batch` x P / `num_generations` prompts a step, repeats each `num_generations` times and deals
+them out in order, so one prompt's completions may be sampled in two processes (each samples with
+its own seed); the rewards are gathered before they are compared within each prompt, so
+`batch` x P (not `batch`) must be a multiple of `num_generations`. A Ctrl-C stops every process
+after the same step. Rank 0 alone measures the held-out reward and writes run.json, the adapter,
+the exports, the plot, metrics.json and the results row; a checkpoint resumes only with as many
+processes.
 """
 
 from __future__ import annotations
@@ -50,7 +63,7 @@ class RewardConfig:
     targets: str = "all-linear"
     steps: int = 50
     lr: float = 0.0  # 0: 5e-5 for DPO, 2e-5 for GRPO
-    batch: int = 4  # DPO: pairs per step; GRPO: completions per step (a multiple of num_generations)
+    batch: int = 4  # each process's share of a step: DPO pairs, GRPO completions (batch x processes: whole groups)
     grad_accum: int = 1
     beta: float = 0.1  # DPO: the KL weight; GRPO: 0 (no reference model, TRL's default)
     sft_weight: float = 0.0  # DPO: weight of the chosen answers' own loss beside the preference loss (RPO)
@@ -61,19 +74,25 @@ class RewardConfig:
     seed: int = 0
     val_split: float = 0.1
     save_every: int = 0  # a checkpoint every N steps (0: ten a run), and on Ctrl-C
+    processes: int = 0  # how many train it data parallel (0: WORLD_SIZE, as --processes / accelerate launch set it)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise LlmdeskError(f"method {self.method!r}: use {' or '.join(METHODS)}")
-        for k in ("rank", "steps", "batch", "grad_accum", "num_generations", "max_prompt_tokens", "max_completion_tokens"):
+        self.processes = self.processes or int(os.environ.get("WORLD_SIZE", "1"))
+        for k in ("rank", "steps", "batch", "grad_accum", "num_generations", "max_prompt_tokens", "max_completion_tokens",
+                  "processes"):
             if getattr(self, k) < 1:
                 raise LlmdeskError(f"--{k.replace('_', '-')} must be at least 1")
         if self.method == "grpo":
             if self.num_generations < 2:
-                raise LlmdeskError("--num-generations must be at least 2 (GRPO compares completions of one prompt)")
-            if self.batch % self.num_generations:
-                raise LlmdeskError(f"--batch {self.batch} must be a multiple of --num-generations {self.num_generations} "
-                                   "(each prompt's completions are scored together)")
+                raise LlmdeskError("--generations must be at least 2 (GRPO compares completions of one prompt)")
+            n, p = self.batch * self.processes, self.processes
+            if n % self.num_generations:  # TRL's generation batch holds whole groups of a prompt's completions
+                raise LlmdeskError(f"--batch {self.batch}" + (f" x {p} processes = {n} completions a step" if p > 1 else "")
+                                   + f" must be a multiple of --generations {self.num_generations} (each prompt's "
+                                   f"completions are scored together): give --batch a multiple of "
+                                   f"{self.num_generations // math.gcd(self.num_generations, p)}")
         if not 0 <= self.val_split < 1:
             raise LlmdeskError(f"--val-split {self.val_split}: give a share in [0, 1)")
         if self.sft_weight < 0:
@@ -89,7 +108,7 @@ class RewardResult:
     method: str
     steps: int
     base: str
-    adapter: Path
+    adapter: Path | None  # None in the processes other than rank 0
     merged: Path | None = None
     gguf: Path | None = None
     registered: str | None = None
@@ -104,6 +123,7 @@ class RewardResult:
     graded_none: dict[str, int] = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    processes: int = 1
 
     def to_dict(self) -> dict:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items() if k != "history"}
@@ -267,19 +287,20 @@ def _trainer_args(cls, cfg: RewardConfig, out: Path, device: str, **extra):
                save_strategy="steps", save_steps=cfg.save_every, save_total_limit=1, report_to=[],
                bf16=device == "cuda", fp16=False, use_cpu=device == "cpu",
                seed=cfg.seed, data_seed=cfg.seed, disable_tqdm=True, lr_scheduler_type="constant_with_warmup",
-               warmup_steps=max(1, cfg.steps // 20), dataloader_num_workers=0, **extra)
+               warmup_steps=max(1, cfg.steps // 20), dataloader_num_workers=0,
+               ddp_find_unused_parameters=False, **extra)  # several processes: LoRA uses every trained weight
 
 
 class _Progress:
     """A transformers callback that reports each logged step through `on_event`, and takes a
     Ctrl-C (`interrupt.requested`) when the step in flight ends: the trainer then saves a
-    checkpoint of that step and stops."""
+    checkpoint of that step and stops (in every process, when any of them got it)."""
 
-    def __init__(self, emit, interrupt):
+    def __init__(self, emit, interrupt, dp):
         from transformers import TrainerCallback
 
         def stop(control):
-            if interrupt.requested:
+            if dp.sum([float(interrupt.requested)])[0] > 0:
                 control.should_save = control.should_training_stop = True
 
         class CB(TrainerCallback):
@@ -317,6 +338,10 @@ def _check_resume(out: Path, resume: bool, run: dict) -> Path | None:
     except (OSError, ValueError):
         raise LlmdeskError(f"{out / RUN_FILE}: missing or unreadable; the checkpoint cannot be matched to its "
                            "settings: start again in another -o") from None
+    was, now = saved["config"].get("processes", 1), run["config"]["processes"]
+    if was != now:
+        raise LlmdeskError(f"{ckpt}: was trained by {was} processes, not {now}; resume with as many (each one's "
+                           "--batch is its share of a step)")
     for k, v in run["config"].items():
         if saved["config"].get(k) != v:
             raise LlmdeskError(f"{ckpt}: was trained with {k} {saved['config'].get(k)!r}, not {v!r}; resume with the "
@@ -334,10 +359,12 @@ def run(method: str, base_ref: str | os.PathLike, data: str | os.PathLike, out_d
         on_event: Callable[[str, dict], None] | None = None) -> RewardResult:
     """Tune `base_ref` with DPO on preference pairs or GRPO on prompts and graders (see the module).
     `resume` continues the run whose checkpoint is in `out_dir`; `lora_gguf` also writes the
-    adapter as a llama.cpp LoRA GGUF (DIR/adapter.gguf)."""
+    adapter as a llama.cpp LoRA GGUF (DIR/adapter.gguf). In a run of several processes, each
+    calls this; rank 0's result holds the outputs (the others': `adapter` None)."""
     import shutil
     import time
 
+    from .dist import DataParallel
     from .synth import file_sha256
     from .tune import (CONVERTER_TYPES, _atomic_dir, _copy_tokenizer, _export_gguf, _Interrupt, _merge, _quiet_hf,
                        _store_safe, find_base)
@@ -345,15 +372,17 @@ def run(method: str, base_ref: str | os.PathLike, data: str | os.PathLike, out_d
     cfg = cfg or RewardConfig(method=method)
     if cfg.method != method:
         raise LlmdeskError(f"the settings are for {cfg.method}, not {method}")
-    emit = on_event or (lambda _k, _d: None)
+    dp = DataParallel()  # alone: does nothing
+    if cfg.processes != dp.world:
+        raise LlmdeskError(f"the settings are for {cfg.processes} processes, and {dp.world} run: start it with "
+                           f"'llmdesk tune --processes {cfg.processes}' (or accelerate launch --num_processes "
+                           f"{cfg.processes})")
+    emit = on_event if on_event is not None and dp.rank == 0 else (lambda _k, _d: None)
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise LlmdeskError(f"{out}: is a file; -o names the output folder")
     if (out / "adapter").exists():
         raise LlmdeskError(f"{out}: holds a finished run (adapter/); choose another -o")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise LlmdeskError(f"--method {method} runs in one process (TRL's trainer here is not set up for several); "
-                           "run it without accelerate launch, torchrun or --processes")
     if method == "grpo":
         if not graders:
             raise LlmdeskError("GRPO needs graders: --reward exact, regex:PATTERN, numeric, json, python:FILE.py:FN, judge:MODEL")
@@ -375,84 +404,100 @@ def run(method: str, base_ref: str | os.PathLike, data: str | os.PathLike, out_d
     ckpt = _check_resume(out, resume, this_run)
     train_rows, val_rows = _split(rows, cfg.val_split if method == "grpo" else 0.0, cfg.seed)
     emit("data", {"train": len(train_rows), "val": len(val_rows)})
-    emit("status", {"text": "loading the base"})
-    tok, model, device = _prepare(base, cfg)
-    if ckpt is None:  # a fresh start: what a later --resume must match
-        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # checkpoints cut short before they were whole
-        out.mkdir(parents=True, exist_ok=True)
-        write_text(out / RUN_FILE, json.dumps(this_run, indent=1) + "\n")
-    result = RewardResult(out_dir=out, method=method, steps=cfg.steps, base=base.identity, adapter=out / "adapter",
-                          train_rows=len(train_rows), val_rows=len(val_rows))
-    import datasets
-    import trl
+    dp.start()  # several processes: they meet here (and each takes its GPU)
+    try:
+        emit("status", {"text": "loading the base"})
+        tok, model, device = _prepare(base, cfg)
+        if ckpt is None and dp.rank == 0:  # a fresh start: what a later --resume must match
+            shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # checkpoints cut short before they were whole
+            out.mkdir(parents=True, exist_ok=True)
+            write_text(out / RUN_FILE, json.dumps(this_run, indent=1) + "\n")
+        dp.barrier()  # every process has checked the output folder before the trainer writes into it
+        result = RewardResult(out_dir=out, method=method, steps=cfg.steps, base=base.identity, adapter=out / "adapter",
+                              train_rows=len(train_rows), val_rows=len(val_rows), processes=dp.world)
+        import datasets
+        import trl
 
-    t0 = time.perf_counter()
-    with _quiet_hf(), _quiet_datasets(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ds = datasets.Dataset.from_list(_as_chat(train_rows, tok))
-        if method == "grpo":
-            val_chat = _as_chat(val_rows, tok)
-            emit("status", {"text": "measuring the base's reward on the held-out prompts"})
-            result.reward_before, result.grader_before = mean_reward(model, tok, val_chat, graders, weights, cfg)
-            emit("reward", {"when": "before", "reward": result.reward_before, "graders": result.grader_before})
-            args = _trainer_args(trl.GRPOConfig, cfg, out, device, num_generations=cfg.num_generations,
-                                 max_completion_length=cfg.max_completion_tokens, temperature=cfg.temperature,
-                                 reward_weights=weights, beta=0.0, generation_batch_size=cfg.batch,
-                                 log_completions=False)
-            trainer = trl.GRPOTrainer(model=model, reward_funcs=graders, args=args, train_dataset=ds,
-                                      processing_class=tok)
-        else:
-            # plain DPO lowers the rejected answers, and can lower the chosen ones with them (the margin is
-            # all it sees): `sft_weight` adds the chosen answers' negative log-likelihood, as RPO does
-            # (Pang et al. 2024, "Iterative Reasoning Preference Optimization", eq. 2; TRL's "sft" loss)
-            losses = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, cfg.sft_weight]} if cfg.sft_weight else {}
-            args = _trainer_args(trl.DPOConfig, cfg, out, device, beta=cfg.beta,
-                                 max_length=cfg.max_prompt_tokens + cfg.max_completion_tokens, **losses)
-            trainer = trl.DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
-        from transformers import PrinterCallback, ProgressCallback
+        t0 = time.perf_counter()
+        with _quiet_hf(), _quiet_datasets(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = datasets.Dataset.from_list(_as_chat(train_rows, tok))
+            if method == "grpo":
+                val_chat = _as_chat(val_rows, tok)
+                if dp.rank == 0:  # the others wait for it where the trainer first needs them all
+                    emit("status", {"text": "measuring the base's reward on the held-out prompts"})
+                    result.reward_before, result.grader_before = mean_reward(model, tok, val_chat, graders, weights, cfg)
+                    emit("reward", {"when": "before", "reward": result.reward_before, "graders": result.grader_before})
+                # one generation batch a step: `batch` completions in each process, whole groups in all of them
+                args = _trainer_args(trl.GRPOConfig, cfg, out, device, num_generations=cfg.num_generations,
+                                     max_completion_length=cfg.max_completion_tokens, temperature=cfg.temperature,
+                                     reward_weights=weights, beta=0.0, generation_batch_size=cfg.batch * dp.world,
+                                     log_completions=False)
+                trainer = trl.GRPOTrainer(model=model, reward_funcs=graders, args=args, train_dataset=ds,
+                                          processing_class=tok)
+            else:
+                # plain DPO lowers the rejected answers, and can lower the chosen ones with them (the margin is
+                # all it sees): `sft_weight` adds the chosen answers' negative log-likelihood, as RPO does
+                # (Pang et al. 2024, "Iterative Reasoning Preference Optimization", eq. 2; TRL's "sft" loss)
+                losses = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, cfg.sft_weight]} if cfg.sft_weight else {}
+                args = _trainer_args(trl.DPOConfig, cfg, out, device, beta=cfg.beta,
+                                     max_length=cfg.max_prompt_tokens + cfg.max_completion_tokens, **losses)
+                trainer = trl.DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+            from transformers import PrinterCallback, ProgressCallback
 
-        for cb in (PrinterCallback, ProgressCallback):  # progress is reported through on_event
-            trainer.remove_callback(cb)
-        start = int(ckpt.name.rsplit("-", 1)[1]) if ckpt else 0
-        emit("status", {"text": f"training ({method}, {cfg.steps} steps" + (f", resuming at step {start})" if start else ")")})
-        with _Interrupt() as interrupt:
-            trainer.add_callback(_Progress(emit, interrupt).callback)
-            try:
-                trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
-            except KeyboardInterrupt:  # the second Ctrl-C: at once, from the last whole checkpoint
-                interrupted(emit, out)
-                raise
-            if interrupt.requested:
-                interrupted(emit, out)
-                raise KeyboardInterrupt
-        result.history = [h for h in trainer.state.log_history if "loss" in h or "reward" in h]
-        model = trainer.model
-        if method == "grpo":
-            result.reward_after, result.grader_after = mean_reward(model, tok, val_chat, graders, weights, cfg)
-            result.graded_none = {g.spec: g.failed for g in graders if g.failed}
-            emit("reward", {"when": "after", "reward": result.reward_after, "graders": result.grader_after})
-        result.seconds = time.perf_counter() - t0
-        out.mkdir(parents=True, exist_ok=True)
-        with _atomic_dir(out / "adapter") as tmp:
-            model.save_pretrained(tmp)
-            _copy_tokenizer(base, tok, tmp)
-        del trainer, model
-        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # the run is whole in adapter/
-        if lora_gguf:
-            from ..formats.lora_gguf import write_lora_gguf
+            for cb in (PrinterCallback, ProgressCallback):  # progress is reported through on_event
+                trainer.remove_callback(cb)
+            start = int(ckpt.name.rsplit("-", 1)[1]) if ckpt else 0
+            emit("status", {"text": f"training ({method}, {cfg.steps} steps"
+                                    + (f" in {dp.world} processes" if dp.world > 1 else "")
+                                    + (f", resuming at step {start})" if start else ")")})
+            with _Interrupt() as interrupt:
+                trainer.add_callback(_Progress(emit, interrupt, dp).callback)
+                try:
+                    trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+                except KeyboardInterrupt:  # the second Ctrl-C: at once, from the last whole checkpoint
+                    interrupted(emit, out)
+                    raise
+                if interrupt.requested:
+                    interrupted(emit, out)
+                    raise KeyboardInterrupt
+            result.history = [h for h in trainer.state.log_history if "loss" in h or "reward" in h]
+            model = trainer.model
+            # the completions no grader could score, in all the processes (rank 0 adds its held-out ones below)
+            others = dp.sum([float(g.failed if dp.rank else 0) for g in graders]) if graders else []
+            dp.barrier()  # every process is done with the checkpoints
+            if dp.rank != 0:  # rank 0 writes the outputs
+                result.adapter = None
+                return result
+            if method == "grpo":
+                result.reward_after, result.grader_after = mean_reward(model, tok, val_chat, graders, weights, cfg)
+                failed = {g.spec: g.failed + int(n) for g, n in zip(graders, others)}
+                result.graded_none = {k: n for k, n in failed.items() if n}
+                emit("reward", {"when": "after", "reward": result.reward_after, "graders": result.grader_after})
+            result.seconds = time.perf_counter() - t0
+            out.mkdir(parents=True, exist_ok=True)
+            with _atomic_dir(out / "adapter") as tmp:
+                model.save_pretrained(tmp)
+                _copy_tokenizer(base, tok, tmp)
+            del trainer, model
+            shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # the run is whole in adapter/
+            if lora_gguf:
+                from ..formats.lora_gguf import write_lora_gguf
 
-            emit("status", {"text": "writing the adapter as a llama.cpp LoRA GGUF"})
-            result.lora_gguf = write_lora_gguf(out / "adapter", base.folder / base.gguf_file if base.gguf_file
-                                               else base.folder, out / "adapter.gguf")
-        if merge or gguf:
-            emit("status", {"text": "merging"})
-            result.merged = out / "merged"
-            _merge(base, out / "adapter", result.merged, tok, None)
-        if gguf:
-            emit("status", {"text": f"converting to GGUF ({gguf})"})
-            result.gguf = _export_gguf(result.merged, out, gguf, reg_name, reg_tag, quantize_with, check_with,
-                                       source=f"tune:{out.resolve()}")
-            result.registered = f"{reg_name}:{reg_tag}"
+                emit("status", {"text": "writing the adapter as a llama.cpp LoRA GGUF"})
+                result.lora_gguf = write_lora_gguf(out / "adapter", base.folder / base.gguf_file if base.gguf_file
+                                                   else base.folder, out / "adapter.gguf")
+            if merge or gguf:
+                emit("status", {"text": "merging"})
+                result.merged = out / "merged"
+                _merge(base, out / "adapter", result.merged, tok, None)
+            if gguf:
+                emit("status", {"text": f"converting to GGUF ({gguf})"})
+                result.gguf = _export_gguf(result.merged, out, gguf, reg_name, reg_tag, quantize_with, check_with,
+                                           source=f"tune:{out.resolve()}")
+                result.registered = f"{reg_name}:{reg_tag}"
+    finally:
+        dp.close()
     result.plot = _plot(result, out / "training.png")
     write_text(out / "metrics.json", json.dumps({"result": result.to_dict(), "config": asdict(cfg),
                                                  "history": result.history}, indent=1, default=str) + "\n")
