@@ -4,7 +4,8 @@ takes the steps of one process with --batch 4 (the same losses and adapter, with
 and only the first process writes (one adapter, one merged model, one LoRA GGUF, one line of
 output); interrupted by Ctrl-C and resumed, it is still that run. GRPO in two processes scores
 both processes' completions: a prompt's group of completions is sampled half in each, with their
-own seeds, and the logged reward is the mean over both halves."""
+own seeds, and the logged reward is the mean over both halves; the held-out reward, sampled in both
+and graded in the first, is the one a single process measures."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from test_tune import ASK, WORDS, base  # noqa: F401  (the tiny Llama)
 
 from llmdesk.cli.main import main
 from llmdesk.errors import LlmdeskError
+from llmdesk.eval.graders import parse_graders
 from llmdesk.store import results
 from llmdesk.train.rewards import RewardConfig, run
 
@@ -149,6 +151,11 @@ def test_grpo_in_two_processes_scores_both_halves_of_each_group(base, tmp_path, 
         assert a["completions"] != b["completions"]  # each process samples with its own seed
         assert history[step]["reward"] == pytest.approx(sum(a["scores"] + b["scores"]) / 4, abs=1e-6)
     assert len({h["reward"] for h in history}) > 1  # (the scores vary: the check is not of constants)
+    # the held-out prompts, sampled one in each process and graded by the first: the reward one process measures
+    alone = run("grpo", base, data, tmp_path / "alone", RewardConfig(method="grpo", steps=1, batch=4, num_generations=4,
+                                                                     max_completion_tokens=8, seed=1),
+                graders=parse_graders([f"python:{grader}:length"])[0])
+    assert res["reward_before"] == pytest.approx(alone.reward_before, abs=1e-9) and alone.reward_before > 0
 
 
 def test_grpo_groups_that_do_not_divide_are_one_line(base, tmp_path, user_dir, capsys):  # noqa: F811

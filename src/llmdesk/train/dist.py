@@ -190,6 +190,16 @@ class DataParallel:
         dist.all_reduce(t)
         return t.tolist()
 
+    def all_objects(self, obj) -> list:
+        """`obj` (picklable) of every process, in rank order."""
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        got: list = [None] * self.world
+        dist.all_gather_object(got, obj)
+        return got
+
     def sum_grads(self, params: list) -> None:
         """The gradients summed over the processes, in one flat all-reduce (a process whose share
         of the step was empty adds zeros). Sharded, FSDP has reduce-scattered them already."""

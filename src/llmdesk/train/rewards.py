@@ -29,9 +29,10 @@ the r-th `batch` of the same shuffled order and the gradients are averaged. GRPO
 them out in order, so one prompt's completions may be sampled in two processes (each samples with
 its own seed); the rewards are gathered before they are compared within each prompt, so
 `batch` x P (not `batch`) must be a multiple of `num_generations`. A Ctrl-C stops every process
-after the same step. Rank 0 alone measures the held-out reward and writes run.json, the adapter,
-the exports, the plot, metrics.json and the results row; a checkpoint resumes only with as many
-processes.
+after the same step. The held-out prompts are shared out to be sampled (each with its own seed,
+so the completions, and the reward, are those of one process) and rank 0 grades them; rank 0 alone
+writes run.json, the adapter, the exports, the plot, metrics.json and the results row. A
+checkpoint resumes only with as many processes.
 """
 
 from __future__ import annotations
@@ -212,35 +213,49 @@ def _as_chat(rows: list[dict], tok) -> list[dict]:
 
 # -- measuring -------------------------------------------------------------------------------------
 
-def mean_reward(model, tok, rows: list[dict], graders, weights, cfg: RewardConfig) -> tuple[float, dict[str, float]]:
-    """The graders' weighted mean over `num_generations` sampled completions of each row."""
+def mean_reward(model, tok, rows: list[dict], graders, weights, cfg: RewardConfig,
+                dp=None) -> tuple[float | None, dict[str, float]]:
+    """The graders' weighted mean over `num_generations` sampled completions of each row. With
+    several processes (`dp`), each samples every P-th row (with the row's own seed, so the
+    completions are those one process samples) and rank 0 grades them all; the others get None."""
     import torch
 
     from ..eval.graders import combined
 
+    rank, world = (dp.rank, dp.world) if dp is not None else (0, 1)
     model.eval()
-    prompts, completions, cols = [], [], {}
     gen = torch.Generator().manual_seed(cfg.seed)
-    for r in rows:
+    seeds = [int(torch.randint(0, 2**31 - 1, (1,), generator=gen)) for _ in rows]
+    sampled: dict[int, list[str]] = {}
+    for i in range(rank, len(rows), world):
+        r = rows[i]
         if isinstance(r["prompt"], list):
             text = tok.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True)
         else:
             text = r["prompt"]
         ids = tok(text, return_tensors="pt", add_special_tokens=not isinstance(r["prompt"], list)).input_ids
         ids = ids[:, -cfg.max_prompt_tokens:].to(model.device)
-        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+        torch.manual_seed(seeds[i])
         with torch.no_grad():
             outs = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
                                   temperature=cfg.temperature, max_new_tokens=cfg.max_completion_tokens,
                                   num_return_sequences=cfg.num_generations, pad_token_id=tok.pad_token_id)
-        for o in outs:
-            completions.append(tok.decode(o[ids.shape[1]:], skip_special_tokens=True))
+        sampled[i] = [tok.decode(o[ids.shape[1]:], skip_special_tokens=True) for o in outs]
+    model.train()
+    if dp is not None:
+        for part in dp.all_objects(sampled):
+            sampled.update(part)
+    if rank != 0:
+        return None, {}
+    prompts, completions, cols = [], [], {}
+    for i, r in enumerate(rows):
+        for c in sampled[i]:
+            completions.append(c)
             prompts.append(r["prompt"])
             for k, v in r.items():
                 if k != "prompt":
                     cols.setdefault(k, []).append(v)
     totals, means = combined(graders, weights, prompts, completions, **cols)
-    model.train()
     return sum(totals) / max(1, len(totals)), means
 
 
@@ -424,10 +439,9 @@ def run(method: str, base_ref: str | os.PathLike, data: str | os.PathLike, out_d
             ds = datasets.Dataset.from_list(_as_chat(train_rows, tok))
             if method == "grpo":
                 val_chat = _as_chat(val_rows, tok)
-                if dp.rank == 0:  # the others wait for it where the trainer first needs them all
-                    emit("status", {"text": "measuring the base's reward on the held-out prompts"})
-                    result.reward_before, result.grader_before = mean_reward(model, tok, val_chat, graders, weights, cfg)
-                    emit("reward", {"when": "before", "reward": result.reward_before, "graders": result.grader_before})
+                emit("status", {"text": "measuring the base's reward on the held-out prompts"})
+                result.reward_before, result.grader_before = mean_reward(model, tok, val_chat, graders, weights, cfg, dp)
+                emit("reward", {"when": "before", "reward": result.reward_before, "graders": result.grader_before})
                 # one generation batch a step: `batch` completions in each process, whole groups in all of them
                 args = _trainer_args(trl.GRPOConfig, cfg, out, device, num_generations=cfg.num_generations,
                                      max_completion_length=cfg.max_completion_tokens, temperature=cfg.temperature,
@@ -463,17 +477,16 @@ def run(method: str, base_ref: str | os.PathLike, data: str | os.PathLike, out_d
                     raise KeyboardInterrupt
             result.history = [h for h in trainer.state.log_history if "loss" in h or "reward" in h]
             model = trainer.model
-            # the completions no grader could score, in all the processes (rank 0 adds its held-out ones below)
-            others = dp.sum([float(g.failed if dp.rank else 0) for g in graders]) if graders else []
+            if method == "grpo":
+                result.reward_after, result.grader_after = mean_reward(model, tok, val_chat, graders, weights, cfg, dp)
+                # the completions no grader could score, in all the processes
+                failed = dp.sum([float(g.failed) for g in graders])
+                result.graded_none = {g.spec: int(n) for g, n in zip(graders, failed) if n}
+                emit("reward", {"when": "after", "reward": result.reward_after, "graders": result.grader_after})
             dp.barrier()  # every process is done with the checkpoints
             if dp.rank != 0:  # rank 0 writes the outputs
                 result.adapter = None
                 return result
-            if method == "grpo":
-                result.reward_after, result.grader_after = mean_reward(model, tok, val_chat, graders, weights, cfg)
-                failed = {g.spec: g.failed + int(n) for g, n in zip(graders, others)}
-                result.graded_none = {k: n for k, n in failed.items() if n}
-                emit("reward", {"when": "after", "reward": result.reward_after, "graders": result.grader_after})
             result.seconds = time.perf_counter() - t0
             out.mkdir(parents=True, exist_ok=True)
             with _atomic_dir(out / "adapter") as tmp:
