@@ -246,7 +246,8 @@ def _tune_rewards(ctx: typer.Context, method: str, base_ref: str, data: list[str
         return None
     gain = (f"; held-out reward {r.reward_before:.3f} -> {r.reward_after:.3f}"
             if r.reward_before is not None and r.reward_after is not None else "")
-    out.print(f"tuned with {method} for {r.steps} steps ({r.seconds:.0f} s){gain}", markup=False)
+    where = f" in {r.processes} processes" if r.processes > 1 else ""
+    out.print(f"tuned with {method} for {r.steps} steps{where} ({r.seconds:.0f} s){gain}", markup=False)
     wrote = [str(p) for p in (r.adapter, r.lora_gguf, r.merged, r.gguf, r.plot) if p is not None]
     out.print("wrote " + " · ".join(wrote), markup=False)
     if r.registered:
