@@ -158,18 +158,23 @@ def test_grpo_in_two_processes_scores_both_halves_of_each_group(base, tmp_path, 
     assert res["reward_before"] == pytest.approx(alone.reward_before, abs=1e-9) and alone.reward_before > 0
 
 
-def test_grpo_groups_that_do_not_divide_are_one_line(base, tmp_path, user_dir, capsys):  # noqa: F811
+def test_settings_that_cannot_run_are_one_line(base, tmp_path, user_dir, capsys, monkeypatch):  # noqa: F811
     data = jsonl(tmp_path / "prompts.jsonl", [{"prompt": ASK + w, "answer": w} for w in WORDS])
-    for argv, needle in (
-            (["--batch", "3", "--processes", "2"], "--batch 3 x 2 processes = 6 completions a step must be a multiple "
-                                                   "of --generations 4 (each prompt's completions are scored together): "
-                                                   "give --batch a multiple of 2"),
-            (["--batch", "2"], "--batch 2 must be a multiple of --generations 4"),
-            (["--processes", "2", "--fsdp"], "--fsdp is not available with --method grpo")):
+
+    def said(argv: list[str], needle: str) -> None:
         assert main(["tune", str(base), str(data), "-o", str(tmp_path / "x"), "--method", "grpo", "--reward", "exact",
                      *argv]) == 1
         e = capsys.readouterr().err
         assert e.startswith("error: ") and needle in e and e.count("\n") == 1, e
+
+    said(["--batch", "3", "--processes", "2"], "--batch 3 x 2 processes = 6 completions a step must be a multiple of "
+                                               "--generations 4 (each prompt's completions are scored together): give "
+                                               "--batch a multiple of 2")
+    said(["--batch", "2"], "--batch 2 must be a multiple of --generations 4")
+    said(["--processes", "2", "--fsdp"], "--fsdp is not available with --method grpo")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as accelerate launch or torchrun set it
+    said(["--processes", "2"], "--processes under accelerate launch (or torchrun): give the processes to one of them")
+    monkeypatch.delenv("WORLD_SIZE")
     assert not (tmp_path / "x").exists()
     # settings made for two processes, run in one: said before any work
     with pytest.raises(LlmdeskError, match="the settings are for 2 processes, and 1 run: start it with "
