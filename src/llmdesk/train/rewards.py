@@ -358,7 +358,7 @@ def _check_resume(out: Path, resume: bool, run: dict) -> Path | None:
         raise LlmdeskError(f"{ckpt}: was trained by {was} processes, not {now}; resume with as many (each one's "
                            "--batch is its share of a step)")
     for k, v in run["config"].items():
-        if saved["config"].get(k) != v:
+        if k != "processes" and saved["config"].get(k) != v:  # (a run.json of before `processes`: one)
             raise LlmdeskError(f"{ckpt}: was trained with {k} {saved['config'].get(k)!r}, not {v!r}; resume with the "
                                "same settings")
     if saved["data"] != run["data"]:
