@@ -127,10 +127,10 @@ def test_eval_run_with_an_adapter_scores_the_adapted_model(hf, tuned, tmp_path, 
             "--shots", "0", "--slots", "2", "--threads", "1", "--json")
     rc, out, err = run_cli(*args)
     assert rc == 0, err
-    assert [r["model"] for r in json.loads(out)] == [gguf.name, f"{gguf.name}+{lora.name}"]
+    assert [r["model"] for r in json.loads(out)] == [gguf.name, f"{gguf.name}+{lora.parent.name}"]
     assert err.count("resuming: 6 of 6 items of mmlu already scored") == 2
     rows = {r["model"]: r for r in results.query("eval")}
-    assert len({rows[gguf.name]["model_sha256"], rows[f"{gguf.name}+{lora.name}"]["model_sha256"]}) == 2
+    assert len({rows[gguf.name]["model_sha256"], rows[f"{gguf.name}+{lora.parent.name}"]["model_sha256"]}) == 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,7 +224,7 @@ def test_eval_judge_grades_the_adapted_models_answers(hf, tuned, tmp_path):
 
     questions = write_questions(tmp_path / "q.jsonl", QUESTIONS[:1])
     ref = f"{hf['gguf']}+{tuned['lora']}"
-    name = f"{hf['gguf'].name}+{tuned['lora'].name}"
+    name = f"{hf['gguf'].name}+{tuned['lora'].parent.name}"
     rc, out, err = run_cli("eval", "judge", "--judge", str(default_model_path()), "--models", ref, "--questions",
                            str(questions), "--max-tokens", str(N), "--ctx", "2048", "--threads", "1", "--json")
     assert rc == 0, err

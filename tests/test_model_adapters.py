@@ -53,7 +53,7 @@ def test_run_base_plus_adapter_answers_as_run_with_lora(hf, tuned, tmp_path):
     flagged = run("-m", str(gguf), "--lora", str(lora))["text"]
     named = run("-m", f"{gguf}+{lora}")
     assert named["text"] == flagged != plain
-    assert named["model"] == f"{gguf.name}+{lora.name}"
+    assert named["model"] == f"{gguf.name}+{lora.parent.name}"  # tune -o DIR's adapter.gguf: named by DIR
 
     out = tune_folder(tmp_path, lora)
     odd = tmp_path / "tiny+base.gguf"
@@ -80,6 +80,7 @@ def test_load_takes_a_tune_folder_a_peft_folder_and_a_store_adapter(hf, tuned, t
         rc, _, err = run_cli("import", str(file), "--name", name)
         assert rc == 0, err
     for ref, name in ((f"{hf['gguf']}+{out}", "tiny-f32.gguf+out"),
+                      (f"{hf['gguf']}+{out / 'adapter.gguf'}", "tiny-f32.gguf+out"),  # named by its run's folder
                       (f"{hf['gguf']}+{tuned['adapter']}", "tiny-f32.gguf+adapter"),
                       ("tiny+style", "tiny:latest+style:latest")):
         with llmdesk.load(ref, ctx=256, threads=1) as m:
@@ -97,7 +98,7 @@ def test_chat_takes_base_plus_adapter(hf, tuned, tmp_path):
         return p
 
     named = chat("-m", f"{hf['gguf']}+{tuned['lora']}")
-    assert named.stderr.startswith(f"{hf['gguf'].name}+{tuned['lora'].name} · context 256 tokens")
+    assert named.stderr.startswith(f"{hf['gguf'].name}+{tuned['lora'].parent.name} · context 256 tokens")
     assert named.stdout == chat("-m", hf["gguf"], "--lora", tuned["lora"]).stdout
 
 
@@ -132,7 +133,7 @@ def test_serve_m_base_plus_adapter(hf, tuned, tmp_path):
             want = m.generate(PROMPT, temperature=0, max_tokens=N, ignore_eos=True)
         with llmdesk.Model(hf["gguf"], ctx=256, threads=1) as m:
             base = m.generate(PROMPT, temperature=0, max_tokens=N, ignore_eos=True)
-        adapted = f"{hf['gguf'].name}+{tuned['lora'].name}"
+        adapted = f"{hf['gguf'].name}+{tuned['lora'].parent.name}"
         assert complete() == (adapted, want)
         assert complete(model=adapted) == (adapted, want)
         assert complete(model=hf["gguf"].name) == (hf["gguf"].name, base)

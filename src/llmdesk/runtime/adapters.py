@@ -189,7 +189,9 @@ def _find(text: str, base: _Identity, say) -> tuple[Path, str, str, float] | Non
 
     p = Path(text).expanduser()
     if p.is_file():
-        return p, p.name, catalog.sha256_file(p, progress=False), 1.0
+        # `tune -o DIR`'s adapter.gguf is named by its folder, as DIR itself is: two runs' adapters differ
+        label = p.resolve().parent.name if p.name == "adapter.gguf" else p.name
+        return p, label, catalog.sha256_file(p, progress=False), 1.0
     if p.is_dir():
         label = p.resolve().name
         if (p / "adapter.gguf").is_file():  # what `tune -o DIR --lora-gguf` writes
