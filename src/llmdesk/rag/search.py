@@ -137,8 +137,8 @@ def search(query: str, collection: str = "default", *, k: int = 5, mode: str = "
         every, cos = dict(bm25), dict(vector)
         candidates = [cid for cid, _ in bm25[:n]] + [cid for cid, _ in vector]
         cos.update(_cosine_of(c, q, [cid for cid in candidates if cid not in cos]))
-        w = vector_weight(_matched(c, query, bm25[0][0]) if bm25 else 0.0)
-        scored = fuse({cid: every.get(cid, 0.0) for cid in candidates}, cos, w)[:n]
+        matched = _matched(c, query, bm25[0][0]) if bm25 and MATCH_POWER else 0.0
+        scored = fuse({cid: every.get(cid, 0.0) for cid in candidates}, cos, vector_weight(matched))[:n]
     hits = _hits(c, scored)
     if rerank is not None:
         hits = list(rerank(query, hits))
