@@ -101,6 +101,7 @@ def test_dpo_in_two_processes_interrupted_and_resumed_is_the_one_process_run(bas
     rest = p.stderr.read()
     assert p.wait(timeout=600) == 130, rest
     assert rest.count("continue with --resume") == 1 and "Traceback" not in rest, rest  # said once, by rank 0
+    assert rest.count("interrupted") == 1, rest  # and not again by the launcher
     ckpts = sorted((out / "trainer").glob("checkpoint-*"))
     assert len(ckpts) == 1 and 2 <= int(ckpts[0].name.split("-")[1]) < 6 and not (out / "adapter").exists()
     assert sorted(f.name for f in ckpts[0].glob("rng_state*")) == ["rng_state_0.pth", "rng_state_1.pth"]

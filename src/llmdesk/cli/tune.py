@@ -291,7 +291,10 @@ def _launch(ctx: typer.Context, processes: int) -> int:
                 argv += [p.opts[-1], str(v)]
         else:
             argv += [p.opts[-1], str(value)]
-    return launch(processes, argv)
+    rc = launch(processes, argv)
+    if rc:  # the processes said why (rank 0, once: an error, or where an interrupted run can resume),
+        raise SystemExit(rc)  # so past the CLI's own "interrupted"
+    return 0
 
 
 def _inspect(base_ref: str, data: list[str], seq_len: int, html: Optional[Path], train_on: str,
