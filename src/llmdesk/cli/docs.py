@@ -160,7 +160,7 @@ def search_(
     query: Annotated[str, typer.Argument(help="What to look for.")],
     collection: CollectionOpt = "default",
     mode: Annotated[str, typer.Option("--mode", help="hybrid, bm25 or vector: words (BM25), meaning (vectors), or both "
-                                      "fused by rank.")] = "hybrid",
+                                      "fused by score.")] = "hybrid",
     k: Annotated[int, typer.Option("-k", help="How many passages.")] = 5,
     embed_model: EmbedOpt = None,
     as_json: JsonOpt = False,
