@@ -1,7 +1,7 @@
 """Retrieval quality of `llmdesk docs search` on the Python library reference: bm25, vector, hybrid.
 
     .venv/bin/python benchmarks/rag_quality.py [--files 0] [--queries 300] [--seed 14] [--threads N]
-                                               [--split test|dev] [--style docstring|no-names|unshared]
+                                               [--split test|dev] [--style docstring|no-names|unshared] [--home DIR]
 
 The corpus and the queries are benchmarks/rag_corpus.py's: the library reference of Debian's
 python3-doc as Markdown (`--files` pages sampled, 0 = all 317), and as queries the summaries of
