@@ -16,8 +16,8 @@ import subprocess
 
 import pytest
 from conftest import llmdesk_exe, sigint_as_a_terminal_sends_it
-from safetensors.torch import load_file
 from test_tune import ASK, WORDS, base  # noqa: F401  (the tiny Llama)
+from test_tune_dist import same_adapter
 
 from llmdesk.cli.main import main
 from llmdesk.errors import LlmdeskError
@@ -62,12 +62,7 @@ def same_run(one, out) -> None:
     assert [h["step"] for h in history] == list(range(1, 7))
     assert [h["loss"] for h in history] == pytest.approx([h["loss"] for h in one.history], abs=1e-5)
     assert one.history[-1]["loss"] < one.history[0]["loss"] - 0.2  # it learns: not two flat lines compared
-    a = load_file(one.adapter / "adapter_model.safetensors")
-    b = load_file(out / "adapter" / "adapter_model.safetensors")
-    assert a.keys() == b.keys()
-    assert min(float(v.abs().max()) for k, v in a.items() if "lora_B" in k) > 1e-3  # B starts at zero: trained
-    for k in a:
-        assert float((a[k] - b[k]).abs().max()) < 1e-5, k
+    same_adapter(one.adapter, out / "adapter", tol=1e-5)
 
 
 @pytest.mark.timeout(900)  # three processes load torch on a shared machine
