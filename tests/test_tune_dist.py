@@ -38,6 +38,21 @@ def one(base, data, tmp_path_factory):  # noqa: F811
         return tune(base, [data], tmp_path_factory.mktemp("one") / "one", TuneConfig(batch=8, **SETTINGS))
 
 
+def interrupt_at(cmd: list[str], user_dir, line_start: str) -> None:
+    """Run `cmd` (a tune of several processes) and press Ctrl-C when a line of its output starts
+    with `line_start`: every process stops, and the run says once where it can resume."""
+    p = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True,
+                         env={**os.environ, "LLMDESK_HOME": str(user_dir)}, preexec_fn=sigint_as_a_terminal_sends_it)
+    for line in p.stderr:
+        if line.startswith(line_start):
+            os.killpg(p.pid, signal.SIGINT)  # Ctrl-C in the terminal reaches every process
+            break
+    rest = p.stderr.read()
+    assert p.wait(timeout=600) == 130, rest
+    assert rest.count("continue with --resume") == 1 and "Traceback" not in rest, rest  # said once, by rank 0
+    assert rest.count("interrupted") == 1, rest  # and not again by the launcher
+
+
 def same_adapter(a_dir, b_dir, tol: float = 1e-4) -> None:
     a = load_file(a_dir / "adapter_model.safetensors")
     b = load_file(b_dir / "adapter_model.safetensors")
@@ -81,16 +96,7 @@ def test_fsdp_holds_half_the_weights_in_each_and_resumes_as_one_run(base, data, 
     out = tmp_path / "fsdp"
     cmd = [llmdesk_exe(), "tune", str(base), str(data), "-o", str(out), "--processes", "2", "--fsdp", "--batch", "4",
            *ARGS, "--eval-every", "1"]  # a checkpoint every step: the interrupt stops at one
-    env = {**os.environ, "LLMDESK_HOME": str(user_dir)}
-    p = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
-                         start_new_session=True, preexec_fn=sigint_as_a_terminal_sends_it)
-    for line in p.stderr:
-        if line.startswith("step 1: validation loss"):
-            os.killpg(p.pid, signal.SIGINT)  # Ctrl-C in the terminal reaches every process
-            break
-    rest = p.stderr.read()
-    assert p.wait(timeout=600) == 130, rest
-    assert "continue with --resume" in rest and "Traceback" not in rest, rest
+    interrupt_at(cmd, user_dir, "step 1: validation loss")
     import torch
 
     ckpt = torch.load(out / "checkpoint.pt", weights_only=False)

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 
 import pytest
-from conftest import llmdesk_exe, sigint_as_a_terminal_sends_it
+from conftest import llmdesk_exe
 from test_tune import ASK, WORDS, base  # noqa: F401  (the tiny Llama)
-from test_tune_dist import same_adapter
+from test_tune_dist import interrupt_at, same_adapter
 
 from llmdesk.cli.main import main
 from llmdesk.errors import LlmdeskError
@@ -87,16 +86,7 @@ def test_dpo_in_two_processes_interrupted_and_resumed_is_the_one_process_run(bas
                                                                             user_dir):
     out = tmp_path / "cut"
     cmd = [llmdesk_exe(), "tune", str(base), str(pairs), "-o", str(out), *DPO_ARGS, "--processes", "2", "--batch", "2"]
-    p = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True,
-                         env={**os.environ, "LLMDESK_HOME": str(user_dir)}, preexec_fn=sigint_as_a_terminal_sends_it)
-    for line in p.stderr:
-        if line.startswith("step 2/6:"):
-            os.killpg(p.pid, signal.SIGINT)  # Ctrl-C in the terminal reaches every process
-            break
-    rest = p.stderr.read()
-    assert p.wait(timeout=600) == 130, rest
-    assert rest.count("continue with --resume") == 1 and "Traceback" not in rest, rest  # said once, by rank 0
-    assert rest.count("interrupted") == 1, rest  # and not again by the launcher
+    interrupt_at(cmd, user_dir, "step 2/6:")
     ckpts = sorted((out / "trainer").glob("checkpoint-*"))
     assert len(ckpts) == 1 and 2 <= int(ckpts[0].name.split("-")[1]) < 6 and not (out / "adapter").exists()
     assert sorted(f.name for f in ckpts[0].glob("rng_state*")) == ["rng_state_0.pth", "rng_state_1.pth"]
