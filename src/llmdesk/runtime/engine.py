@@ -27,14 +27,15 @@ the model says: mean, CLS or last token) and interleaved with generation steps t
 (BERT: an embedding model) has only its embeddings contexts: no generation context, no slots'
 cache, no logits.
 
-LoRA adapters: a generation or a score request may carry its own adapter set (`adapters`, pairs
+LoRA adapters: a generation, a score or an embedding request may carry its own adapter set (`adapters`, pairs
 of a loaded `LoraAdapter` and a scale); without one it uses the Engine's (`Engine(lora=...)`).
 llama.cpp sets adapters on a whole context (llama_set_adapters_lora), so each step decodes the
 slots of one set per `llama_decode`, setting the context's adapters before a set that differs
 from the last one decoded; a step whose slots all share the context's set is one decode, with
 no call. A slot's cells are valid only under the set they were computed with: a cached prefix
 is reused, or copied to another slot, only for a request of the same set (docs/lora.md).
-Embeddings always use the Engine's set.
+An embeddings step packs the texts of one set (the first waiting job's) and sets it on the
+embeddings contexts it uses when they hold another.
 """
 
 from __future__ import annotations
@@ -332,10 +333,12 @@ class _Job(_Work):
 class EmbedJob(_Job):
     """Texts (as token ids) to embed, in the Engine's queue. `wait()` returns the vectors."""
 
-    def __init__(self, engine: "Engine", inputs: list[list[int]], normalize: bool, time_limit: float | None):
+    def __init__(self, engine: "Engine", inputs: list[list[int]], normalize: bool, time_limit: float | None,
+                 lora: tuple = ()):
         super().__init__(engine, time_limit)
         self.inputs = inputs
         self.normalize = normalize
+        self.lora = lora  # the adapter set (Engine._set_of) its texts are embedded under
         self.vectors: list[list[float]] = []
 
     def wait(self) -> list[list[float]]:
@@ -597,6 +600,7 @@ class Engine:
         self.pooling = model.pooling
         self._embed_ctx = None
         self._embed_ctxs: list = []  # _embed_ctx first; an encoder's: one per thread
+        self._embed_sets: list[tuple] = []  # the adapter set applied to each of them now
         self._embed_batches: list[Batch] = []
         self._embed_pool: ThreadPoolExecutor | None = None  # decodes the contexts after the first
         self._embed_rates: dict[bool, float] = {}  # side by side or not -> seconds a token (moving average)
@@ -685,10 +689,12 @@ class Engine:
             self._cv.notify()
         return job
 
-    def embed(self, inputs: list[list[int]], *, normalize: bool = True, time_limit: float | None = None) -> EmbedJob:
+    def embed(self, inputs: list[list[int]], *, normalize: bool = True, time_limit: float | None = None,
+              adapters: list[tuple[LoraAdapter, float]] | None = None) -> EmbedJob:
         """Queue token-id sequences to embed (pooled as the model says, `self.pooling`, and
         L2-normalised unless asked not to); the Engine thread computes them, several texts per
-        decode, between generation steps. `.wait()` the job."""
+        decode, between generation steps. `adapters`: this job's LoRA set, as a Request's (None:
+        the Engine's own). `.wait()` the job."""
         if self._closed:
             raise LlmdeskError("the model was unloaded")
         if self.pooling == "rank":
@@ -702,7 +708,7 @@ class Engine:
             if any(not 0 <= t < self.model.n_vocab for t in toks):
                 raise limits.InvalidRequest(f"input {i} holds token ids outside the vocabulary "
                                             f"(0 to {self.model.n_vocab - 1})", "input")
-        job = EmbedJob(self, [list(t) for t in inputs], normalize, time_limit)
+        job = EmbedJob(self, [list(t) for t in inputs], normalize, time_limit, self._set_of(adapters))
         with self._cv:
             self.embed_jobs.append(job)
             self._cv.notify()
@@ -766,7 +772,7 @@ class Engine:
         for ctx, b in zip(self._embed_ctxs, self._embed_batches):
             free_context(ctx)
             b.free()
-        self._embed_ctx, self._embed_ctxs, self._embed_batches = None, [], []
+        self._embed_ctx, self._embed_ctxs, self._embed_batches, self._embed_sets = None, [], [], []
         if self.ctx is not None:
             self.batch.free()
             free_context(self.ctx)
@@ -1243,6 +1249,7 @@ class Engine:
             self._embed_batches.append(Batch(self._embed_room))
             if self.lora:  # embeddings come from the same adapted model as generations
                 set_adapters(ctx, self.lora)
+            self._embed_sets.append(self.lora_set)
             self.abort.attach(ctx)
         self._embed_ctx, self._embed_batch = self._embed_ctxs[0], self._embed_batches[0]
         if n > 1:
@@ -1319,11 +1326,15 @@ class Engine:
         room = self._embed_room_now = self._embed_limit()
         if self._embed_long is None and len(jobs[0].inputs[len(jobs[0].vectors)]) > room:
             clear_memory(self._embed_ctx)
+            self._embed_under(0, jobs[0].lora)
             self._embed_long = {"job": jobs[0], "pos": 0, "sum": None, "vec": None}
         if self._embed_long is not None:
             self._embed_piece()
             return
-        # pack whole texts, in order, while they fit: each into the least filled context's ubatch
+        # pack whole texts, in order, while they fit: each into the least filled context's ubatch;
+        # one adapter set a step (llama.cpp sets adapters per context), the first job's
+        lora = jobs[0].lora
+        jobs = [job for job in jobs if job.lora == lora]
         split = self._embed_split()
         bs = self._embed_batches if split else self._embed_batches[:1]
         for b in bs:
@@ -1345,6 +1356,7 @@ class Engine:
         used = [i for i in range(len(bs)) if seqs[i]]
         for i in used:
             clear_memory(self._embed_ctxs[i])
+            self._embed_under(i, lora)
         work = list(dict.fromkeys(job for job, _, _ in packed))
         t0 = time.perf_counter()
         rc = self._embed_decode(bs[0], work, [(self._embed_ctxs[i], bs[i]) for i in used if i])  # the first is never empty
@@ -1362,6 +1374,14 @@ class Engine:
             return
         for job, i, seq in packed:
             self._embed_done(job, sequence_embedding(self._embed_ctxs[i], seq, self.model.n_embd))
+
+    def _embed_under(self, i: int, lora: tuple) -> None:
+        """Embeddings context `i` with adapter set `lora` applied (as a generation step switches
+        the generation context's, counted in lora_switches)."""
+        if self._embed_sets[i] != lora:
+            set_adapters(self._embed_ctxs[i], list(lora))
+            self._embed_sets[i] = lora
+            self.lora_switches += 1
 
     def _embed_piece(self) -> None:
         """The next ubatch of a text too long for one: its cells stay for the next piece (causal

@@ -273,15 +273,16 @@ class Model:
 
     # -- embeddings ---------------------------------------------------------------------------
     def embed(self, texts: str | list[str] | list[list[int]], *, normalize: bool = True,
-              time_limit: float | None = None) -> list[list[float]]:
+              time_limit: float | None = None, adapters: list | None = None) -> list[list[float]]:
         """One vector per text (or per list of token ids): the hidden states pooled as the model
         says (`{arch}.pooling_type`: mean, the first (CLS) or the last token; mean for decoder
         models), L2-normalised unless asked not to. Computed by the Engine between generation
-        steps, several texts per decode."""
+        steps, several texts per decode. `adapters`: as for `start`."""
         if isinstance(texts, str):
             texts = [texts]
         inputs = [list(t) if isinstance(t, list) else self.embed_tokens(t) for t in texts]
-        return self.engine.embed(inputs, normalize=normalize, time_limit=time_limit).wait()
+        return self.engine.embed(inputs, normalize=normalize, time_limit=time_limit,
+                                 adapters=self.adapter_set(adapters)).wait()
 
     def embed_tokens(self, text: str, *, add_special: bool = True) -> list[int]:
         """The token ids `embed` reads for a text: the model's own [CLS] ... [SEP] (or BOS) around

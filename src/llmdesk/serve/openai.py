@@ -759,15 +759,9 @@ async def embed_texts(lease, items: list, *, truncate: bool, metrics, time_limit
     """Embed `items` (texts, or lists of token ids, used as they are) with the lease's model:
     (vectors, prompt tokens, tokens dropped by truncation). Embeddings take a place in the
     model's queue like a generation (429 when it is full) and are computed by its Engine between
-    generation steps."""
+    generation steps, under the request's LoRA adapters (`BASE+NAME`) as its generations are."""
     model = lease.model
     n_ctx = model.engine.n_ctx
-    if lease.adapters:
-        # llama.cpp could adapt an embeddings context too (llama_set_adapters_lora is per context), but
-        # the Engine's embeddings contexts hold the model's own adapter set, not a request's
-        raise APIError(400, f"'{lease.name}': embeddings come from the base model: per-request LoRA adapters "
-                            f"apply to generation and scoring only (embeddings are computed on contexts of their "
-                            f"own, which carry no request's adapters); ask '{lease.loaded.name}'", param="model")
 
     def tokens() -> tuple[list[list[int]], int]:
         out, truncated = [], 0
@@ -789,7 +783,8 @@ async def embed_texts(lease, items: list, *, truncate: bool, metrics, time_limit
     gate = admit(lease, 1, metrics)
     t0 = time.perf_counter()
     try:
-        vectors = await engine_job(model.engine.embed(inputs, normalize=normalize, time_limit=time_limit))
+        vectors = await engine_job(model.engine.embed(inputs, normalize=normalize, time_limit=time_limit,
+                                                      adapters=lease.adapters))
     finally:
         gate.leave(time.perf_counter() - t0)
     return vectors, sum(len(t) for t in inputs), truncated
