@@ -27,8 +27,9 @@ the model says: mean, CLS or last token) and interleaved with generation steps t
 (BERT: an embedding model) has only its embeddings contexts: no generation context, no slots'
 cache, no logits.
 
-LoRA adapters: a generation, a score or an embedding request may carry its own adapter set (`adapters`, pairs
-of a loaded `LoraAdapter` and a scale); without one it uses the Engine's (`Engine(lora=...)`).
+LoRA adapters: a generation, a score or an embedding request may carry its own adapter set
+(`adapters`, pairs of a loaded `LoraAdapter` and a scale); without one it uses the Engine's
+(`Engine(lora=...)`).
 llama.cpp sets adapters on a whole context (llama_set_adapters_lora), so each step decodes the
 slots of one set per `llama_decode`, setting the context's adapters before a set that differs
 from the last one decoded; a step whose slots all share the context's set is one decode, with
