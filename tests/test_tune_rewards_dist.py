@@ -5,7 +5,8 @@ and only the first process writes (one adapter, one merged model, one LoRA GGUF,
 output); interrupted by Ctrl-C and resumed, it is still that run. GRPO in two processes scores
 both processes' completions: a prompt's group of completions is sampled half in each, with their
 own seeds, and the logged reward is the mean over both halves; the held-out reward, sampled in both
-and graded in the first, is the one a single process measures."""
+and graded in the first, is the one a single process measures. Sharding (--fsdp, accelerate launch
+--use_fsdp) is refused in one line that says why."""
 
 from __future__ import annotations
 
@@ -157,10 +158,25 @@ def test_settings_that_cannot_run_are_one_line(base, tmp_path, user_dir, capsys,
                                                "--generations 4 (each prompt's completions are scored together): give "
                                                "--batch a multiple of 2")
     said(["--batch", "2"], "--batch 2 must be a multiple of --generations 4")
-    said(["--processes", "2", "--fsdp"], "--fsdp is not available with --method grpo")
+    # sharding: TRL's trainers shard only through accelerate, whose FSDP leaves CPU processes data parallel
+    said(["--processes", "2", "--fsdp"], "--fsdp is not available with --method grpo: TRL's trainers shard only "
+                                         "through accelerate's FSDP, which accelerate does not apply to CPU processes")
+    pairs = jsonl(tmp_path / "pairs.jsonl", [{"prompt": ASK + w, "chosen": w.upper(), "rejected": w} for w in WORDS])
+    assert main(["tune", str(base), str(pairs), "-o", str(tmp_path / "x"), "--method", "dpo", "--processes", "2",
+                 "--fsdp"]) == 1
+    assert capsys.readouterr().err == ("error: --fsdp is not available with --method dpo: TRL's trainers shard only "
+                                       "through accelerate's FSDP, which accelerate does not apply to CPU processes "
+                                       "(they would train data parallel, each holding the whole model); train it data "
+                                       "parallel, without --fsdp\n")
     monkeypatch.setenv("WORLD_SIZE", "2")  # as accelerate launch or torchrun set it
+    monkeypatch.setenv("RANK", "0")
     said(["--processes", "2"], "--processes under accelerate launch (or torchrun): give the processes to one of them")
-    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # accelerate launch --use_fsdp: refused, not run unsharded
+    with pytest.raises(LlmdeskError, match="^accelerate launch --use_fsdp is not available with --method dpo: .* "
+                                           "without --use_fsdp$"):
+        run("dpo", base, pairs, tmp_path / "x", RewardConfig(method="dpo"))
+    for var in ("WORLD_SIZE", "RANK", "ACCELERATE_USE_FSDP"):
+        monkeypatch.delenv(var)
     assert not (tmp_path / "x").exists()
     # settings made for two processes, run in one: said before any work
     with pytest.raises(LlmdeskError, match="the settings are for 2 processes, and 1 run: start it with "

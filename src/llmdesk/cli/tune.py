@@ -85,7 +85,9 @@ def tune(
         raise LlmdeskError("--fsdp shards the model over several processes: add --processes N (or start the "
                            "command with accelerate launch or torchrun)")
     if fsdp and method in ("dpo", "grpo"):
-        raise LlmdeskError(f"--fsdp is not available with --method {method} yet (train it data parallel, without --fsdp)")
+        from ..train.rewards import no_fsdp
+
+        raise no_fsdp(method)
     if processes > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise LlmdeskError("--processes under accelerate launch (or torchrun): give the processes to one of them")
     if method in ("dpo", "grpo"):

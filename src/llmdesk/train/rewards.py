@@ -32,7 +32,8 @@ its own seed); the rewards are gathered before they are compared within each pro
 after the same step. The held-out prompts are shared out to be sampled (each with its own seed,
 so the completions, and the reward, are those of one process) and rank 0 grades them; rank 0 alone
 writes run.json, the adapter, the exports, the plot, metrics.json and the results row. A
-checkpoint resumes only with as many processes.
+checkpoint resumes only with as many processes. Sharding them (--fsdp, accelerate's --use_fsdp) is
+refused in one line: on CPU accelerate would leave the run data parallel (`no_fsdp`).
 """
 
 from __future__ import annotations
@@ -53,6 +54,17 @@ from ..errors import LlmdeskError
 METHODS = ("dpo", "grpo")
 CHECKPOINTS = "trainer"  # DIR/trainer/checkpoint-N: the trainer's own (weights, optimizer, RNG, data position)
 RUN_FILE = "run.json"  # the settings, data and base a checkpoint belongs to
+
+
+def no_fsdp(method: str, asked: str = "--fsdp") -> LlmdeskError:
+    """Sharding is refused: TRL's trainers shard only through accelerate's FSDP, and accelerate
+    applies its FSDP plugin to GPU processes alone (accelerate 1.15 state.py, AcceleratorState: the
+    plugin is taken only when the processes are MULTI_GPU and the like; MULTI_CPU ones stay data
+    parallel), so on CPU the Trainer's `fsdp` arguments are dropped without a word and each process
+    holds the whole model (measured: the same parameter bytes in each as one process alone)."""
+    return LlmdeskError(f"{asked} is not available with --method {method}: TRL's trainers shard only through "
+                        "accelerate's FSDP, which accelerate does not apply to CPU processes (they would train data "
+                        f"parallel, each holding the whole model); train it data parallel, without {asked.split()[-1]}")
 
 
 @dataclass
@@ -388,6 +400,8 @@ def run(method: str, base_ref: str | os.PathLike, data: str | os.PathLike, out_d
     if cfg.method != method:
         raise LlmdeskError(f"the settings are for {cfg.method}, not {method}")
     dp = DataParallel()  # alone: does nothing
+    if dp.fsdp:  # accelerate launch --use_fsdp (the CLI refuses --fsdp itself)
+        raise no_fsdp(method, "accelerate launch --use_fsdp")
     if cfg.processes != dp.world:
         raise LlmdeskError(f"the settings are for {cfg.processes} processes, and {dp.world} run: start it with "
                            f"'llmdesk tune --processes {cfg.processes}' (or accelerate launch --num_processes "
