@@ -160,14 +160,14 @@ def test_settings_that_cannot_run_are_one_line(base, tmp_path, user_dir, capsys,
     said(["--batch", "2"], "--batch 2 must be a multiple of --generations 4")
     # sharding: TRL's trainers shard only through accelerate, whose FSDP leaves CPU processes data parallel
     said(["--processes", "2", "--fsdp"], "--fsdp is not available with --method grpo: TRL's trainers shard only "
-                                         "through accelerate's FSDP, which accelerate does not apply to CPU processes")
+                                         "through accelerate's FSDP, which accelerate applies to GPU processes alone")
     pairs = jsonl(tmp_path / "pairs.jsonl", [{"prompt": ASK + w, "chosen": w.upper(), "rejected": w} for w in WORDS])
     assert main(["tune", str(base), str(pairs), "-o", str(tmp_path / "x"), "--method", "dpo", "--processes", "2",
                  "--fsdp"]) == 1
     assert capsys.readouterr().err == ("error: --fsdp is not available with --method dpo: TRL's trainers shard only "
-                                       "through accelerate's FSDP, which accelerate does not apply to CPU processes "
-                                       "(they would train data parallel, each holding the whole model); train it data "
-                                       "parallel, without --fsdp\n")
+                                       "through accelerate's FSDP, which accelerate applies to GPU processes alone "
+                                       "(CPU ones would each hold the whole model) and which is untested with llmdesk "
+                                       "on GPUs; train it data parallel, without --fsdp\n")
     monkeypatch.setenv("WORLD_SIZE", "2")  # as accelerate launch or torchrun set it
     monkeypatch.setenv("RANK", "0")
     said(["--processes", "2"], "--processes under accelerate launch (or torchrun): give the processes to one of them")

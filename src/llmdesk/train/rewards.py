@@ -63,8 +63,9 @@ def no_fsdp(method: str, asked: str = "--fsdp") -> LlmdeskError:
     parallel), so on CPU the Trainer's `fsdp` arguments are dropped without a word and each process
     holds the whole model (measured: the same parameter bytes in each as one process alone)."""
     return LlmdeskError(f"{asked} is not available with --method {method}: TRL's trainers shard only through "
-                        "accelerate's FSDP, which accelerate does not apply to CPU processes (they would train data "
-                        f"parallel, each holding the whole model); train it data parallel, without {asked.split()[-1]}")
+                        "accelerate's FSDP, which accelerate applies to GPU processes alone (CPU ones would each hold "
+                        "the whole model) and which is untested with llmdesk on GPUs; train it data parallel, without "
+                        f"{asked.split()[-1]}")
 
 
 @dataclass
