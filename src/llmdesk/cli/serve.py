@@ -89,8 +89,10 @@ def serve(
     tools = application.state.mcp_tools
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     url = f"http://[{shown}]:{port}" if ":" in shown else f"http://{shown}:{port}"
-    default = (variant_name(state.models.default.name, [(n, None) for n in first]) if state.models.default
-               else "none (requests name a model)")
+    default = "none (requests name a model)"
+    if state.models.default:  # what a request that names no model gets (-m BASE+ADAPTER: that variant)
+        src, chosen = state.models.find_variant(None)
+        default = variant_name(src.name, chosen)
 
     def banner() -> None:  # once the socket listens: the addresses it gives can be used at once
         err.print(f"llmdesk {_version()} serving {default} · {parallel} slots per model", markup=False)
@@ -118,7 +120,8 @@ def _with_adapters(refs: list[str], lora: dict) -> tuple[list[str], dict, list[s
     adapter is loaded beside it as --lora NAME=ADAPTER would load it, NAME as 'run' names it
     (the file's or folder's name, NAME:TAG in the store) -> (the -m models, the --lora
     adapters, the names a request that names no model gets: the first model's)."""
-    from ..runtime.adapters import resolve, split_adapters
+    from ..runtime.adapters import find_adapters, split_adapters
+    from ..store.refs import resolve
 
     models, first = [], []
     for i, ref in enumerate(refs):
@@ -126,7 +129,7 @@ def _with_adapters(refs: list[str], lora: dict) -> tuple[list[str], dict, list[s
         models.append(base)
         if not texts:
             continue
-        _found, chosen = resolve(ref, say=lambda text: err.print(text, style="dim", markup=False))
+        chosen = find_adapters(ref, texts, resolve(base), say=lambda text: err.print(text, style="dim", markup=False))
         for a in chosen:
             given = (a.path.resolve(), a.scale)
             if lora.setdefault(a.label, given) != given:
